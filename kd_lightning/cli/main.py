@@ -1,0 +1,203 @@
+"""``kdl <stage> [hydra overrides] [-m]`` — the only module that imports Hydra.
+
+Stages: ``prior``, ``align``, ``posterior``, ``distill``, ``pipeline`` (everything, ending with a table).
+Each builds what it needs through :class:`kd_lightning.pipeline.Pipeline`, which caches every artifact by
+the settings it depends on, so ``kdl distill`` after ``kdl posterior`` reuses the stores, and a multirun over
+sampling rounds reuses the prior and the aligned proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from lightning import Callback, Trainer, seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.losses.terms import LossTerm
+from kd_lightning.pipeline import Pipeline, Workspace, results_table, summarize_store
+
+log = logging.getLogger("kdl")
+STAGES = ("prior", "align", "posterior", "distill", "pipeline")
+
+
+def conf_dir() -> Path:
+    """``$KDL_CONF`` or the repository's ``conf/`` (next to the package)."""
+    return Path(os.environ.get("KDL_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def wandb_mode() -> str:
+    """online when an API key is configured, offline otherwise (runs can be synced later)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+if not OmegaConf.has_resolver("kdl_wandb_mode"):
+    OmegaConf.register_new_resolver("kdl_wandb_mode", wandb_mode)
+
+
+class FinishWandb(Callback):
+    """Close the wandb run when fit ends or fails, so the next run of a pipeline/multirun starts clean."""
+
+    def _finish(self, trainer: Trainer) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+
+    def on_fit_end(self, trainer: Trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
+        self._finish(trainer)
+
+
+def trainer_factory(cfg: DictConfig):
+    """``(run_dir, run_name, max_epochs=None, validate=True) -> Trainer`` with loggers and callbacks."""
+
+    def build(folder: Path, name: str, max_epochs: int | None = None, validate: bool = True) -> Trainer:
+        loggers = []
+        for lg in (cfg.get("logger") or {}).values():
+            loggers.append(instantiate(lg, name=f"{cfg.run_name}-{name}"))
+        callbacks = [instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"]
+        if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+            callbacks.append(instantiate(cfg.callbacks.model_checkpoint, dirpath=str(Path(folder) / "checkpoints")))
+        if loggers:
+            callbacks.append(FinishWandb())
+        overrides: dict[str, Any] = {"default_root_dir": str(folder), "logger": loggers or False, "callbacks": callbacks}
+        if max_epochs is not None and not cfg.trainer.get("fast_dev_run"):
+            overrides["max_epochs"] = max_epochs
+        if not validate:
+            overrides["limit_val_batches"] = 0
+        if not loggers:
+            overrides["log_every_n_steps"] = 1
+        return instantiate(cfg.trainer, **overrides)
+
+    return build
+
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    return Pipeline(
+        workspace=Workspace(Path(cfg.paths.artifacts_dir)),
+        tokenizer_path=str(cfg.tokenizer.path),
+        corpus=instantiate(cfg.data),
+        prior=instantiate(cfg.estimator.prior),
+        posterior=instantiate(cfg.estimator.posterior),
+        proxy_path=str(cfg.proxy.path),
+        alignment=instantiate(cfg.alignment),
+        trainer_factory=trainer_factory(cfg),
+    )
+
+
+def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, LossTerm]:
+    """Instantiate the selected loss terms (all of ``cfg.loss`` by default)."""
+    available = cfg.get("loss") or {}
+    names = list(available) if names is None else names
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise KeyError(f"loss term {missing[0]!r} is not selected; add it, e.g. loss=[{','.join([*available, missing[0]])}]")
+    return {name: instantiate(available[name]) for name in names}
+
+
+def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
+    """The settings a distilled student depends on (its cache key)."""
+    def resolved(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    pick = {k: resolved(cfg.get(k)) for k in ("student", "optimizer", "scheduler", "datamodule", "seed")}
+    pick["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
+    trainer_keys = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val",
+                    "fast_dev_run", "limit_train_batches")
+    pick["trainer"] = {k: v for k, v in resolved(cfg.trainer).items() if k in trainer_keys}
+    return pick
+
+
+def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]) -> dict[str, Any]:
+    seed_everything(cfg.seed, workers=True)
+    return pipeline.distill(
+        name=name,
+        student_factory=lambda: instantiate(cfg.student),
+        loss_terms=loss_terms(cfg, terms),
+        datamodule=instantiate(cfg.datamodule),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        settings=distill_settings(cfg, terms),
+    )
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run ``cfg.stage``; returns its results (printed, and saved under the Hydra output dir)."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    seed_everything(cfg.seed, workers=True)
+    pipeline = build_pipeline(cfg)
+    stage = cfg.stage
+    if stage == "prior":
+        store = pipeline.prior()
+        result = {"prior": str(store.folder), **summarize_store(store)}
+    elif stage == "align":
+        result = {"aligned_proxy": str(pipeline.aligned_proxy())}
+    elif stage == "posterior":
+        store = pipeline.posterior()
+        result = {"posterior": str(store.folder), **summarize_store(store)}
+    elif stage == "distill":
+        result = run_distill(cfg, pipeline, cfg.run_name, list(cfg.loss))
+    elif stage == "pipeline":
+        rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
+        variants: Mapping[str, list[str]] = cfg.variants
+        for name, terms in variants.items():
+            rows.append(run_distill(cfg, pipeline, f"student {name}", list(terms)))
+        table = results_table(rows)
+        result = {"rows": rows, "table": table, "prior": summarize_store(pipeline.prior()),
+                  "posterior": summarize_store(pipeline.posterior())}
+        print(f"\nHeld-out teacher responses ({len(pipeline.corpora()[1])} records):\n{table}\n", flush=True)
+    else:  # pragma: no cover - guarded by main()
+        raise ValueError(f"unknown stage {stage!r}")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from kd_lightning.pipeline import atomic_json
+
+    atomic_json(out_dir / f"{stage}_result.json", result)
+    if stage != "pipeline":
+        log.info("%s: %s", stage, result)
+    return result
+
+
+def _task(cfg: DictConfig) -> Any:
+    try:
+        return run_stage(cfg)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("KDL_TRACEBACK"):
+            raise
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"kdl {cfg.stage}: error: {err}  (set KDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``kdl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        print(f"usage: kdl {{{','.join(STAGES)}}} [key=value ...] [-m]\n"
+              "  e.g. kdl pipeline experiment=demo\n       kdl posterior -m estimator.posterior.sampling_rounds=1,4,16",
+              file=sys.stderr)
+        raise SystemExit(2)
+    stage = argv.pop(0)
+    sys.argv = [f"kdl-{stage}", *argv]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
+
+
+if __name__ == "__main__":
+    main()

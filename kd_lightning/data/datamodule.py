@@ -1,0 +1,137 @@
+"""LightningDataModule of teacher text with its soft labels aligned per position.
+
+A batch holds (B batch, T padded length, K stored entries)::
+
+    input_ids       (B, T) long     padded with the tokenizer's pad id
+    attention_mask  (B, T) long
+    target_ids      (B, T) long     input_ids[t + 1] at target positions, -100 elsewhere (prompt, padding)
+    <name>_ids      (B, T, K) long  for each connected store (prior, posterior, ...), zeros elsewhere
+    <name>_probs    (B, T, K) float
+    <name>_tail     (B, T) float
+
+so logits at position t, the soft labels at t and ``target_ids[t]`` all describe token t+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.losses.functional import IGNORE_INDEX
+
+
+class SoftLabelDataset(Dataset):
+    """Sequences of a tokenised corpus with the rows of each connected soft-label store."""
+
+    def __init__(self, corpus: TokenizedCorpus, stores: Mapping[str, SoftLabelStore] | None = None) -> None:
+        self.corpus = corpus
+        self.stores = dict(stores or {})
+        expected = corpus.target_offsets()
+        for name, store in self.stores.items():
+            if len(store) != len(corpus) or not np.array_equal(store.offsets, expected):
+                raise ValueError(
+                    f"soft-label store {name!r} at {store.folder} has {len(store)} sequences / "
+                    f"{int(store.offsets[-1])} rows but the corpus has {len(corpus)} / {int(expected[-1])}; "
+                    "it was built for another corpus: rebuild it"
+                )
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        seq = self.corpus.sequence(i)
+        start = int(self.corpus.prompt_lens[i]) - 1
+        targets = np.full(len(seq), IGNORE_INDEX, dtype=np.int64)
+        targets[start : len(seq) - 1] = seq[start + 1 :]
+        item = {"input_ids": seq.astype(np.int64), "target_ids": targets, "target_start": start}
+        for name, store in self.stores.items():
+            rows = store.rows(i)
+            item[f"{name}_ids"] = rows.ids.astype(np.int64)
+            item[f"{name}_probs"] = rows.probs.astype(np.float32)
+            item[f"{name}_tail"] = rows.tail.astype(np.float32)
+        return item
+
+
+def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Right-pad a list of dataset items into a batch (see the module docstring for shapes)."""
+    lengths = [len(item["input_ids"]) for item in items]
+    b, t = len(items), max(lengths)
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, t), dtype=torch.long)
+    targets = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets}
+    for name in store_names:
+        k = items[0][f"{name}_ids"].shape[1]
+        batch[f"{name}_ids"] = torch.zeros((b, t, k), dtype=torch.long)
+        batch[f"{name}_probs"] = torch.zeros((b, t, k), dtype=torch.float32)
+        batch[f"{name}_tail"] = torch.zeros((b, t), dtype=torch.float32)
+    for row, (item, length) in enumerate(zip(items, lengths)):
+        input_ids[row, :length] = torch.from_numpy(item["input_ids"])
+        attention[row, :length] = 1
+        targets[row, :length] = torch.from_numpy(item["target_ids"])
+        start = item["target_start"]
+        for name in store_names:
+            n = len(item[f"{name}_ids"])
+            batch[f"{name}_ids"][row, start : start + n] = torch.from_numpy(item[f"{name}_ids"])
+            batch[f"{name}_probs"][row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
+            batch[f"{name}_tail"][row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
+    return batch
+
+
+@dataclass
+class TeacherTextDataModule(LightningDataModule):
+    """Teacher text (train / held-out) with precomputed soft labels, for distillation and SFT."""
+
+    batch_size: int = 8
+    """Sequences per training batch."""
+    eval_batch_size: int = 16
+    """Sequences per validation batch."""
+    num_workers: int = 0
+    """DataLoader workers (0 is fastest for these small in-memory corpora on CPU)."""
+    shuffle_seed: int = 0
+    """Seed of the training order."""
+    pad_id: int = field(default=0, init=False)
+    """Set by :meth:`connect` from the tokenizer."""
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self.train_set: SoftLabelDataset | None = None
+        self.val_set: SoftLabelDataset | None = None
+
+    def connect(
+        self,
+        pad_id: int,
+        train: TokenizedCorpus,
+        val: TokenizedCorpus | None = None,
+        stores: Mapping[str, SoftLabelStore] | None = None,
+    ) -> TeacherTextDataModule:
+        """Attach what is known only at run time: the pad id, the corpora and the train soft-label stores."""
+        self.pad_id = pad_id
+        self.store_names = tuple(sorted(stores or {}))
+        self.train_set = SoftLabelDataset(train, stores)
+        self.val_set = SoftLabelDataset(val) if val is not None else None
+        return self
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, names: tuple[str, ...]) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=generator if shuffle else None,
+                          collate_fn=partial(collate, pad_id=self.pad_id, store_names=names))
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("call TeacherTextDataModule.connect(...) before training")
+        return self._loader(self.train_set, self.batch_size, True, self.store_names)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, self.eval_batch_size, False, ())

@@ -1,0 +1,203 @@
+"""Teacher corpus records: reading JSONL / HF ``datasets`` / the shipped gpt-3.5 responses, and the split.
+
+A record is one teacher answer: ``system`` (optional), ``instruction``, ``input`` (optional) and the
+teacher's ``response``. Field names in the source are mapped with ``fields`` so Alpaca-style files
+(``output``) and others load without conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kd_lightning.models.loading import AssetError, assets_dir
+
+ALPACA_EVAL_VERSION = "0.6.6"
+ALPACA_EVAL_MEMBER = f"alpaca_eval-{ALPACA_EVAL_VERSION}/example/outputs.json"
+ALPACA_GPT35_FILE = "alpaca_eval_gpt35_turbo_0301.jsonl"
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One teacher-written example."""
+
+    instruction: str
+    response: str
+    input: str = ""
+    system: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the prompt, used for the train/held-out split."""
+        text = "\x1f".join((self.system, self.instruction, self.input))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "system": "system", "response": "response"}
+
+
+def _record_from_mapping(row: Mapping, fields: Mapping[str, str], where: str) -> Record:
+    names = {**DEFAULT_FIELDS, **fields}
+    response_key = names["response"]
+    if response_key not in row and response_key == "response" and "output" in row:
+        response_key = "output"  # Alpaca format
+    missing = [k for k in (names["instruction"], response_key) if k not in row]
+    if missing:
+        raise CorpusError(
+            f"{where}: record has no {missing[0]!r} field (has {sorted(row)}); "
+            f"map your field names with data.fields.{'instruction' if missing[0] == names['instruction'] else 'response'}=<name>"
+        )
+    values = {}
+    for name, key in (("instruction", names["instruction"]), ("response", response_key),
+                      ("input", names["input"]), ("system", names["system"])):
+        value = row.get(key, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise CorpusError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        values[name] = value
+    meta = {k: str(v) for k, v in row.items() if k not in set(names.values()) | {response_key} and isinstance(v, str | int | float)}
+    return Record(meta=meta, **values)
+
+
+def read_jsonl(path: str | os.PathLike, fields: Mapping[str, str] | None = None) -> list[Record]:
+    """Read records from a JSONL file; a malformed line raises an error naming the file and line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"corpus file {path} does not exist; set data.path to a JSONL file of records")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise CorpusError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            records.append(_record_from_mapping(row, fields or {}, f"{path}:{lineno}"))
+    if not records:
+        raise CorpusError(f"{path} holds no records")
+    return records
+
+
+def read_hf_dataset(path: str, split: str = "train", fields: Mapping[str, str] | None = None) -> list[Record]:
+    """Read records from a local ``datasets`` folder (``save_to_disk``) or a data file loadable offline."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - depends on extras
+        raise CorpusError("reading a `datasets` corpus needs `pip install datasets`") from err
+    folder = Path(path).expanduser()
+    if (folder.is_dir() and (folder / "dataset_info.json").exists()) or (folder / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(str(folder), split=split)
+    return [_record_from_mapping(row, fields or {}, f"{path}[{i}]") for i, row in enumerate(ds)]
+
+
+def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
+    """Write records atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                row = asdict(record)
+                meta = row.pop("meta")
+                handle.write(json.dumps({**row, **meta}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def alpaca_gpt35_path() -> Path:
+    """Path of the 805 gpt-3.5-turbo-0301 AlpacaEval responses as JSONL (fetched by ``make setup``)."""
+    return assets_dir() / "data" / ALPACA_GPT35_FILE
+
+
+def fetch_alpaca_gpt35(force: bool = False) -> Path:
+    """Fetch the gpt-3.5-turbo-0301 responses from the ``alpaca-eval`` sdist on PyPI into the assets dir.
+
+    The data is CC BY-NC 4.0 (and subject to OpenAI's terms), so it is fetched at set-up, never committed.
+    """
+    target = alpaca_gpt35_path()
+    if target.is_file() and not force:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "-d", tmp, f"alpaca-eval=={ALPACA_EVAL_VERSION}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("alpaca_eval-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            raise AssetError(f"could not download the alpaca-eval sdist from PyPI: {done.stderr.strip()[-500:]}")
+        with tarfile.open(sdists[0]) as tar:
+            member = tar.extractfile(ALPACA_EVAL_MEMBER)
+            if member is None:
+                raise AssetError(f"{sdists[0].name} has no {ALPACA_EVAL_MEMBER}")
+            rows = json.load(io.TextIOWrapper(member, encoding="utf-8"))
+    records = [
+        Record(instruction=r["instruction"], response=r["output"],
+               meta={"generator": r["generator"], "dataset": r["dataset"]})
+        for r in rows
+    ]
+    write_jsonl(records, target)
+    return target
+
+
+def load_records(
+    source: str, path: str | None = None, fields: Mapping[str, str] | None = None, split: str = "train"
+) -> list[Record]:
+    """Load a corpus: ``source`` is ``alpaca_gpt35`` (the shipped default), ``jsonl`` or ``hf_dataset``."""
+    if source == "alpaca_gpt35":
+        file = alpaca_gpt35_path()
+        if not file.is_file():
+            raise AssetError(
+                f"{file} is missing: fetch the gpt-3.5 responses once with `make setup` "
+                "(or `python -m kd_lightning.data.records`)"
+            )
+        return read_jsonl(file)
+    if path is None:
+        raise CorpusError(f"data.source={source} needs data.path")
+    if source == "jsonl":
+        return read_jsonl(path, fields)
+    if source == "hf_dataset":
+        return read_hf_dataset(path, split=split, fields=fields)
+    raise CorpusError(f"unknown data.source={source!r}; use alpaca_gpt35, jsonl or hf_dataset")
+
+
+def split_records(records: list[Record], heldout_size: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic train / held-out split, independent of file order.
+
+    Rule: the ``heldout_size`` records whose prompt hash (sha256 of system, instruction and input) is
+    smallest are held out; the rest train. Adding records later moves only records whose hash is smaller.
+    """
+    if not 0 <= heldout_size < len(records):
+        raise CorpusError(f"data.heldout_size={heldout_size} must be in [0, {len(records)}) for this corpus")
+    order = sorted(range(len(records)), key=lambda i: (records[i].key, i))
+    held = set(order[:heldout_size])
+    train = [r for i, r in enumerate(records) if i not in held]
+    heldout = [r for i, r in enumerate(records) if i in held]
+    return train, heldout
+
+
+if __name__ == "__main__":
+    print(fetch_alpaca_gpt35())

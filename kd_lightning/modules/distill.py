@@ -1,0 +1,103 @@
+"""DistillModule: a student trained on a weighted sum of loss terms.
+
+The total is ``sum(term.weight * term(student_logits, batch))``. Each term is logged unweighted under its
+name (``train/hard_ce``, ``train/prior_kl`` ...) together with ``train/loss``. Subclasses add terms by
+overriding :meth:`extra_terms` (e.g. a feature loss that needs hidden states) or change how the student is
+run by overriding :meth:`student_logits`.
+
+Plain SFT (proxy alignment, SeqKD) is this module with the single term ``hard_ce``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
+from kd_lightning.losses.terms import LossTerm
+
+
+class DistillModule(LightningModule):
+    """Train ``student`` on weighted loss terms over teacher text and its soft labels.
+
+    Args:
+        student: a causal LM returning ``.logits`` (B, T, V), e.g. a Hugging Face model.
+        loss_terms: name → :class:`LossTerm`; each carries its weight.
+        optimizer: a partial taking ``params`` (Hydra ``_partial_: true``), built over trainable student params.
+        scheduler: optional partial taking ``optimizer``; stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_terms: Mapping[str, LossTerm],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        super().__init__()
+        if not loss_terms:
+            raise ValueError("DistillModule needs at least one loss term (e.g. loss=[hard_ce])")
+        self.save_hyperparameters(ignore=["student", "loss_terms", "optimizer", "scheduler"])
+        self.student = student
+        self.loss_terms = nn.ModuleDict(dict(loss_terms))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    @property
+    def soft_label_names(self) -> tuple[str, ...]:
+        """The soft-label stores the terms read (the DataModule must supply them)."""
+        return tuple(sorted({name for term in self.loss_terms.values() for name in term.soft_labels}))
+
+    def student_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def extra_terms(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+        """Hook: return ``{name: (weight, value)}`` for terms that need more than logits and the batch."""
+        return {}
+
+    def compute_terms(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+        terms = {name: (term.weight, term(student_logits, batch)) for name, term in self.loss_terms.items()}
+        terms.update(self.extra_terms(student_logits, batch))
+        return terms
+
+    def on_fit_start(self) -> None:
+        self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.student_logits(batch)
+        terms = self.compute_terms(logits, batch)
+        total = sum(weight * value for weight, value in terms.values())
+        batch_size = batch["input_ids"].shape[0]
+        for name, (_, value) in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/target_tokens", (batch["target_ids"] != IGNORE_INDEX).sum().float(), reduce_fx="sum", batch_size=batch_size)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.student_logits(batch)
+        mask = batch["target_ids"] != IGNORE_INDEX
+        self._val_nll += (token_cross_entropy(logits, batch["target_ids"]) * mask).sum().double()
+        self._val_tokens += mask.sum().double()
+
+    def on_validation_epoch_end(self) -> None:
+        nll_sum = self.all_gather(self._val_nll).sum()
+        tokens = self.all_gather(self._val_tokens).sum().clamp_min(1.0)
+        nll = (nll_sum / tokens).float()
+        self.log("val/nll", nll, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll), sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,394 @@
+"""The closed-source KD stages as plain Python: corpus → prior → aligned proxy → posterior → distill.
+
+Every stage returns a cached artifact keyed by a hash of the settings it depends on, so a sweep over the
+sampling rounds R reuses the prior and the aligned proxy, and a sweep over loss weights reuses all
+estimates. No Hydra here: :mod:`kd_lightning.cli.main` builds the objects and calls these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Trainer
+from torch import nn
+
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.records import load_records, split_records
+from kd_lightning.data.soft_labels import SoftLabelStore, write_store
+from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
+from kd_lightning.estimation.ngram import NGramPriorEstimator
+from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.evaluation.nll import heldout_nll
+from kd_lightning.losses.terms import HardCrossEntropy, LossTerm
+from kd_lightning.models.loading import (
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    tokenizer_fingerprint,
+)
+from kd_lightning.modules.distill import DistillModule
+
+log = logging.getLogger(__name__)
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """12-hex hash of a JSON-able settings mapping (key order does not matter)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(path.rglob("*")):
+            if item.is_file():
+                digest.update(str(item.relative_to(path)).encode())
+                digest.update(str(item.stat().st_size).encode())
+        return digest.hexdigest()[:16]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_identity(path: str) -> dict[str, str]:
+    """What identifies a model slot for caching: its resolved folder and a digest of its weights."""
+    folder = resolve_model_path(path)
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return {"path": str(folder), "weights": settings_key({w.name: w.stat().st_size for w in weights}) + file_digest(folder / "config.json")}
+
+
+@dataclass
+class CorpusSpec:
+    """Where the teacher text comes from and how it is cut into train / held-out."""
+
+    source: str = "alpaca_gpt35"
+    """``alpaca_gpt35`` (the 805 gpt-3.5-turbo-0301 responses), ``jsonl`` or ``hf_dataset``."""
+    path: str | None = None
+    """File or folder for ``jsonl`` / ``hf_dataset``."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Map of our field names (instruction, input, system, response) to the source's."""
+    heldout_size: int = 100
+    """Records held out by the fixed hash rule (see :func:`split_records`)."""
+    max_seq_len: int = 512
+    """Prompt + response tokens; longer responses are truncated (and counted)."""
+    train_limit: int | None = None
+    """Use only the first N training records (after the split), e.g. for a quick demo."""
+    heldout_limit: int | None = None
+    """Evaluate on only the first N held-out records."""
+
+
+@dataclass
+class ProxyAlignment:
+    """How the proxy is fine-tuned on the teacher text before it is sampled (plain SFT; LoRA optional)."""
+
+    max_records: int | None = None
+    """Train on the first N training records (None: all)."""
+    max_epochs: int = 1
+    batch_size: int = 4
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lora_rank: int | None = None
+    """If set, train LoRA adapters of this rank (needs ``peft``) and merge them after training."""
+    lora_alpha: float = 16.0
+    seed: int = 0
+
+
+@dataclass
+class Workspace:
+    """Artifacts live under ``root/<stage>/<key>/``."""
+
+    root: Path
+
+    def path(self, stage: str, key: str) -> Path:
+        return Path(self.root) / stage / key
+
+
+def atomic_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Runs and caches the stages. Built from plain objects (see :mod:`kd_lightning.cli.main`).
+
+    Args:
+        workspace: artifact root.
+        tokenizer_path: the student's tokenizer (the prior is over its vocabulary; the proxy must share it).
+        corpus: the teacher text spec.
+        prior: n-gram prior estimator.
+        posterior: proxy posterior estimator.
+        proxy_path: the open proxy model (``smollm2`` or a local HF folder).
+        alignment: proxy fine-tuning settings.
+        trainer_factory: ``(run_dir, run_name) -> Trainer`` (loggers and callbacks included).
+    """
+
+    def __init__(self, workspace: Workspace, tokenizer_path: str, corpus: CorpusSpec, prior: NGramPriorEstimator,
+                 posterior: ProxyPosteriorEstimator, proxy_path: str, alignment: ProxyAlignment,
+                 trainer_factory: Callable[[Path, str], Trainer]) -> None:
+        self.workspace = workspace
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.tokenizer_fp = tokenizer_fingerprint(self.tokenizer)
+        self.corpus_spec = corpus
+        self.prior_estimator = prior
+        self.posterior_estimator = posterior
+        self.proxy_path = proxy_path
+        self.alignment = alignment
+        self.trainer_factory = trainer_factory
+        self._corpora: tuple[TokenizedCorpus, TokenizedCorpus] | None = None
+        self._full: tuple[TokenizedCorpus, TokenizedCorpus] | None = None
+
+    # ---------------------------------------------------------------- corpus
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def corpus_key(self) -> str:
+        spec = asdict(self.corpus_spec)
+        if spec["source"] != "alpaca_gpt35" and spec["path"]:
+            spec["content"] = file_digest(spec["path"])
+        return settings_key({"spec": spec, "tokenizer": self.tokenizer_fp})
+
+    def corpora(self) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+        """(train, held-out) tokenised corpora, cached. ``train`` honours ``train_limit``."""
+        if self._corpora is None:
+            full, heldout = self._tokenized()
+            limit = self.corpus_spec.train_limit
+            self._corpora = (full if limit is None else _first_sequences(full, limit)), heldout
+        return self._corpora
+
+    def full_train(self) -> TokenizedCorpus:
+        """The whole training split (n-gram counts and proxy alignment use all of it)."""
+        return self._tokenized()[0]
+
+    def _tokenized(self) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+        if self._full is not None:
+            return self._full
+        folder = self.workspace.path("corpus", self.corpus_key())
+        if (folder / "train").is_dir() and (folder / "heldout").is_dir():
+            self._full = TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
+            return self._full
+        spec = self.corpus_spec
+        records = load_records(spec.source, spec.path, spec.fields)
+        train_records, heldout_records = split_records(records, spec.heldout_size)
+        if spec.heldout_limit is not None:
+            heldout_records = heldout_records[: spec.heldout_limit]
+        if not heldout_records:
+            raise ValueError("data.heldout_size is 0: the pipeline needs held-out records to evaluate on")
+        train = tokenize_records(train_records, self.tokenizer, spec.max_seq_len)
+        heldout = tokenize_records(heldout_records, self.tokenizer, spec.max_seq_len)
+        log.info("corpus train: %s", train.report.summary())
+        log.info("corpus held-out: %s", heldout.report.summary())
+        train.save(folder / "train")
+        heldout.save(folder / "heldout")
+        self._full = train, heldout
+        return self._full
+
+    def vocab_size(self) -> int:
+        return int(max(len(self.tokenizer), self.tokenizer.vocab_size))
+
+    # ---------------------------------------------------------------- prior
+    def prior_provenance(self) -> dict[str, Any]:
+        train, _ = self.corpora()
+        return {"tokenizer": self.tokenizer_fp, "corpus": train.fingerprint, "counts": self.full_train().fingerprint,
+                "estimator": self.prior_estimator.settings()}
+
+    def prior(self) -> SoftLabelStore:
+        """The n-gram prior store for the training corpus (built once per settings)."""
+        provenance = self.prior_provenance()
+        folder = self.workspace.path("prior", settings_key(provenance))
+        if (folder / "meta.json").is_file():
+            return SoftLabelStore(folder, expect=provenance)
+        train, _ = self.corpora()
+        start = time.perf_counter()
+        rows, stats = self.prior_estimator.estimate(train, self.vocab_size(), count_corpus=self.full_train())
+        store = write_store(folder, rows, train.target_offsets(), provenance)
+        atomic_json(folder.parent / f"{folder.name}.stats.json", {**stats, "seconds": time.perf_counter() - start})
+        log.info("prior written to %s (%s)", folder, stats)
+        return store
+
+    # ---------------------------------------------------------------- proxy alignment
+    def proxy_identity(self) -> dict[str, str]:
+        return model_identity(self.proxy_path)
+
+    def aligned_proxy_key(self) -> str:
+        return settings_key({"proxy": self.proxy_identity(), "corpus": self.full_train().fingerprint,
+                             "alignment": asdict(self.alignment)})
+
+    def check_proxy_compatible(self, proxy: nn.Module) -> None:
+        proxy_vocab = int(proxy.config.vocab_size)
+        if proxy_vocab < self.vocab_size():
+            raise ValueError(
+                f"proxy {self.proxy_path} has config.vocab_size={proxy_vocab} but the student tokenizer has "
+                f"{self.vocab_size()} ids; the proxy must share the student's tokenizer"
+            )
+        proxy_fp = tokenizer_fingerprint(load_tokenizer(self.proxy_path))
+        if proxy_fp != self.tokenizer_fp:
+            raise ValueError(
+                f"proxy {self.proxy_path} uses a different tokenizer than {self.tokenizer_path} "
+                f"(fingerprints {proxy_fp} vs {self.tokenizer_fp}); the posterior needs one shared vocabulary"
+            )
+
+    def aligned_proxy(self) -> Path:
+        """Fine-tune the proxy on the training corpus (SFT) and return the saved HF folder (cached)."""
+        folder = self.workspace.path("align", self.aligned_proxy_key())
+        final = folder / "model"
+        if (final / "config.json").is_file():
+            return final
+        train = self.full_train()
+        cfg = self.alignment
+        proxy = load_causal_lm(self.proxy_path)
+        self.check_proxy_compatible(proxy)
+        if cfg.lora_rank:
+            proxy = self._with_lora(proxy)
+        subset = train if cfg.max_records is None else _first_sequences(train, cfg.max_records)
+        torch.manual_seed(cfg.seed)
+        module = DistillModule(
+            proxy, {"hard_ce": HardCrossEntropy()},
+            optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        )
+        data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(self.pad_id, subset)
+        trainer = self.trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
+        trainer.fit(module, datamodule=data, ckpt_path=_last_checkpoint(folder))
+        model = module.student
+        if cfg.lora_rank:
+            model = model.merge_and_unload()
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=folder))
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, final)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return final
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise ImportError("alignment.lora_rank needs `pip install peft` (or kd_lightning[lora])") from err
+        config = LoraConfig(r=self.alignment.lora_rank, lora_alpha=self.alignment.lora_alpha, task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        return get_peft_model(model, config)
+
+    # ---------------------------------------------------------------- posterior
+    def posterior_provenance(self) -> dict[str, Any]:
+        prior = self.prior_provenance()
+        return {"tokenizer": self.tokenizer_fp, "corpus": prior["corpus"], "prior": settings_key(prior),
+                "proxy": self.aligned_proxy_key(), "estimator": self.posterior_estimator.settings()}
+
+    def posterior(self) -> SoftLabelStore:
+        """The posterior store (prior updated with R proxy draws per position), resumable."""
+        provenance = self.posterior_provenance()
+        folder = self.workspace.path("posterior", settings_key(provenance))
+        if (folder / "meta.json").is_file():
+            return SoftLabelStore(folder, expect=provenance)
+        prior = self.prior()
+        proxy_folder = self.aligned_proxy()
+        train, _ = self.corpora()
+        proxy = freeze(load_causal_lm(proxy_folder))
+        start = time.perf_counter()
+        store = self.posterior_estimator.estimate(proxy, train, prior, self.pad_id, str(folder), provenance)
+        atomic_json(folder.parent / f"{folder.name}.stats.json", {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        return store
+
+    def stores_for(self, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
+        known = {"prior": self.prior, "posterior": self.posterior}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {sorted(known)}")
+        return {name: known[name]() for name in names}
+
+    # ---------------------------------------------------------------- distillation
+    def distill(self, name: str, student_factory: Callable[[], nn.Module], loss_terms: Mapping[str, LossTerm],
+                datamodule: TeacherTextDataModule, optimizer: Callable, scheduler: Callable | None,
+                settings: Mapping[str, Any], max_epochs: int | None = None) -> dict[str, Any]:
+        """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
+        train, heldout = self.corpora()
+        module_names = tuple(sorted({n for t in loss_terms.values() for n in t.soft_labels}))
+        stores = self.stores_for(module_names)
+        key = settings_key({"settings": settings, "corpus": train.fingerprint,
+                            "stores": {n: s.folder.name for n, s in stores.items()}})
+        folder = self.workspace.path("distill", key)
+        result_file = folder / "result.json"
+        if result_file.is_file():
+            return json.loads(result_file.read_text())
+        module = DistillModule(student_factory(), loss_terms, optimizer=optimizer, scheduler=scheduler)
+        datamodule.connect(self.pad_id, train, heldout, stores)
+        trainer = self.trainer_factory(folder, name, max_epochs=max_epochs)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_last_checkpoint(folder))
+        seconds = time.perf_counter() - start
+        student = module.student
+        tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder / "student")
+        metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
+        result = {"name": name, "terms": {n: t.weight for n, t in loss_terms.items()}, **metrics,
+                  "train_seconds": seconds, "folder": str(folder)}
+        atomic_json(result_file, result)
+        return result
+
+    def proxy_heldout(self, aligned: bool) -> dict[str, Any]:
+        """Held-out NLL of the proxy before or after alignment (cached)."""
+        _, heldout = self.corpora()
+        key = settings_key({"proxy": self.aligned_proxy_key() if aligned else self.proxy_identity(), "heldout": heldout.fingerprint})
+        path = self.workspace.path("eval", key + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        model = load_causal_lm(self.aligned_proxy() if aligned else self.proxy_path)
+        name = "proxy (aligned)" if aligned else "proxy (before alignment)"
+        result = {"name": name, **heldout_nll(freeze(model), heldout, self.pad_id, desc=f"eval {name}")}
+        atomic_json(path, result)
+        return result
+
+
+def _first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
+    n = min(n, len(corpus))
+    end = int(corpus.offsets[n])
+    return TokenizedCorpus(corpus.tokens[:end], corpus.offsets[: n + 1].copy(), corpus.prompt_lens[:n].copy(), corpus.report)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def results_table(rows: list[Mapping[str, Any]]) -> str:
+    """A markdown table of held-out results."""
+    lines = ["| model | held-out NLL (nats/token) | perplexity | tokens | train s |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        train_s = f"{row['train_seconds']:.0f}" if "train_seconds" in row else ""
+        lines.append(f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['tokens']} | {train_s} |")
+    return "\n".join(lines)
+
+
+def summarize_store(store: SoftLabelStore) -> dict[str, float]:
+    """Mean top-1 probability, mean tail mass and entropy-ish summary of a store (for logs and reports)."""
+    rows = store.all_rows()
+    p = np.asarray(rows.probs, dtype=np.float64)
+    entropy = -(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)).sum(1)
+    return {"rows": len(p), "mean_top1": float(p[:, 0].mean()), "mean_tail": float(np.asarray(rows.tail).mean()),
+            "mean_entropy_topk_nats": float(entropy.mean())}
