@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.tokenized import TokenizedCorpus
@@ -86,6 +86,41 @@ def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[
     return batch
 
 
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled batches, seeded by (seed, epoch), that can skip the batches a resumed run already did."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        skip, self.skip = self.skip, 0
+        for start in range(skip * self.batch_size, self.size, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable (``state_dict``/``load_state_dict``).
+
+    The batch order is a function of (seed, epoch), so the only state is how many batches of the current
+    epoch are done; the DataModule derives that from the restored trainer step when it builds the loader.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.epoch = state.get("epoch", self.batch_sampler.epoch)
+
+
 @dataclass
 class TeacherTextDataModule(LightningDataModule):
     """Teacher text (train / held-out) with precomputed soft labels, for distillation and SFT."""
@@ -120,18 +155,26 @@ class TeacherTextDataModule(LightningDataModule):
         self.val_set = SoftLabelDataset(val) if val is not None else None
         return self
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, names: tuple[str, ...]) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=generator if shuffle else None,
-                          collate_fn=partial(collate, pad_id=self.pad_id, store_names=names))
-
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("call TeacherTextDataModule.connect(...) before training")
-        return self._loader(self.train_set, self.batch_size, True, self.store_names)
+        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, self.shuffle_seed)
+        sampler.skip = self._batches_done_in_epoch(len(sampler))
+        return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                   collate_fn=partial(collate, pad_id=self.pad_id, store_names=self.store_names))
+
+    def _batches_done_in_epoch(self, batches_per_epoch: int) -> int:
+        """After a resume, the batches of the current epoch already trained (0 on a fresh run)."""
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = -(-batches_per_epoch // accumulate)
+        steps_done = trainer.global_step - trainer.current_epoch * steps_per_epoch
+        return max(0, min(batches_per_epoch, steps_done * accumulate))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return self._loader(self.val_set, self.eval_batch_size, False, ())
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_id=self.pad_id))

@@ -24,6 +24,7 @@ from kd_lightning.models.loading import AssetError, assets_dir
 ALPACA_EVAL_VERSION = "0.6.6"
 ALPACA_EVAL_MEMBER = f"alpaca_eval-{ALPACA_EVAL_VERSION}/example/outputs.json"
 ALPACA_GPT35_FILE = "alpaca_eval_gpt35_turbo_0301.jsonl"
+GPT35_GENERATOR = "gpt-3.5-turbo-0301"
 
 
 class CorpusError(ValueError):
@@ -154,9 +155,11 @@ def fetch_alpaca_gpt35(force: bool = False) -> Path:
             if member is None:
                 raise AssetError(f"{sdists[0].name} has no {ALPACA_EVAL_MEMBER}")
             rows = json.load(io.TextIOWrapper(member, encoding="utf-8"))
+    # The sdist labels its generator "example"; the project's asset notes identify these 805 answers as
+    # gpt-3.5-turbo-0301's. Both labels are kept.
     records = [
         Record(instruction=r["instruction"], response=r["output"],
-               meta={"generator": r["generator"], "dataset": r["dataset"]})
+               meta={"generator": GPT35_GENERATOR, "source_generator_label": r["generator"], "dataset": r["dataset"]})
         for r in rows
     ]
     write_jsonl(records, target)
@@ -172,7 +175,7 @@ def load_records(
         if not file.is_file():
             raise AssetError(
                 f"{file} is missing: fetch the gpt-3.5 responses once with `make setup` "
-                "(or `python -m kd_lightning.data.records`)"
+                "(or `python -m kd_lightning.assets`)"
             )
         return read_jsonl(file)
     if path is None:
@@ -197,7 +200,3 @@ def split_records(records: list[Record], heldout_size: int) -> tuple[list[Record
     train = [r for i, r in enumerate(records) if i not in held]
     heldout = [r for i, r in enumerate(records) if i in held]
     return train, heldout
-
-
-if __name__ == "__main__":
-    print(fetch_alpaca_gpt35())

