@@ -109,9 +109,24 @@ def test_hash_prefix_collision_falls_back_to_exact_contexts():
     hashes = np.array([0x10, 0x11, 0x10, 0x11], dtype=np.uint64)  # same prefix after >> 4
     words = np.array([1, 2, 1, 2], dtype=np.uint64)
     counts = count_order(hashes, words, wbits)
-    assert counts.exact_hashes is not None
+    assert len(counts.moved_hashes) == 1  # one of the two clashing contexts got a fresh key
     assert len(counts.ctx_keys) == 2
     np.testing.assert_array_equal(counts.ctx_counts, [2, 2])
+    keys, _ = counts.context_keys(np.array([0x10, 0x11], dtype=np.uint64))
+    assert keys[0] != keys[1] and set(keys.tolist()) == set(counts.ctx_keys.tolist())
+
+
+def test_context_keys_are_exact_for_short_contexts():
+    """n <= 5 with a 16-bit vocabulary: distinct contexts never share a key (packing + bijective mix)."""
+    from kd_lightning.estimation.ngram import context_hashes
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 49152, size=200_000).astype(np.int32)
+    seq_pos = np.arange(len(tokens), dtype=np.int32)
+    positions = np.arange(4, len(tokens))
+    keys = context_hashes(tokens, seq_pos, positions, 4, 49152)
+    contexts = np.stack([tokens[positions - j] for j in range(1, 5)], 1)
+    assert len(np.unique(keys)) == len(np.unique(contexts, axis=0))
 
 
 def test_mix_prior_rejects_gamma_below_one():
@@ -126,3 +141,8 @@ def test_mix_prior_rejects_gamma_below_one():
 def test_token_out_of_vocab_is_a_clear_error():
     with pytest.raises(ValueError, match="token ids must lie"):
         NGramModel(2, vocab_size=5).fit(np.array([1, 7]), np.array([0, 2]))
+
+
+def test_offsets_that_do_not_match_the_tokens_are_a_clear_error():
+    with pytest.raises(ValueError, match="offsets must rise from 0 to len"):
+        NGramModel(2, vocab_size=5).fit(np.array([1, 2, 3]), np.array([0, 2]))
