@@ -89,7 +89,7 @@ def main() -> None:
     base_offsets = offsets[offsets <= n_base]
     base_seconds, base_pairs = counter_baseline(tokens[:n_base], base_offsets, args.order)
     base_tps = int(base_offsets[-1]) / base_seconds
-    check_seconds, check_pairs = ours(tokens[: int(base_offsets[-1])], base_offsets, args.order)
+    _check_seconds, check_pairs = ours(tokens[: int(base_offsets[-1])], base_offsets, args.order)
     assert check_pairs == base_pairs, (check_pairs, base_pairs)  # same statistics, exactly
     print(f"Counter baseline: {int(base_offsets[-1]):,} tokens: {base_seconds:.2f} s -> {base_tps / 1e6:.3f} M tokens/s "
           f"(distinct n-grams agree: {base_pairs:,})", flush=True)

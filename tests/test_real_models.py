@@ -77,8 +77,8 @@ def test_proxy_posterior_and_a_distill_step_on_real_models(real, tmp_path):
     student.train()
     losses = []
     for _ in range(3):
-        logits = module.student_logits(batch)
-        total = sum(w * v for w, v in module.compute_terms(logits, batch).values())
+        logits, packed = module.student_logits(batch)
+        total = sum(w * v for w, v in module.compute_terms(logits, packed).values())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

@@ -71,6 +71,11 @@ def trainer_factory(cfg: DictConfig):
         loggers = []
         for lg in (cfg.get("logger") or {}).values():
             loggers.append(instantiate(lg, name=f"{cfg.run_name}-{name}"))
+        if loggers:
+            settings = OmegaConf.to_container(cfg, resolve=True)
+            settings.pop("hydra", None)
+            for logger in loggers:
+                logger.log_hyperparams({"kdl": settings, "run": name})
         callbacks = [instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"]
         if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
             callbacks.append(instantiate(cfg.callbacks.model_checkpoint, dirpath=str(Path(folder) / "checkpoints")))

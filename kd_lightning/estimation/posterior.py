@@ -25,6 +25,7 @@ from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.models.loading import target_position_logits
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,16 @@ class DirichletUpdate:
 
     def __call__(self, prior: torch.Tensor, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Posterior (N, V) from a dense prior (N, V) and the proxy's distributions (N, V)."""
-        counts = self.counts(proxy_probs, rounds, generator)
-        return (self.concentration * prior + counts) / (self.concentration + rounds)
+        posterior = self.counts(proxy_probs, rounds, generator)  # a fresh tensor: updated in place
+        posterior.add_(prior, alpha=self.concentration)
+        return posterior.div_(self.concentration + rounds)
 
 
 class ExpectedCountsUpdate(DirichletUpdate):
     """Dirichlet posterior mean with expected counts ``N = R · p_proxy`` (no sampling noise)."""
 
     def counts(self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
-        return proxy_probs * rounds
+        return proxy_probs.mul(rounds)
 
 
 class ProxyPosteriorEstimator:
@@ -105,17 +107,21 @@ class ProxyPosteriorEstimator:
                 "proxy_sampling_temperature": self.proxy_sampling_temperature, "top_k": self.top_k, "seed": self.seed}
 
     @torch.inference_mode()
-    def proxy_distributions(self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int) -> Iterator[tuple[torch.Tensor, range]]:
-        """Yield (rows, V) proxy probabilities at the target positions of consecutive sequence batches."""
+    def proxy_distributions(self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Yield (rows, V) proxy probabilities at the target positions of batches of ``sequences``.
+
+        Sequences are batched by length (less padding); each yield names its sequences, and rows come in
+        that order (sequence, then position).
+        """
         dataset = SoftLabelDataset(corpus)
         device = next(proxy.parameters()).device
-        for start in range(sequences.start, sequences.stop, self.batch_size):
-            batch_seqs = range(start, min(start + self.batch_size, sequences.stop))
+        by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
+        for start in range(0, len(by_length), self.batch_size):
+            batch_seqs = by_length[start : start + self.batch_size]
             batch = collate([dataset[i] for i in batch_seqs], pad_id)
-            logits = proxy(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
-            rows = logits[mask].float()  # row-major order = sequence order, then position order
-            yield torch.softmax(rows / self.proxy_sampling_temperature, dim=-1), batch_seqs
+            logits = target_position_logits(proxy, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)
+            yield torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1), batch_seqs
 
     def posterior_rows(self, prior: SparseRows, proxy_probs: torch.Tensor, generator: torch.Generator) -> SparseRows:
         vocab = proxy_probs.shape[-1]
@@ -136,12 +142,17 @@ class ProxyPosteriorEstimator:
         with tqdm(total=total_rows, desc=f"posterior R={self.sampling_rounds}", unit="tok") as bar:
             for shard in pending:
                 generator = torch.Generator(device="cpu").manual_seed(self.seed + shard)
-                parts = []
+                parts: dict[int, SparseRows] = {}
                 for proxy_probs, seqs in self.proxy_distributions(proxy, corpus, writer.shard_sequences(shard), pad_id):
-                    rows = SparseRows(*(np.concatenate([getattr(prior.rows(i), f) for i in seqs]) for f in ("ids", "probs", "tail")))
+                    prior_parts = [prior.rows(i) for i in seqs]
+                    rows = SparseRows(*(np.concatenate([getattr(p, f) for p in prior_parts]) for f in ("ids", "probs", "tail")))
                     if len(rows.ids) != proxy_probs.shape[0]:
                         raise RuntimeError(f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}")
-                    parts.append(self.posterior_rows(rows, proxy_probs.cpu(), generator))
+                    post = self.posterior_rows(rows, proxy_probs.cpu(), generator)
+                    bounds = np.cumsum([0] + [len(p.ids) for p in prior_parts])
+                    for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
+                        parts[i] = SparseRows(post.ids[lo:hi], post.probs[lo:hi], post.tail[lo:hi])
                     bar.update(len(rows.ids))
-                writer.write(shard, SparseRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail"))))
+                ordered = [parts[i] for i in writer.shard_sequences(shard)]
+                writer.write(shard, SparseRows(*(np.concatenate([getattr(p, f) for p in ordered]) for f in ("ids", "probs", "tail"))))
         return writer.finish()

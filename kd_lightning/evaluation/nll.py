@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
+from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.models.loading import target_position_logits
 
 
 @torch.inference_mode()
@@ -28,9 +29,9 @@ def heldout_nll(model: nn.Module, corpus: TokenizedCorpus, pad_id: int, batch_si
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = collate([dataset[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["target_ids"] != IGNORE_INDEX
-        nll_sum += float((token_cross_entropy(logits, batch["target_ids"]) * mask).sum())
+        logits = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+        nll_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="sum"))
         tokens += int(mask.sum())
     model.train(was_training)
     nll = nll_sum / max(tokens, 1)

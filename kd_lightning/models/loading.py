@@ -194,3 +194,36 @@ def random_llama(
     tokenizer = load_tokenizer(tokenizer_path)
     return tiny_llama(max(len(tokenizer), tokenizer.vocab_size), hidden_size=hidden_size, num_layers=num_layers,
                       num_heads=num_heads, intermediate_size=intermediate_size, seed=seed)
+
+
+def target_position_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Logits (N, V) at the ``positions`` (B, T) bool mask only: decoder → gather → output head.
+
+    Prompt and padding positions never go through the vocabulary-sized head, which for small models is
+    most of the compute. The shortcut is checked once per model against the full forward (a model that
+    post-processes logits, e.g. with soft-capping, silently keeps the plain path).
+    """
+    shortcut = getattr(model, "_kdl_head_shortcut", None)
+    if shortcut is None:
+        shortcut = _check_head_shortcut(model, input_ids[:1, :8], attention_mask[:1, :8])
+        object.__setattr__(model, "_kdl_head_shortcut", shortcut)
+    if not shortcut:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden[positions])
+
+
+def _check_head_shortcut(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if get_decoder is None or head is None:
+        return False
+    try:
+        with torch.no_grad():
+            full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            hidden = get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return bool(torch.allclose(head(hidden), full, atol=1e-4, rtol=1e-4))
+    except Exception:  # any architecture that does not fit the pattern keeps the plain path
+        return False

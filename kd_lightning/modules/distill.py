@@ -3,7 +3,8 @@
 The total is ``sum(term.weight * term(student_logits, batch))``. Each term is logged unweighted under its
 name (``train/hard_ce``, ``train/prior_kl`` ...) together with ``train/loss``. Subclasses add terms by
 overriding :meth:`extra_terms` (e.g. a feature loss that needs hidden states) or change how the student is
-run by overriding :meth:`student_logits`.
+run by overriding :meth:`student_logits`. Loss terms receive logits (1, N, V) for the N target positions
+of the batch and the batch packed alike (see :meth:`student_logits`).
 
 Plain SFT (proxy alignment, SeqKD) is this module with the single term ``hard_ce``.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.losses.terms import LossTerm
+from kd_lightning.models.loading import target_position_logits
 
 
 class DistillModule(LightningModule):
@@ -51,8 +53,18 @@ class DistillModule(LightningModule):
         """The soft-label stores the terms read (the DataModule must supply them)."""
         return tuple(sorted({name for term in self.loss_terms.values() for name in term.soft_labels}))
 
-    def student_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def student_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits at the target positions only, and the batch packed the same way.
+
+        Returns logits (1, N, V) for the N target positions of the batch and a batch whose per-position
+        fields (``target_ids``, soft labels) are packed to (1, N, ...), so every loss term sees aligned
+        tensors and no compute is spent on prompt or padding positions.
+        """
+        mask = batch["target_ids"] != IGNORE_INDEX
+        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
+        packed = {key: value[mask].unsqueeze(0) for key, value in batch.items()
+                  if key not in ("input_ids", "attention_mask") and value.dim() >= 2 and value.shape[:2] == mask.shape}
+        return logits.unsqueeze(0), packed
 
     def extra_terms(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
         """Hook: return ``{name: (weight, value)}`` for terms that need more than logits and the batch."""
@@ -67,8 +79,8 @@ class DistillModule(LightningModule):
         self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.student_logits(batch)
-        terms = self.compute_terms(logits, batch)
+        logits, packed = self.student_logits(batch)
+        terms = self.compute_terms(logits, packed)
         total = sum(weight * value for weight, value in terms.values())
         batch_size = batch["input_ids"].shape[0]
         for name, (_, value) in terms.items():
@@ -82,10 +94,9 @@ class DistillModule(LightningModule):
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.student_logits(batch)
-        mask = batch["target_ids"] != IGNORE_INDEX
-        self._val_nll += (token_cross_entropy(logits, batch["target_ids"]) * mask).sum().double()
-        self._val_tokens += mask.sum().double()
+        logits, packed = self.student_logits(batch)
+        self._val_nll += token_cross_entropy(logits, packed["target_ids"]).sum().double()
+        self._val_tokens += packed["target_ids"].numel()
 
     def on_validation_epoch_end(self) -> None:
         nll_sum = self.all_gather(self._val_nll).sum()
