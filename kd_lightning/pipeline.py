@@ -103,6 +103,7 @@ class ProxyAlignment:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps (0: none)."""
     lora_rank: int | None = None
     """If set, train LoRA adapters of this rank (needs ``peft``) and merge them after training."""
     lora_alpha: float = 16.0
@@ -262,9 +263,14 @@ class Pipeline:
             proxy = self._with_lora(proxy)
         subset = train if cfg.max_records is None else _first_sequences(train, cfg.max_records)
         torch.manual_seed(cfg.seed)
+        warmup = None
+        if cfg.warmup_steps > 0:
+            def warmup(optimizer):
+                return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / cfg.warmup_steps, total_iters=cfg.warmup_steps)
         module = DistillModule(
             proxy, {"hard_ce": HardCrossEntropy()},
             optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+            scheduler=warmup,
         )
         data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(self.pad_id, subset)
         trainer = self.trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)

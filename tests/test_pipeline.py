@@ -131,3 +131,44 @@ def test_bad_corpus_is_a_one_line_error(kdl_env):
 def test_unknown_stage_prints_usage(kdl_env):
     done = kdl("train", env_dir=kdl_env, check=False)
     assert done.returncode == 2 and "usage: kdl" in done.stderr
+
+
+def test_lora_alignment_with_warmup_merges_into_a_plain_model(kdl_env):
+    pytest.importorskip("peft")
+    kdl("align", "experiment=tiny", "alignment=lora", "alignment.batch_size=8", "alignment.warmup_steps=3",
+        "alignment.learning_rate=1e-3", env_dir=kdl_env)
+    (folder,) = artifacts(kdl_env, "align")
+    from kd_lightning.models.loading import load_causal_lm
+
+    model = load_causal_lm(folder / "model")  # merged: loads as an ordinary HF model
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_hf_datasets_corpus(kdl_env, tiny_dir):
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in (tiny_dir / "corpus.jsonl").read_text().splitlines()]
+    folder = kdl_env / "ds"
+    datasets.Dataset.from_list([{"question": r["instruction"], "answer": r["response"]} for r in rows]).save_to_disk(str(folder))
+    kdl("prior", "experiment=tiny", "data=hf_dataset", f"data.path={folder}", "data.heldout_size=8",
+        "data.max_seq_len=96", "+data.fields={instruction: question, response: answer}", env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "prior")) == 1
+
+
+def test_proxy_with_another_tokenizer_is_refused_at_start_up(kdl_env, tmp_path_factory):
+    from kd_lightning.models.tiny_assets import build_tiny_assets
+
+    other = build_tiny_assets(tmp_path_factory.mktemp("other"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    done = kdl("align", "experiment=tiny", f"proxy.path={other}", env_dir=kdl_env, check=False)
+    assert done.returncode == 1 and "uses a different tokenizer" in done.stderr
+
+
+def test_bad_setting_is_a_one_line_error_naming_it(kdl_env):
+    done = kdl("prior", "experiment=tiny", "estimator.prior.gamma=0.5", env_dir=kdl_env, check=False)
+    assert done.returncode == 1
+    assert "gamma must be >= 1" in done.stderr and "estimator.prior" in done.stderr
+    assert "Traceback" not in done.stderr

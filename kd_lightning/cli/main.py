@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
@@ -72,8 +74,8 @@ def trainer_factory(cfg: DictConfig):
         for lg in (cfg.get("logger") or {}).values():
             loggers.append(instantiate(lg, name=f"{cfg.run_name}-{name}"))
         if loggers:
-            settings = OmegaConf.to_container(cfg, resolve=True)
-            settings.pop("hydra", None)
+            settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                        for key in cfg if key != "hydra"}
             for logger in loggers:
                 logger.log_hyperparams({"kdl": settings, "run": name})
         callbacks = [instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"]
@@ -183,11 +185,15 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
 def _task(cfg: DictConfig) -> Any:
     try:
         return run_stage(cfg)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, InstantiationException) as err:
         if os.environ.get("KDL_TRACEBACK"):
             raise
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"kdl {cfg.stage}: error: {err}  (set KDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        key = re.search(r"full_key: (\S+)", str(err)) if isinstance(err, InstantiationException) else None
+        where = f" (in {key.group(1)})" if key else ""
+        message = str(cause).strip().strip("'\"")
+        log.error("%s: %s%s", type(cause).__name__, message, where)
+        print(f"kdl {cfg.stage}: error: {message}{where}  (set KDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
 
 

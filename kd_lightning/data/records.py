@@ -104,7 +104,8 @@ def read_hf_dataset(path: str, split: str = "train", fields: Mapping[str, str] |
     except ImportError as err:  # pragma: no cover - depends on extras
         raise CorpusError("reading a `datasets` corpus needs `pip install datasets`") from err
     folder = Path(path).expanduser()
-    if (folder.is_dir() and (folder / "dataset_info.json").exists()) or (folder / "dataset_dict.json").exists():
+    saved = folder.is_dir() and ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists())
+    if saved:
         ds = datasets.load_from_disk(str(folder))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
