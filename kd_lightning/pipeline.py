@@ -336,7 +336,14 @@ class Pipeline:
         result_file = folder / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text())
-        module = DistillModule(student_factory(), loss_terms, optimizer=optimizer, scheduler=scheduler)
+        student = student_factory()
+        student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
+        if student_vocab and student_vocab < self.vocab_size():
+            raise ValueError(
+                f"the student has config.vocab_size={student_vocab} but the tokenizer {self.tokenizer_path} "
+                f"has {self.vocab_size()} ids; use a student built for this tokenizer"
+            )
+        module = DistillModule(student, loss_terms, optimizer=optimizer, scheduler=scheduler)
         datamodule.connect(self.pad_id, train, heldout, stores)
         trainer = self.trainer_factory(folder, name, max_epochs=max_epochs)
         start = time.perf_counter()
@@ -392,7 +399,7 @@ def results_table(rows: list[Mapping[str, Any]]) -> str:
 
 
 def summarize_store(store: SoftLabelStore) -> dict[str, float]:
-    """Mean top-1 probability, mean tail mass and entropy-ish summary of a store (for logs and reports)."""
+    """Mean top-1 probability, mean tail mass and mean entropy over the stored entries (for logs and reports)."""
     rows = store.all_rows()
     p = np.asarray(rows.probs, dtype=np.float64)
     entropy = -(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)).sum(1)

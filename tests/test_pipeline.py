@@ -172,3 +172,9 @@ def test_bad_setting_is_a_one_line_error_naming_it(kdl_env):
     assert done.returncode == 1
     assert "gamma must be >= 1" in done.stderr and "estimator.prior" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_student_with_too_small_vocabulary_is_refused_at_start_up(kdl_env):
+    done = kdl("distill", "experiment=tiny", "loss=[hard_ce]", "student._target_=kd_lightning.models.loading.tiny_llama",
+               "~student.tokenizer_path", "+student.vocab_size=10", env_dir=kdl_env, check=False)
+    assert done.returncode == 1 and "config.vocab_size=10" in done.stderr and "Traceback" not in done.stderr
