@@ -82,8 +82,11 @@ def main() -> None:
     runs = [ours(tokens, offsets, args.order) for _ in range(3)]
     seconds = min(r[0] for r in runs)
     ours_tps = args.tokens / seconds
-    print(f"ours: {args.tokens:,} tokens, order {args.order}: {seconds:.3f} s -> {ours_tps / 1e6:.2f} M tokens/s "
-          f"({runs[0][1]:,} distinct n-grams)", flush=True)
+    print(
+        f"ours: {args.tokens:,} tokens, order {args.order}: {seconds:.3f} s -> {ours_tps / 1e6:.2f} M tokens/s "
+        f"({runs[0][1]:,} distinct n-grams)",
+        flush=True,
+    )
 
     n_base = min(args.baseline_tokens, args.tokens)
     base_offsets = offsets[offsets <= n_base]
@@ -91,12 +94,18 @@ def main() -> None:
     base_tps = int(base_offsets[-1]) / base_seconds
     _check_seconds, check_pairs = ours(tokens[: int(base_offsets[-1])], base_offsets, args.order)
     assert check_pairs == base_pairs, (check_pairs, base_pairs)  # same statistics, exactly
-    print(f"Counter baseline: {int(base_offsets[-1]):,} tokens: {base_seconds:.2f} s -> {base_tps / 1e6:.3f} M tokens/s "
-          f"(distinct n-grams agree: {base_pairs:,})", flush=True)
+    print(
+        f"Counter baseline: {int(base_offsets[-1]):,} tokens: {base_seconds:.2f} s -> {base_tps / 1e6:.3f} M tokens/s "
+        f"(distinct n-grams agree: {base_pairs:,})",
+        flush=True,
+    )
 
     big = peak_memory_child(args.big_tokens, args.order) if args.big_tokens else None
     if big:
-        print(f"10^8 run: {args.big_tokens:,} tokens in {big['seconds']:.1f} s, peak RSS {big['peak_rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"10^8 run: {args.big_tokens:,} tokens in {big['seconds']:.1f} s, peak RSS {big['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
     figures = {
         "bench": "ngram_counting",
         "order": args.order,

@@ -54,18 +54,22 @@ def main() -> None:
     n_tokens = int(corpus.offsets[-1])
 
     def ours(rounds: int) -> SparseRows:
-        est = ProxyPosteriorEstimator(update=DirichletUpdate(8.0), sampling_rounds=rounds, top_k=32, batch_size=args.sequences)
+        est = ProxyPosteriorEstimator(
+            update=DirichletUpdate(8.0), sampling_rounds=rounds, top_k=32, batch_size=args.sequences
+        )
         gen = torch.Generator().manual_seed(0)
-        (probs, _), = est.proxy_distributions(proxy, corpus, seqs, pad)
+        ((probs, _),) = est.proxy_distributions(proxy, corpus, seqs, pad)
         return est.posterior_rows(prior_rows, probs, gen)
 
     def naive(rounds: int) -> SparseRows:
         """One forward per round, one draw per position per round, then the same update."""
-        est = ProxyPosteriorEstimator(update=DirichletUpdate(8.0), sampling_rounds=rounds, top_k=32, batch_size=args.sequences)
+        est = ProxyPosteriorEstimator(
+            update=DirichletUpdate(8.0), sampling_rounds=rounds, top_k=32, batch_size=args.sequences
+        )
         gen = torch.Generator().manual_seed(0)
         counts = None
         for _ in range(rounds):
-            (probs, _), = est.proxy_distributions(proxy, corpus, seqs, pad)
+            ((probs, _),) = est.proxy_distributions(proxy, corpus, seqs, pad)
             draw = torch.multinomial(probs, 1, generator=gen)
             one = torch.zeros_like(probs).scatter_add_(1, draw, torch.ones_like(draw, dtype=probs.dtype))
             counts = one if counts is None else counts + one
@@ -78,26 +82,33 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, best of each: drift hits both alike
         t1 = min(t1, timed(lambda: ours(1), 1))
         tr = min(tr, timed(lambda: ours(args.rounds), 1))
-    print(f"ours: {n_rows} positions ({n_tokens} tokens): R=1 {t1:.2f} s, R={args.rounds} {tr:.2f} s", flush=True)
+    print(
+        f"ours: {n_rows} positions ({n_tokens} tokens): R=1 {t1:.2f} s, R={args.rounds} {tr:.2f} s",
+        flush=True,
+    )
     tn = timed(lambda: naive(args.rounds), 1)
     print(f"naive per-round sampler, R={args.rounds}: {tn:.2f} s", flush=True)
     check = ours(args.rounds)
     total = check.probs.astype(np.float64).sum(1) + check.tail
     assert np.allclose(total, 1.0, atol=5e-3)
-    print(json.dumps({
-        "bench": "posterior",
-        "proxy": "SmolLM2-135M-Instruct",
-        "positions": n_rows,
-        "tokens": n_tokens,
-        "rounds": args.rounds,
-        "seconds_r1": round(t1, 3),
-        f"seconds_r{args.rounds}": round(tr, 3),
-        "ratio_r_vs_r1": round(tr / t1, 3),
-        "target_ratio_r_vs_r1": 1.1,
-        "seconds_naive": round(tn, 2),
-        "speedup_vs_naive": round(tn / tr, 1),
-        "target_speedup_vs_naive": args.rounds,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "posterior",
+                "proxy": "SmolLM2-135M-Instruct",
+                "positions": n_rows,
+                "tokens": n_tokens,
+                "rounds": args.rounds,
+                "seconds_r1": round(t1, 3),
+                f"seconds_r{args.rounds}": round(tr, 3),
+                "ratio_r_vs_r1": round(tr / t1, 3),
+                "target_ratio_r_vs_r1": 1.1,
+                "seconds_naive": round(tn, 2),
+                "speedup_vs_naive": round(tn / tr, 1),
+                "target_speedup_vs_naive": args.rounds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def main() -> None:
     tokenizer = load_tokenizer("smollm2")
     train, _ = split_records(load_records("alpaca_gpt35"), 100)
     corpus = tokenize_records(train, tokenizer, 512)
-    rows, _ = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=args.top_k).estimate(corpus, VOCAB)
+    rows, _ = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=args.top_k).estimate(
+        corpus, VOCAB
+    )
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(Path(tmp) / "prior", rows, corpus.target_offsets(), {"bench": True})
         files = sum(p.stat().st_size for p in store.folder.iterdir())
@@ -42,18 +44,24 @@ def main() -> None:
         read_s = time.perf_counter() - start
     per_token = files / n
     dense = VOCAB * 2
-    print(f"{n:,} positions, {files / 2**20:.2f} MiB on disk: {per_token:.1f} B/token vs dense fp16 {dense:,} B/token")
-    print(json.dumps({
-        "bench": "soft_label_store",
-        "positions": n,
-        "top_k": args.top_k,
-        "bytes_per_token": round(per_token, 1),
-        "dense_fp16_bytes_per_token": dense,
-        "fraction_of_dense": round(per_token / dense, 5),
-        "dense_over_store": round(dense / per_token, 1),
-        "target_fraction": round(1 / 300, 5),
-        "read_all_sequences_s": round(read_s, 3),
-    }))
+    print(
+        f"{n:,} positions, {files / 2**20:.2f} MiB on disk: {per_token:.1f} B/token vs dense fp16 {dense:,} B/token"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "soft_label_store",
+                "positions": n,
+                "top_k": args.top_k,
+                "bytes_per_token": round(per_token, 1),
+                "dense_fp16_bytes_per_token": dense,
+                "fraction_of_dense": round(per_token / dense, 5),
+                "dense_over_store": round(dense / per_token, 1),
+                "target_fraction": round(1 / 300, 5),
+                "read_all_sequences_s": round(read_s, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

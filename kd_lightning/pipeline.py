@@ -69,7 +69,11 @@ def model_identity(path: str) -> dict[str, str]:
     """What identifies a model slot for caching: its resolved folder and a digest of its weights."""
     folder = resolve_model_path(path)
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return {"path": str(folder), "weights": settings_key({w.name: w.stat().st_size for w in weights}) + file_digest(folder / "config.json")}
+    return {
+        "path": str(folder),
+        "weights": settings_key({w.name: w.stat().st_size for w in weights})
+        + file_digest(folder / "config.json"),
+    }
 
 
 @dataclass
@@ -142,9 +146,17 @@ class Pipeline:
         trainer_factory: ``(run_dir, run_name) -> Trainer`` (loggers and callbacks included).
     """
 
-    def __init__(self, workspace: Workspace, tokenizer_path: str, corpus: CorpusSpec, prior: NGramPriorEstimator,
-                 posterior: ProxyPosteriorEstimator, proxy_path: str, alignment: ProxyAlignment,
-                 trainer_factory: Callable[[Path, str], Trainer]) -> None:
+    def __init__(
+        self,
+        workspace: Workspace,
+        tokenizer_path: str,
+        corpus: CorpusSpec,
+        prior: NGramPriorEstimator,
+        posterior: ProxyPosteriorEstimator,
+        proxy_path: str,
+        alignment: ProxyAlignment,
+        trainer_factory: Callable[[Path, str], Trainer],
+    ) -> None:
         self.workspace = workspace
         self.tokenizer_path = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -210,8 +222,12 @@ class Pipeline:
     # ---------------------------------------------------------------- prior
     def prior_provenance(self) -> dict[str, Any]:
         train, _ = self.corpora()
-        return {"tokenizer": self.tokenizer_fp, "corpus": train.fingerprint, "counts": self.full_train().fingerprint,
-                "estimator": self.prior_estimator.settings()}
+        return {
+            "tokenizer": self.tokenizer_fp,
+            "corpus": train.fingerprint,
+            "counts": self.full_train().fingerprint,
+            "estimator": self.prior_estimator.settings(),
+        }
 
     def prior(self) -> SoftLabelStore:
         """The n-gram prior store for the training corpus (built once per settings)."""
@@ -223,7 +239,9 @@ class Pipeline:
         start = time.perf_counter()
         rows, stats = self.prior_estimator.estimate(train, self.vocab_size(), count_corpus=self.full_train())
         store = write_store(folder, rows, train.target_offsets(), provenance)
-        atomic_json(folder.parent / f"{folder.name}.stats.json", {**stats, "seconds": time.perf_counter() - start})
+        atomic_json(
+            folder.parent / f"{folder.name}.stats.json", {**stats, "seconds": time.perf_counter() - start}
+        )
         log.info("prior written to %s (%s)", folder, stats)
         return store
 
@@ -232,8 +250,13 @@ class Pipeline:
         return model_identity(self.proxy_path)
 
     def aligned_proxy_key(self) -> str:
-        return settings_key({"proxy": self.proxy_identity(), "corpus": self.full_train().fingerprint,
-                             "alignment": asdict(self.alignment)})
+        return settings_key(
+            {
+                "proxy": self.proxy_identity(),
+                "corpus": self.full_train().fingerprint,
+                "alignment": asdict(self.alignment),
+            }
+        )
 
     def check_proxy_compatible(self, proxy: nn.Module) -> None:
         proxy_vocab = int(proxy.config.vocab_size)
@@ -265,14 +288,23 @@ class Pipeline:
         torch.manual_seed(cfg.seed)
         warmup = None
         if cfg.warmup_steps > 0:
+
             def warmup(optimizer):
-                return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / cfg.warmup_steps, total_iters=cfg.warmup_steps)
+                return torch.optim.lr_scheduler.LinearLR(
+                    optimizer, start_factor=1.0 / cfg.warmup_steps, total_iters=cfg.warmup_steps
+                )
+
         module = DistillModule(
-            proxy, {"hard_ce": HardCrossEntropy()},
-            optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+            proxy,
+            {"hard_ce": HardCrossEntropy()},
+            optimizer=lambda params: torch.optim.AdamW(
+                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+            ),
             scheduler=warmup,
         )
-        data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(self.pad_id, subset)
+        data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(
+            self.pad_id, subset
+        )
         trainer = self.trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
         trainer.fit(module, datamodule=data, ckpt_path=_last_checkpoint(folder))
         model = module.student
@@ -290,15 +322,24 @@ class Pipeline:
             from peft import LoraConfig, get_peft_model
         except ImportError as err:
             raise ImportError("alignment.lora_rank needs `pip install peft` (or kd_lightning[lora])") from err
-        config = LoraConfig(r=self.alignment.lora_rank, lora_alpha=self.alignment.lora_alpha, task_type="CAUSAL_LM",
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        config = LoraConfig(
+            r=self.alignment.lora_rank,
+            lora_alpha=self.alignment.lora_alpha,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         return get_peft_model(model, config)
 
     # ---------------------------------------------------------------- posterior
     def posterior_provenance(self) -> dict[str, Any]:
         prior = self.prior_provenance()
-        return {"tokenizer": self.tokenizer_fp, "corpus": prior["corpus"], "prior": settings_key(prior),
-                "proxy": self.aligned_proxy_key(), "estimator": self.posterior_estimator.settings()}
+        return {
+            "tokenizer": self.tokenizer_fp,
+            "corpus": prior["corpus"],
+            "prior": settings_key(prior),
+            "proxy": self.aligned_proxy_key(),
+            "estimator": self.posterior_estimator.settings(),
+        }
 
     def posterior(self) -> SoftLabelStore:
         """The posterior store (prior updated with R proxy draws per position), resumable."""
@@ -312,7 +353,10 @@ class Pipeline:
         proxy = freeze(load_causal_lm(proxy_folder))
         start = time.perf_counter()
         store = self.posterior_estimator.estimate(proxy, train, prior, self.pad_id, str(folder), provenance)
-        atomic_json(folder.parent / f"{folder.name}.stats.json", {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        atomic_json(
+            folder.parent / f"{folder.name}.stats.json",
+            {"seconds": time.perf_counter() - start, "rows": len(store.tail)},
+        )
         return store
 
     def stores_for(self, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
@@ -323,15 +367,28 @@ class Pipeline:
         return {name: known[name]() for name in names}
 
     # ---------------------------------------------------------------- distillation
-    def distill(self, name: str, student_factory: Callable[[], nn.Module], loss_terms: Mapping[str, LossTerm],
-                datamodule: TeacherTextDataModule, optimizer: Callable, scheduler: Callable | None,
-                settings: Mapping[str, Any], max_epochs: int | None = None) -> dict[str, Any]:
+    def distill(
+        self,
+        name: str,
+        student_factory: Callable[[], nn.Module],
+        loss_terms: Mapping[str, LossTerm],
+        datamodule: TeacherTextDataModule,
+        optimizer: Callable,
+        scheduler: Callable | None,
+        settings: Mapping[str, Any],
+        max_epochs: int | None = None,
+    ) -> dict[str, Any]:
         """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
         train, heldout = self.corpora()
         module_names = tuple(sorted({n for t in loss_terms.values() for n in t.soft_labels}))
         stores = self.stores_for(module_names)
-        key = settings_key({"settings": settings, "corpus": train.fingerprint,
-                            "stores": {n: s.folder.name for n, s in stores.items()}})
+        key = settings_key(
+            {
+                "settings": settings,
+                "corpus": train.fingerprint,
+                "stores": {n: s.folder.name for n, s in stores.items()},
+            }
+        )
         folder = self.workspace.path("distill", key)
         result_file = folder / "result.json"
         if result_file.is_file():
@@ -356,15 +413,25 @@ class Pipeline:
             self.tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder / "student")
         metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
-        result = {"name": name, "terms": {n: t.weight for n, t in loss_terms.items()}, **metrics,
-                  "train_seconds": seconds, "folder": str(folder)}
+        result = {
+            "name": name,
+            "terms": {n: t.weight for n, t in loss_terms.items()},
+            **metrics,
+            "train_seconds": seconds,
+            "folder": str(folder),
+        }
         atomic_json(result_file, result)
         return result
 
     def proxy_heldout(self, aligned: bool) -> dict[str, Any]:
         """Held-out NLL of the proxy before or after alignment (cached)."""
         _, heldout = self.corpora()
-        key = settings_key({"proxy": self.aligned_proxy_key() if aligned else self.proxy_identity(), "heldout": heldout.fingerprint})
+        key = settings_key(
+            {
+                "proxy": self.aligned_proxy_key() if aligned else self.proxy_identity(),
+                "heldout": heldout.fingerprint,
+            }
+        )
         path = self.workspace.path("eval", key + ".json")
         if path.is_file():
             return json.loads(path.read_text())
@@ -378,7 +445,9 @@ class Pipeline:
 def _first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
     n = min(n, len(corpus))
     end = int(corpus.offsets[n])
-    return TokenizedCorpus(corpus.tokens[:end], corpus.offsets[: n + 1].copy(), corpus.prompt_lens[:n].copy(), corpus.report)
+    return TokenizedCorpus(
+        corpus.tokens[:end], corpus.offsets[: n + 1].copy(), corpus.prompt_lens[:n].copy(), corpus.report
+    )
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -391,7 +460,10 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def results_table(rows: list[Mapping[str, Any]]) -> str:
     """A markdown table of held-out results."""
-    lines = ["| model | held-out NLL (nats/token) | perplexity | tokens | train s |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | held-out NLL (nats/token) | perplexity | tokens | train s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in rows:
         train_s = f"{row['train_seconds']:.0f}" if "train_seconds" in row else ""
         lines.append(f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['tokens']} | {train_s} |")
@@ -403,5 +475,9 @@ def summarize_store(store: SoftLabelStore) -> dict[str, float]:
     rows = store.all_rows()
     p = np.asarray(rows.probs, dtype=np.float64)
     entropy = -(np.where(p > 0, p * np.log(np.maximum(p, 1e-30)), 0.0)).sum(1)
-    return {"rows": len(p), "mean_top1": float(p[:, 0].mean()), "mean_tail": float(np.asarray(rows.tail).mean()),
-            "mean_entropy_topk_nats": float(entropy.mean())}
+    return {
+        "rows": len(p),
+        "mean_top1": float(p[:, 0].mean()),
+        "mean_tail": float(np.asarray(rows.tail).mean()),
+        "mean_entropy_topk_nats": float(entropy.mean()),
+    }

@@ -23,8 +23,13 @@ GROUPS = sorted(
 )
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
 NEEDS_REAL_ASSETS = {("student", "smollm2_layers")}
-NEEDS_VALUE = {("data", "jsonl"): "data.path", ("data", "hf_dataset"): "data.path", ("tokenizer", "local"): "tokenizer.path",
-               ("proxy", "local"): "proxy.path", ("student", "local"): "student.path"}
+NEEDS_VALUE = {
+    ("data", "jsonl"): "data.path",
+    ("data", "hf_dataset"): "data.path",
+    ("tokenizer", "local"): "tokenizer.path",
+    ("proxy", "local"): "proxy.path",
+    ("student", "local"): "student.path",
+}
 
 
 def compose_cfg(overrides: list[str], stage: str = "pipeline"):
@@ -33,7 +38,9 @@ def compose_cfg(overrides: list[str], stage: str = "pipeline"):
         cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(Path.cwd() / "outputs")  # set by Hydra's runtime when launched from the CLI
+        cfg.paths.output_dir = str(
+            Path.cwd() / "outputs"
+        )  # set by Hydra's runtime when launched from the CLI
     return cfg
 
 
@@ -46,7 +53,9 @@ def test_every_stage_composes(stage, kdl_env):
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_instantiates(group, option, kdl_env):
     if group in ("experiment", "sweep", "debug"):
-        cfg = compose_cfg([f"{group}={option}", "experiment=tiny"] if group != "experiment" else [f"{group}={option}"])
+        cfg = compose_cfg(
+            [f"{group}={option}", "experiment=tiny"] if group != "experiment" else [f"{group}={option}"]
+        )
         assert cfg is not None
         if group == "sweep":
             assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
@@ -76,7 +85,9 @@ def test_every_option_composes_and_instantiates(group, option, kdl_env):
             assert instantiate(cb) is not None
         return
     if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
-        assert node.accelerator == "gpu" and node.precision == "bf16-mixed"  # instantiated only where a GPU exists
+        assert (
+            node.accelerator == "gpu" and node.precision == "bf16-mixed"
+        )  # instantiated only where a GPU exists
         return
     if group in ("tokenizer", "proxy", "paths"):
         return  # plain values, checked by the pipeline tests

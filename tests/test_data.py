@@ -51,10 +51,21 @@ def test_split_is_deterministic_and_order_independent():
 
 def test_empty_and_overlong_records_are_counted_not_dropped_silently(tiny_dir, caplog):
     tok = load_tokenizer(tiny_dir)
-    records = [Record("say hi.", "hi."), Record("say hi.", "   "), Record("say hi.", "x" * 200), Record("q" * 300, "a")]
+    records = [
+        Record("say hi.", "hi."),
+        Record("say hi.", "   "),
+        Record("say hi.", "x" * 200),
+        Record("q" * 300, "a"),
+    ]
     corpus = tokenize_records(records, tok, max_seq_len=64)
     report = corpus.report
-    assert (report.records, report.kept, report.empty_response, report.truncated, report.prompt_too_long) == (4, 2, 1, 1, 1)
+    assert (report.records, report.kept, report.empty_response, report.truncated, report.prompt_too_long) == (
+        4,
+        2,
+        1,
+        1,
+        1,
+    )
     assert "1 with an empty response" in report.summary()
     assert max(np.diff(corpus.offsets)) <= 64
     assert "records kept" in caplog.text

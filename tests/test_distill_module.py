@@ -27,13 +27,18 @@ def setup(tiny_dir, tmp_path):
 def test_packed_target_positions_equal_full_logits(tiny_dir, tmp_path):
     tok, batch = setup(tiny_dir, tmp_path)
     student = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    module = DistillModule(student, {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
-                           optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    module = DistillModule(
+        student,
+        {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
     logits, packed = module.student_logits(batch)
     ours = {name: value for name, (_, value) in module.compute_terms(logits, packed).items()}
     full = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["target_ids"] != IGNORE_INDEX
-    torch.testing.assert_close(ours["hard_ce"], hard_cross_entropy(full, batch["target_ids"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours["hard_ce"], hard_cross_entropy(full, batch["target_ids"]), atol=1e-5, rtol=1e-5
+    )
     expected_kl = sparse_target_kl(full, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], mask)
     torch.testing.assert_close(ours["prior_kl"], expected_kl, atol=1e-5, rtol=1e-5)
     assert logits.shape == (1, int(mask.sum()), len(tok))
@@ -64,14 +69,19 @@ def test_model_without_the_pattern_keeps_the_plain_path(tiny_dir, tmp_path):
     mask = batch["target_ids"] != IGNORE_INDEX
     rows = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask)
     assert model._kdl_head_shortcut is False
-    torch.testing.assert_close(rows, capped_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask])
+    torch.testing.assert_close(
+        rows,
+        capped_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask],
+    )
 
 
 def test_student_is_put_in_train_mode_and_optimizer_covers_only_trainable_params(tiny_dir):
     tok = load_tokenizer(tiny_dir)
     student = tiny_llama(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64).eval()
     student.model.embed_tokens.requires_grad_(False)
-    module = DistillModule(student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.AdamW(params))
+    module = DistillModule(
+        student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.AdamW(params)
+    )
     module.on_fit_start()
     assert student.training
     optimizer = module.configure_optimizers()

@@ -20,8 +20,15 @@ def make_batch(seed: int = 0, k: int = K, full_vocab: bool = False) -> dict[str,
     kk = V if full_vocab else k
     probs, ids = teacher.topk(kk, dim=-1)
     tail = (1 - probs.sum(-1)).clamp_min(0)
-    return {"target_ids": target, "teacher": teacher, "prior_ids": ids, "prior_probs": probs, "prior_tail": tail,
-            "input_ids": target.clamp_min(0), "attention_mask": torch.ones(B, T, dtype=torch.long)}
+    return {
+        "target_ids": target,
+        "teacher": teacher,
+        "prior_ids": ids,
+        "prior_probs": probs,
+        "prior_tail": tail,
+        "input_ids": target.clamp_min(0),
+        "attention_mask": torch.ones(B, T, dtype=torch.long),
+    }
 
 
 TERMS = {
@@ -70,8 +77,10 @@ def test_padding_invariance(term):
     batch = make_batch()
     logits = torch.randn(B, T, V)
     pad = 3
-    padded = {k: (torch.cat([v, torch.zeros((B, pad, *v.shape[2:]), dtype=v.dtype)], 1) if v.dim() >= 2 else v)
-              for k, v in batch.items()}
+    padded = {
+        k: (torch.cat([v, torch.zeros((B, pad, *v.shape[2:]), dtype=v.dtype)], 1) if v.dim() >= 2 else v)
+        for k, v in batch.items()
+    }
     padded["target_ids"][:, T:] = IGNORE_INDEX
     plogits = torch.cat([logits, torch.randn(B, pad, V)], 1)
     torch.testing.assert_close(term(logits, batch), term(plogits, padded))
@@ -82,7 +91,9 @@ def test_no_nan_with_minus_inf_logits(term):
     logits = torch.randn(B, T, V)
     logits[..., -1] = float("-inf")  # a masked vocabulary entry
     batch["prior_ids"] = batch["prior_ids"].clamp(max=V - 2)
-    batch["target_ids"] = torch.where(batch["target_ids"] == V - 1, V - 2, batch["target_ids"])  # targets are never masked ids
+    batch["target_ids"] = torch.where(
+        batch["target_ids"] == V - 1, V - 2, batch["target_ids"]
+    )  # targets are never masked ids
     assert torch.isfinite(term(logits, batch))
 
 
@@ -124,7 +135,9 @@ def test_temperature_scales_by_t_squared_on_one_hot_free_case():
     batch = make_batch(full_vocab=True)
     logits = torch.randn(B, T, V)
     t = 2.0
-    ours = sparse_target_kl(logits, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], distill_temperature=t)
+    ours = sparse_target_kl(
+        logits, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], distill_temperature=t
+    )
     p_t = torch.softmax(batch["teacher"].log() / t, -1)
     per_pos = F.kl_div(torch.log_softmax(logits / t, -1), p_t, reduction="none").sum(-1) * t * t
     torch.testing.assert_close(ours, per_pos.mean(), atol=1e-4, rtol=1e-4)
@@ -135,10 +148,19 @@ def test_gradient_accumulation_split_invariance():
     batch = make_batch()
     logits = torch.randn(B, T, V)
     mask = batch["target_ids"] != IGNORE_INDEX
-    full = sparse_target_kl(logits, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], mask) * mask.sum()
+    full = (
+        sparse_target_kl(logits, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], mask)
+        * mask.sum()
+    )
     parts = sum(
-        sparse_target_kl(logits[i : i + 1], batch["prior_ids"][i : i + 1], batch["prior_probs"][i : i + 1],
-                         batch["prior_tail"][i : i + 1], mask[i : i + 1]) * mask[i : i + 1].sum()
+        sparse_target_kl(
+            logits[i : i + 1],
+            batch["prior_ids"][i : i + 1],
+            batch["prior_probs"][i : i + 1],
+            batch["prior_tail"][i : i + 1],
+            mask[i : i + 1],
+        )
+        * mask[i : i + 1].sum()
         for i in range(B)
     )
     torch.testing.assert_close(full, parts)

@@ -42,7 +42,9 @@ def test_prior_formula_matches_hand_computation_and_sums_to_one():
     seqs = [[9, 1, 2], [9, 1, 2], [9, 1, 3]]
     corpus = corpus_of(seqs)
     gamma = 4.0
-    prior, _ = NGramPriorEstimator(ngram_order=2, gamma=gamma, min_context_count=1, top_k=4).estimate(corpus, 10)
+    prior, _ = NGramPriorEstimator(ngram_order=2, gamma=gamma, min_context_count=1, top_k=4).estimate(
+        corpus, 10
+    )
     d = dense(prior, 10)
     # targets per sequence: position of "9"->1 and "1"->x; rows in order: (9→1), (1→2), (9→1), (1→2), (9→1), (1→3)
     row_1_to_3 = d[5]
@@ -66,7 +68,9 @@ def test_backoff_to_shorter_context_when_context_unseen():
     counted = corpus_of([[9, 5, 1, 2], [9, 6, 1, 2], [9, 6, 1, 3]])
     # held-out sequence with a context (7, 1) never seen: trigram backs off to bigram p(.|1)
     heldout = corpus_of([[9, 7, 1, 2]])
-    model = NGramModel(order=3, vocab_size=10).fit(counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1))
+    model = NGramModel(order=3, vocab_size=10).fit(
+        counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1)
+    )
     rows, orders = model.distributions(heldout.tokens, heldout.offsets, np.array([3]), top_k=4)
     assert orders[0] == 2
     np.testing.assert_allclose(dense(rows, 10)[0, [2, 3]], [2 / 3, 1 / 3], atol=1e-6)
@@ -74,7 +78,9 @@ def test_backoff_to_shorter_context_when_context_unseen():
 
 def test_min_context_count_backs_off_rare_contexts():
     corpus = corpus_of([[9, 5, 1, 2], [9, 6, 1, 3], [9, 6, 1, 3]])
-    model = NGramModel(order=3, vocab_size=10, min_context_count=2).fit(corpus.tokens, corpus.offsets, np.roll(corpus.target_mask(), 1))
+    model = NGramModel(order=3, vocab_size=10, min_context_count=2).fit(
+        corpus.tokens, corpus.offsets, np.roll(corpus.target_mask(), 1)
+    )
     rows, orders = model.distributions(corpus.tokens, corpus.offsets, np.array([3, 7]), top_k=4)
     assert orders[0] == 2  # (5, 1) seen once -> bigram
     assert orders[1] == 3  # (6, 1) seen twice -> trigram
@@ -83,7 +89,9 @@ def test_min_context_count_backs_off_rare_contexts():
 
 def test_unigram_backoff_when_nothing_matches():
     counted = corpus_of([[9, 1, 2], [9, 1, 2]])
-    model = NGramModel(order=2, vocab_size=10).fit(counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1))
+    model = NGramModel(order=2, vocab_size=10).fit(
+        counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1)
+    )
     unseen = corpus_of([[9, 4, 4]])
     rows, orders = model.distributions(unseen.tokens, unseen.offsets, np.array([2]), top_k=4)
     assert orders[0] == 1
@@ -133,7 +141,11 @@ def test_mix_prior_rejects_gamma_below_one():
     corpus = corpus_of([[9, 1, 2]])
     with pytest.raises(ValueError, match="gamma"):
         NGramPriorEstimator(2, gamma=0.5)
-    rows, _ = NGramModel(2, 10).fit(corpus.tokens, corpus.offsets).distributions(corpus.tokens, corpus.offsets, np.array([2]), 2)
+    rows, _ = (
+        NGramModel(2, 10)
+        .fit(corpus.tokens, corpus.offsets)
+        .distributions(corpus.tokens, corpus.offsets, np.array([2]), 2)
+    )
     with pytest.raises(ValueError, match="gamma"):
         mix_prior(rows, np.array([2]), 0.9)
 

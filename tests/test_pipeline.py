@@ -37,10 +37,17 @@ def test_tiny_pipeline_end_to_end_under_two_minutes(kdl_env):
     assert "| proxy (before alignment) |" in done.stdout and "| student plus_prior_posterior |" in done.stdout
     result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
     names = [row["name"] for row in result["rows"]]
-    assert names == ["proxy (before alignment)", "proxy (aligned)", "student sft_only", "student plus_prior",
-                     "student plus_prior_posterior"]
+    assert names == [
+        "proxy (before alignment)",
+        "proxy (aligned)",
+        "student sft_only",
+        "student plus_prior",
+        "student plus_prior_posterior",
+    ]
     rows = {row["name"]: row for row in result["rows"]}
-    assert rows["proxy (aligned)"]["nll"] < rows["proxy (before alignment)"]["nll"]  # alignment fits the teacher text
+    assert (
+        rows["proxy (aligned)"]["nll"] < rows["proxy (before alignment)"]["nll"]
+    )  # alignment fits the teacher text
     for stage in ("prior", "posterior", "align", "corpus"):
         assert len(artifacts(kdl_env, stage)) == 1
     # a second run is served from the cache
@@ -95,7 +102,9 @@ def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
         run_distill(cfg, with_callback(build_pipeline(cfg), Kill()), "student", ["hard_ce", "prior_kl"])
     (folder,) = artifacts(kdl_env, "distill")
     assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "result.json").exists()
-    result = run_distill(cfg, with_callback(build_pipeline(cfg), RecordStart()), "student", ["hard_ce", "prior_kl"])
+    result = run_distill(
+        cfg, with_callback(build_pipeline(cfg), RecordStart()), "student", ["hard_ce", "prior_kl"]
+    )
     assert seen["start_step"] == 4  # resumed from the checkpoint saved every 2 steps, not from 0
     # and from the 5th batch of the epoch's (seeded) order, not from its first batch again
     from kd_lightning.data.datamodule import EpochBatchSampler
@@ -135,8 +144,15 @@ def test_unknown_stage_prints_usage(kdl_env):
 
 def test_lora_alignment_with_warmup_merges_into_a_plain_model(kdl_env):
     pytest.importorskip("peft")
-    kdl("align", "experiment=tiny", "alignment=lora", "alignment.batch_size=8", "alignment.warmup_steps=3",
-        "alignment.learning_rate=1e-3", env_dir=kdl_env)
+    kdl(
+        "align",
+        "experiment=tiny",
+        "alignment=lora",
+        "alignment.batch_size=8",
+        "alignment.warmup_steps=3",
+        "alignment.learning_rate=1e-3",
+        env_dir=kdl_env,
+    )
     (folder,) = artifacts(kdl_env, "align")
     from kd_lightning.models.loading import load_causal_lm
 
@@ -148,9 +164,19 @@ def test_hf_datasets_corpus(kdl_env, tiny_dir):
     datasets = pytest.importorskip("datasets")
     rows = [json.loads(line) for line in (tiny_dir / "corpus.jsonl").read_text().splitlines()]
     folder = kdl_env / "ds"
-    datasets.Dataset.from_list([{"question": r["instruction"], "answer": r["response"]} for r in rows]).save_to_disk(str(folder))
-    kdl("prior", "experiment=tiny", "data=hf_dataset", f"data.path={folder}", "data.heldout_size=8",
-        "data.max_seq_len=96", "+data.fields={instruction: question, response: answer}", env_dir=kdl_env)
+    datasets.Dataset.from_list(
+        [{"question": r["instruction"], "answer": r["response"]} for r in rows]
+    ).save_to_disk(str(folder))
+    kdl(
+        "prior",
+        "experiment=tiny",
+        "data=hf_dataset",
+        f"data.path={folder}",
+        "data.heldout_size=8",
+        "data.max_seq_len=96",
+        "+data.fields={instruction: question, response: answer}",
+        env_dir=kdl_env,
+    )
     assert len(artifacts(kdl_env, "prior")) == 1
 
 
@@ -175,6 +201,14 @@ def test_bad_setting_is_a_one_line_error_naming_it(kdl_env):
 
 
 def test_student_with_too_small_vocabulary_is_refused_at_start_up(kdl_env):
-    done = kdl("distill", "experiment=tiny", "loss=[hard_ce]", "student._target_=kd_lightning.models.loading.tiny_llama",
-               "~student.tokenizer_path", "+student.vocab_size=10", env_dir=kdl_env, check=False)
+    done = kdl(
+        "distill",
+        "experiment=tiny",
+        "loss=[hard_ce]",
+        "student._target_=kd_lightning.models.loading.tiny_llama",
+        "~student.tokenizer_path",
+        "+student.vocab_size=10",
+        env_dir=kdl_env,
+        check=False,
+    )
     assert done.returncode == 1 and "config.vocab_size=10" in done.stderr and "Traceback" not in done.stderr

@@ -44,7 +44,9 @@ def test_expected_counts_is_the_mean_of_sampled():
 def test_posterior_formula():
     prior = torch.tensor([[0.5, 0.5, 0.0]])
     proxy = torch.tensor([[0.0, 0.0, 1.0]])
-    post = DirichletUpdate(concentration=2.0)(prior, proxy, rounds=2, generator=torch.Generator().manual_seed(0))
+    post = DirichletUpdate(concentration=2.0)(
+        prior, proxy, rounds=2, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(post, torch.tensor([[0.25, 0.25, 0.5]]))  # (2*prior + [0,0,2]) / 4
 
 
@@ -94,7 +96,9 @@ def test_killed_posterior_leaves_no_store_and_rerun_finishes(tiny_dir, tmp_path)
     est = ProxyPosteriorEstimator(sampling_rounds=4, top_k=8, batch_size=4, shard_size=4, seed=3)
     out = tmp_path / "post"
     with pytest.raises(RuntimeError, match="killed"):
-        est.estimate(CountingProxy(proxy, fail_after=3), corpus, prior, tokenizer.pad_token_id, str(out), {"r": 4})
+        est.estimate(
+            CountingProxy(proxy, fail_after=3), corpus, prior, tokenizer.pad_token_id, str(out), {"r": 4}
+        )
     assert not out.exists()  # no half-written store
     assert len(list((tmp_path / "post.partial").glob("shard-*"))) == 3
     resumed = CountingProxy(proxy)

@@ -36,23 +36,33 @@ def test_gpt35_corpus_and_split(real):
     tokenizer, records, train, heldout = real
     assert len(records) == 805 and len(train) == 705 and len(heldout) == 100
     assert {r.meta["generator"] for r in records} == {"gpt-3.5-turbo-0301"}
-    assert {r.meta["dataset"] for r in records} == {"selfinstruct", "oasst", "koala", "helpful_base", "vicuna"}
+    assert {r.meta["dataset"] for r in records} == {
+        "selfinstruct",
+        "oasst",
+        "koala",
+        "helpful_base",
+        "vicuna",
+    }
     corpus = tokenize_records(train, tokenizer, max_seq_len=512)
     assert corpus.report.kept + corpus.report.prompt_too_long + corpus.report.empty_response == 705
-    text = tokenizer.decode(corpus.sequence(0)[corpus.prompt_lens[0]:])
+    text = tokenizer.decode(corpus.sequence(0)[corpus.prompt_lens[0] :])
     assert text.rstrip().endswith("<|im_end|>") and train[0].response.strip()[:20] in text
 
 
 def test_prior_on_real_text_is_a_distribution(real):
     tokenizer, _, train, _ = real
     corpus = tokenize_records(train[:200], tokenizer, 256)
-    rows, stats = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=32).estimate(corpus, 49152)
+    rows, stats = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=32).estimate(
+        corpus, 49152
+    )
     total = rows.probs.astype(np.float64).sum(1) + rows.tail
     np.testing.assert_allclose(total, 1.0, atol=2e-3)
     assert stats["positions"] == int(corpus.target_offsets()[-1])
     assert 0.0 < stats["mean_ngram_prob_of_observed"] < 1.0
     observed = corpus.tokens[np.flatnonzero(corpus.target_mask()) + 1]
-    on_observed = np.where(rows.ids.astype(np.int64) == observed[:, None], rows.probs.astype(np.float64), 0).sum(1)
+    on_observed = np.where(
+        rows.ids.astype(np.int64) == observed[:, None], rows.probs.astype(np.float64), 0
+    ).sum(1)
     assert on_observed.min() >= (1 - 1 / 2.0) - 1e-3  # the (1 - 1/γ) one-hot share, plus the n-gram's
 
 
@@ -63,15 +73,24 @@ def test_proxy_posterior_and_a_distill_step_on_real_models(real, tmp_path):
     prior = write_store(tmp_path / "prior", prior_rows, corpus.target_offsets(), {})
     proxy = freeze(load_causal_lm("smollm2"))
     posterior = ProxyPosteriorEstimator(sampling_rounds=8, top_k=16, batch_size=4).estimate(
-        proxy, corpus, prior, tokenizer.pad_token_id, str(tmp_path / "post"), {})
+        proxy, corpus, prior, tokenizer.pad_token_id, str(tmp_path / "post"), {}
+    )
     rows = posterior.all_rows()
     np.testing.assert_allclose(rows.probs.astype(np.float64).sum(1) + rows.tail, 1.0, atol=5e-3)
 
     student = layer_selected_student("smollm2", [0, 29])
-    module = DistillModule(student, {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior"),
-                                     "posterior_kl": SoftLabelKL("posterior")},
-                           optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
-    dm = TeacherTextDataModule(batch_size=4).connect(tokenizer.pad_token_id, corpus, stores={"prior": prior, "posterior": posterior})
+    module = DistillModule(
+        student,
+        {
+            "hard_ce": HardCrossEntropy(),
+            "prior_kl": SoftLabelKL("prior"),
+            "posterior_kl": SoftLabelKL("posterior"),
+        },
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+    dm = TeacherTextDataModule(batch_size=4).connect(
+        tokenizer.pad_token_id, corpus, stores={"prior": prior, "posterior": posterior}
+    )
     batch = next(iter(dm.train_dataloader()))
     optimizer = module.configure_optimizers()
     student.train()

@@ -18,7 +18,11 @@ from kd_lightning.data.soft_labels import (
 def rows(n: int, k: int = 4, seed: int = 0) -> SparseRows:
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.ones(k + 1), size=n)
-    return SparseRows(rng.integers(0, 50000, (n, k)).astype(np.uint16), p[:, :k].astype(np.float16), p[:, k].astype(np.float32))
+    return SparseRows(
+        rng.integers(0, 50000, (n, k)).astype(np.uint16),
+        p[:, :k].astype(np.float16),
+        p[:, k].astype(np.float32),
+    )
 
 
 def test_round_trip(tmp_path):
@@ -87,7 +91,10 @@ def test_store_is_compact_against_dense_fp16(tmp_path):
     vocab, k = 49152, 32
     n = 2000
     rng = np.random.default_rng(0)
-    data = SparseRows(rng.integers(0, vocab, (n, k)).astype(sl.id_dtype_for(vocab)),
-                      rng.random((n, k)).astype(np.float16), rng.random(n).astype(np.float32))
+    data = SparseRows(
+        rng.integers(0, vocab, (n, k)).astype(sl.id_dtype_for(vocab)),
+        rng.random((n, k)).astype(np.float16),
+        rng.random(n).astype(np.float32),
+    )
     store = write_store(tmp_path / "s", data, np.array([0, n]), {})
     assert store.nbytes_per_row() <= vocab * 2 / 300

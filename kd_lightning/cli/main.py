@@ -40,7 +40,9 @@ def wandb_mode() -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    )
     return "online" if has_key else "offline"
 
 
@@ -74,16 +76,29 @@ def trainer_factory(cfg: DictConfig):
         for lg in (cfg.get("logger") or {}).values():
             loggers.append(instantiate(lg, name=f"{cfg.run_name}-{name}"))
         if loggers:
-            settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-                        for key in cfg if key != "hydra"}
+            settings = {
+                key: OmegaConf.to_container(cfg[key], resolve=True)
+                if OmegaConf.is_config(cfg[key])
+                else cfg[key]
+                for key in cfg
+                if key != "hydra"
+            }
             for logger in loggers:
                 logger.log_hyperparams({"kdl": settings, "run": name})
-        callbacks = [instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"]
+        callbacks = [
+            instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"
+        ]
         if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
-            callbacks.append(instantiate(cfg.callbacks.model_checkpoint, dirpath=str(Path(folder) / "checkpoints")))
+            callbacks.append(
+                instantiate(cfg.callbacks.model_checkpoint, dirpath=str(Path(folder) / "checkpoints"))
+            )
         if loggers:
             callbacks.append(FinishWandb())
-        overrides: dict[str, Any] = {"default_root_dir": str(folder), "logger": loggers or False, "callbacks": callbacks}
+        overrides: dict[str, Any] = {
+            "default_root_dir": str(folder),
+            "logger": loggers or False,
+            "callbacks": callbacks,
+        }
         if max_epochs is not None and not cfg.trainer.get("fast_dev_run"):
             overrides["max_epochs"] = max_epochs
         if not validate:
@@ -114,19 +129,29 @@ def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, Los
     names = list(available) if names is None else names
     missing = [n for n in names if n not in available]
     if missing:
-        raise KeyError(f"loss term {missing[0]!r} is not selected; add it, e.g. loss=[{','.join([*available, missing[0]])}]")
+        raise KeyError(
+            f"loss term {missing[0]!r} is not selected; add it, e.g. loss=[{','.join([*available, missing[0]])}]"
+        )
     return {name: instantiate(available[name]) for name in names}
 
 
 def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
     """The settings a distilled student depends on (its cache key)."""
+
     def resolved(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
     pick = {k: resolved(cfg.get(k)) for k in ("student", "optimizer", "scheduler", "datamodule", "seed")}
     pick["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
-    trainer_keys = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val",
-                    "fast_dev_run", "limit_train_batches")
+    trainer_keys = (
+        "max_epochs",
+        "max_steps",
+        "precision",
+        "accumulate_grad_batches",
+        "gradient_clip_val",
+        "fast_dev_run",
+        "limit_train_batches",
+    )
     pick["trainer"] = {k: v for k, v in resolved(cfg.trainer).items() if k in trainer_keys}
     return pick
 
@@ -167,8 +192,12 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
         for name, terms in variants.items():
             rows.append(run_distill(cfg, pipeline, f"student {name}", list(terms)))
         table = results_table(rows)
-        result = {"rows": rows, "table": table, "prior": summarize_store(pipeline.prior()),
-                  "posterior": summarize_store(pipeline.posterior())}
+        result = {
+            "rows": rows,
+            "table": table,
+            "prior": summarize_store(pipeline.prior()),
+            "posterior": summarize_store(pipeline.posterior()),
+        }
         print(f"\nHeld-out teacher responses ({len(pipeline.corpora()[1])} records):\n{table}\n", flush=True)
     else:  # pragma: no cover - guarded by main()
         raise ValueError(f"unknown stage {stage!r}")
@@ -193,7 +222,10 @@ def _task(cfg: DictConfig) -> Any:
         where = f" (in {key.group(1)})" if key else ""
         message = str(cause).strip().strip("'\"")
         log.error("%s: %s%s", type(cause).__name__, message, where)
-        print(f"kdl {cfg.stage}: error: {message}{where}  (set KDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(
+            f"kdl {cfg.stage}: error: {message}{where}  (set KDL_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 
@@ -201,9 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kdl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in STAGES:
-        print(f"usage: kdl {{{','.join(STAGES)}}} [key=value ...] [-m]\n"
-              "  e.g. kdl pipeline experiment=demo\n       kdl posterior -m estimator.posterior.sampling_rounds=1,4,16",
-              file=sys.stderr)
+        print(
+            f"usage: kdl {{{','.join(STAGES)}}} [key=value ...] [-m]\n"
+            "  e.g. kdl pipeline experiment=demo\n       kdl posterior -m estimator.posterior.sampling_rounds=1,4,16",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     stage = argv.pop(0)
     sys.argv = [f"kdl-{stage}", *argv]

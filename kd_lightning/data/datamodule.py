@@ -60,7 +60,9 @@ class SoftLabelDataset(Dataset):
         return item
 
 
-def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def collate(
+    items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """Right-pad a list of dataset items into a batch (see the module docstring for shapes)."""
     lengths = [len(item["input_ids"]) for item in items]
     b, t = len(items), max(lengths)
@@ -101,7 +103,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         return -(-self.size // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
         skip, self.skip = self.skip, 0
         for start in range(skip * self.batch_size, self.size, self.batch_size):
             yield order[start : start + self.batch_size]
@@ -160,8 +164,12 @@ class TeacherTextDataModule(LightningDataModule):
             raise RuntimeError("call TeacherTextDataModule.connect(...) before training")
         sampler = EpochBatchSampler(len(self.train_set), self.batch_size, self.shuffle_seed)
         sampler.skip = self._batches_done_in_epoch(len(sampler))
-        return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=partial(collate, pad_id=self.pad_id, store_names=self.store_names))
+        return ResumableDataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_id=self.pad_id, store_names=self.store_names),
+        )
 
     def _batches_done_in_epoch(self, batches_per_epoch: int) -> int:
         """After a resume, the batches of the current epoch already trained (0 on a fresh run)."""
@@ -176,5 +184,10 @@ class TeacherTextDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=partial(collate, pad_id=self.pad_id))
+        return DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+        )

@@ -63,15 +63,23 @@ def _record_from_mapping(row: Mapping, fields: Mapping[str, str], where: str) ->
             f"map your field names with data.fields.{'instruction' if missing[0] == names['instruction'] else 'response'}=<name>"
         )
     values = {}
-    for name, key in (("instruction", names["instruction"]), ("response", response_key),
-                      ("input", names["input"]), ("system", names["system"])):
+    for name, key in (
+        ("instruction", names["instruction"]),
+        ("response", response_key),
+        ("input", names["input"]),
+        ("system", names["system"]),
+    ):
         value = row.get(key, "")
         if value is None:
             value = ""
         if not isinstance(value, str):
             raise CorpusError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
         values[name] = value
-    meta = {k: str(v) for k, v in row.items() if k not in set(names.values()) | {response_key} and isinstance(v, str | int | float)}
+    meta = {
+        k: str(v)
+        for k, v in row.items()
+        if k not in set(names.values()) | {response_key} and isinstance(v, str | int | float)
+    }
     return Record(meta=meta, **values)
 
 
@@ -88,9 +96,13 @@ def read_jsonl(path: str | os.PathLike, fields: Mapping[str, str] | None = None)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
+                raise CorpusError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
+                ) from None
             if not isinstance(row, dict):
-                raise CorpusError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                raise CorpusError(
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
+                )
             records.append(_record_from_mapping(row, fields or {}, f"{path}:{lineno}"))
     if not records:
         raise CorpusError(f"{path} holds no records")
@@ -104,7 +116,9 @@ def read_hf_dataset(path: str, split: str = "train", fields: Mapping[str, str] |
     except ImportError as err:  # pragma: no cover - depends on extras
         raise CorpusError("reading a `datasets` corpus needs `pip install datasets`") from err
     folder = Path(path).expanduser()
-    saved = folder.is_dir() and ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists())
+    saved = folder.is_dir() and (
+        (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()
+    )
     if saved:
         ds = datasets.load_from_disk(str(folder))
         if isinstance(ds, datasets.DatasetDict):
@@ -145,12 +159,25 @@ def fetch_alpaca_gpt35(force: bool = False) -> Path:
     if target.is_file() and not force:
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "-d", tmp, f"alpaca-eval=={ALPACA_EVAL_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            tmp,
+            f"alpaca-eval=={ALPACA_EVAL_VERSION}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("alpaca_eval-*.tar.gz"))
         if done.returncode != 0 or not sdists:
-            raise AssetError(f"could not download the alpaca-eval sdist from PyPI: {done.stderr.strip()[-500:]}")
+            raise AssetError(
+                f"could not download the alpaca-eval sdist from PyPI: {done.stderr.strip()[-500:]}"
+            )
         with tarfile.open(sdists[0]) as tar:
             member = tar.extractfile(ALPACA_EVAL_MEMBER)
             if member is None:
@@ -159,8 +186,15 @@ def fetch_alpaca_gpt35(force: bool = False) -> Path:
     # The sdist labels its generator "example"; the project's asset notes identify these 805 answers as
     # gpt-3.5-turbo-0301's. Both labels are kept.
     records = [
-        Record(instruction=r["instruction"], response=r["output"],
-               meta={"generator": GPT35_GENERATOR, "source_generator_label": r["generator"], "dataset": r["dataset"]})
+        Record(
+            instruction=r["instruction"],
+            response=r["output"],
+            meta={
+                "generator": GPT35_GENERATOR,
+                "source_generator_label": r["generator"],
+                "dataset": r["dataset"],
+            },
+        )
         for r in rows
     ]
     write_jsonl(records, target)

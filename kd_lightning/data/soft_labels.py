@@ -52,8 +52,11 @@ class SparseRows:
         """Top-k of dense distributions ``(rows, V)``; tail = 1 - kept mass (clamped at 0)."""
         values, ids = torch.topk(probs.float(), k=min(top_k, probs.shape[-1]), dim=-1)
         tail = (1.0 - values.sum(-1)).clamp_min(0.0)
-        return cls(ids.cpu().numpy().astype(id_dtype), values.cpu().numpy().astype(np.float16),
-                   tail.cpu().numpy().astype(np.float32))
+        return cls(
+            ids.cpu().numpy().astype(id_dtype),
+            values.cpu().numpy().astype(np.float16),
+            tail.cpu().numpy().astype(np.float32),
+        )
 
     def to_dense(self, vocab_size: int) -> torch.Tensor:
         """Dense ``(rows, V)`` float32; the tail mass is spread evenly over ids outside the top-k."""
@@ -86,7 +89,9 @@ def check_provenance(found: Mapping[str, Any], expected: Mapping[str, Any], wher
     """Raise a one-line :class:`StoreMismatchError` naming the first key that differs."""
     for key, value in expected.items():
         if key not in found:
-            raise StoreMismatchError(f"{where}: provenance has no {key!r}; rebuild it with the current kd_lightning")
+            raise StoreMismatchError(
+                f"{where}: provenance has no {key!r}; rebuild it with the current kd_lightning"
+            )
         if json.dumps(found[key], sort_keys=True) != json.dumps(value, sort_keys=True):
             raise StoreMismatchError(
                 f"{where}: {key} is {found[key]!r} but this run needs {value!r}; "
@@ -103,7 +108,9 @@ class SoftLabelStore:
             raise FileNotFoundError(f"no soft-label store at {self.folder}; run its estimation stage first")
         self.meta = json.loads((self.folder / "meta.json").read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise StoreMismatchError(f"{self.folder}: format_version {self.meta.get('format_version')} != {FORMAT_VERSION}; rebuild it")
+            raise StoreMismatchError(
+                f"{self.folder}: format_version {self.meta.get('format_version')} != {FORMAT_VERSION}; rebuild it"
+            )
         if expect:
             check_provenance(self.meta["provenance"], expect, self.folder)
         self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")
@@ -124,8 +131,11 @@ class SoftLabelStore:
 
     def rows(self, seq: int) -> SparseRows:
         start, stop = int(self.offsets[seq]), int(self.offsets[seq + 1])
-        return SparseRows(np.asarray(self.ids[start:stop]), np.asarray(self.probs[start:stop]),
-                          np.asarray(self.tail[start:stop]))
+        return SparseRows(
+            np.asarray(self.ids[start:stop]),
+            np.asarray(self.probs[start:stop]),
+            np.asarray(self.tail[start:stop]),
+        )
 
     def all_rows(self) -> SparseRows:
         return SparseRows(np.asarray(self.ids), np.asarray(self.probs), np.asarray(self.tail))
@@ -135,14 +145,29 @@ class SoftLabelStore:
         return total / max(len(self.tail), 1)
 
 
-def write_store(folder: str | os.PathLike, rows: SparseRows, offsets: np.ndarray, provenance: Mapping[str, Any]) -> SoftLabelStore:
+def write_store(
+    folder: str | os.PathLike, rows: SparseRows, offsets: np.ndarray, provenance: Mapping[str, Any]
+) -> SoftLabelStore:
     """Write a complete store atomically and return it opened."""
     if len(rows.ids) != int(offsets[-1]):
         raise ValueError(f"{len(rows.ids)} rows but offsets end at {int(offsets[-1])}")
-    meta = {"format_version": FORMAT_VERSION, "provenance": dict(provenance), "rows": len(rows.ids),
-            "top_k": int(rows.ids.shape[1]), "id_dtype": str(rows.ids.dtype)}
-    _write_arrays(Path(folder), {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail,
-                                 "offsets": np.asarray(offsets, dtype=np.int64)}, meta)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "provenance": dict(provenance),
+        "rows": len(rows.ids),
+        "top_k": int(rows.ids.shape[1]),
+        "id_dtype": str(rows.ids.dtype),
+    }
+    _write_arrays(
+        Path(folder),
+        {
+            "ids": rows.ids,
+            "probs": rows.probs,
+            "tail": rows.tail,
+            "offsets": np.asarray(offsets, dtype=np.int64),
+        },
+        meta,
+    )
     return SoftLabelStore(folder)
 
 
@@ -157,7 +182,9 @@ class ShardedStoreWriter:
         store = writer.finish()                  # concatenates, renames into place, removes .partial
     """
 
-    def __init__(self, folder: str | os.PathLike, offsets: np.ndarray, provenance: Mapping[str, Any], shard_size: int) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, offsets: np.ndarray, provenance: Mapping[str, Any], shard_size: int
+    ) -> None:
         self.folder = Path(folder)
         self.partial = self.folder.with_name(self.folder.name + ".partial")
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -165,7 +192,9 @@ class ShardedStoreWriter:
         self.shard_size = shard_size
         self.num_shards = -(-(len(self.offsets) - 1) // shard_size)
         marker = self.partial / "provenance.json"
-        if marker.is_file() and json.loads(marker.read_text()) != json.loads(json.dumps(self.provenance, sort_keys=True)):
+        if marker.is_file() and json.loads(marker.read_text()) != json.loads(
+            json.dumps(self.provenance, sort_keys=True)
+        ):
             shutil.rmtree(self.partial)  # leftovers of a different run: they cannot be reused
         self.partial.mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
@@ -190,8 +219,11 @@ class ShardedStoreWriter:
         expected = int(self.offsets[seqs.stop] - self.offsets[seqs.start])
         if len(rows.ids) != expected:
             raise ValueError(f"shard {shard}: {len(rows.ids)} rows, expected {expected}")
-        _write_arrays(self._shard_path(shard), {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail},
-                      {"shard": shard})
+        _write_arrays(
+            self._shard_path(shard),
+            {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail},
+            {"shard": shard},
+        )
 
     def finish(self) -> SoftLabelStore:
         missing = list(self.pending())

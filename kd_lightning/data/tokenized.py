@@ -44,9 +44,11 @@ class CorpusReport:
             self.examples[reason].append(index)
 
     def summary(self) -> str:
-        return (f"{self.kept}/{self.records} records kept; skipped {self.empty_response} with an empty response "
-                f"and {self.prompt_too_long} whose prompt alone exceeds max_seq_len; "
-                f"truncated {self.truncated} over-long responses (record indices: {self.examples})")
+        return (
+            f"{self.kept}/{self.records} records kept; skipped {self.empty_response} with an empty response "
+            f"and {self.prompt_too_long} whose prompt alone exceeds max_seq_len; "
+            f"truncated {self.truncated} over-long responses (record indices: {self.examples})"
+        )
 
 
 @dataclass
@@ -107,8 +109,12 @@ class TokenizedCorpus:
     def load(cls, folder: str | os.PathLike) -> TokenizedCorpus:
         folder = Path(folder)
         report = CorpusReport(**json.loads((folder / "report.json").read_text()))
-        return cls(np.load(folder / "tokens.npy"), np.load(folder / "offsets.npy"),
-                   np.load(folder / "prompt_lens.npy"), report)
+        return cls(
+            np.load(folder / "tokens.npy"),
+            np.load(folder / "offsets.npy"),
+            np.load(folder / "prompt_lens.npy"),
+            report,
+        )
 
 
 def _messages(record: Record) -> list[dict[str, str]]:
@@ -117,7 +123,9 @@ def _messages(record: Record) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": user}]
 
 
-def prompt_and_response_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def prompt_and_response_ids(
+    record: Record, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
     """Token ids of the chat-templated prompt (with generation prompt) and of the response (+ end token).
 
     The response ids are taken from the full templated conversation minus the prompt prefix, so the
@@ -130,14 +138,16 @@ def prompt_and_response_ids(record: Record, tokenizer: PreTrainedTokenizerBase) 
             [*messages, {"role": "assistant", "content": record.response}], tokenize=False
         )
         if not full_text.startswith(prompt_text):
-            raise CorpusError("the tokenizer's chat template does not extend the prompt with the response; "
-                              "use a tokenizer whose template renders the generation prompt as a prefix")
+            raise CorpusError(
+                "the tokenizer's chat template does not extend the prompt with the response; "
+                "use a tokenizer whose template renders the generation prompt as a prefix"
+            )
         prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         if full[: len(prompt)] != prompt:  # tokenisation merged across the boundary; keep the prompt intact
-            response = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+            response = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         else:
-            response = full[len(prompt):]
+            response = full[len(prompt) :]
         return prompt, response
     user = _messages(record)[-1]["content"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -146,7 +156,9 @@ def prompt_and_response_ids(record: Record, tokenizer: PreTrainedTokenizerBase) 
     return prompt, response
 
 
-def tokenize_records(records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> TokenizedCorpus:
+def tokenize_records(
+    records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> TokenizedCorpus:
     """Tokenise records; empty responses and over-long prompts are skipped and counted, long responses truncated and counted."""
     if max_seq_len < 4:
         raise CorpusError(f"max_seq_len={max_seq_len} is too small; use at least a few hundred tokens")
@@ -171,4 +183,6 @@ def tokenize_records(records: list[Record], tokenizer: PreTrainedTokenizerBase, 
     if report.kept < report.records or report.truncated:
         log.warning("corpus: %s", report.summary())
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
-    return TokenizedCorpus(np.concatenate(sequences), offsets, np.asarray(prompt_lens, dtype=np.int32), report)
+    return TokenizedCorpus(
+        np.concatenate(sequences), offsets, np.asarray(prompt_lens, dtype=np.int32), report
+    )

@@ -43,7 +43,9 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def context_hashes(tokens: np.ndarray, seq_pos: np.ndarray, positions: np.ndarray, context_len: int, start_symbol: int) -> np.ndarray:
+def context_hashes(
+    tokens: np.ndarray, seq_pos: np.ndarray, positions: np.ndarray, context_len: int, start_symbol: int
+) -> np.ndarray:
     """64-bit keys of the ``context_len`` tokens before each of ``positions`` (flat indices).
 
     Token ids are packed ``bits`` at a time into a uint64 and passed through the splitmix64 finaliser,
@@ -110,7 +112,9 @@ class _OrderCounts:
         return keys, np.ones(len(hashes), dtype=bool)
 
 
-def _apply_moves(hashes: np.ndarray, keys: np.ndarray, moved_hashes: np.ndarray, moved_keys: np.ndarray) -> None:
+def _apply_moves(
+    hashes: np.ndarray, keys: np.ndarray, moved_hashes: np.ndarray, moved_keys: np.ndarray
+) -> None:
     if len(moved_hashes):
         at = np.minimum(np.searchsorted(moved_hashes, hashes), len(moved_hashes) - 1)
         hit = moved_hashes[at] == hashes
@@ -169,7 +173,9 @@ def count_order(hashes: np.ndarray, words: np.ndarray, wbits: int) -> _OrderCoun
     ctx_first = _run_starts(pair_ctx)
     ctx_start = np.append(ctx_first, len(pair_keys))
     ctx_counts = np.add.reduceat(pair_counts, ctx_first)
-    return _OrderCounts(wbits, pair_keys, pair_counts, pair_ctx[ctx_first], ctx_counts, ctx_start, moved_hashes, moved_keys)
+    return _OrderCounts(
+        wbits, pair_keys, pair_counts, pair_ctx[ctx_first], ctx_counts, ctx_start, moved_hashes, moved_keys
+    )
 
 
 class NGramModel:
@@ -187,7 +193,9 @@ class NGramModel:
         self.wbits = int(vocab_size).bit_length()
         self._counts: dict[int, _OrderCounts] = {}
 
-    def fit(self, tokens: np.ndarray, offsets: np.ndarray, count_mask: np.ndarray | None = None) -> NGramModel:
+    def fit(
+        self, tokens: np.ndarray, offsets: np.ndarray, count_mask: np.ndarray | None = None
+    ) -> NGramModel:
         """Remember the corpus and count the top order (lower orders are counted on demand).
 
         Args:
@@ -197,7 +205,9 @@ class NGramModel:
         """
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}); got [{tokens.min()}, {tokens.max()}]"
+            )
         self._tokens = tokens
         self._seq_pos = self.positions_in_sequence(offsets, len(tokens))
         mask = np.ones(len(tokens), dtype=bool) if count_mask is None else np.asarray(count_mask, dtype=bool)
@@ -266,8 +276,16 @@ class NGramModel:
         tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
         return SparseRows(ids.astype(id_dtype_for(self.vocab_size)), probs, tail), used_order
 
-    def _fill_rows(self, counts: _OrderCounts, ctx: np.ndarray, observed: np.ndarray,
-                   ids: np.ndarray, probs: np.ndarray, rows: np.ndarray, top_k: int) -> None:
+    def _fill_rows(
+        self,
+        counts: _OrderCounts,
+        ctx: np.ndarray,
+        observed: np.ndarray,
+        ids: np.ndarray,
+        probs: np.ndarray,
+        rows: np.ndarray,
+        top_k: int,
+    ) -> None:
         """Top-k continuations of each row's context (vectorised over the distinct contexts)."""
         if not len(rows):
             return
@@ -275,7 +293,9 @@ class NGramModel:
         lengths = counts.ctx_start[uniq + 1] - counts.ctx_start[uniq]
         # gather every pair of the distinct contexts, rank by count within context
         group = np.repeat(np.arange(len(uniq)), lengths)
-        pair_idx = np.repeat(counts.ctx_start[uniq], lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        pair_idx = np.repeat(counts.ctx_start[uniq], lengths) + (
+            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        )
         pc = counts.pair_counts[pair_idx]
         order = np.lexsort((-pc, group))
         group, pair_idx, pc = group[order], pair_idx[order], pc[order]
@@ -331,7 +351,9 @@ class NGramPriorEstimator:
         top_k: entries stored per position (the observed token is always among them).
     """
 
-    def __init__(self, ngram_order: int = 5, gamma: float = 2.0, min_context_count: int = 1, top_k: int = 32) -> None:
+    def __init__(
+        self, ngram_order: int = 5, gamma: float = 2.0, min_context_count: int = 1, top_k: int = 32
+    ) -> None:
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if top_k < 1:
@@ -342,8 +364,13 @@ class NGramPriorEstimator:
         self.top_k = top_k
 
     def settings(self) -> dict:
-        return {"kind": "ngram_prior", "ngram_order": self.ngram_order, "gamma": self.gamma,
-                "min_context_count": self.min_context_count, "top_k": self.top_k}
+        return {
+            "kind": "ngram_prior",
+            "ngram_order": self.ngram_order,
+            "gamma": self.gamma,
+            "min_context_count": self.min_context_count,
+            "top_k": self.top_k,
+        }
 
     def estimate(self, corpus, vocab_size: int, count_corpus=None) -> tuple[SparseRows, dict]:
         """Prior rows for the target positions of ``corpus`` (counts from ``count_corpus``, default itself).
@@ -352,12 +379,16 @@ class NGramPriorEstimator:
         """
         counted = count_corpus if count_corpus is not None else corpus
         response = np.roll(counted.target_mask(), 1)  # token p is a response token iff p - 1 is a target
-        model = NGramModel(self.ngram_order, vocab_size, self.min_context_count).fit(counted.tokens, counted.offsets, response)
+        model = NGramModel(self.ngram_order, vocab_size, self.min_context_count).fit(
+            counted.tokens, counted.offsets, response
+        )
         events = np.flatnonzero(corpus.target_mask()) + 1
         ngram, orders = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
         observed = corpus.tokens[events]
         prior = mix_prior(ngram, observed, self.gamma)
-        ngram_observed = (np.where(np.asarray(ngram.ids).astype(np.int64) == observed[:, None], ngram.probs, 0)).sum(1)
+        ngram_observed = (
+            np.where(np.asarray(ngram.ids).astype(np.int64) == observed[:, None], ngram.probs, 0)
+        ).sum(1)
         stats = {
             "positions": len(events),
             "order_histogram": {int(k): int(v) for k, v in zip(*np.unique(orders, return_counts=True))},

@@ -43,9 +43,14 @@ class DirichletUpdate:
         self.concentration = float(concentration)
 
     def settings(self) -> dict:
-        return {"rule": f"{type(self).__module__}.{type(self).__qualname__}", "concentration": self.concentration}
+        return {
+            "rule": f"{type(self).__module__}.{type(self).__qualname__}",
+            "concentration": self.concentration,
+        }
 
-    def counts(self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
+    def counts(
+        self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """(N, V) counts of ``rounds`` draws per row of ``proxy_probs`` (N, V), all in one call."""
         counts = torch.zeros_like(proxy_probs)
         if rounds > 0:
@@ -53,7 +58,13 @@ class DirichletUpdate:
             counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=counts.dtype))
         return counts
 
-    def __call__(self, prior: torch.Tensor, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        prior: torch.Tensor,
+        proxy_probs: torch.Tensor,
+        rounds: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Posterior (N, V) from a dense prior (N, V) and the proxy's distributions (N, V)."""
         posterior = self.counts(proxy_probs, rounds, generator)  # a fresh tensor: updated in place
         posterior.add_(prior, alpha=self.concentration)
@@ -63,7 +74,9 @@ class DirichletUpdate:
 class ExpectedCountsUpdate(DirichletUpdate):
     """Dirichlet posterior mean with expected counts ``N = R · p_proxy`` (no sampling noise)."""
 
-    def counts(self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
+    def counts(
+        self, proxy_probs: torch.Tensor, rounds: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
         return proxy_probs.mul(rounds)
 
 
@@ -103,11 +116,19 @@ class ProxyPosteriorEstimator:
         self.seed = seed
 
     def settings(self) -> dict:
-        return {"kind": "proxy_posterior", **self.update.settings(), "sampling_rounds": self.sampling_rounds,
-                "proxy_sampling_temperature": self.proxy_sampling_temperature, "top_k": self.top_k, "seed": self.seed}
+        return {
+            "kind": "proxy_posterior",
+            **self.update.settings(),
+            "sampling_rounds": self.sampling_rounds,
+            "proxy_sampling_temperature": self.proxy_sampling_temperature,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
     @torch.inference_mode()
-    def proxy_distributions(self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    def proxy_distributions(
+        self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int
+    ) -> Iterator[tuple[torch.Tensor, list[int]]]:
         """Yield (rows, V) proxy probabilities at the target positions of batches of ``sequences``.
 
         Sequences are batched by length (less padding); each yield names its sequences, and rows come in
@@ -120,17 +141,28 @@ class ProxyPosteriorEstimator:
             batch_seqs = by_length[start : start + self.batch_size]
             batch = collate([dataset[i] for i in batch_seqs], pad_id)
             mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
-            logits = target_position_logits(proxy, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)
+            logits = target_position_logits(
+                proxy, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
+            )
             yield torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1), batch_seqs
 
-    def posterior_rows(self, prior: SparseRows, proxy_probs: torch.Tensor, generator: torch.Generator) -> SparseRows:
+    def posterior_rows(
+        self, prior: SparseRows, proxy_probs: torch.Tensor, generator: torch.Generator
+    ) -> SparseRows:
         vocab = proxy_probs.shape[-1]
         dense_prior = prior.to_dense(vocab).to(proxy_probs.device)
         posterior = self.update(dense_prior, proxy_probs, self.sampling_rounds, generator)
         return SparseRows.from_dense(posterior, self.top_k, id_dtype_for(vocab))
 
-    def estimate(self, proxy: nn.Module, corpus: TokenizedCorpus, prior: SoftLabelStore, pad_id: int,
-                 out: str, provenance: dict) -> SoftLabelStore:
+    def estimate(
+        self,
+        proxy: nn.Module,
+        corpus: TokenizedCorpus,
+        prior: SoftLabelStore,
+        pad_id: int,
+        out: str,
+        provenance: dict,
+    ) -> SoftLabelStore:
         """Compute and write the posterior store at ``out``; resumes a killed run's finished shards."""
         proxy.eval()
         writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, self.shard_size)
@@ -138,21 +170,41 @@ class ProxyPosteriorEstimator:
         if done:
             log.info("posterior: resuming, %d/%d shards already written", done, writer.num_shards)
         pending = list(writer.pending())
-        total_rows = sum(int(writer.offsets[writer.shard_sequences(s).stop] - writer.offsets[writer.shard_sequences(s).start]) for s in pending)
+        total_rows = sum(
+            int(
+                writer.offsets[writer.shard_sequences(s).stop]
+                - writer.offsets[writer.shard_sequences(s).start]
+            )
+            for s in pending
+        )
         with tqdm(total=total_rows, desc=f"posterior R={self.sampling_rounds}", unit="tok") as bar:
             for shard in pending:
                 generator = torch.Generator(device="cpu").manual_seed(self.seed + shard)
                 parts: dict[int, SparseRows] = {}
-                for proxy_probs, seqs in self.proxy_distributions(proxy, corpus, writer.shard_sequences(shard), pad_id):
+                for proxy_probs, seqs in self.proxy_distributions(
+                    proxy, corpus, writer.shard_sequences(shard), pad_id
+                ):
                     prior_parts = [prior.rows(i) for i in seqs]
-                    rows = SparseRows(*(np.concatenate([getattr(p, f) for p in prior_parts]) for f in ("ids", "probs", "tail")))
+                    rows = SparseRows(
+                        *(
+                            np.concatenate([getattr(p, f) for p in prior_parts])
+                            for f in ("ids", "probs", "tail")
+                        )
+                    )
                     if len(rows.ids) != proxy_probs.shape[0]:
-                        raise RuntimeError(f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}")
+                        raise RuntimeError(
+                            f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}"
+                        )
                     post = self.posterior_rows(rows, proxy_probs.cpu(), generator)
                     bounds = np.cumsum([0] + [len(p.ids) for p in prior_parts])
                     for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
                         parts[i] = SparseRows(post.ids[lo:hi], post.probs[lo:hi], post.tail[lo:hi])
                     bar.update(len(rows.ids))
                 ordered = [parts[i] for i in writer.shard_sequences(shard)]
-                writer.write(shard, SparseRows(*(np.concatenate([getattr(p, f) for p in ordered]) for f in ("ids", "probs", "tail"))))
+                writer.write(
+                    shard,
+                    SparseRows(
+                        *(np.concatenate([getattr(p, f) for p in ordered]) for f in ("ids", "probs", "tail"))
+                    ),
+                )
         return writer.finish()

@@ -15,7 +15,9 @@ from kd_lightning.models.loading import target_position_logits
 
 
 @torch.inference_mode()
-def heldout_nll(model: nn.Module, corpus: TokenizedCorpus, pad_id: int, batch_size: int = 8, desc: str = "eval") -> dict[str, float]:
+def heldout_nll(
+    model: nn.Module, corpus: TokenizedCorpus, pad_id: int, batch_size: int = 8, desc: str = "eval"
+) -> dict[str, float]:
     """Token-weighted mean NLL (nats) of the response tokens and its perplexity.
 
     Sequences are sorted by length so that batches carry little padding.
@@ -31,7 +33,9 @@ def heldout_nll(model: nn.Module, corpus: TokenizedCorpus, pad_id: int, batch_si
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["target_ids"] != IGNORE_INDEX
         logits = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask)
-        nll_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="sum"))
+        nll_sum += float(
+            torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"][mask], reduction="sum")
+        )
         tokens += int(mask.sum())
     model.train(was_training)
     nll = nll_sum / max(tokens, 1)

@@ -3,4 +3,11 @@
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean, sparse_target_kl
 from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, SoftLabelKL
 
-__all__ = ["HardCrossEntropy", "LossTerm", "SoftLabelKL", "hard_cross_entropy", "masked_mean", "sparse_target_kl"]
+__all__ = [
+    "HardCrossEntropy",
+    "LossTerm",
+    "SoftLabelKL",
+    "hard_cross_entropy",
+    "masked_mean",
+    "sparse_target_kl",
+]

@@ -30,8 +30,12 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def token_cross_entropy(student_logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """Per-position CE (B, T) of logits (B, T, V) against ids (B, T); ``IGNORE_INDEX`` positions give 0."""
     b, t, v = student_logits.shape
-    ce = F.cross_entropy(student_logits.float().reshape(b * t, v), target_ids.reshape(b * t),
-                         ignore_index=IGNORE_INDEX, reduction="none")
+    ce = F.cross_entropy(
+        student_logits.float().reshape(b * t, v),
+        target_ids.reshape(b * t),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
     return ce.view(b, t)
 
 
@@ -85,7 +89,11 @@ def sparse_target_kl(
         # SparseRows.to_dense), so it is tempered id by id, not as one lump
         outside = student_logits.shape[-1] - target_ids.shape[-1]
         p = p.pow(1.0 / distill_temperature)
-        tail = outside * (tail / outside).pow(1.0 / distill_temperature) if outside > 0 else torch.zeros_like(tail)
+        tail = (
+            outside * (tail / outside).pow(1.0 / distill_temperature)
+            if outside > 0
+            else torch.zeros_like(tail)
+        )
         z = (p.sum(-1) + tail).clamp_min(1e-30)  # rows without a target (padding) stay 0, not 0/0
         p, tail = p / z.unsqueeze(-1), tail / z
     present = p > 0
@@ -93,6 +101,8 @@ def sparse_target_kl(
     log_q_covered = torch.logsumexp(log_q_k.masked_fill(~present, torch.finfo(torch.float32).min / 4), dim=-1)
     log_q_tail = log1mexp(log_q_covered)
     kl_k = torch.where(present, p * (torch.log(p.clamp_min(1e-30)) - log_q_k), torch.zeros_like(p)).sum(-1)
-    kl_tail = torch.where(tail > 0, tail * (torch.log(tail.clamp_min(1e-30)) - log_q_tail), torch.zeros_like(tail))
+    kl_tail = torch.where(
+        tail > 0, tail * (torch.log(tail.clamp_min(1e-30)) - log_q_tail), torch.zeros_like(tail)
+    )
     per_position = (kl_k + kl_tail) * distill_temperature**2
     return masked_mean(per_position, mask)

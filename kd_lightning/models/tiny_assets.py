@@ -40,8 +40,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     specials = "|".join(Regex_escape(s) for s in SPECIALS)
     model.pre_tokenizer = pre_tokenizers.Split(Regex(f"{specials}|."), behavior="isolated")
     model.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -58,8 +59,12 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict[str, str]]:
         if i % 2 == 0:
             k = rng.randint(1, 5)
             start = rng.randint(0, 4)
-            rows.append({"instruction": f"count {k} from {start}.",
-                         "response": " ".join(str(start + j) for j in range(k)) + "."})
+            rows.append(
+                {
+                    "instruction": f"count {k} from {start}.",
+                    "response": " ".join(str(start + j) for j in range(k)) + ".",
+                }
+            )
         else:
             s, v, o = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
             rows.append({"instruction": f"say something about {s.split()[-1]}.", "response": f"{s} {v} {o}."})
@@ -72,7 +77,9 @@ def build_tiny_assets(folder: str | os.PathLike, num_records: int = 96, seed: in
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = char_tokenizer()
     tokenizer.save_pretrained(folder)
-    model = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=seed)
+    model = tiny_llama(
+        len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=seed
+    )
     model.save_pretrained(folder)
     with (folder / "corpus.jsonl").open("w") as handle:
         for row in synthetic_records(num_records, seed):

@@ -53,7 +53,9 @@ class DistillModule(LightningModule):
         """The soft-label stores the terms read (the DataModule must supply them)."""
         return tuple(sorted({name for term in self.loss_terms.values() for name in term.soft_labels}))
 
-    def student_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def student_logits(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits at the target positions only, and the batch packed the same way.
 
         Returns logits (1, N, V) for the N target positions of the batch and a batch whose per-position
@@ -62,15 +64,24 @@ class DistillModule(LightningModule):
         """
         mask = batch["target_ids"] != IGNORE_INDEX
         logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-        packed = {key: value[mask].unsqueeze(0) for key, value in batch.items()
-                  if key not in ("input_ids", "attention_mask") and value.dim() >= 2 and value.shape[:2] == mask.shape}
+        packed = {
+            key: value[mask].unsqueeze(0)
+            for key, value in batch.items()
+            if key not in ("input_ids", "attention_mask")
+            and value.dim() >= 2
+            and value.shape[:2] == mask.shape
+        }
         return logits.unsqueeze(0), packed
 
-    def extra_terms(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+    def extra_terms(
+        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
         """Hook: return ``{name: (weight, value)}`` for terms that need more than logits and the batch."""
         return {}
 
-    def compute_terms(self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
+    def compute_terms(
+        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
         terms = {name: (term.weight, term(student_logits, batch)) for name, term in self.loss_terms.items()}
         terms.update(self.extra_terms(student_logits, batch))
         return terms
@@ -86,7 +97,12 @@ class DistillModule(LightningModule):
         for name, (_, value) in terms.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
-        self.log("train/target_tokens", (batch["target_ids"] != IGNORE_INDEX).sum().float(), reduce_fx="sum", batch_size=batch_size)
+        self.log(
+            "train/target_tokens",
+            (batch["target_ids"] != IGNORE_INDEX).sum().float(),
+            reduce_fx="sum",
+            batch_size=batch_size,
+        )
         return total
 
     def on_validation_epoch_start(self) -> None:
