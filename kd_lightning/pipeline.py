@@ -31,7 +31,7 @@ from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.evaluation.nll import heldout_nll
-from kd_lightning.losses.terms import HardCrossEntropy, LossTerm
+from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, soft_label_names
 from kd_lightning.models.loading import (
     freeze,
     load_causal_lm,
@@ -380,8 +380,7 @@ class Pipeline:
     ) -> dict[str, Any]:
         """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
         train, heldout = self.corpora()
-        module_names = tuple(sorted({n for t in loss_terms.values() for n in t.soft_labels}))
-        stores = self.stores_for(module_names)
+        stores = self.stores_for(soft_label_names(loss_terms.values()))
         key = settings_key(
             {
                 "settings": settings,

@@ -95,7 +95,7 @@ def test_every_option_composes_and_instantiates(group, option, kdl_env):
         pytest.importorskip("gguf")
         from tests.conftest import real_assets_available
 
-        if not real_assets_available():
+        if not real_assets_available() and not os.environ.get("CI"):  # in CI a missing asset fails below
             pytest.skip("needs `make setup` (shipped SmolLM2)")
     obj = instantiate(node)
     if group in ("optimizer", "scheduler"):

@@ -24,7 +24,7 @@ from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.pipeline import Pipeline, Workspace, results_table, summarize_store
+from kd_lightning.pipeline import Pipeline, Workspace, atomic_json, results_table, summarize_store
 
 log = logging.getLogger("kdl")
 STAGES = ("prior", "align", "posterior", "distill", "pipeline")
@@ -203,8 +203,6 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
         raise ValueError(f"unknown stage {stage!r}")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from kd_lightning.pipeline import atomic_json
-
     atomic_json(out_dir / f"{stage}_result.json", result)
     if stage != "pipeline":
         log.info("%s: %s", stage, result)

@@ -58,6 +58,14 @@ class SparseRows:
             tail.cpu().numpy().astype(np.float32),
         )
 
+    @classmethod
+    def concat(cls, parts: list[SparseRows]) -> SparseRows:
+        """Rows of several blocks, in order."""
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("ids", "probs", "tail")))
+
+    def slice(self, start: int, stop: int) -> SparseRows:
+        return SparseRows(self.ids[start:stop], self.probs[start:stop], self.tail[start:stop])
+
     def to_dense(self, vocab_size: int) -> torch.Tensor:
         """Dense ``(rows, V)`` float32; the tail mass is spread evenly over ids outside the top-k."""
         ids = torch.from_numpy(self.ids.astype(np.int64))
@@ -229,11 +237,14 @@ class ShardedStoreWriter:
         missing = list(self.pending())
         if missing:
             raise RuntimeError(f"{len(missing)} shards not written yet (first: {missing[0]})")
-        arrays = [
-            {name: np.load(self._shard_path(s) / f"{name}.npy") for name in ("ids", "probs", "tail")}
-            for s in range(self.num_shards)
-        ]
-        rows = SparseRows(*(np.concatenate([a[name] for a in arrays]) for name in ("ids", "probs", "tail")))
+        rows = SparseRows.concat(
+            [
+                SparseRows(
+                    *(np.load(self._shard_path(s) / f"{name}.npy") for name in ("ids", "probs", "tail"))
+                )
+                for s in range(self.num_shards)
+            ]
+        )
         store = write_store(self.folder, rows, self.offsets, self.provenance)
         shutil.rmtree(self.partial, ignore_errors=True)
         return store

@@ -185,12 +185,7 @@ class ProxyPosteriorEstimator:
                     proxy, corpus, writer.shard_sequences(shard), pad_id
                 ):
                     prior_parts = [prior.rows(i) for i in seqs]
-                    rows = SparseRows(
-                        *(
-                            np.concatenate([getattr(p, f) for p in prior_parts])
-                            for f in ("ids", "probs", "tail")
-                        )
-                    )
+                    rows = SparseRows.concat(prior_parts)
                     if len(rows.ids) != proxy_probs.shape[0]:
                         raise RuntimeError(
                             f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}"
@@ -198,13 +193,7 @@ class ProxyPosteriorEstimator:
                     post = self.posterior_rows(rows, proxy_probs.cpu(), generator)
                     bounds = np.cumsum([0] + [len(p.ids) for p in prior_parts])
                     for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
-                        parts[i] = SparseRows(post.ids[lo:hi], post.probs[lo:hi], post.tail[lo:hi])
+                        parts[i] = post.slice(lo, hi)
                     bar.update(len(rows.ids))
-                ordered = [parts[i] for i in writer.shard_sequences(shard)]
-                writer.write(
-                    shard,
-                    SparseRows(
-                        *(np.concatenate([getattr(p, f) for p in ordered]) for f in ("ids", "probs", "tail"))
-                    ),
-                )
+                writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
         return writer.finish()

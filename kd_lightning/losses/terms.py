@@ -6,6 +6,8 @@ is multiplied by in the total. Add a term by writing one such class and one ``co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -27,6 +29,11 @@ class LossTerm(nn.Module):
         self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+def soft_label_names(terms: Iterable[LossTerm]) -> tuple[str, ...]:
+    """The soft-label stores a set of terms reads (what the DataModule must be connected to)."""
+    return tuple(sorted({name for term in terms for name in term.soft_labels}))
 
 
 class HardCrossEntropy(LossTerm):

@@ -18,7 +18,7 @@ from lightning import LightningModule
 from torch import nn
 
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
-from kd_lightning.losses.terms import LossTerm
+from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import target_position_logits
 
 
@@ -51,7 +51,7 @@ class DistillModule(LightningModule):
     @property
     def soft_label_names(self) -> tuple[str, ...]:
         """The soft-label stores the terms read (the DataModule must supply them)."""
-        return tuple(sorted({name for term in self.loss_terms.values() for name in term.soft_labels}))
+        return soft_label_names(self.loss_terms.values())
 
     def student_logits(
         self, batch: Mapping[str, torch.Tensor]
