@@ -1,13 +1,50 @@
-"""Loss terms and their pure functional forms."""
+"""Loss terms and their pure functional forms (see ``divergences`` for the target format)."""
 
-from kd_lightning.losses.functional import hard_cross_entropy, masked_mean, sparse_target_kl
-from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, SoftLabelKL
+from kd_lightning.losses.divergences import (
+    adaptive_kl,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    sparse_target_kl,
+    total_variation,
+)
+from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
+from kd_lightning.losses.terms import (
+    AdaptiveKL,
+    DivergenceTerm,
+    ForwardKL,
+    GeneralizedJSD,
+    HardCrossEntropy,
+    LossTerm,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    SoftLabelKL,
+    TotalVariation,
+)
 
 __all__ = [
+    "AdaptiveKL",
+    "DivergenceTerm",
+    "ForwardKL",
+    "GeneralizedJSD",
     "HardCrossEntropy",
     "LossTerm",
+    "ReverseKL",
+    "SkewForwardKL",
+    "SkewReverseKL",
     "SoftLabelKL",
+    "TotalVariation",
+    "adaptive_kl",
+    "forward_kl",
+    "generalized_jsd",
     "hard_cross_entropy",
     "masked_mean",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
     "sparse_target_kl",
+    "total_variation",
 ]

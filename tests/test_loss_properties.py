@@ -1,0 +1,275 @@
+"""Properties every loss term gets for free: parametrised over every file in ``conf/loss/``.
+
+A new loss is one class plus one YAML; these tests pick it up without being edited. Divergence terms are
+checked against both target forms: a dense teacher (``teacher_logits``) and a sparse store (``prior``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from kd_lightning.cli.main import conf_dir, loss_terms
+from kd_lightning.losses import (
+    AdaptiveKL,
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    adaptive_kl,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.losses.terms import DivergenceTerm
+from tests.test_configs import compose_cfg
+
+B, T, V = 2, 6, 17
+LOSS_FILES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
+
+
+def _is_divergence(name: str) -> bool:
+    (node,) = OmegaConf.load(conf_dir() / "loss" / f"{name}.yaml").values()
+    return issubclass(get_class(node["_target_"]), DivergenceTerm)
+
+
+DIVERGENCE_FILES = [name for name in LOSS_FILES if _is_divergence(name)]
+
+
+def configured_term(name: str):
+    cfg = compose_cfg(["experiment=tiny", f"loss=[{name}]"])
+    return loss_terms(cfg)[name]
+
+
+def with_target(term, target: str):
+    term = copy.deepcopy(term)
+    if isinstance(term, DivergenceTerm):
+        term.target = target
+        term.soft_labels = () if target == "teacher" else (target,)
+    return term
+
+
+def make_batch(
+    seed: int = 0, teacher_logits: torch.Tensor | None = None, k: int = V
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, V, (B, T), generator=g)
+    target[0, :2] = IGNORE_INDEX
+    teacher = torch.randn(B, T, V, generator=g) * 2 if teacher_logits is None else teacher_logits
+    probs, ids = torch.softmax(teacher, -1).topk(k, dim=-1)
+    batch = {"target_ids": target, "teacher_logits": teacher}
+    for name in ("prior", "posterior"):
+        batch[f"{name}_ids"], batch[f"{name}_probs"] = ids, probs
+        batch[f"{name}_tail"] = (1 - probs.sum(-1)).clamp_min(0) if k < V else torch.zeros(B, T)
+    return batch
+
+
+@pytest.fixture(
+    params=[(name, form) for name in LOSS_FILES for form in ("teacher", "prior")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
+def term(request, kdl_env):
+    name, form = request.param
+    return with_target(configured_term(name), form)
+
+
+def test_never_negative_finite_with_finite_grads(term):
+    logits = torch.randn(B, T, V, requires_grad=True)
+    value = term(logits, make_batch())
+    assert torch.isfinite(value) and value >= -1e-6
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("form", ["teacher", "prior"])
+@pytest.mark.parametrize("name", DIVERGENCE_FILES)
+def test_divergence_is_zero_when_student_equals_target(name, form, kdl_env):
+    term = with_target(configured_term(name), form)
+    batch = make_batch()
+    assert term(batch["teacher_logits"].clone(), batch).abs() < 1e-5
+
+
+def test_masked_positions_have_no_effect(term):
+    batch = make_batch()
+    logits = torch.randn(B, T, V)
+    changed = logits.clone()
+    changed[0, :2] = torch.randn(2, V) * 30
+    torch.testing.assert_close(term(logits, batch), term(changed, batch))
+
+
+def test_all_masked_is_finite_zero_with_finite_grads(term):
+    batch = make_batch()
+    batch["target_ids"][:] = IGNORE_INDEX
+    logits = torch.randn(B, T, V, requires_grad=True)
+    value = term(logits, batch)
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_no_gradient_reaches_the_teacher(term):
+    batch = make_batch()
+    batch["teacher_logits"].requires_grad_(True)
+    batch["prior_probs"].requires_grad_(True)
+    logits = torch.randn(B, T, V, requires_grad=True)
+    term(logits, batch).backward()
+    assert batch["teacher_logits"].grad is None and batch["prior_probs"].grad is None
+
+
+def test_padding_invariance(term):
+    batch = make_batch()
+    logits = torch.randn(B, T, V)
+    pad = 3
+
+    def padded(x):
+        return torch.cat([x, torch.zeros((B, pad, *x.shape[2:]), dtype=x.dtype)], 1)
+
+    big = {k: padded(v) for k, v in batch.items()}
+    big["target_ids"][:, T:] = IGNORE_INDEX
+    torch.testing.assert_close(term(logits, batch), term(torch.cat([logits, torch.randn(B, pad, V)], 1), big))
+
+
+def test_gradient_accumulation_split_invariance(term):
+    """Token-weighted sums over per-sequence micro-batches equal the whole batch."""
+    batch = make_batch()
+    logits = torch.randn(B, T, V)
+    counts = (batch["target_ids"] != IGNORE_INDEX).sum(1)
+    whole = term(logits, batch) * counts.sum()
+    parts = sum(
+        term(logits[i : i + 1], {k: v[i : i + 1] for k, v in batch.items()}) * counts[i] for i in range(B)
+    )
+    torch.testing.assert_close(whole, parts, atol=1e-5, rtol=1e-5)
+
+
+def test_finite_with_minus_inf_logits_on_masked_vocabulary(term):
+    batch = make_batch()
+    batch["teacher_logits"][..., -2:] = float("-inf")
+    batch = make_batch(teacher_logits=batch["teacher_logits"])  # sparse targets from the masked teacher
+    batch["target_ids"] = batch["target_ids"].clamp(max=V - 3)
+    logits = torch.randn(B, T, V)
+    logits[..., -2:] = float("-inf")
+    logits.requires_grad_(True)
+    value = term(logits, batch)
+    assert torch.isfinite(value)
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_bf16_logits_are_upcast(term):
+    batch = make_batch()
+    logits = torch.randn(B, T, V).bfloat16()
+    torch.testing.assert_close(term(logits, batch), term(logits.float(), batch))
+
+
+def test_sparse_with_the_full_vocabulary_equals_dense(kdl_env):
+    batch = make_batch(k=V)
+    logits = torch.randn(B, T, V)
+    for name in DIVERGENCE_FILES:
+        term = configured_term(name)
+        dense, sparse = with_target(term, "teacher"), with_target(term, "prior")
+        torch.testing.assert_close(
+            dense(logits, batch), sparse(logits, batch), atol=1e-5, rtol=1e-4, msg=name
+        )
+
+
+# ------------------------------------------------------------------ functional API against references
+
+
+def reference(student, teacher, kind, **kw):
+    q, p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731 - KL(a || b) from log-probs
+    if kind == "fkl":
+        return kl(p, q)
+    if kind == "rkl":
+        return kl(q, p)
+    if kind == "jsd":  # TRL GKDTrainer.generalized_jsd_loss's definition
+        beta = kw["beta"]
+        m = torch.logsumexp(
+            torch.stack([q + torch.log(torch.tensor(1 - beta)), p + torch.log(torch.tensor(beta))]), 0
+        )
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "sfkl":
+        a = kw["alpha"]
+        return kl(p, torch.log(a * p.exp() + (1 - a) * q.exp()))
+    if kind == "srkl":
+        a = kw["alpha"]
+        return kl(q, torch.log(a * q.exp() + (1 - a) * p.exp()))
+    if kind == "tvd":
+        return 0.5 * (p.exp() - q.exp()).abs().sum(-1)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind", "kw"),
+    [
+        (forward_kl, "fkl", {}),
+        (reverse_kl, "rkl", {}),
+        (generalized_jsd, "jsd", {"beta": 0.3}),
+        (skew_forward_kl, "sfkl", {"alpha": 0.2}),
+        (skew_reverse_kl, "srkl", {"alpha": 0.2}),
+        (total_variation, "tvd", {}),
+    ],
+)
+def test_functional_matches_reference_with_mask(fn, kind, kw):
+    batch = make_batch()
+    student = torch.randn(B, T, V)
+    mask = batch["target_ids"] != IGNORE_INDEX
+    ours = fn(student, batch["teacher_logits"], mask, **kw)
+    expected = reference(student, batch["teacher_logits"], kind, **kw)[mask].mean()
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_kl_equals_torch_kl_div_and_hinton_scaling():
+    batch = make_batch()
+    s, t = torch.randn(B, T, V), batch["teacher_logits"]
+    expected = (
+        F.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), reduction="none", log_target=True)
+        .sum(-1)
+        .mean()
+    )
+    torch.testing.assert_close(forward_kl(s, t), expected)
+    temp = 3.0
+    hinton = (
+        F.kl_div(torch.log_softmax(s / temp, -1), torch.softmax(t / temp, -1), reduction="batchmean")
+        / T
+        * temp**2
+    )
+    torch.testing.assert_close(forward_kl(s, t, distill_temperature=temp), hinton, atol=1e-5, rtol=1e-5)
+
+
+def test_endpoints_of_jsd_and_skew_are_the_kls():
+    batch = make_batch()
+    s = torch.randn(B, T, V)
+    for form in ("teacher", "prior"):
+        fkl, rkl = ForwardKL(form)(s, batch), ReverseKL(form)(s, batch)
+        torch.testing.assert_close(GeneralizedJSD(form, beta=0.0)(s, batch), fkl)
+        torch.testing.assert_close(GeneralizedJSD(form, beta=1.0)(s, batch), rkl)
+        torch.testing.assert_close(SkewForwardKL(form, alpha=0.0)(s, batch), fkl)
+        torch.testing.assert_close(SkewReverseKL(form, alpha=0.0)(s, batch), rkl)
+
+
+def test_adaptive_kl_is_a_convex_mix_of_forward_and_reverse():
+    batch = make_batch()
+    s, t = torch.randn(B, T, V), batch["teacher_logits"]
+    akl = adaptive_kl(s, t)
+    lo, hi = sorted([forward_kl(s, t).item(), reverse_kl(s, t).item()])
+    per_pos = AdaptiveKL("teacher")(s, {**batch, "target_ids": torch.zeros(B, T, dtype=torch.long)})
+    assert akl.item() == pytest.approx(per_pos.item(), rel=1e-5)
+    assert 0 <= akl.item() <= max(hi, lo) * 1.0001 + 1e-6
+
+
+@pytest.mark.parametrize("cls", [GeneralizedJSD, SkewForwardKL, SkewReverseKL, AdaptiveKL])
+def test_out_of_range_settings_are_clear_errors(cls):
+    key = {"GeneralizedJSD": "beta", "AdaptiveKL": "head_mass"}.get(cls.__name__, "alpha")
+    with pytest.raises(ValueError, match=key):
+        cls("teacher", **{key: 1.5})
