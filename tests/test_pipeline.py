@@ -215,7 +215,9 @@ def test_student_with_too_small_vocabulary_is_refused_at_start_up(kdl_env):
 
 
 def test_any_divergence_distils_against_an_estimated_target(kdl_env):
-    done = kdl("distill", "experiment=tiny", "loss=[hard_ce,generalized_jsd]", "kd_target=prior", env_dir=kdl_env)
+    done = kdl(
+        "distill", "experiment=tiny", "loss=[hard_ce,generalized_jsd]", "kd_target=prior", env_dir=kdl_env
+    )
     result = json.loads(next((kdl_env / "outputs").rglob("distill_result.json")).read_text())
     assert set(result["terms"]) == {"hard_ce", "generalized_jsd"} and result["nll"] > 0
     assert not artifacts(kdl_env, "posterior"), done.stdout[-500:]  # only the prior was needed

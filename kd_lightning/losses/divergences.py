@@ -154,7 +154,9 @@ def sparse_log_probs(
     p = target_probs.float().clamp_min(0.0)
     every_id = target_ids.shape[-1] >= student_logits.shape[-1]
     # with every id stored nothing lies outside: a stored tail is only rounding error
-    tail = torch.zeros_like(target_tail, dtype=torch.float32) if every_id else target_tail.float().clamp_min(0.0)
+    tail = (
+        torch.zeros_like(target_tail, dtype=torch.float32) if every_id else target_tail.float().clamp_min(0.0)
+    )
     if t != 1.0:
         outside = student_logits.shape[-1] - target_ids.shape[-1]
         p = p.pow(1.0 / t)
