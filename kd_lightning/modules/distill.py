@@ -42,7 +42,9 @@ class DistillModule(LightningModule):
         super().__init__()
         if not loss_terms:
             raise ValueError("DistillModule needs at least one loss term (e.g. loss=[hard_ce])")
-        self.save_hyperparameters(ignore=["student", "loss_terms", "optimizer", "scheduler"])
+        # No save_hyperparameters(): every argument is an object (models, terms, factories), and Lightning's
+        # frame inspection would also capture a subclass's teacher into the checkpoint. The CLI logs the
+        # resolved config to every logger instead.
         self.student = student
         self.loss_terms = nn.ModuleDict(dict(loss_terms))
         self.optimizer_factory = optimizer

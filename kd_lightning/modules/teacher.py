@@ -1,0 +1,63 @@
+"""White-box distillation with an online teacher run inside the training step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.losses.terms import LossTerm
+from kd_lightning.models.loading import freeze, target_position_logits
+from kd_lightning.modules.distill import DistillModule
+
+
+class OnlineTeacherDistillModule(DistillModule):
+    """A :class:`DistillModule` whose batch also carries ``teacher_logits`` from a frozen teacher.
+
+    The teacher is held outside the module tree (not a registered submodule), so it is never in the
+    optimizer, the checkpoint or DDP's gradient synchronisation. It is frozen, kept in eval mode, run under
+    ``torch.no_grad()`` at target positions only, and moved to the student's device when fitting starts.
+    Divergence terms with ``target: teacher`` read its logits.
+
+    Args:
+        student: the model being trained.
+        teacher: a causal LM sharing the student's vocabulary (same ``config.vocab_size``).
+        loss_terms, optimizer, scheduler: as for :class:`DistillModule`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss_terms: Mapping[str, LossTerm],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+        t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+            raise ValueError(
+                f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; logit-level KD needs "
+                "one vocabulary (pick a student built on the teacher's tokenizer)"
+            )
+        super().__init__(student, loss_terms, optimizer, scheduler)
+        object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(self.device)
+        self.teacher.eval()
+
+    def student_logits(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, packed = super().student_logits(batch)
+        mask = batch["target_ids"] != IGNORE_INDEX
+        with torch.no_grad():
+            teacher_rows = target_position_logits(
+                self.teacher, batch["input_ids"], batch["attention_mask"], mask
+            )
+        packed["teacher_logits"] = teacher_rows.unsqueeze(0)
+        return logits, packed
