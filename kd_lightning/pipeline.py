@@ -40,6 +40,7 @@ from kd_lightning.models.loading import (
     tokenizer_fingerprint,
 )
 from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.teacher import OnlineTeacherDistillModule
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,7 @@ class Pipeline:
         scheduler: Callable | None,
         settings: Mapping[str, Any],
         max_epochs: int | None = None,
+        teacher_factory: Callable[[], nn.Module] | None = None,
     ) -> dict[str, Any]:
         """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
         train, heldout = self.corpora()
@@ -399,7 +401,12 @@ class Pipeline:
                 f"the student has config.vocab_size={student_vocab} but the tokenizer {self.tokenizer_path} "
                 f"has {self.vocab_size()} ids; use a student built for this tokenizer"
             )
-        module = DistillModule(student, loss_terms, optimizer=optimizer, scheduler=scheduler)
+        if teacher_factory is not None:
+            module = OnlineTeacherDistillModule(
+                student, teacher_factory(), loss_terms, optimizer=optimizer, scheduler=scheduler
+            )
+        else:
+            module = DistillModule(student, loss_terms, optimizer=optimizer, scheduler=scheduler)
         datamodule.connect(self.pad_id, train, heldout, stores)
         trainer = self.trainer_factory(folder, name, max_epochs=max_epochs)
         start = time.perf_counter()

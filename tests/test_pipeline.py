@@ -221,3 +221,27 @@ def test_any_divergence_distils_against_an_estimated_target(kdl_env):
     result = json.loads(next((kdl_env / "outputs").rglob("distill_result.json")).read_text())
     assert set(result["terms"]) == {"hard_ce", "generalized_jsd"} and result["nll"] > 0
     assert not artifacts(kdl_env, "posterior"), done.stdout[-500:]  # only the prior was needed
+
+
+def test_white_box_distillation_from_an_online_teacher(kdl_env, tiny_dir):
+    kdl(
+        "distill",
+        "experiment=tiny",
+        "teacher=local",
+        f"teacher.path={tiny_dir}",
+        "loss=[hard_ce,reverse_kl]",
+        "kd_target=teacher",
+        env_dir=kdl_env,
+    )
+    result = json.loads(next((kdl_env / "outputs").rglob("distill_result.json")).read_text())
+    assert set(result["terms"]) == {"hard_ce", "reverse_kl"}
+    assert not artifacts(kdl_env, "prior") and not artifacts(kdl_env, "posterior")  # no estimates needed
+
+
+def test_teacher_terms_without_a_teacher_are_a_start_up_error(kdl_env):
+    done = kdl(
+        "distill", "experiment=tiny", "loss=[forward_kl]", "kd_target=teacher", env_dir=kdl_env, check=False
+    )
+    assert (
+        done.returncode == 1 and "no teacher is configured" in done.stderr and "Traceback" not in done.stderr
+    )

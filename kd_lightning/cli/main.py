@@ -141,7 +141,10 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
     def resolved(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
-    pick = {k: resolved(cfg.get(k)) for k in ("student", "optimizer", "scheduler", "datamodule", "seed")}
+    pick = {
+        k: resolved(cfg.get(k))
+        for k in ("student", "teacher", "optimizer", "scheduler", "datamodule", "seed")
+    }
     pick["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
     trainer_keys = (
         "max_epochs",
@@ -158,14 +161,23 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
 
 def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]) -> dict[str, Any]:
     seed_everything(cfg.seed, workers=True)
+    selected = loss_terms(cfg, terms)
+    wants_teacher = [n for n, t in selected.items() if getattr(t, "target", None) == "teacher"]
+    if wants_teacher and not cfg.get("teacher"):
+        raise ValueError(
+            f"loss term {wants_teacher[0]!r} compares the student with the teacher, but no teacher is configured; "
+            "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
+        )
+    teacher_cfg = cfg.get("teacher")
     return pipeline.distill(
         name=name,
         student_factory=lambda: instantiate(cfg.student),
-        loss_terms=loss_terms(cfg, terms),
+        loss_terms=selected,
         datamodule=instantiate(cfg.datamodule),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         settings=distill_settings(cfg, terms),
+        teacher_factory=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
     )
 
 
