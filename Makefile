@@ -33,6 +33,7 @@ bench: setup  ## benchmarks (each prints one JSON line of figures and ratios)
 	$(PY) benchmarks/bench_ngram.py
 	$(PY) benchmarks/bench_posterior.py
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_kd_loss.py
 
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check kd_lightning tests benchmarks

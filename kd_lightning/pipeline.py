@@ -379,6 +379,7 @@ class Pipeline:
         settings: Mapping[str, Any],
         max_epochs: int | None = None,
         teacher_factory: Callable[[], nn.Module] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> dict[str, Any]:
         """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
         train, heldout = self.corpora()
@@ -403,10 +404,17 @@ class Pipeline:
             )
         if teacher_factory is not None:
             module = OnlineTeacherDistillModule(
-                student, teacher_factory(), loss_terms, optimizer=optimizer, scheduler=scheduler
+                student,
+                teacher_factory(),
+                loss_terms,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loss_chunk_size=loss_chunk_size,
             )
         else:
-            module = DistillModule(student, loss_terms, optimizer=optimizer, scheduler=scheduler)
+            module = DistillModule(
+                student, loss_terms, optimizer=optimizer, scheduler=scheduler, loss_chunk_size=loss_chunk_size
+            )
         datamodule.connect(self.pad_id, train, heldout, stores)
         trainer = self.trainer_factory(folder, name, max_epochs=max_epochs)
         start = time.perf_counter()
@@ -421,6 +429,7 @@ class Pipeline:
         metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
         result = {
             "name": name,
+            "loss_chunk_size": module.loss_chunk_size,
             "terms": {n: t.weight for n, t in loss_terms.items()},
             **metrics,
             "train_seconds": seconds,

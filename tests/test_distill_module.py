@@ -89,3 +89,24 @@ def test_student_is_put_in_train_mode_and_optimizer_covers_only_trainable_params
     n_params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     assert n_params == sum(p.numel() for p in student.parameters() if p.requires_grad)
     assert "student" not in module.hparams and "loss_terms" not in module.hparams
+
+
+def test_training_step_with_loss_chunks_equals_plain(tiny_dir, tmp_path):
+    tok, batch = setup(tiny_dir, tmp_path)
+    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior", weight=0.5)}
+    grads = []
+    for chunk in (None, 5):
+        student = tiny_llama(
+            len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3
+        )
+        module = DistillModule(
+            student, terms, optimizer=lambda params: torch.optim.SGD(params, lr=0.1), loss_chunk_size=chunk
+        )
+        module.log = lambda *args, **kwargs: None  # outside a Trainer
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (plain, g_plain), (chunked, g_chunked) = grads
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_plain, g_chunked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -273,3 +273,23 @@ def test_out_of_range_settings_are_clear_errors(cls):
     key = {"GeneralizedJSD": "beta", "AdaptiveKL": "head_mass"}.get(cls.__name__, "alpha")
     with pytest.raises(ValueError, match=key):
         cls("teacher", **{key: 1.5})
+
+
+@pytest.mark.parametrize("form", ["teacher", "prior"])
+@pytest.mark.parametrize("name", LOSS_FILES)
+def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_env):
+    from kd_lightning.losses.chunked import chunked_terms
+
+    term = with_target(configured_term(name), form)
+    hidden_size, n = 8, 11
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden_size, V, bias=False)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    batch = {k: v.reshape(1, B * T, *v.shape[2:])[:, :n] for k, v in make_batch().items()}
+    plain = term(head(hidden).unsqueeze(0), batch)
+    g_hidden, g_head = torch.autograd.grad(plain, [hidden, head.weight])
+    chunked = chunked_terms(hidden, head, {name: term}, batch, chunk_size=4)[name]
+    c_hidden, c_head = torch.autograd.grad(chunked, [hidden, head.weight])
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c_hidden, g_hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c_head, g_head, atol=1e-5, rtol=1e-4)

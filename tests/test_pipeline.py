@@ -245,3 +245,14 @@ def test_teacher_terms_without_a_teacher_are_a_start_up_error(kdl_env):
     assert (
         done.returncode == 1 and "no teacher is configured" in done.stderr and "Traceback" not in done.stderr
     )
+
+
+def test_distill_with_loss_chunks_from_the_cli_matches_the_plain_path(kdl_env):
+    results = []
+    for extra in ([], ["loss_chunk_size=16"]):
+        kdl("distill", "experiment=tiny", "loss=[hard_ce,prior_kl]", *extra, env_dir=kdl_env)
+        newest = max((kdl_env / "outputs").rglob("distill_result.json"), key=lambda p: p.stat().st_mtime)
+        results.append(json.loads(newest.read_text()))
+    plain, chunked = results
+    assert plain["loss_chunk_size"] is None and chunked["loss_chunk_size"] == 16
+    assert chunked["nll"] == pytest.approx(plain["nll"], abs=2e-3)  # same training, up to float reordering

@@ -143,7 +143,7 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
 
     pick = {
         k: resolved(cfg.get(k))
-        for k in ("student", "teacher", "optimizer", "scheduler", "datamodule", "seed")
+        for k in ("student", "teacher", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size")
     }
     pick["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
     trainer_keys = (
@@ -178,6 +178,7 @@ def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         settings=distill_settings(cfg, terms),
         teacher_factory=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
+        loss_chunk_size=cfg.get("loss_chunk_size"),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
+from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import target_position_logits
@@ -30,6 +31,9 @@ class DistillModule(LightningModule):
         loss_terms: name → :class:`LossTerm`; each carries its weight.
         optimizer: a partial taking ``params`` (Hydra ``_partial_: true``), built over trainable student params.
         scheduler: optional partial taking ``optimizer``; stepped every optimizer step.
+        loss_chunk_size: if set, terms are computed from the student's hidden states and output head in
+            chunks of this many target positions (see :mod:`kd_lightning.losses.chunked`): (N, V) logits
+            are never held at once. ``extra_terms`` then receives ``student_logits=None``.
     """
 
     def __init__(
@@ -38,8 +42,13 @@ class DistillModule(LightningModule):
         loss_terms: Mapping[str, LossTerm],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(
+                f"loss_chunk_size must be >= 1 (or None for the plain path), got {loss_chunk_size}"
+            )
         if not loss_terms:
             raise ValueError("DistillModule needs at least one loss term (e.g. loss=[hard_ce])")
         # No save_hyperparameters(): every argument is an object (models, terms, factories), and Lightning's
@@ -49,6 +58,7 @@ class DistillModule(LightningModule):
         self.loss_terms = nn.ModuleDict(dict(loss_terms))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.loss_chunk_size = loss_chunk_size
 
     @property
     def soft_label_names(self) -> tuple[str, ...]:
@@ -66,14 +76,34 @@ class DistillModule(LightningModule):
         """
         mask = batch["target_ids"] != IGNORE_INDEX
         logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-        packed = {
+        return logits.unsqueeze(0), self.targets(batch, mask)
+
+    def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-position fields of ``batch`` at ``mask`` (B, T), packed to (1, N, ...).
+
+        Hook: a subclass adds targets computed in the step (e.g. an online teacher's logits).
+        """
+        return {
             key: value[mask].unsqueeze(0)
             for key, value in batch.items()
             if key not in ("input_ids", "attention_mask")
             and value.dim() >= 2
             and value.shape[:2] == mask.shape
         }
-        return logits.unsqueeze(0), packed
+
+    def student_hidden(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Final hidden states (N, H) at the target positions, and the packed batch (fused path)."""
+        mask = batch["target_ids"] != IGNORE_INDEX
+        if not hasattr(self.student, "get_decoder"):
+            raise TypeError(
+                "loss_chunk_size needs a model with get_decoder()/get_output_embeddings() (an HF causal LM)"
+            )
+        hidden = self.student.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+        return hidden.last_hidden_state[mask], self.targets(batch, mask)
 
     def extra_terms(
         self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
@@ -92,8 +122,15 @@ class DistillModule(LightningModule):
         self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, packed = self.student_logits(batch)
-        terms = self.compute_terms(logits, packed)
+        if self.loss_chunk_size:
+            hidden, packed = self.student_hidden(batch)
+            head = self.student.get_output_embeddings()
+            values = chunked_terms(hidden, head, self.loss_terms, packed, self.loss_chunk_size)
+            terms = {name: (self.loss_terms[name].weight, value) for name, value in values.items()}
+            terms.update(self.extra_terms(None, packed))
+        else:
+            logits, packed = self.student_logits(batch)
+            terms = self.compute_terms(logits, packed)
         total = sum(weight * value for weight, value in terms.values())
         batch_size = batch["input_ids"].shape[0]
         for name, (_, value) in terms.items():

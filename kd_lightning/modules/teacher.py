@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import freeze, target_position_logits
 from kd_lightning.modules.distill import DistillModule
@@ -24,7 +23,7 @@ class OnlineTeacherDistillModule(DistillModule):
     Args:
         student: the model being trained.
         teacher: a causal LM sharing the student's vocabulary (same ``config.vocab_size``).
-        loss_terms, optimizer, scheduler: as for :class:`DistillModule`.
+        loss_terms, optimizer, scheduler, loss_chunk_size: as for :class:`DistillModule`.
     """
 
     def __init__(
@@ -34,6 +33,7 @@ class OnlineTeacherDistillModule(DistillModule):
         loss_terms: Mapping[str, LossTerm],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
         t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
@@ -42,7 +42,7 @@ class OnlineTeacherDistillModule(DistillModule):
                 f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; logit-level KD needs "
                 "one vocabulary (pick a student built on the teacher's tokenizer)"
             )
-        super().__init__(student, loss_terms, optimizer, scheduler)
+        super().__init__(student, loss_terms, optimizer, scheduler, loss_chunk_size)
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
 
     def on_fit_start(self) -> None:
@@ -50,14 +50,11 @@ class OnlineTeacherDistillModule(DistillModule):
         self.teacher.to(self.device)
         self.teacher.eval()
 
-    def student_logits(
-        self, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, packed = super().student_logits(batch)
-        mask = batch["target_ids"] != IGNORE_INDEX
+    def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed = super().targets(batch, mask)
         with torch.no_grad():
             teacher_rows = target_position_logits(
                 self.teacher, batch["input_ids"], batch["attention_mask"], mask
             )
         packed["teacher_logits"] = teacher_rows.unsqueeze(0)
-        return logits, packed
+        return packed

@@ -1,0 +1,117 @@
+"""KD loss peak memory and time: naive full-vocabulary vs chunked (over logits) vs fused (hidden + head).
+
+Setting: V = 49,152 (SmolLM2), H = 576, N = 4 × 2048 target positions, terms hard CE + forward KL against
+sparse top-32 targets (the soft-label store's format). Each variant runs forward + backward in its own
+process; the figure is the peak RSS added by the loss step over the inputs already in memory
+(ru_maxrss after minus before), and the best of 2 timings. Ends with one JSON line.
+
+    python benchmarks/bench_kd_loss.py [--rows 8192] [--chunk 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+VOCAB, HIDDEN, TOPK = 49152, 576, 32
+
+
+def run_variant(variant: str, rows: int, chunk: int) -> dict:
+    import torch
+    from torch import nn
+
+    from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+    from kd_lightning.losses.chunked import chunked_terms
+
+    torch.manual_seed(0)
+    head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    hidden = torch.randn(rows, HIDDEN, requires_grad=True)
+    probs = torch.rand(1, rows, TOPK)
+    probs = probs / probs.sum(-1, keepdim=True) * 0.9
+    batch = {
+        "target_ids": torch.randint(0, VOCAB, (1, rows)),
+        "prior_ids": torch.randint(0, VOCAB, (1, rows, TOPK)),
+        "prior_probs": probs,
+        "prior_tail": torch.full((1, rows), 0.1),
+    }
+    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")}
+
+    def step() -> float:
+        head.zero_grad(set_to_none=True)
+        hidden.grad = None
+        if variant == "naive":
+            logits = head(hidden).unsqueeze(0)
+            loss = sum(term(logits, batch) for term in terms.values())
+        elif variant == "chunked":  # logits given, the terms computed chunk by chunk
+            logits = head(hidden)
+            loss = sum(chunked_terms(logits, nn.Identity(), terms, batch, chunk).values())
+        else:  # fused: logits never exist for all rows at once
+            loss = sum(chunked_terms(hidden, head, terms, batch, chunk).values())
+        loss.backward()
+        return float(loss.detach())
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, value = [], None
+    for _ in range(2):
+        start = time.perf_counter()
+        value = step()
+        times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "variant": variant,
+        "loss": value,
+        "seconds": min(times),
+        "peak_added_mib": (after - before) / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=4 * 2048)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.rows, args.chunk)))
+        return
+    results = {}
+    for variant in ("naive", "chunked", "fused"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--rows",
+            str(args.rows),
+            "--chunk",
+            str(args.chunk),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[variant] = json.loads(out)
+        r = results[variant]
+        print(
+            f"{variant:8s} loss {r['loss']:.5f}  {r['seconds']:.2f} s  peak +{r['peak_added_mib']:.0f} MiB",
+            flush=True,
+        )
+    naive = results["naive"]
+    for variant in ("chunked", "fused"):
+        assert abs(results[variant]["loss"] - naive["loss"]) < 1e-3 * abs(naive["loss"]), "paths disagree"
+    figures = {"bench": "kd_loss_memory", "vocab": VOCAB, "rows": args.rows, "chunk": args.chunk}
+    for variant in ("naive", "chunked", "fused"):
+        figures[f"{variant}_seconds"] = round(results[variant]["seconds"], 2)
+        figures[f"{variant}_peak_added_mib"] = round(results[variant]["peak_added_mib"])
+    for variant in ("chunked", "fused"):
+        figures[f"{variant}_memory_vs_naive"] = round(
+            results[variant]["peak_added_mib"] / naive["peak_added_mib"], 3
+        )
+        figures[f"{variant}_time_vs_naive"] = round(results[variant]["seconds"] / naive["seconds"], 2)
+    figures.update({"target_memory_vs_naive": 0.125, "target_time_vs_naive": 1.2})
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Loss terms over the student's hidden states and output head, in chunks of rows (fused path).
+
+The plain path materialises logits (N, V) for N target positions, then each term builds more (N, V)
+float32 tensors (log-softmax, probabilities, gradients). At V = 49,152 that is ~200 KB per row per tensor.
+Here the rows are processed in chunks under activation checkpointing: a chunk's logits and loss
+intermediates exist only while that chunk is processed (once forward, once again in backward), so peak
+memory scales with ``chunk_size`` instead of N. Terms reduce by token-weighted means, so
+``Σ chunk_mean · chunk_count / total_count`` equals the whole-batch value exactly, gradients included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kd_lightning.losses.functional import IGNORE_INDEX
+
+
+def chunked_terms(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    terms: Mapping[str, nn.Module],
+    batch: Mapping[str, torch.Tensor],
+    chunk_size: int,
+) -> dict[str, torch.Tensor]:
+    """Each term's value as if computed on ``head(hidden)`` at once, without holding (N, V) logits.
+
+    Args:
+        hidden: (N, H) final hidden states at the target positions.
+        head: the output layer mapping H → V (e.g. ``model.get_output_embeddings()``).
+        terms: name → loss term taking ``(logits (1, n, V), batch with (1, n, ...) fields)``.
+        batch: the packed batch, per-position fields shaped (1, N, ...).
+        chunk_size: rows per chunk.
+
+    Returns:
+        name → scalar, equal in value and gradient to the unchunked computation.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"loss_chunk_size must be >= 1, got {chunk_size}")
+    n = hidden.shape[0]
+    names = list(terms)
+    valid = batch["target_ids"][0] != IGNORE_INDEX
+    total_count = valid.sum().clamp_min(1)
+    total = hidden.new_zeros(len(names), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        chunk_batch = {key: value[:, rows] for key, value in batch.items()}
+
+        def chunk_values(h: torch.Tensor, chunk_batch=chunk_batch) -> torch.Tensor:
+            logits = head(h).unsqueeze(0)
+            return torch.stack([terms[name](logits, chunk_batch).float() for name in names])
+
+        values = checkpoint(chunk_values, hidden[rows], use_reentrant=False)
+        total = total + values * valid[rows].sum()
+    total = total / total_count
+    return {name: total[i] for i, name in enumerate(names)}
