@@ -208,59 +208,62 @@ def sparse_target_kl(
     return masked_mean(forward_kl_buckets(log_p, log_q) * distill_temperature**2, mask)
 
 
-def _reduce(
-    per_position: torch.Tensor, mask: torch.Tensor | None, distill_temperature: float
+def _dense(
+    per_position, student_logits, teacher_logits, mask, distill_temperature: float, **settings
 ) -> torch.Tensor:
-    return masked_mean(per_position * float(distill_temperature) ** 2, mask)
+    """Shared body of the public functions: dense log-probs → per-position divergence → T²-scaled masked mean."""
+    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
+    return masked_mean(per_position(log_p, log_q, **settings) * float(distill_temperature) ** 2, mask)
 
 
 def forward_kl(student_logits, teacher_logits, mask=None, distill_temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) per position, mean over ``mask``; (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(forward_kl_buckets(log_p, log_q), mask, distill_temperature)
+    return _dense(forward_kl_buckets, student_logits, teacher_logits, mask, distill_temperature)
 
 
 def reverse_kl(student_logits, teacher_logits, mask=None, distill_temperature: float = 1.0) -> torch.Tensor:
     """KL(student ‖ teacher) per position, mean over ``mask``; (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(reverse_kl_buckets(log_p, log_q), mask, distill_temperature)
+    return _dense(reverse_kl_buckets, student_logits, teacher_logits, mask, distill_temperature)
 
 
 def generalized_jsd(
     student_logits, teacher_logits, mask=None, beta: float = 0.5, distill_temperature: float = 1.0
 ) -> torch.Tensor:
     """GKD's generalised JSD (β=0: KL(teacher‖student), β=1: KL(student‖teacher)); (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(generalized_jsd_buckets(log_p, log_q, beta), mask, distill_temperature)
+    return _dense(
+        generalized_jsd_buckets, student_logits, teacher_logits, mask, distill_temperature, beta=beta
+    )
 
 
 def skew_forward_kl(
     student_logits, teacher_logits, mask=None, alpha: float = 0.1, distill_temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(p ‖ α·p + (1 − α)·q) (DistiLLM); (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(skew_forward_kl_buckets(log_p, log_q, alpha), mask, distill_temperature)
+    return _dense(
+        skew_forward_kl_buckets, student_logits, teacher_logits, mask, distill_temperature, alpha=alpha
+    )
 
 
 def skew_reverse_kl(
     student_logits, teacher_logits, mask=None, alpha: float = 0.1, distill_temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(q ‖ α·q + (1 − α)·p) (DistiLLM); (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(skew_reverse_kl_buckets(log_p, log_q, alpha), mask, distill_temperature)
+    return _dense(
+        skew_reverse_kl_buckets, student_logits, teacher_logits, mask, distill_temperature, alpha=alpha
+    )
 
 
 def total_variation(
     student_logits, teacher_logits, mask=None, distill_temperature: float = 1.0
 ) -> torch.Tensor:
     """½·Σ|p − q| per position, mean over ``mask``; (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(total_variation_buckets(log_p, log_q), mask, distill_temperature)
+    return _dense(total_variation_buckets, student_logits, teacher_logits, mask, distill_temperature)
 
 
 def adaptive_kl(
     student_logits, teacher_logits, mask=None, head_mass: float = 0.5, distill_temperature: float = 1.0
 ) -> torch.Tensor:
     """AKL: head/tail-adaptive mix of forward and reverse KL; (B, T, V) logits each."""
-    log_p, log_q = dense_log_probs(student_logits, teacher_logits, distill_temperature)
-    return _reduce(adaptive_kl_buckets(log_p, log_q, head_mass), mask, distill_temperature)
+    return _dense(
+        adaptive_kl_buckets, student_logits, teacher_logits, mask, distill_temperature, head_mass=head_mass
+    )
