@@ -12,6 +12,7 @@ from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import ForwardKL, GeneralizedJSD, HardCrossEntropy
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
+from tests.helpers import fit_one_batch
 
 
 def build(tiny_dir, terms=None):
@@ -64,14 +65,5 @@ def test_vocabulary_mismatch_is_refused_at_construction(tiny_dir):
 def test_distilling_from_the_teacher_lowers_the_divergence(tiny_dir, term):
     module, dm, _ = build(tiny_dir, {"kd": term, "ce": HardCrossEntropy(weight=0.0)})
     batch = next(iter(dm.train_dataloader()))
-    optimizer = module.configure_optimizers()
-    module.on_fit_start()
-    values = []
-    for _ in range(25):
-        logits, packed = module.student_logits(batch)
-        loss = sum(w * v for w, v in module.compute_terms(logits, packed).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        values.append(loss.item())
+    values = fit_one_batch(module, batch, steps=25)
     assert values[-1] < 0.7 * values[0]

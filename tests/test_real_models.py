@@ -20,6 +20,7 @@ from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
 from kd_lightning.models.loading import freeze, layer_selected_student, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
 from tests.conftest import requires_real_assets
+from tests.helpers import fit_one_batch
 
 pytestmark = [pytest.mark.slow, requires_real_assets]
 
@@ -92,16 +93,7 @@ def test_proxy_posterior_and_a_distill_step_on_real_models(real, tmp_path):
         tokenizer.pad_token_id, corpus, stores={"prior": prior, "posterior": posterior}
     )
     batch = next(iter(dm.train_dataloader()))
-    optimizer = module.configure_optimizers()
-    student.train()
-    losses = []
-    for _ in range(3):
-        logits, packed = module.student_logits(batch)
-        total = sum(w * v for w, v in module.compute_terms(logits, packed).values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(total.item())
+    losses = fit_one_batch(module, batch, steps=3)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
