@@ -141,6 +141,8 @@ def test_padding_invariance(term):
 
 def test_gradient_accumulation_split_invariance(term):
     """Token-weighted sums over per-sequence micro-batches equal the whole batch."""
+    if term.uses_batch_statistics:
+        pytest.skip("a batch-level statistic (e.g. ATKD's median split) depends on the batch, by design")
     batch = make_batch()
     logits = torch.randn(B, T, V)
     counts = (batch["target_ids"] != IGNORE_INDEX).sum(1)

@@ -13,6 +13,7 @@ from kd_lightning.losses.divergences import (
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
 from kd_lightning.losses.terms import (
     AdaptiveKL,
+    AdaptiveTeachingKD,
     DivergenceTerm,
     ForwardKL,
     GeneralizedJSD,
@@ -27,6 +28,7 @@ from kd_lightning.losses.terms import (
 
 __all__ = [
     "AdaptiveKL",
+    "AdaptiveTeachingKD",
     "DivergenceTerm",
     "ForwardKL",
     "GeneralizedJSD",

@@ -42,6 +42,9 @@ def chunked_terms(
         raise ValueError(f"loss_chunk_size must be >= 1, got {chunk_size}")
     n = hidden.shape[0]
     names = list(terms)
+    batch = dict(batch)
+    for term in terms.values():  # batch-level statistics (e.g. ATKD's split) from the whole batch
+        batch.update(term.prepare(batch) if hasattr(term, "prepare") else {})
     valid = batch["target_ids"][0] != IGNORE_INDEX
     total_count = valid.sum().clamp_min(1)
     total = hidden.new_zeros(len(names), dtype=torch.float32)

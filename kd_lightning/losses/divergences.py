@@ -117,6 +117,30 @@ def adaptive_kl_buckets(log_p: torch.Tensor, log_q: torch.Tensor, head_mass: flo
     return (g_head / total) * kl_buckets(log_p, log_q) + (g_tail / total) * kl_buckets(log_q, log_p)
 
 
+def atkd_buckets(
+    log_p: torch.Tensor, log_q: torch.Tensor, gold: torch.Tensor, hard: torch.Tensor, easy_weight: float
+) -> torch.Tensor:
+    """ATKD per position (Zhong et al., ACL 2024) on buckets; ``gold`` (...) is the observed token's bucket.
+
+    The KL splits at the gold bucket g into a target-oriented part (binary KL of ``[p_g, 1 − p_g]`` against
+    ``[q_g, 1 − q_g]``) and a diversity-oriented part (KL of the distributions renormalised without g).
+    Hard positions (``hard`` true) get ``(1 − easy_weight)·(TKD + DKD)``; easy ones ``easy_weight·DKD``:
+    on tokens the teacher is sure of, the student is not pushed further onto the gold token. The DKD
+    part is taken without the ``1 − p_g`` factor the plain decomposition carries, as ATKD does, so it is
+    not silenced exactly on the easy tokens. A one-hot teacher has no DKD part (0).
+    """
+    is_gold = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, gold.unsqueeze(-1), True)
+    lp_g = log_p.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+    lq_g = log_q.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+    rest_p = torch.logsumexp(log_p.masked_fill(is_gold, LOG_FLOOR), dim=-1)
+    rest_q = torch.logsumexp(log_q.masked_fill(is_gold, LOG_FLOOR), dim=-1)
+    tkd = kl_buckets(torch.stack([lp_g, rest_p], -1), torch.stack([lq_g, rest_q], -1))
+    log_p_hat = (log_p - rest_p.unsqueeze(-1)).masked_fill(is_gold, LOG_FLOOR).clamp_min(LOG_FLOOR)
+    log_q_hat = (log_q - rest_q.unsqueeze(-1)).masked_fill(is_gold, LOG_FLOOR).clamp_min(LOG_FLOOR)
+    dkd = torch.where(rest_p.exp() > 0, kl_buckets(log_p_hat, log_q_hat), torch.zeros_like(tkd))
+    return torch.where(hard, (1.0 - easy_weight) * (tkd + dkd), easy_weight * dkd)
+
+
 # ---------------------------------------------------------------------------- target → buckets
 
 

@@ -3,16 +3,19 @@
 A term reads what it needs from the batch, returns an unweighted scalar, and carries the ``weight`` it is
 multiplied by in the total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``.
 
-Divergence terms name their ``target``. The batch carries a target under that name in one of two forms:
+Divergence terms name their ``target``. The batch carries a target under that name in one of these forms:
 
-* dense: ``<target>_logits`` (..., V), e.g. ``teacher_logits`` from an online teacher;
-* sparse: ``<target>_ids``, ``<target>_probs``, ``<target>_tail``, e.g. the ``prior`` and ``posterior`` stores.
+* dense logits: ``<target>_logits`` (..., V), e.g. ``teacher_logits`` from an online teacher;
+* dense probabilities: ``<target>_probs`` (..., V) with no ``<target>_ids``;
+* sparse: ``<target>_ids``, ``<target>_probs``, ``<target>_tail``, e.g. the ``prior`` and ``posterior`` stores,
+  an offline teacher's top-k or random-sampled logits (``kdl teacher-logits``).
 
 Every divergence runs on either form (see :mod:`kd_lightning.losses.divergences`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -26,12 +29,28 @@ class LossTerm(nn.Module):
     """Base class: ``forward(student_logits, batch) -> scalar``; ``soft_labels`` names the stores it reads."""
 
     soft_labels: tuple[str, ...] = ()
+    reads_logits: bool = True
+    """False for terms that read only other batch fields (e.g. hidden states); the fused path runs them whole."""
+    uses_batch_statistics: bool = False
+    """True when a position's value depends on the rest of the batch (e.g. ATKD's median split), so the
+    result changes with how a batch is split into micro-batches; :meth:`prepare` computes the statistic."""
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         if weight < 0:
             raise ValueError(f"a loss weight must be >= 0, got {weight}")
         self.weight = float(weight)
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Hook, called when a module is built: size parameters to the models (e.g. a projection)."""
+
+    def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: per-position fields computed once over the whole packed batch, before chunking.
+
+        The fused path calls it so that a batch-level statistic is the same in every chunk; the term itself
+        computes it from the batch it is given when the field is absent.
+        """
+        return {}
 
     def forward(
         self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -57,6 +76,10 @@ def target_log_probs(
     """(log p, log q) buckets for the named target, dense or sparse, whichever the batch carries."""
     if f"{target}_logits" in batch:
         return D.dense_log_probs(student_logits, batch[f"{target}_logits"], distill_temperature)
+    if f"{target}_probs" in batch and f"{target}_ids" not in batch:
+        return D.dense_log_probs(
+            student_logits, batch[f"{target}_probs"], distill_temperature, teacher_is_probs=True
+        )
     if f"{target}_ids" in batch:
         return D.sparse_log_probs(
             student_logits,
@@ -66,7 +89,7 @@ def target_log_probs(
             distill_temperature,
         )
     raise KeyError(
-        f"the batch has no {target!r} target ({target}_logits or {target}_ids/_probs/_tail); connect the "
+        f"the batch has no {target!r} target ({target}_logits, {target}_probs or {target}_ids/_probs/_tail); connect the "
         f"DataModule to the {target} soft-label store or use a module that provides {target}_logits"
     )
 
@@ -171,6 +194,93 @@ class AdaptiveKL(DivergenceTerm):
 
     def per_position(self, log_p, log_q):
         return D.adaptive_kl_buckets(log_p, log_q, self.head_mass)
+
+
+def gold_bucket(batch: Mapping[str, torch.Tensor], target: str) -> torch.Tensor:
+    """The bucket of the observed token (``target_ids``) in the target's buckets (see ``target_log_probs``).
+
+    Dense targets: the token id. Sparse targets: the slot holding it, or the tail bucket (index K) when it
+    was not stored. Positions without a target get bucket 0 (they are masked out anyway).
+    """
+    gold = batch["target_ids"].clamp_min(0)
+    if f"{target}_ids" not in batch:
+        return gold
+    ids, probs = batch[f"{target}_ids"], batch[f"{target}_probs"]
+    hit = (ids == gold.unsqueeze(-1)) & (probs > 0)
+    k = ids.shape[-1]
+    slot = torch.where(hit, torch.arange(k, device=ids.device), torch.full_like(ids, k)).amin(-1)
+    return slot
+
+
+def gold_probability(batch: Mapping[str, torch.Tensor], target: str) -> torch.Tensor:
+    """The target's probability of the observed token (..., ); 0 for a token a sparse target did not store."""
+    gold = batch["target_ids"].clamp_min(0).unsqueeze(-1)
+    if f"{target}_logits" in batch:
+        logits = batch[f"{target}_logits"].float()
+        return (logits.gather(-1, gold).squeeze(-1) - torch.logsumexp(logits, -1)).exp().detach()
+    probs = batch[f"{target}_probs"].float()
+    if f"{target}_ids" not in batch:
+        return (probs.gather(-1, gold).squeeze(-1) / probs.sum(-1).clamp_min(1e-30)).detach()
+    hit = batch[f"{target}_ids"] == gold
+    return (probs * hit).amax(-1).detach()
+
+
+class AdaptiveTeachingKD(DivergenceTerm):
+    """ATKD (Zhong et al., "Revisiting Knowledge Distillation for Autoregressive Language Models", 2024).
+
+    Positions are split by the teacher's uncertainty on the observed token, ``1 − p(gold)``: the most
+    uncertain ``hard_fraction`` of the batch's target positions are "hard" (full KL, decomposed), the rest
+    "easy" (diversity part only); see :func:`kd_lightning.losses.divergences.atkd_buckets`. The split is a
+    batch statistic (the median by default), so the value depends on the batch a position is in.
+
+    Args:
+        target, weight, distill_temperature: as for :class:`DivergenceTerm`.
+        easy_weight: λ, the weight of easy positions; hard ones get 1 − λ (paper: 0.2).
+        hard_fraction: share of positions counted hard (0.5 = split at the median uncertainty).
+    """
+
+    uses_batch_statistics = True
+
+    def __init__(
+        self,
+        target: str,
+        easy_weight: float = 0.2,
+        hard_fraction: float = 0.5,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+    ) -> None:
+        super().__init__(target, weight, distill_temperature)
+        if not 0.0 <= easy_weight <= 1.0:
+            raise ValueError(f"easy_weight must be in [0, 1], got {easy_weight}")
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+        self.easy_weight = float(easy_weight)
+        self.hard_fraction = float(hard_fraction)
+
+    @property
+    def hard_key(self) -> str:
+        return f"atkd_hard_{self.target}"
+
+    def hard_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Bool (..., ) mask: the ``hard_fraction`` most uncertain target positions of the batch."""
+        valid = batch["target_ids"] != LF.IGNORE_INDEX
+        uncertainty = 1.0 - gold_probability(batch, self.target)
+        n_hard = math.ceil(self.hard_fraction * int(valid.sum()))
+        hard = torch.zeros_like(valid)
+        if n_hard:
+            scores = torch.where(valid, uncertainty, torch.full_like(uncertainty, -1.0)).flatten()
+            hard.view(-1)[scores.topk(n_hard).indices] = True
+        return hard & valid
+
+    def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.hard_key: self.hard_positions(batch)}
+
+    def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hard = batch[self.hard_key] if self.hard_key in batch else self.hard_positions(batch)
+        log_p, log_q = target_log_probs(student_logits, batch, self.target, self.distill_temperature)
+        gold = gold_bucket(batch, self.target)
+        values = D.atkd_buckets(log_p, log_q, gold, hard, self.easy_weight) * self.distill_temperature**2
+        return LF.masked_mean(values, batch["target_ids"] != LF.IGNORE_INDEX)
 
 
 class SoftLabelKL(ForwardKL):
