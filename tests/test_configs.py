@@ -53,6 +53,14 @@ def test_every_stage_composes(stage, kdl_env):
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_instantiates(group, option, kdl_env):
+    if group == "recipe":
+        cfg = compose_cfg(
+            ["experiment=tiny", f"recipe={option}", "teacher=local", f"teacher.path={os.environ['KDL_TINY']}"]
+        )
+        terms = loss_terms(cfg)
+        assert terms and all(t.weight >= 0 for t in terms.values())
+        assert instantiate(cfg.teacher).config.vocab_size > 0  # the command line still picks the teacher
+        return
     if group in ("experiment", "sweep", "debug"):
         cfg = compose_cfg(
             [f"{group}={option}", "experiment=tiny"] if group != "experiment" else [f"{group}={option}"]

@@ -1,7 +1,8 @@
 """Properties every loss term gets for free: parametrised over every file in ``conf/loss/``.
 
-A new loss is one class plus one YAML; these tests pick it up without being edited. Divergence terms are
+A new loss is one class plus one YAML; these tests pick it up without being edited. Terms over logits are
 checked against both target forms: a dense teacher (``teacher_logits``) and a sparse store (``prior``).
+Terms over hidden states (``reads_logits = False``) get their own properties in ``test_feature_losses``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ B, T, V = 2, 6, 17
 LOSS_FILES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
 
 
-def _is_divergence(name: str) -> bool:
+def loss_class(name: str) -> type:
     (node,) = OmegaConf.load(conf_dir() / "loss" / f"{name}.yaml").values()
-    return issubclass(get_class(node["_target_"]), DivergenceTerm)
+    return get_class(node["_target_"])
 
 
-DIVERGENCE_FILES = [name for name in LOSS_FILES if _is_divergence(name)]
+DIVERGENCE_FILES = [name for name in LOSS_FILES if issubclass(loss_class(name), DivergenceTerm)]
+LOGIT_FILES = [name for name in LOSS_FILES if loss_class(name).reads_logits]
+FEATURE_FILES = [name for name in LOSS_FILES if not loss_class(name).reads_logits]
 
 
 def configured_term(name: str):
@@ -75,7 +78,7 @@ def make_batch(
 
 
 @pytest.fixture(
-    params=[(name, form) for name in LOSS_FILES for form in ("teacher", "prior")],
+    params=[(name, form) for name in LOGIT_FILES for form in ("teacher", "prior")],
     ids=lambda p: f"{p[0]}-{p[1]}",
 )
 def term(request, kdl_env):
@@ -278,7 +281,7 @@ def test_out_of_range_settings_are_clear_errors(cls):
 
 
 @pytest.mark.parametrize("form", ["teacher", "prior"])
-@pytest.mark.parametrize("name", LOSS_FILES)
+@pytest.mark.parametrize("name", LOGIT_FILES)
 def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_env):
     from kd_lightning.losses.chunked import chunked_terms
 
@@ -295,3 +298,17 @@ def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_e
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_hidden, g_hidden, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(c_head, g_head, atol=1e-5, rtol=1e-4)
+
+
+def test_dense_probabilities_equal_dense_logits(kdl_env):
+    batch = make_batch()
+    logits = torch.randn(B, T, V)
+    as_probs = {
+        "target_ids": batch["target_ids"],
+        "teacher_probs": torch.softmax(batch["teacher_logits"], -1),
+    }
+    for name in DIVERGENCE_FILES:
+        term = with_target(configured_term(name), "teacher")
+        torch.testing.assert_close(
+            term(logits, batch), term(logits, as_probs), atol=1e-5, rtol=1e-4, msg=name
+        )

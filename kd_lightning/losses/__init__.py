@@ -10,6 +10,7 @@ from kd_lightning.losses.divergences import (
     sparse_target_kl,
     total_variation,
 )
+from kd_lightning.losses.features import HiddenStateLoss, hidden_cosine_distance, hidden_mse
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
 from kd_lightning.losses.terms import (
     AdaptiveKL,
@@ -33,6 +34,7 @@ __all__ = [
     "ForwardKL",
     "GeneralizedJSD",
     "HardCrossEntropy",
+    "HiddenStateLoss",
     "LossTerm",
     "ReverseKL",
     "SkewForwardKL",
@@ -43,6 +45,8 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "hard_cross_entropy",
+    "hidden_cosine_distance",
+    "hidden_mse",
     "masked_mean",
     "reverse_kl",
     "skew_forward_kl",

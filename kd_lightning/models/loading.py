@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -221,6 +222,36 @@ def target_position_logits(
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return model.get_output_embeddings()(hidden[positions])
+
+
+def target_position_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    hidden_layers: Sequence[int],
+    head: bool = True,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Like :func:`target_position_logits`, plus hidden states of ``hidden_layers`` at the positions.
+
+    Returns ``(out, {layer: (N, H)})`` where ``out`` is the logits (N, V), or with ``head=False`` the final
+    hidden states (N, H) (for the fused loss path). Layers index HF's ``hidden_states`` tuple.
+    """
+    if not hasattr(model, "get_decoder"):
+        raise TypeError("hidden-state distillation needs an HF causal LM (get_decoder/get_output_embeddings)")
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    states = out.hidden_states
+    layers = {layer: states[layer][positions] for layer in hidden_layers}
+    last = out.last_hidden_state[positions]
+    if not head:
+        return last, layers
+    shortcut = getattr(model, "_kdl_head_shortcut", None)
+    if shortcut is None:
+        shortcut = _check_head_shortcut(model, input_ids[:1, :8], attention_mask[:1, :8])
+        object.__setattr__(model, "_kdl_head_shortcut", shortcut)
+    if shortcut:
+        return model.get_output_embeddings()(last), layers
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions], layers
 
 
 def _check_head_shortcut(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.losses.terms import LossTerm, soft_label_names
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.models.loading import target_position_logits, target_position_states
 
 
 class DistillModule(LightningModule):
@@ -59,6 +59,17 @@ class DistillModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_chunk_size = loss_chunk_size
+        self.setup_terms(student, None)
+
+    def setup_terms(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Let terms size their own parameters (e.g. a feature projection) to the models."""
+        for term in self.loss_terms.values():
+            term.setup(student, teacher)
+
+    @property
+    def student_hidden_layers(self) -> tuple[int, ...]:
+        """Student hidden-state layers the terms read (packed as ``student_hidden_<layer>``)."""
+        return tuple(sorted({i for t in self.loss_terms.values() for i in getattr(t, "student_layers", ())}))
 
     @property
     def soft_label_names(self) -> tuple[str, ...]:
@@ -75,8 +86,16 @@ class DistillModule(LightningModule):
         tensors and no compute is spent on prompt or padding positions.
         """
         mask = batch["target_ids"] != IGNORE_INDEX
-        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-        return logits.unsqueeze(0), self.targets(batch, mask)
+        layers = self.student_hidden_layers
+        if not layers:
+            logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
+            return logits.unsqueeze(0), self.targets(batch, mask)
+        logits, hidden = target_position_states(
+            self.student, batch["input_ids"], batch["attention_mask"], mask, layers
+        )
+        packed = self.targets(batch, mask)
+        packed.update({f"student_hidden_{layer}": h.unsqueeze(0) for layer, h in hidden.items()})
+        return logits.unsqueeze(0), packed
 
     def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-position fields of ``batch`` at ``mask`` (B, T), packed to (1, N, ...).
@@ -100,10 +119,17 @@ class DistillModule(LightningModule):
             raise TypeError(
                 "loss_chunk_size needs a model with get_decoder()/get_output_embeddings() (an HF causal LM)"
             )
-        hidden = self.student.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        last, hidden = target_position_states(
+            self.student,
+            batch["input_ids"],
+            batch["attention_mask"],
+            mask,
+            self.student_hidden_layers,
+            head=False,
         )
-        return hidden.last_hidden_state[mask], self.targets(batch, mask)
+        packed = self.targets(batch, mask)
+        packed.update({f"student_hidden_{layer}": h.unsqueeze(0) for layer, h in hidden.items()})
+        return last, packed
 
     def extra_terms(
         self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
@@ -125,8 +151,10 @@ class DistillModule(LightningModule):
         if self.loss_chunk_size:
             hidden, packed = self.student_hidden(batch)
             head = self.student.get_output_embeddings()
-            values = chunked_terms(hidden, head, self.loss_terms, packed, self.loss_chunk_size)
-            terms = {name: (self.loss_terms[name].weight, value) for name, value in values.items()}
+            logit_terms = {n: t for n, t in self.loss_terms.items() if t.reads_logits}
+            values = chunked_terms(hidden, head, logit_terms, packed, self.loss_chunk_size)
+            values.update({n: t(None, packed) for n, t in self.loss_terms.items() if not t.reads_logits})
+            terms = {name: (self.loss_terms[name].weight, values[name]) for name in self.loss_terms}
             terms.update(self.extra_terms(None, packed))
         else:
             logits, packed = self.student_logits(batch)
@@ -161,7 +189,8 @@ class DistillModule(LightningModule):
         self.log("val/ppl", torch.exp(nll), sync_dist=False)
 
     def configure_optimizers(self):
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        # the student and any trainable term parameters (a feature projection); the teacher is not a submodule
+        params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.models.loading import freeze, target_position_logits
+from kd_lightning.models.loading import freeze, target_position_logits, target_position_states
 from kd_lightning.modules.distill import DistillModule
 
 
@@ -44,6 +44,12 @@ class OnlineTeacherDistillModule(DistillModule):
             )
         super().__init__(student, loss_terms, optimizer, scheduler, loss_chunk_size)
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
+        self.setup_terms(student, self.teacher)
+
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...]:
+        """Teacher hidden-state layers the terms read (packed as ``teacher_hidden_<layer>``)."""
+        return tuple(sorted({i for t in self.loss_terms.values() for i in getattr(t, "teacher_layers", ())}))
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -52,9 +58,16 @@ class OnlineTeacherDistillModule(DistillModule):
 
     def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         packed = super().targets(batch, mask)
+        layers = self.teacher_hidden_layers
         with torch.no_grad():
-            teacher_rows = target_position_logits(
-                self.teacher, batch["input_ids"], batch["attention_mask"], mask
-            )
+            if layers:
+                teacher_rows, hidden = target_position_states(
+                    self.teacher, batch["input_ids"], batch["attention_mask"], mask, layers
+                )
+                packed.update({f"teacher_hidden_{layer}": h.unsqueeze(0) for layer, h in hidden.items()})
+            else:
+                teacher_rows = target_position_logits(
+                    self.teacher, batch["input_ids"], batch["attention_mask"], mask
+                )
         packed["teacher_logits"] = teacher_rows.unsqueeze(0)
         return packed
