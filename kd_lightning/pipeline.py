@@ -30,6 +30,7 @@ from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.evaluation.nll import heldout_nll
 from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, soft_label_names
 from kd_lightning.models.loading import (
@@ -145,6 +146,8 @@ class Pipeline:
         proxy_path: the open proxy model (``smollm2`` or a local HF folder).
         alignment: proxy fine-tuning settings.
         trainer_factory: ``(run_dir, run_name) -> Trainer`` (loggers and callbacks included).
+        teacher_path: an open (white-box) teacher, for the offline-teacher store (``kdl teacher-logits``).
+        teacher_targets: how that store keeps the teacher's distributions (top-k or sampled).
     """
 
     def __init__(
@@ -157,6 +160,8 @@ class Pipeline:
         proxy_path: str,
         alignment: ProxyAlignment,
         trainer_factory: Callable[[Path, str], Trainer],
+        teacher_path: str | None = None,
+        teacher_targets: TeacherTargetBuilder | None = None,
     ) -> None:
         self.workspace = workspace
         self.tokenizer_path = tokenizer_path
@@ -168,6 +173,8 @@ class Pipeline:
         self.proxy_path = proxy_path
         self.alignment = alignment
         self.trainer_factory = trainer_factory
+        self.teacher_path = teacher_path
+        self.teacher_targets = teacher_targets or TeacherTargetBuilder()
         self._corpora: tuple[TokenizedCorpus, TokenizedCorpus] | None = None
         self._full: tuple[TokenizedCorpus, TokenizedCorpus] | None = None
 
@@ -260,17 +267,22 @@ class Pipeline:
         )
 
     def check_proxy_compatible(self, proxy: nn.Module) -> None:
-        proxy_vocab = int(proxy.config.vocab_size)
-        if proxy_vocab < self.vocab_size():
+        self.check_shares_tokenizer(proxy, self.proxy_path, "proxy")
+
+    def check_shares_tokenizer(self, model: nn.Module, path: str, role: str) -> None:
+        """Refuse a proxy/teacher whose logits are not over the student's vocabulary, in one line."""
+        vocab = int(model.config.vocab_size)
+        if vocab < self.vocab_size():
             raise ValueError(
-                f"proxy {self.proxy_path} has config.vocab_size={proxy_vocab} but the student tokenizer has "
-                f"{self.vocab_size()} ids; the proxy must share the student's tokenizer"
+                f"{role} {path} has config.vocab_size={vocab} but the student tokenizer has "
+                f"{self.vocab_size()} ids; the {role} must share the student's tokenizer"
             )
-        proxy_fp = tokenizer_fingerprint(load_tokenizer(self.proxy_path))
-        if proxy_fp != self.tokenizer_fp:
+        fingerprint = tokenizer_fingerprint(load_tokenizer(path))
+        if fingerprint != self.tokenizer_fp:
             raise ValueError(
-                f"proxy {self.proxy_path} uses a different tokenizer than {self.tokenizer_path} "
-                f"(fingerprints {proxy_fp} vs {self.tokenizer_fp}); the posterior needs one shared vocabulary"
+                f"{role} {path} uses a different tokenizer than {self.tokenizer_path} "
+                f"(fingerprints {fingerprint} vs {self.tokenizer_fp}); its distributions must be over one "
+                "shared vocabulary"
             )
 
     def aligned_proxy(self) -> Path:
@@ -360,8 +372,40 @@ class Pipeline:
         )
         return store
 
+    # ---------------------------------------------------------------- offline white-box teacher
+    def offline_teacher_provenance(self) -> dict[str, Any]:
+        if self.teacher_path is None:
+            raise ValueError(
+                "the offline_teacher soft labels need an open teacher: add teacher=smollm2 "
+                "(or teacher=local teacher.path=<HF folder>)"
+            )
+        train, _ = self.corpora()
+        return {
+            "tokenizer": self.tokenizer_fp,
+            "corpus": train.fingerprint,
+            "teacher": model_identity(self.teacher_path),
+            "targets": self.teacher_targets.settings(),
+        }
+
+    def offline_teacher(self) -> SoftLabelStore:
+        """The teacher's sparse distributions at every training target position (built once, resumable)."""
+        provenance = self.offline_teacher_provenance()
+        folder = self.workspace.path("teacher_logits", settings_key(provenance))
+        if (folder / "meta.json").is_file():
+            return SoftLabelStore(folder, expect=provenance)
+        teacher = freeze(load_causal_lm(self.teacher_path))
+        self.check_shares_tokenizer(teacher, self.teacher_path, "teacher")
+        train, _ = self.corpora()
+        start = time.perf_counter()
+        store = self.teacher_targets.estimate(teacher, train, self.pad_id, str(folder), provenance)
+        atomic_json(
+            folder.parent / f"{folder.name}.stats.json",
+            {"seconds": time.perf_counter() - start, "rows": len(store.tail)},
+        )
+        return store
+
     def stores_for(self, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
-        known = {"prior": self.prior, "posterior": self.posterior}
+        known = {"prior": self.prior, "posterior": self.posterior, "offline_teacher": self.offline_teacher}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {sorted(known)}")

@@ -1,6 +1,7 @@
 """``kdl <stage> [hydra overrides] [-m]`` — the only module that imports Hydra.
 
-Stages: ``prior``, ``align``, ``posterior``, ``distill``, ``pipeline`` (everything, ending with a table).
+Stages: ``prior``, ``align``, ``posterior``, ``distill``, ``pipeline`` (everything, ending with a table), and
+``teacher-logits`` (an open teacher's sparse distributions, stored for offline white-box KD).
 Each builds what it needs through :class:`kd_lightning.pipeline.Pipeline`, which caches every artifact by
 the settings it depends on, so ``kdl distill`` after ``kdl posterior`` reuses the stores, and a multirun over
 sampling rounds reuses the prior and the aligned proxy.
@@ -27,7 +28,7 @@ from kd_lightning.losses.terms import LossTerm
 from kd_lightning.pipeline import Pipeline, Workspace, atomic_json, results_table, summarize_store
 
 log = logging.getLogger("kdl")
-STAGES = ("prior", "align", "posterior", "distill", "pipeline")
+STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits")
 
 
 def conf_dir() -> Path:
@@ -120,6 +121,8 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         proxy_path=str(cfg.proxy.path),
         alignment=instantiate(cfg.alignment),
         trainer_factory=trainer_factory(cfg),
+        teacher_path=str(cfg.teacher.path) if cfg.get("teacher") else None,
+        teacher_targets=instantiate(cfg.estimator.teacher_targets),
     )
 
 
@@ -168,7 +171,8 @@ def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]
             f"loss term {wants_teacher[0]!r} compares the student with the teacher, but no teacher is configured; "
             "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
         )
-    teacher_cfg = cfg.get("teacher")
+    # an online teacher only when a term reads it in the step (kd_target=offline_teacher reads a store)
+    teacher_cfg = cfg.get("teacher") if wants_teacher else None
     return pipeline.distill(
         name=name,
         student_factory=lambda: instantiate(cfg.student),
@@ -199,6 +203,13 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
         result = {"posterior": str(store.folder), **summarize_store(store)}
     elif stage == "distill":
         result = run_distill(cfg, pipeline, cfg.run_name, list(cfg.loss))
+    elif stage == "teacher-logits":
+        if not cfg.get("teacher"):
+            raise ValueError(
+                "kdl teacher-logits needs an open teacher: add teacher=smollm2 (or teacher=local teacher.path=...)"
+            )
+        store = pipeline.offline_teacher()
+        result = {"offline_teacher": str(store.folder), **summarize_store(store)}
     elif stage == "pipeline":
         rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
         variants: Mapping[str, list[str]] = cfg.variants

@@ -30,6 +30,30 @@ from kd_lightning.models.loading import target_position_logits
 log = logging.getLogger(__name__)
 
 
+@torch.inference_mode()
+def target_position_batches(
+    model: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Yield a model's logits (rows, V) at the target positions of batches of ``sequences``.
+
+    Sequences are batched by length (less padding); each yield names its sequences, and rows come in that
+    order (sequence, then position), which is the soft-label store's row order within those sequences.
+    """
+    dataset = SoftLabelDataset(corpus)
+    device = next(model.parameters()).device
+    by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
+    for start in range(0, len(by_length), batch_size):
+        batch_seqs = by_length[start : start + batch_size]
+        batch = collate([dataset[i] for i in batch_seqs], pad_id)
+        mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
+        yield (
+            target_position_logits(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
+            ),
+            batch_seqs,
+        )
+
+
 class DirichletUpdate:
     """Dirichlet–multinomial posterior mean with sampled counts.
 
@@ -125,25 +149,11 @@ class ProxyPosteriorEstimator:
             "seed": self.seed,
         }
 
-    @torch.inference_mode()
     def proxy_distributions(
         self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int
     ) -> Iterator[tuple[torch.Tensor, list[int]]]:
-        """Yield (rows, V) proxy probabilities at the target positions of batches of ``sequences``.
-
-        Sequences are batched by length (less padding); each yield names its sequences, and rows come in
-        that order (sequence, then position).
-        """
-        dataset = SoftLabelDataset(corpus)
-        device = next(proxy.parameters()).device
-        by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
-        for start in range(0, len(by_length), self.batch_size):
-            batch_seqs = by_length[start : start + self.batch_size]
-            batch = collate([dataset[i] for i in batch_seqs], pad_id)
-            mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
-            logits = target_position_logits(
-                proxy, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
-            )
+        """Yield (rows, V) proxy probabilities at the target positions of batches of ``sequences``."""
+        for logits, batch_seqs in target_position_batches(proxy, corpus, sequences, pad_id, self.batch_size):
             yield torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1), batch_seqs
 
     def posterior_rows(

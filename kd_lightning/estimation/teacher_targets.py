@@ -1,0 +1,97 @@
+"""Offline white-box teacher: its logits at every target position, stored sparse (``kdl teacher-logits``).
+
+Running a large teacher inside every training step costs a forward per step per epoch; storing its
+distributions once costs one pass. Dense (N, V) logits are far too big to store (V = 49,152 fp16 is 96 KB
+per token), so they are kept as either
+
+* **top-k**: the k most likely ids and the remaining mass as a tail bucket (deterministic; biased, since
+  the tail is one lump), or
+* **sampled**: k draws from the teacher with repeats merged, empty tail ("Sparse Logit Sampling",
+  arXiv 2503.16870; unbiased for the forward-KL gradient in expectation over draws).
+
+Both land in the soft-label store format, so a student trains on them with any divergence:
+``kdl distill kd_target=offline_teacher loss=[hard_ce,forward_kl]``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.estimation.posterior import target_position_batches
+from kd_lightning.losses.targets import sampled_target, topk_target
+
+log = logging.getLogger(__name__)
+KINDS = ("topk", "sampled")
+
+
+class TeacherTargetBuilder:
+    """Build the offline-teacher store: sparse targets from a frozen teacher's logits, resumable by shard.
+
+    Args:
+        kind: ``topk`` or ``sampled``.
+        k: ids kept (top-k) or draws per position (sampled).
+        batch_size: sequences per teacher forward.
+        shard_size: sequences per resumable shard.
+        seed: sampling seed (shard ``j`` draws with ``seed + j``, so a resumed run draws the same).
+    """
+
+    def __init__(
+        self, kind: str = "topk", k: int = 64, batch_size: int = 8, shard_size: int = 64, seed: int = 0
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"teacher_targets.kind must be one of {KINDS}, got {kind!r}")
+        if k < 1:
+            raise ValueError(f"teacher_targets.k must be >= 1, got {k}")
+        self.kind, self.k, self.batch_size, self.shard_size, self.seed = kind, k, batch_size, shard_size, seed
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "k": self.k, **({"seed": self.seed} if self.kind == "sampled" else {})}
+
+    def rows(self, logits: torch.Tensor, generator: torch.Generator) -> SparseRows:
+        vocab = logits.shape[-1]
+        if self.kind == "topk":
+            ids, probs, tail = topk_target(logits, min(self.k, vocab))
+        else:
+            ids, probs, tail = sampled_target(logits.cpu(), self.k, generator=generator)
+        return SparseRows(
+            ids.cpu().numpy().astype(id_dtype_for(vocab)),
+            probs.cpu().numpy().astype(np.float16),
+            tail.cpu().numpy().astype(np.float32),
+        )
+
+    def estimate(
+        self, teacher: nn.Module, corpus: TokenizedCorpus, pad_id: int, out: str, provenance: dict
+    ) -> SoftLabelStore:
+        """Run the teacher over ``corpus`` and write its sparse targets at ``out`` (resumes a killed run)."""
+        teacher.eval()
+        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, self.shard_size)
+        if writer.done_count():
+            log.info("teacher logits: resuming, %d/%d shards written", writer.done_count(), writer.num_shards)
+        pending = list(writer.pending())
+        offsets = writer.offsets
+        total = sum(
+            int(offsets[writer.shard_sequences(s).stop] - offsets[writer.shard_sequences(s).start])
+            for s in pending
+        )
+        with tqdm(total=total, desc=f"teacher {self.kind}-{self.k}", unit="tok") as bar:
+            for shard in pending:
+                generator = torch.Generator().manual_seed(self.seed + shard)
+                parts: dict[int, SparseRows] = {}
+                for logits, seqs in target_position_batches(
+                    teacher, corpus, writer.shard_sequences(shard), pad_id, self.batch_size
+                ):
+                    rows = self.rows(logits, generator)
+                    lengths = [int(offsets[i + 1] - offsets[i]) for i in seqs]
+                    bounds = np.cumsum([0, *lengths])
+                    for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
+                        parts[i] = rows.slice(lo, hi)
+                    bar.update(len(rows.ids))
+                writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
+        return writer.finish()
