@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.tokenized import TokenizedCorpus
@@ -89,26 +89,44 @@ def collate(
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches, seeded by (seed, epoch), that can skip the batches a resumed run already did."""
+    """Shuffled batches, seeded by (seed, epoch), that can skip the batches a resumed run already did.
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    Under data parallelism every rank draws the same order and takes its own slice of each global batch
+    (``batch_size`` per rank), so W ranks together see exactly the batches one process would see with
+    ``W · batch_size``. A final global batch too small to give every rank a sequence is dropped (every rank
+    must run the same number of steps).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
         self.epoch = epoch
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        full, rest = divmod(self.size, self.global_batch_size)
+        return full + (1 if rest >= self.num_replicas else 0)
 
     def __iter__(self):
         order = torch.randperm(
             self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
         ).tolist()
         skip, self.skip = self.skip, 0
-        for start in range(skip * self.batch_size, self.size, self.batch_size):
-            yield order[start : start + self.batch_size]
+        size = self.global_batch_size
+        for index in range(skip, len(self)):
+            items = order[index * size : (index + 1) * size]
+            base, extra = divmod(len(items), self.num_replicas)  # a short last batch is split evenly
+            start = self.rank * base + min(self.rank, extra)
+            yield items[start : start + base + (1 if self.rank < extra else 0)]
 
 
 class ResumableDataLoader(DataLoader):
@@ -162,7 +180,8 @@ class TeacherTextDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("call TeacherTextDataModule.connect(...) before training")
-        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, self.shuffle_seed)
+        world, rank = self._replicas()
+        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, self.shuffle_seed, world, rank)
         sampler.skip = self._batches_done_in_epoch(len(sampler))
         return ResumableDataLoader(
             self.train_set,
@@ -170,6 +189,20 @@ class TeacherTextDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=partial(collate, pad_id=self.pad_id, store_names=self.store_names),
         )
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, rank) of the attached trainer; this DataModule shards batches itself."""
+        trainer = self.trainer
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        if world == 1:
+            return 1, 0
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "TeacherTextDataModule shards batches across ranks itself; set trainer.use_distributed_sampler=false "
+                "(conf/trainer/ddp.yaml does)"
+            )
+        return world, int(trainer.global_rank)
 
     def _batches_done_in_epoch(self, batches_per_epoch: int) -> int:
         """After a resume, the batches of the current epoch already trained (0 on a fresh run)."""
@@ -184,8 +217,10 @@ class TeacherTextDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
+        world, rank = self._replicas()
+        val_set = self.val_set if world == 1 else Subset(self.val_set, range(rank, len(self.val_set), world))
         return DataLoader(
-            self.val_set,
+            val_set,
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,

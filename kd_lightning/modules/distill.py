@@ -161,16 +161,33 @@ class DistillModule(LightningModule):
             terms = self.compute_terms(logits, packed)
         total = sum(weight * value for weight, value in terms.values())
         batch_size = batch["input_ids"].shape[0]
+        tokens = (batch["target_ids"] != IGNORE_INDEX).sum().float()
+        scale, distributed = self.rank_token_scale(tokens), self.trainer_world_size() > 1
         for name, (_, value) in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+            self.log(f"train/{name}", value.detach() * scale, batch_size=batch_size, sync_dist=distributed)
         self.log(
-            "train/target_tokens",
-            (batch["target_ids"] != IGNORE_INDEX).sum().float(),
-            reduce_fx="sum",
-            batch_size=batch_size,
+            "train/loss", total.detach() * scale, prog_bar=True, batch_size=batch_size, sync_dist=distributed
         )
-        return total
+        self.log("train/target_tokens", tokens, reduce_fx="sum", batch_size=batch_size)
+        return total * scale
+
+    def trainer_world_size(self) -> int:
+        trainer = self._trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
+        """Weight of this rank's token-mean loss so that DDP's gradient average is the global token mean.
+
+        Each term is a mean over this rank's target tokens n_r. DDP averages gradients over W ranks, which
+        would weight every rank alike however many tokens it holds. Scaling by ``W · n_r / Σ n`` makes the
+        average exactly the gradient of the mean over all ranks' tokens, i.e. what one process computes on
+        the global batch. 1 on a single process.
+        """
+        world = self.trainer_world_size()
+        if world == 1:
+            return 1.0
+        total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
+        return tokens.detach() * world / total
 
     def on_validation_epoch_start(self) -> None:
         self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -1,0 +1,53 @@
+"""Two-process DDP on CPU (gloo) with an online teacher matches one process on the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.data.datamodule import EpochBatchSampler
+
+WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
+
+
+def run_worker(tiny_dir, out, strategy, devices, batch_size):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(tiny_dir), str(out), strategy, str(devices), str(batch_size)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path):
+    # 22 sequences: global batches of 8, 8, then 6 split 3 + 3; ranks hold different token counts
+    single = run_worker(tiny_dir, tmp_path / "single.pt", "auto", 1, 8)
+    ddp = run_worker(tiny_dir, tmp_path / "ddp.pt", "ddp", 2, 4)
+    assert ddp["world"] == 2 and len(ddp["losses"]) == len(single["losses"]) == 3
+    torch.testing.assert_close(
+        torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5
+    )
+    for name, weight in single["student"].items():
+        torch.testing.assert_close(ddp["student"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_ranks_split_every_global_batch_between_them():
+    single = list(EpochBatchSampler(22, 8, seed=0))
+    ranks = [list(EpochBatchSampler(22, 4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == 3
+    for step, batch in enumerate(single):
+        assert ranks[0][step] + ranks[1][step] == batch
+    assert [len(b) for b in ranks[1]] == [4, 4, 3]
+    # a last global batch with fewer sequences than ranks is dropped on every rank alike
+    tiny = [list(EpochBatchSampler(9, 4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(tiny[0]) == len(tiny[1]) == 1
