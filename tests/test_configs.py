@@ -93,10 +93,13 @@ def test_every_option_composes_and_instantiates(group, option, kdl_env):
         for cb in node.values():
             assert instantiate(cb) is not None
         return
-    if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
+    if (group, option) in (("trainer", "gpu"), ("trainer", "fsdp")) and not torch.cuda.is_available():
         assert (
             node.accelerator == "gpu" and node.precision == "bf16-mixed"
         )  # instantiated only where a GPU exists
+        if option == "fsdp":  # its strategy and wrap policy do build here
+            strategy = instantiate(node.strategy)
+            assert type(strategy).__name__ == "FSDPStrategy" and node.use_distributed_sampler is False
         return
     if group in ("tokenizer", "proxy", "paths"):
         return  # plain values, checked by the pipeline tests

@@ -15,10 +15,19 @@ from kd_lightning.data.datamodule import EpochBatchSampler
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 
 
-def run_worker(tiny_dir, out, strategy, devices, batch_size):
+def run_worker(tiny_dir, out, strategy, devices, batch_size, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(WORKER), str(tiny_dir), str(out), strategy, str(devices), str(batch_size)],
+        [
+            sys.executable,
+            str(WORKER),
+            str(tiny_dir),
+            str(out),
+            strategy,
+            str(devices),
+            str(batch_size),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -28,12 +37,22 @@ def run_worker(tiny_dir, out, strategy, devices, batch_size):
     return torch.load(out, weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def single(tiny_dir, tmp_path_factory):
+    return run_worker(tiny_dir, tmp_path_factory.mktemp("single") / "single.pt", "auto", 1, 8)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path):
+@pytest.mark.parametrize("teacher", ["replicated", "shard"])
+def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path, single, teacher):
     # 22 sequences: global batches of 8, 8, then 6 split 3 + 3; ranks hold different token counts
-    single = run_worker(tiny_dir, tmp_path / "single.pt", "auto", 1, 8)
-    ddp = run_worker(tiny_dir, tmp_path / "ddp.pt", "ddp", 2, 4)
+    ddp = run_worker(tiny_dir, tmp_path / "ddp.pt", "ddp", 2, 4, teacher)
     assert ddp["world"] == 2 and len(ddp["losses"]) == len(single["losses"]) == 3
+    # a sharded teacher: rank 0 holds about half (dim-0 chunks round up on small tensors)
+    if teacher == "shard":
+        assert 0.45 < ddp["teacher_local_fraction"] < 0.6
+    else:
+        assert ddp["teacher_local_fraction"] == 1.0
     torch.testing.assert_close(
         torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5
     )

@@ -239,6 +239,10 @@ def target_position_states(
     """
     if not hasattr(model, "get_decoder"):
         raise TypeError("hidden-state distillation needs an HF causal LM (get_decoder/get_output_embeddings)")
+    if getattr(model, "_kdl_head_shortcut", None) is False:  # e.g. a sharded teacher: only its full forward
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        layers = {layer: out.hidden_states[layer][positions] for layer in hidden_layers}
+        return (out.logits[positions] if head else out.hidden_states[-1][positions]), layers
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     states = out.hidden_states
     layers = {layer: states[layer][positions] for layer in hidden_layers}
@@ -252,6 +256,28 @@ def target_position_states(
     if shortcut:
         return model.get_output_embeddings()(last), layers
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions], layers
+
+
+def shard_frozen_model(model: nn.Module, device_type: str) -> nn.Module:
+    """Shard a frozen model's parameters over the default process group (FSDP2 ``fully_shard``).
+
+    Each decoder block is its own unit, so a forward gathers one block at a time: a rank holds 1/W of the
+    weights at rest and about one block more while running. Only the model's full forward may be called
+    afterwards (its root unit gathers the embeddings and head), so the head shortcut is switched off.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_frozen_model needs an initialised process group (a distributed strategy)")
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for block in getattr(decoder, "layers", None) or []:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    object.__setattr__(model, "_kdl_head_shortcut", False)
+    return model
 
 
 def _check_head_shortcut(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.models.loading import freeze, target_position_logits, target_position_states
+from kd_lightning.models.loading import (
+    freeze,
+    shard_frozen_model,
+    target_position_logits,
+    target_position_states,
+)
 from kd_lightning.modules.distill import DistillModule
 
 
@@ -20,10 +25,15 @@ class OnlineTeacherDistillModule(DistillModule):
     ``torch.no_grad()`` at target positions only, and moved to the student's device when fitting starts.
     Divergence terms with ``target: teacher`` read its logits.
 
+    Under a sharding strategy (FSDP / model parallel) the teacher's weights are sharded over the ranks too
+    (:func:`~kd_lightning.models.loading.shard_frozen_model`); under DDP each rank holds a copy, which is
+    faster while it fits. ``shard_teacher`` forces either.
+
     Args:
         student: the model being trained.
         teacher: a causal LM sharing the student's vocabulary (same ``config.vocab_size``).
         loss_terms, optimizer, scheduler, loss_chunk_size: as for :class:`DistillModule`.
+        shard_teacher: shard the teacher over the ranks; None = when the strategy shards the student.
     """
 
     def __init__(
@@ -34,6 +44,7 @@ class OnlineTeacherDistillModule(DistillModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         loss_chunk_size: int | None = None,
+        shard_teacher: bool | None = None,
     ) -> None:
         s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
         t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
@@ -44,6 +55,7 @@ class OnlineTeacherDistillModule(DistillModule):
             )
         super().__init__(student, loss_terms, optimizer, scheduler, loss_chunk_size)
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
+        self.shard_teacher = shard_teacher
         self.setup_terms(student, self.teacher)
 
     @property
@@ -53,8 +65,20 @@ class OnlineTeacherDistillModule(DistillModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.teacher.to(self.device)
+        if self._teacher_should_shard() and not getattr(self.teacher, "_kdl_sharded", False):
+            shard_frozen_model(self.teacher, self.device.type)  # moves each rank's shard to the device
+            object.__setattr__(self.teacher, "_kdl_sharded", True)
+        elif not getattr(self.teacher, "_kdl_sharded", False):
+            self.teacher.to(self.device)
         self.teacher.eval()
+
+    def _teacher_should_shard(self) -> bool:
+        if self.trainer.world_size < 2:
+            return False
+        if self.shard_teacher is not None:
+            return self.shard_teacher
+        name = type(self.trainer.strategy).__name__
+        return name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
     def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         packed = super().targets(batch, mask)

@@ -2,7 +2,7 @@
 
 Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-executes it per rank):
 
-    python tests/scripts/ddp_worker.py TINY_DIR OUT.pt STRATEGY DEVICES BATCH_SIZE
+    python tests/scripts/ddp_worker.py TINY_DIR OUT.pt STRATEGY DEVICES BATCH_SIZE [SHARD_TEACHER]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class RecordLoss(Callback):
 
 def main() -> None:
     tiny_dir, out, strategy, devices, batch_size = sys.argv[1:6]
+    shard_teacher = len(sys.argv) > 6 and sys.argv[6] == "shard"
     torch.use_deterministic_algorithms(True)
     tok = load_tokenizer(tiny_dir)
     corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:22], tok, 96)
@@ -40,6 +41,7 @@ def main() -> None:
         load_causal_lm(tiny_dir),
         {"kd": ForwardKL("teacher"), "ce": HardCrossEntropy(weight=0.5)},
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        shard_teacher=shard_teacher,
     )
     data = TeacherTextDataModule(batch_size=int(batch_size), shuffle_seed=0).connect(tok.pad_token_id, corpus)
     record = RecordLoss()
@@ -58,7 +60,19 @@ def main() -> None:
     trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
         state = {k: v.detach().cpu().clone() for k, v in module.student.state_dict().items()}
-        torch.save({"losses": record.losses, "student": state, "world": trainer.world_size}, out)
+        teacher_local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.teacher.parameters()
+        )
+        teacher_full = sum(p.numel() for p in module.teacher.parameters())
+        torch.save(
+            {
+                "losses": record.losses,
+                "student": state,
+                "world": trainer.world_size,
+                "teacher_local_fraction": teacher_local / teacher_full,
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":
