@@ -1,0 +1,130 @@
+"""Our generalized JSD against TRL's ``GKDTrainer.generalized_jsd_loss`` on the same inputs.
+
+Setting: V = 49,152 (SmolLM2), H = 576, N = 2 × 1024 positions (a quarter masked, as prompts would be),
+β = 0.5, a dense teacher. Every variant runs hidden → head → loss → backward in its own process:
+
+* ``trl``: TRL's static loss on full (B, T, V) logits;
+* ``ours``: :func:`kd_lightning.losses.generalized_jsd` on the same logits;
+* ``ours_fused``: the fused path (hidden states + head in chunks of 512 target positions).
+
+Values must agree; the figures are the best of 2 timings and the peak RSS each adds over its inputs.
+Skips with a message when ``trl`` is not installed (``pip install trl``). Ends with one JSON line.
+
+    python benchmarks/bench_trl_jsd.py [--batch 2] [--seq 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+VOCAB, HIDDEN, BETA, CHUNK = 49152, 576, 0.5, 512
+
+
+def run_variant(variant: str, batch: int, seq: int) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    hidden = torch.randn(batch, seq, HIDDEN, requires_grad=True)
+    teacher = torch.randn(batch, seq, VOCAB) * 3
+    labels = torch.randint(0, VOCAB, (batch, seq))
+    labels[:, : seq // 4] = -100
+    mask = labels != -100
+    if variant == "trl":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd import GKDTrainer
+
+        def loss_fn():
+            return GKDTrainer.generalized_jsd_loss(head(hidden), teacher, labels=labels, beta=BETA)
+    elif variant == "ours":
+        from kd_lightning.losses import generalized_jsd
+
+        def loss_fn():
+            return generalized_jsd(head(hidden), teacher, mask, beta=BETA)
+    else:
+        from kd_lightning.losses import GeneralizedJSD
+        from kd_lightning.losses.chunked import chunked_terms
+
+        packed = {"target_ids": labels[mask].unsqueeze(0), "teacher_logits": teacher[mask].unsqueeze(0)}
+        term = {"jsd": GeneralizedJSD("teacher", beta=BETA)}
+
+        def loss_fn():
+            return chunked_terms(hidden[mask], head, term, packed, CHUNK)["jsd"]
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, value = [], None
+    for _ in range(2):
+        head.zero_grad(set_to_none=True)
+        hidden.grad = None
+        start = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        value = float(loss.detach())
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "variant": variant,
+        "loss": value,
+        "seconds": min(times),
+        "peak_added_mib": (after - before) / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.batch, args.seq)))
+        return
+    if importlib.util.find_spec("trl") is None:
+        print("trl is not installed (pip install trl); nothing to compare against")
+        print(json.dumps({"bench": "trl_generalized_jsd", "skipped": "trl not installed"}))
+        return
+    results = {}
+    for variant in ("trl", "ours", "ours_fused"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[variant] = r = json.loads(out)
+        print(
+            f"{variant:10s} loss {r['loss']:.6f}  {r['seconds']:.2f} s  peak +{r['peak_added_mib']:.0f} MiB",
+            flush=True,
+        )
+    trl = results["trl"]
+    figures = {"bench": "trl_generalized_jsd", "vocab": VOCAB, "rows": args.batch * args.seq, "beta": BETA}
+    for variant in ("ours", "ours_fused"):
+        diff = abs(results[variant]["loss"] - trl["loss"])
+        assert diff < 1e-4 * max(1.0, abs(trl["loss"])), f"{variant} disagrees with TRL by {diff}"
+        figures[f"{variant}_abs_diff_vs_trl"] = diff
+    for variant in ("trl", "ours", "ours_fused"):
+        figures[f"{variant}_seconds"] = round(results[variant]["seconds"], 2)
+        figures[f"{variant}_peak_added_mib"] = round(results[variant]["peak_added_mib"])
+    for variant in ("ours", "ours_fused"):
+        figures[f"{variant}_time_vs_trl"] = round(results[variant]["seconds"] / trl["seconds"], 2)
+        figures[f"{variant}_memory_vs_trl"] = round(
+            results[variant]["peak_added_mib"] / trl["peak_added_mib"], 3
+        )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
