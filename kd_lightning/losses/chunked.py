@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 
 
 def chunked_terms(
@@ -25,6 +26,7 @@ def chunked_terms(
     terms: Mapping[str, nn.Module],
     batch: Mapping[str, torch.Tensor],
     chunk_size: int,
+    fuse: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each term's value as if computed on ``head(hidden)`` at once, without holding (N, V) logits.
 
@@ -34,6 +36,7 @@ def chunked_terms(
         terms: name → loss term taking ``(logits (1, n, V), batch with (1, n, ...) fields)``.
         batch: the packed batch, per-position fields shaped (1, N, ...).
         chunk_size: rows per chunk.
+        fuse: compute the terms that qualify in one pass per chunk (:mod:`kd_lightning.losses.fused_sparse`).
 
     Returns:
         name → scalar, equal in value and gradient to the unchunked computation.
@@ -54,7 +57,16 @@ def chunked_terms(
 
         def chunk_values(h: torch.Tensor, chunk_batch=chunk_batch) -> torch.Tensor:
             logits = head(h).unsqueeze(0)
-            return torch.stack([terms[name](logits, chunk_batch).float() for name in names])
+            group = {}
+            if fuse:
+                group = {n: t for n, t in terms.items() if fusable(t, chunk_batch, logits.shape[-1])}
+            fused = fused_sparse_terms(logits, group, chunk_batch) if len(group) >= 2 else {}
+            return torch.stack(
+                [
+                    (fused[name] if name in fused else terms[name](logits, chunk_batch)).float()
+                    for name in names
+                ]
+            )
 
         values = checkpoint(chunk_values, hidden[rows], use_reentrant=False)
         total = total + values * valid[rows].sum()

@@ -19,6 +19,7 @@ from torch import nn
 
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
+from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import target_position_logits, target_position_states
 
@@ -34,6 +35,8 @@ class DistillModule(LightningModule):
         loss_chunk_size: if set, terms are computed from the student's hidden states and output head in
             chunks of this many target positions (see :mod:`kd_lightning.losses.chunked`): (N, V) logits
             are never held at once. ``extra_terms`` then receives ``student_logits=None``.
+        fuse_sparse_terms: compute hard CE and forward KLs against sparse stores in one pass over the logits
+            (:mod:`kd_lightning.losses.fused_sparse`; same values and gradients, far less memory traffic).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class DistillModule(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         loss_chunk_size: int | None = None,
+        fuse_sparse_terms: bool = True,
     ) -> None:
         super().__init__()
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -59,6 +63,7 @@ class DistillModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_chunk_size = loss_chunk_size
+        self.fuse_sparse_terms = fuse_sparse_terms
         self.setup_terms(student, None)
 
     def setup_terms(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -140,9 +145,23 @@ class DistillModule(LightningModule):
     def compute_terms(
         self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
     ) -> dict[str, tuple[float, torch.Tensor]]:
-        terms = {name: (term.weight, term(student_logits, batch)) for name, term in self.loss_terms.items()}
+        fused = self.fused_values(student_logits, batch)
+        terms = {
+            name: (term.weight, fused[name] if name in fused else term(student_logits, batch))
+            for name, term in self.loss_terms.items()
+        }
         terms.update(self.extra_terms(student_logits, batch))
         return terms
+
+    def fused_values(
+        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Values of the terms that share one pass over the logits (empty when fewer than two qualify)."""
+        if not self.fuse_sparse_terms:
+            return {}
+        vocab = student_logits.shape[-1]
+        group = {n: t for n, t in self.loss_terms.items() if t.reads_logits and fusable(t, batch, vocab)}
+        return fused_sparse_terms(student_logits, group, batch) if len(group) >= 2 else {}
 
     def on_fit_start(self) -> None:
         self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
@@ -152,7 +171,9 @@ class DistillModule(LightningModule):
             hidden, packed = self.student_hidden(batch)
             head = self.student.get_output_embeddings()
             logit_terms = {n: t for n, t in self.loss_terms.items() if t.reads_logits}
-            values = chunked_terms(hidden, head, logit_terms, packed, self.loss_chunk_size)
+            values = chunked_terms(
+                hidden, head, logit_terms, packed, self.loss_chunk_size, fuse=self.fuse_sparse_terms
+            )
             values.update({n: t(None, packed) for n, t in self.loss_terms.items() if not t.reads_logits})
             terms = {name: (self.loss_terms[name].weight, values[name]) for name in self.loss_terms}
             terms.update(self.extra_terms(None, packed))

@@ -73,7 +73,7 @@ class OnlineTeacherDistillModule(DistillModule):
         self.teacher.eval()
 
     def _teacher_should_shard(self) -> bool:
-        if self.trainer.world_size < 2:
+        if self.trainer_world_size() < 2:
             return False
         if self.shard_teacher is not None:
             return self.shard_teacher
