@@ -6,7 +6,7 @@ KL terms against top-32 stores (one: prior; two: prior + posterior, the closed-s
 forward + backward + AdamW step through ``DistillModule.training_step``; variants are interleaved and the
 median of the timed repeats is reported. Ends with one JSON line.
 
-    python benchmarks/bench_kd_step.py [--repeats 5] [--chunk 0]
+    python benchmarks/bench_kd_step.py [--repeats 9] [--chunk 0]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def make_batch(vocab: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--chunk", type=int, default=0, help="loss_chunk_size (0: plain path)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*self.trainer.*")

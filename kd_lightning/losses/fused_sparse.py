@@ -37,9 +37,9 @@ def fusable(term: LossTerm, batch: Mapping[str, torch.Tensor], vocab_size: int) 
 
 class _FusedSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, lse, row_coef, ids, coef):
-        # values are computed outside; this node only carries the gradient (see fused_sparse_terms)
-        probs = torch.exp(logits.float() - lse.unsqueeze(-1))
+    def forward(ctx, logits, probs, row_coef, ids, coef):
+        # values are computed outside; this node only carries the gradient (see fused_sparse_terms).
+        # ``probs`` is the softmax buffer; backward turns it into the gradient in place.
         ctx.save_for_backward(probs, row_coef, ids, coef)
         ctx.logits_dtype = logits.dtype
         return logits.new_zeros(row_coef.shape[0], dtype=torch.float32)
@@ -66,8 +66,13 @@ def fused_sparse_terms(
     valid = target != IGNORE_INDEX
     count = valid.sum().clamp_min(1).float()
     gold = target.clamp_min(0)
-    with torch.no_grad():
-        lse = torch.logsumexp(z.float(), dim=-1)
+    with torch.no_grad():  # the one (N, V) buffer: softmax, built in place
+        zf = z.detach().float()
+        top = zf.amax(-1, keepdim=True)
+        probs = (zf - top).exp_()
+        total_mass = probs.sum(-1, keepdim=True)
+        probs.div_(total_mass)
+        lse = (top + total_mass.log()).squeeze(-1)
     names = list(terms)
     values, row_coefs, id_blocks, coef_blocks = [], [], [], []
     for name in names:
@@ -115,5 +120,5 @@ def fused_sparse_terms(
     for t, block in enumerate(coef_blocks):
         coef[t, :, start : start + block.shape[-1]] = block
         start += block.shape[-1]
-    carrier = _FusedSparse.apply(z, lse, torch.stack(row_coefs), all_ids, coef)
+    carrier = _FusedSparse.apply(z, probs, torch.stack(row_coefs), all_ids, coef)
     return {name: values[t] + carrier[t] for t, name in enumerate(names)}
