@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
-import time
+
+from _isolated import measure, run_variants
 
 VOCAB, HIDDEN, TOPK = 49152, 576, 32
 
@@ -54,19 +52,7 @@ def run_variant(variant: str, rows: int, chunk: int) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, value = [], None
-    for _ in range(2):
-        start = time.perf_counter()
-        value = step()
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "variant": variant,
-        "loss": value,
-        "seconds": min(times),
-        "peak_added_mib": (after - before) / 1024,
-    }
+    return {"variant": variant, **measure(step)}
 
 
 def main() -> None:
@@ -78,25 +64,9 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.rows, args.chunk)))
         return
-    results = {}
-    for variant in ("naive", "chunked", "fused"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--rows",
-            str(args.rows),
-            "--chunk",
-            str(args.chunk),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[variant] = json.loads(out)
-        r = results[variant]
-        print(
-            f"{variant:8s} loss {r['loss']:.5f}  {r['seconds']:.2f} s  peak +{r['peak_added_mib']:.0f} MiB",
-            flush=True,
-        )
+    results = run_variants(
+        __file__, ("naive", "chunked", "fused"), ["--rows", str(args.rows), "--chunk", str(args.chunk)]
+    )
     naive = results["naive"]
     for variant in ("chunked", "fused"):
         assert abs(results[variant]["loss"] - naive["loss"]) < 1e-3 * abs(naive["loss"]), "paths disagree"

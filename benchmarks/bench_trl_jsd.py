@@ -19,10 +19,8 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
+
+from _isolated import measure, run_variants
 
 VOCAB, HIDDEN, BETA, CHUNK = 49152, 576, 0.5, 512
 
@@ -59,23 +57,14 @@ def run_variant(variant: str, batch: int, seq: int) -> dict:
         def loss_fn():
             return chunked_terms(hidden[mask], head, term, packed, CHUNK)["jsd"]
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, value = [], None
-    for _ in range(2):
+    def step() -> float:
         head.zero_grad(set_to_none=True)
         hidden.grad = None
-        start = time.perf_counter()
         loss = loss_fn()
         loss.backward()
-        times.append(time.perf_counter() - start)
-        value = float(loss.detach())
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "variant": variant,
-        "loss": value,
-        "seconds": min(times),
-        "peak_added_mib": (after - before) / 1024,
-    }
+        return float(loss.detach())
+
+    return {"variant": variant, **measure(step)}
 
 
 def main() -> None:
@@ -91,24 +80,9 @@ def main() -> None:
         print("trl is not installed (pip install trl); nothing to compare against")
         print(json.dumps({"bench": "trl_generalized_jsd", "skipped": "trl not installed"}))
         return
-    results = {}
-    for variant in ("trl", "ours", "ours_fused"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[variant] = r = json.loads(out)
-        print(
-            f"{variant:10s} loss {r['loss']:.6f}  {r['seconds']:.2f} s  peak +{r['peak_added_mib']:.0f} MiB",
-            flush=True,
-        )
+    results = run_variants(
+        __file__, ("trl", "ours", "ours_fused"), ["--batch", str(args.batch), "--seq", str(args.seq)]
+    )
     trl = results["trl"]
     figures = {"bench": "trl_generalized_jsd", "vocab": VOCAB, "rows": args.batch * args.seq, "beta": BETA}
     for variant in ("ours", "ours_fused"):

@@ -16,42 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from kd_lightning.data.datamodule import SoftLabelDataset, collate
-from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.estimation.sharded import estimate_by_shard, target_position_batches
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def target_position_batches(
-    model: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int, batch_size: int
-) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """Yield a model's logits (rows, V) at the target positions of batches of ``sequences``.
-
-    Sequences are batched by length (less padding); each yield names its sequences, and rows come in that
-    order (sequence, then position), which is the soft-label store's row order within those sequences.
-    """
-    dataset = SoftLabelDataset(corpus)
-    device = next(model.parameters()).device
-    by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
-    for start in range(0, len(by_length), batch_size):
-        batch_seqs = by_length[start : start + batch_size]
-        batch = collate([dataset[i] for i in batch_seqs], pad_id)
-        mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
-        yield (
-            target_position_logits(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
-            ),
-            batch_seqs,
-        )
 
 
 class DirichletUpdate:
@@ -174,36 +146,25 @@ class ProxyPosteriorEstimator:
         provenance: dict,
     ) -> SoftLabelStore:
         """Compute and write the posterior store at ``out``; resumes a killed run's finished shards."""
-        proxy.eval()
-        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, self.shard_size)
-        done = writer.done_count()
-        if done:
-            log.info("posterior: resuming, %d/%d shards already written", done, writer.num_shards)
-        pending = list(writer.pending())
-        total_rows = sum(
-            int(
-                writer.offsets[writer.shard_sequences(s).stop]
-                - writer.offsets[writer.shard_sequences(s).start]
-            )
-            for s in pending
+
+        def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
+            prior_rows = SparseRows.concat([prior.rows(i) for i in seqs])
+            if len(prior_rows.ids) != logits.shape[0]:
+                raise RuntimeError(
+                    f"prior has {len(prior_rows.ids)} rows for sequences {seqs}, proxy {logits.shape[0]}"
+                )
+            probs = torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1)
+            return self.posterior_rows(prior_rows, probs.cpu(), generator)
+
+        return estimate_by_shard(
+            proxy,
+            corpus,
+            pad_id,
+            out,
+            provenance,
+            self.shard_size,
+            self.batch_size,
+            self.seed,
+            f"posterior R={self.sampling_rounds}",
+            rows_for,
         )
-        with tqdm(total=total_rows, desc=f"posterior R={self.sampling_rounds}", unit="tok") as bar:
-            for shard in pending:
-                generator = torch.Generator(device="cpu").manual_seed(self.seed + shard)
-                parts: dict[int, SparseRows] = {}
-                for proxy_probs, seqs in self.proxy_distributions(
-                    proxy, corpus, writer.shard_sequences(shard), pad_id
-                ):
-                    prior_parts = [prior.rows(i) for i in seqs]
-                    rows = SparseRows.concat(prior_parts)
-                    if len(rows.ids) != proxy_probs.shape[0]:
-                        raise RuntimeError(
-                            f"prior has {len(rows.ids)} rows for sequences {seqs}, proxy {proxy_probs.shape[0]}"
-                        )
-                    post = self.posterior_rows(rows, proxy_probs.cpu(), generator)
-                    bounds = np.cumsum([0] + [len(p.ids) for p in prior_parts])
-                    for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
-                        parts[i] = post.slice(lo, hi)
-                    bar.update(len(rows.ids))
-                writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
-        return writer.finish()

@@ -15,19 +15,15 @@ Both land in the soft-label store format, so a student trains on them with any d
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.estimation.posterior import target_position_batches
+from kd_lightning.estimation.sharded import estimate_by_shard
 from kd_lightning.losses.targets import sampled_target, topk_target
 
-log = logging.getLogger(__name__)
 KINDS = ("topk", "sampled")
 
 
@@ -70,28 +66,15 @@ class TeacherTargetBuilder:
         self, teacher: nn.Module, corpus: TokenizedCorpus, pad_id: int, out: str, provenance: dict
     ) -> SoftLabelStore:
         """Run the teacher over ``corpus`` and write its sparse targets at ``out`` (resumes a killed run)."""
-        teacher.eval()
-        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, self.shard_size)
-        if writer.done_count():
-            log.info("teacher logits: resuming, %d/%d shards written", writer.done_count(), writer.num_shards)
-        pending = list(writer.pending())
-        offsets = writer.offsets
-        total = sum(
-            int(offsets[writer.shard_sequences(s).stop] - offsets[writer.shard_sequences(s).start])
-            for s in pending
+        return estimate_by_shard(
+            teacher,
+            corpus,
+            pad_id,
+            out,
+            provenance,
+            self.shard_size,
+            self.batch_size,
+            self.seed,
+            f"teacher {self.kind}-{self.k}",
+            lambda logits, seqs, generator: self.rows(logits, generator),
         )
-        with tqdm(total=total, desc=f"teacher {self.kind}-{self.k}", unit="tok") as bar:
-            for shard in pending:
-                generator = torch.Generator().manual_seed(self.seed + shard)
-                parts: dict[int, SparseRows] = {}
-                for logits, seqs in target_position_batches(
-                    teacher, corpus, writer.shard_sequences(shard), pad_id, self.batch_size
-                ):
-                    rows = self.rows(logits, generator)
-                    lengths = [int(offsets[i + 1] - offsets[i]) for i in seqs]
-                    bounds = np.cumsum([0, *lengths])
-                    for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
-                        parts[i] = rows.slice(lo, hi)
-                    bar.update(len(rows.ids))
-                writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
-        return writer.finish()

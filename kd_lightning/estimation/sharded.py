@@ -1,0 +1,92 @@
+"""Running a model over a corpus shard by shard to build a soft-label store (posterior, offline teacher).
+
+Both estimators follow one loop: batches of teacher sequences (by length, less padding), the model's
+logits at their target positions, rows for those sequences, and a shard written atomically once all its
+sequences are done. A killed run keeps its finished shards, and shard ``j`` draws with ``seed + j``, so a
+resumed run produces the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd_lightning.data.datamodule import SoftLabelDataset, collate
+from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
+from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.models.loading import target_position_logits
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def target_position_batches(
+    model: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Yield a model's logits (rows, V) at the target positions of batches of ``sequences``.
+
+    Sequences are batched by length (less padding); each yield names its sequences, and rows come in that
+    order (sequence, then position), which is the soft-label store's row order within those sequences.
+    """
+    dataset = SoftLabelDataset(corpus)
+    device = next(model.parameters()).device
+    by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
+    for start in range(0, len(by_length), batch_size):
+        batch_seqs = by_length[start : start + batch_size]
+        batch = collate([dataset[i] for i in batch_seqs], pad_id)
+        mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
+        yield (
+            target_position_logits(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
+            ),
+            batch_seqs,
+        )
+
+
+def estimate_by_shard(
+    model: nn.Module,
+    corpus: TokenizedCorpus,
+    pad_id: int,
+    out: str,
+    provenance: dict,
+    shard_size: int,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    rows_for: Callable[[torch.Tensor, list[int], torch.Generator], SparseRows],
+) -> SoftLabelStore:
+    """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
+
+    ``rows_for`` gets the model's logits (rows, V) at the target positions of ``sequences`` and returns
+    their rows in the same order.
+    """
+    model.eval()
+    writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size)
+    if writer.done_count():
+        log.info("%s: resuming, %d/%d shards already written", desc, writer.done_count(), writer.num_shards)
+    pending = list(writer.pending())
+    offsets = writer.offsets
+
+    def rows_in(seqs: range) -> int:
+        return int(offsets[seqs.stop] - offsets[seqs.start])
+
+    with tqdm(total=sum(rows_in(writer.shard_sequences(s)) for s in pending), desc=desc, unit="tok") as bar:
+        for shard in pending:
+            generator = torch.Generator(device="cpu").manual_seed(seed + shard)
+            parts: dict[int, SparseRows] = {}
+            for logits, seqs in target_position_batches(
+                model, corpus, writer.shard_sequences(shard), pad_id, batch_size
+            ):
+                rows = rows_for(logits, seqs, generator)
+                bounds = np.cumsum([0, *(int(offsets[i + 1] - offsets[i]) for i in seqs)])
+                for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):
+                    parts[i] = rows.slice(lo, hi)
+                bar.update(len(rows.ids))
+            writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
+    return writer.finish()
