@@ -31,6 +31,7 @@ from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.evaluation.evaluate import EvaluationSpec, evaluate_model
 from kd_lightning.evaluation.nll import heldout_nll
 from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, soft_label_names
 from kd_lightning.models.loading import (
@@ -482,6 +483,36 @@ class Pipeline:
         atomic_json(result_file, result)
         return result
 
+    def trained_students(self) -> list[tuple[str, Path]]:
+        """(name, folder) of every student this workspace has finished training, oldest first."""
+        found = []
+        for result in sorted(
+            Path(self.workspace.root).glob("distill/*/result.json"), key=lambda p: p.stat().st_mtime
+        ):
+            folder = result.parent / "student"
+            if (folder / "config.json").is_file():
+                found.append((json.loads(result.read_text())["name"], folder))
+        return found
+
+    def evaluate(self, name: str, model_path: str | Path, spec: EvaluationSpec) -> dict[str, Any]:
+        """Held-out metrics of one model (NLL, ppl, token accuracy, ECE, ROUGE-L), cached per model and spec."""
+        _, heldout = self.corpora()
+        key = settings_key(
+            {"model": model_identity(str(model_path)), "heldout": heldout.fingerprint, "spec": asdict(spec)}
+        )
+        path = self.workspace.path("eval", key + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        model = freeze(load_causal_lm(model_path))
+        self.check_shares_tokenizer(model, str(model_path), "evaluated model")
+        result = {
+            "name": name,
+            "model": str(model_path),
+            **evaluate_model(model, self.tokenizer, heldout, spec),
+        }
+        atomic_json(path, result)
+        return result
+
     def proxy_heldout(self, aligned: bool) -> dict[str, Any]:
         """Held-out NLL of the proxy before or after alignment (cached)."""
         _, heldout = self.corpora()
@@ -526,6 +557,21 @@ def results_table(rows: list[Mapping[str, Any]]) -> str:
     for row in rows:
         train_s = f"{row['train_seconds']:.0f}" if "train_seconds" in row else ""
         lines.append(f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['tokens']} | {train_s} |")
+    return "\n".join(lines)
+
+
+def evaluation_table(rows: list[Mapping[str, Any]]) -> str:
+    """A markdown table of ``kdl evaluate`` rows."""
+    lines = [
+        "| model | NLL | perplexity | token acc. | ECE | ROUGE-L | generated |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        rouge = f"{row['rouge_l']:.4f}" if "rouge_l" in row else ""
+        lines.append(
+            f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['token_accuracy']:.4f} | "
+            f"{row['ece']:.4f} | {rouge} | {row.get('generated', '')} |"
+        )
     return "\n".join(lines)
 
 

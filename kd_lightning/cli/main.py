@@ -1,7 +1,8 @@
 """``kdl <stage> [hydra overrides] [-m]`` — the only module that imports Hydra.
 
 Stages: ``prior``, ``align``, ``posterior``, ``distill``, ``pipeline`` (everything, ending with a table), and
-``teacher-logits`` (an open teacher's sparse distributions, stored for offline white-box KD).
+``teacher-logits`` (an open teacher's sparse distributions, stored for offline white-box KD), and
+``evaluate`` (held-out metrics of trained students or any model folder).
 Each builds what it needs through :class:`kd_lightning.pipeline.Pipeline`, which caches every artifact by
 the settings it depends on, so ``kdl distill`` after ``kdl posterior`` reuses the stores, and a multirun over
 sampling rounds reuses the prior and the aligned proxy.
@@ -25,10 +26,17 @@ from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.pipeline import Pipeline, Workspace, atomic_json, results_table, summarize_store
+from kd_lightning.pipeline import (
+    Pipeline,
+    Workspace,
+    atomic_json,
+    evaluation_table,
+    results_table,
+    summarize_store,
+)
 
 log = logging.getLogger("kdl")
-STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits")
+STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits", "evaluate")
 
 
 def conf_dir() -> Path:
@@ -55,12 +63,14 @@ class FinishWandb(Callback):
     """Close the wandb run when fit ends or fails, so the next run of a pipeline/multirun starts clean."""
 
     def _finish(self, trainer: Trainer) -> None:
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
+        if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+            self._finish_any()
 
-                if wandb.run is not None:
-                    wandb.finish()
+    @staticmethod
+    def _finish_any() -> None:
+        wandb = sys.modules.get("wandb")  # only if some logger imported it
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
 
     def on_fit_end(self, trainer: Trainer, pl_module) -> None:
         self._finish(trainer)
@@ -186,6 +196,44 @@ def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]
     )
 
 
+def run_evaluate(cfg: DictConfig, pipeline: Pipeline) -> list[dict[str, Any]]:
+    """Evaluate ``models_to_evaluate`` (or every trained student); log each row to the configured loggers."""
+    spec = instantiate(cfg.evaluation)
+    targets = [(Path(str(p)).name or str(p), str(p)) for p in cfg.get("models_to_evaluate") or []]
+    targets = targets or [(name, str(folder)) for name, folder in pipeline.trained_students()]
+    if not targets:
+        raise ValueError(
+            "nothing to evaluate: train students first (kdl distill / kdl pipeline) or set models_to_evaluate=[<HF folder>,...]"
+        )
+    rows = []
+    for name, path in targets:
+        row = pipeline.evaluate(name, path, spec)
+        rows.append(row)
+        for node in (cfg.get("logger") or {}).values():
+            logger = instantiate(node, name=f"{cfg.run_name}-{name}")
+            logger.log_hyperparams(
+                {"model": path, "evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True)}
+            )
+            logger.log_metrics({f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+            logger.finalize("success")
+        FinishWandb()._finish_any()
+    return rows
+
+
+def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
+    """One row per evaluated model, every column any row has (written to a temp file, then renamed)."""
+    import csv
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     """Run ``cfg.stage``; returns its results (printed, and saved under the Hydra output dir)."""
     if cfg.get("num_threads"):
@@ -210,6 +258,14 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
             )
         store = pipeline.offline_teacher()
         result = {"offline_teacher": str(store.folder), **summarize_store(store)}
+    elif stage == "evaluate":
+        rows = run_evaluate(cfg, pipeline)
+        result = {"rows": rows, "table": evaluation_table(rows)}
+        write_csv(Path(cfg.paths.output_dir) / "evaluate.csv", rows)
+        print(
+            f"\nHeld-out teacher responses ({len(pipeline.corpora()[1])} records):\n{result['table']}\n",
+            flush=True,
+        )
     elif stage == "pipeline":
         rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
         variants: Mapping[str, list[str]] = cfg.variants
