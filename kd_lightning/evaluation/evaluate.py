@@ -43,16 +43,24 @@ class EvaluationSpec:
 
 @torch.inference_mode()
 def teacher_forced_metrics(
-    model: nn.Module, corpus: TokenizedCorpus, pad_id: int, batch_size: int = 8, ece_bins: int = 15
+    model: nn.Module,
+    corpus: TokenizedCorpus,
+    pad_id: int,
+    batch_size: int = 8,
+    ece_bins: int = 15,
+    desc: str = "eval",
 ) -> dict[str, float]:
-    """Token-weighted NLL, perplexity, top-1 accuracy and ECE of next-token predictions on the responses."""
+    """Token-weighted NLL, perplexity, top-1 accuracy and ECE of next-token predictions on the responses.
+
+    Sequences are sorted by length so that batches carry little padding.
+    """
     from torchmetrics.functional.classification import binary_calibration_error
 
     dataset = SoftLabelDataset(corpus)
     order = sorted(range(len(dataset)), key=lambda i: len(corpus.sequence(i)))
     device = next(model.parameters()).device
     nll_sum, confidences, correct = 0.0, [], []
-    for start in tqdm(range(0, len(order), batch_size), desc="eval", unit="batch", leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = collate([dataset[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["target_ids"] != IGNORE_INDEX
