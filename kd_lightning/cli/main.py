@@ -36,7 +36,7 @@ from kd_lightning.pipeline import (
 )
 
 log = logging.getLogger("kdl")
-STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits", "evaluate")
+STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits", "evaluate", "generate")
 
 
 def conf_dir() -> Path:
@@ -234,13 +234,33 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def run_generate(cfg: DictConfig) -> dict[str, Any]:
+    """``kdl generate``: instantiate the teacher backend and the task, write the corpus folder."""
+    from kd_lightning.generation.job import run_generation
+
+    manifest = run_generation(
+        task=instantiate(cfg.generation_task),
+        backend=instantiate(cfg.teacher_backend),
+        sampling=instantiate(cfg.sampling),
+        corpus_dir=cfg.corpus_dir,
+        cache_dir=cfg.cache_dir,
+        progress=bool(cfg.progress),
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_json(out_dir / "generate_result.json", manifest)
+    return manifest
+
+
 def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     """Run ``cfg.stage``; returns its results (printed, and saved under the Hydra output dir)."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(cfg.seed, workers=True)
-    pipeline = build_pipeline(cfg)
     stage = cfg.stage
+    if stage == "generate":
+        return run_generate(cfg)
+    pipeline = build_pipeline(cfg)
     if stage == "prior":
         store = pipeline.prior()
         result = {"prior": str(store.folder), **summarize_store(store)}

@@ -1,0 +1,299 @@
+"""A small OpenAI-compatible chat-completions server for a local model, on loopback.
+
+It lets ``kdl generate``'s API path run end to end with no network: the tests serve a tiny model
+through it and drive it with the real ``openai`` client, and users can serve any local chat model to
+tools that speak the OpenAI API::
+
+    python -m kd_lightning.generation.server --model smollm2 --port 8000
+
+Concurrent requests are micro-batched (requests arriving within ``batch_wait_s`` share one ``generate``
+call). ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
+``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"sleep:<seconds>"`` (answer late, to trip a client
+timeout), ``"malformed"`` (a 200 whose body is not JSON), ``"no_choices"`` (valid JSON without choices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kd_lightning.generation.chat import ChatGenerator, Completion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    messages: list[dict[str, str]]
+    settings: tuple  # (max_new_tokens, temperature, top_p, top_logprobs)
+    seed: int | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Completion | None = None
+    error: str | None = None
+
+
+class OpenAICompatibleServer:
+    """Serves ``generator`` as model ``model_name`` at ``http://host:port/v1`` (port 0: pick a free one)."""
+
+    def __init__(
+        self,
+        generator: ChatGenerator,
+        model_name: str = "local",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.02,
+        api_key: str | None = None,
+        faults: Sequence[str] = (),
+    ) -> None:
+        self.generator = generator
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.api_key = api_key
+        self.faults: list[str] = list(faults)
+        self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
+        self.lock = threading.Lock()
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> OpenAICompatibleServer:
+        for target in (self.httpd.serve_forever, self._batch_loop):
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.jobs.put(None)
+
+    def __enter__(self) -> OpenAICompatibleServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _batch_loop(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(job)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in batch:
+                groups.setdefault(job.settings, []).append(job)
+            for (max_new, temperature, top_p, top_logprobs), jobs in groups.items():
+                try:
+                    results = self.generator.generate(
+                        [j.messages for j in jobs], max_new, temperature, top_p, jobs[0].seed, top_logprobs
+                    )
+                    for job, result in zip(jobs, results):
+                        job.result = result
+                except ValueError as err:
+                    for job in jobs:
+                        job.error = str(err)
+                for job in jobs:
+                    job.done.set()
+
+    def _next_fault(self) -> str | None:
+        with self.lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):  # quiet: tests and users read the client's summary
+                log.debug("server: " + fmt, *args)
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+            def _error(self, status: int, message: str, kind: str, headers=None) -> None:
+                body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+                self._send(status, body, headers)
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    body = {
+                        "object": "list",
+                        "data": [{"id": server.model_name, "object": "model", "owned_by": "kd_lightning"}],
+                    }
+                    self._send(200, json.dumps(body).encode())
+                else:
+                    self._error(404, f"no route {self.path}", "not_found")
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._error(404, f"no route {self.path}", "not_found")
+                    return
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._error(401, "invalid API key", "invalid_request_error")
+                    return
+                try:
+                    body = json.loads(raw)
+                    messages = body["messages"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self._error(400, "body must be JSON with a 'messages' list", "invalid_request_error")
+                    return
+                with server.lock:
+                    server.chat_requests.append(body)
+                if body.get("model") != server.model_name:
+                    self._error(404, f"model {body.get('model')!r} not found", "not_found_error")
+                    return
+                fault = server._next_fault()
+                if fault == "429":
+                    self._error(429, "rate limited", "rate_limit_error", {"Retry-After": "0"})
+                    return
+                if fault == "500":
+                    self._error(500, "internal error", "server_error")
+                    return
+                if fault and fault.startswith("sleep:"):
+                    time.sleep(float(fault.split(":", 1)[1]))
+                if fault == "malformed":
+                    self._send(200, b"this is not JSON")
+                    return
+                if fault == "no_choices":
+                    self._send(
+                        200,
+                        json.dumps(
+                            {
+                                "id": "x",
+                                "object": "chat.completion",
+                                "created": 0,
+                                "model": server.model_name,
+                                "choices": [],
+                            }
+                        ).encode(),
+                    )
+                    return
+                top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+                job = _Job(
+                    messages=messages,
+                    settings=(
+                        int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
+                        float(1.0 if body.get("temperature") is None else body["temperature"]),
+                        float(body.get("top_p") or 1.0),
+                        top,
+                    ),
+                    seed=body.get("seed"),
+                )
+                server.jobs.put(job)
+                job.done.wait()
+                if job.error is not None:
+                    self._error(400, job.error, "invalid_request_error")
+                    return
+                self._send(
+                    200, json.dumps(completion_body(job.result, server.model_name, bool(top))).encode()
+                )
+
+        return Handler
+
+
+def completion_body(result: Completion, model_name: str, with_logprobs: bool) -> dict[str, Any]:
+    """A chat.completion object as the OpenAI API returns it."""
+    logprobs = None
+    if with_logprobs and result.logprobs is not None:
+        logprobs = {
+            "content": [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": list(t.token.encode()),
+                    "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in t.top],
+                }
+                for t in result.logprobs
+            ]
+        }
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": logprobs,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a local chat model with an OpenAI-compatible API.")
+    parser.add_argument(
+        "--model", default="smollm2", help="a local HF folder, or smollm2 (the shipped model)"
+    )
+    parser.add_argument("--name", default=None, help="model name clients ask for (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--api-key-env", default=None, help="require the key in this environment variable")
+    args = parser.parse_args(argv)
+    import os
+
+    from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    generator = ChatGenerator(load_causal_lm(args.model), load_tokenizer(args.model))
+    server = OpenAICompatibleServer(
+        generator, args.name or args.model, args.host, args.port, args.max_batch_size, api_key=key
+    ).start()
+    print(f"serving {args.model} as {server.model_name!r} at {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
