@@ -97,6 +97,9 @@ class CorpusSpec:
     """Use only the first N training records (after the split), e.g. for a quick demo."""
     heldout_limit: int | None = None
     """Evaluate on only the first N held-out records."""
+    logprobs: str | None = None
+    """``logprobs.jsonl`` from ``kdl generate sampling.top_logprobs=K``: the teacher's top-k log-probs,
+    stored as the ``teacher_logprobs`` soft labels (``kd_target=teacher_logprobs``)."""
 
 
 @dataclass
@@ -186,8 +189,10 @@ class Pipeline:
 
     def corpus_key(self) -> str:
         spec = asdict(self.corpus_spec)
-        if spec["source"] != "alpaca_gpt35" and spec["path"]:
+        spec.pop("logprobs")  # evidence about the corpus, not part of it
+        if spec["source"] not in ("alpaca_gpt35", "smollm2_self_instruct") and spec["path"]:
             spec["content"] = file_digest(spec["path"])
+        spec["format"] = 2  # tokenized corpora keep their record keys
         return settings_key({"spec": spec, "tokenizer": self.tokenizer_fp})
 
     def corpora(self) -> tuple[TokenizedCorpus, TokenizedCorpus]:
@@ -405,8 +410,44 @@ class Pipeline:
         )
         return store
 
+    # ---------------------------------------------------------------- API teacher log-probs
+    def teacher_logprobs(self) -> SoftLabelStore:
+        """The API teacher's top-k log-probs (``data.logprobs``) aligned to every training target position."""
+        if not self.corpus_spec.logprobs:
+            raise ValueError(
+                "the teacher_logprobs soft labels need data.logprobs=<corpus folder>/logprobs.jsonl "
+                "(written by kdl generate sampling.top_logprobs=K)"
+            )
+        from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
+
+        train, _ = self.corpora()
+        provenance = {
+            "tokenizer": self.tokenizer_fp,
+            "corpus": train.fingerprint,
+            "logprobs": file_digest(self.corpus_spec.logprobs),
+        }
+        folder = self.workspace.path("teacher_logprobs", settings_key(provenance))
+        if (folder / "meta.json").is_file():
+            return SoftLabelStore(folder, expect=provenance)
+        store, stats = build_logprob_store(
+            train,
+            read_logprobs(self.corpus_spec.logprobs),
+            self.tokenizer,
+            folder,
+            provenance,
+            self.vocab_size(),
+        )
+        atomic_json(folder.parent / f"{folder.name}.stats.json", stats)
+        log.info("teacher log-probs written to %s (%s)", folder, stats)
+        return store
+
     def stores_for(self, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
-        known = {"prior": self.prior, "posterior": self.posterior, "offline_teacher": self.offline_teacher}
+        known = {
+            "prior": self.prior,
+            "posterior": self.posterior,
+            "offline_teacher": self.offline_teacher,
+            "teacher_logprobs": self.teacher_logprobs,
+        }
         unknown = [n for n in names if n not in known]
         if unknown:
             raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {sorted(known)}")
@@ -536,7 +577,11 @@ def _first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
     n = min(n, len(corpus))
     end = int(corpus.offsets[n])
     return TokenizedCorpus(
-        corpus.tokens[:end], corpus.offsets[: n + 1].copy(), corpus.prompt_lens[:n].copy(), corpus.report
+        corpus.tokens[:end],
+        corpus.offsets[: n + 1].copy(),
+        corpus.prompt_lens[:n].copy(),
+        corpus.report,
+        None if corpus.record_keys is None else corpus.record_keys[:n],
     )
 
 

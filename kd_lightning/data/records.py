@@ -25,6 +25,10 @@ ALPACA_EVAL_VERSION = "0.6.6"
 ALPACA_EVAL_MEMBER = f"alpaca_eval-{ALPACA_EVAL_VERSION}/example/outputs.json"
 ALPACA_GPT35_FILE = "alpaca_eval_gpt35_turbo_0301.jsonl"
 GPT35_GENERATOR = "gpt-3.5-turbo-0301"
+# SmolLM2-135M-Instruct's answers to its own self-instruct instructions, made by
+# `kdl generate experiment=generate_smollm2_corpus` and shipped (an open teacher whose true
+# distributions the fidelity evaluation can compare estimates with).
+SMOLLM2_CORPUS = Path(__file__).resolve().parents[1] / "corpora" / "smollm2_self_instruct.jsonl"
 
 
 class CorpusError(ValueError):
@@ -215,11 +219,15 @@ def load_records(
         return read_jsonl(file)
     if path is None:
         raise CorpusError(f"data.source={source} needs data.path")
+    if source == "smollm2_self_instruct":
+        return read_jsonl(SMOLLM2_CORPUS, fields)
     if source == "jsonl":
         return read_jsonl(path, fields)
     if source == "hf_dataset":
         return read_hf_dataset(path, split=split, fields=fields)
-    raise CorpusError(f"unknown data.source={source!r}; use alpaca_gpt35, jsonl or hf_dataset")
+    raise CorpusError(
+        f"unknown data.source={source!r}; use alpaca_gpt35, smollm2_self_instruct, jsonl or hf_dataset"
+    )
 
 
 def split_records(records: list[Record], heldout_size: int) -> tuple[list[Record], list[Record]]:

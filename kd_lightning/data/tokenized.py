@@ -59,6 +59,7 @@ class TokenizedCorpus:
     offsets: np.ndarray  # (num_seqs + 1,) int64
     prompt_lens: np.ndarray  # (num_seqs,) int32
     report: CorpusReport = field(default_factory=CorpusReport)
+    record_keys: list[str] | None = None  # Record.key of each sequence (links API log-probs to positions)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -100,6 +101,8 @@ class TokenizedCorpus:
             np.save(tmp / "offsets.npy", self.offsets)
             np.save(tmp / "prompt_lens.npy", self.prompt_lens)
             (tmp / "report.json").write_text(json.dumps(self.report.__dict__, indent=1))
+            if self.record_keys is not None:
+                (tmp / "record_keys.json").write_text(json.dumps(self.record_keys))
             os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -114,6 +117,7 @@ class TokenizedCorpus:
             np.load(folder / "offsets.npy"),
             np.load(folder / "prompt_lens.npy"),
             report,
+            json.loads(keys.read_text()) if (keys := folder / "record_keys.json").is_file() else None,
         )
 
 
@@ -163,7 +167,7 @@ def tokenize_records(
     if max_seq_len < 4:
         raise CorpusError(f"max_seq_len={max_seq_len} is too small; use at least a few hundred tokens")
     report = CorpusReport(records=len(records))
-    sequences, prompt_lens = [], []
+    sequences, prompt_lens, keys = [], [], []
     for index, record in enumerate(records):
         if not record.response.strip():
             report.note("empty_response", index)
@@ -177,6 +181,7 @@ def tokenize_records(
             response = response[: max_seq_len - len(prompt)]
         sequences.append(np.asarray(prompt + response, dtype=np.int32))
         prompt_lens.append(len(prompt))
+        keys.append(record.key)
         report.kept += 1
     if not sequences:
         raise CorpusError(f"no usable records ({report.summary()})")
@@ -184,5 +189,5 @@ def tokenize_records(
         log.warning("corpus: %s", report.summary())
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
     return TokenizedCorpus(
-        np.concatenate(sequences), offsets, np.asarray(prompt_lens, dtype=np.int32), report
+        np.concatenate(sequences), offsets, np.asarray(prompt_lens, dtype=np.int32), report, keys
     )

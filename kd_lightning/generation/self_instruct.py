@@ -147,15 +147,15 @@ def parse_instructions(text: str) -> list[str]:
 
 def propose_prompt(examples: Sequence[str], num_new: int) -> str:
     """The few-shot request for new instructions (Alpaca-style requirements, chat phrasing)."""
-    shown = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
+    shown = "\n".join(f"- {e}" for e in examples)
     return (
         "Here are some example tasks that a helpful AI assistant can do:\n"
         f"{shown}\n\n"
-        f"Write {num_new} new tasks, different from these and from each other. Vary the kind of task "
-        "(questions, explanations, writing, classification, extraction, maths, reasoning, advice) and the verb. "
-        "Each task must be doable with text alone and be one or two sentences; if it needs an input "
-        "(a sentence, a list, a number), include it in the task. "
-        f"Write only the tasks, numbered {len(examples) + 1} to {len(examples) + num_new}, one per line."
+        f"Write {num_new} new tasks on other topics, different from these and from each other. Vary the kind "
+        "of task (questions, explanations, writing, classification, extraction, maths, reasoning, advice) "
+        "and the verb. Each task must be doable with text alone and be one or two sentences; if it needs an "
+        "input (a sentence, a list, a number), include it in the task. "
+        f"Do not repeat the examples. Write only the {num_new} new tasks, numbered 1 to {num_new}, one per line."
     )
 
 

@@ -1,0 +1,97 @@
+"""An API teacher's top-k log-probs become a soft-label store aligned to the student's tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from kd_lightning.data.records import Record, write_jsonl
+from kd_lightning.data.soft_labels import id_dtype_for
+from kd_lightning.data.tokenized import tokenize_records
+from kd_lightning.generation.logprobs import aligned_rows, build_logprob_store, ids_by_text
+from kd_lightning.models.loading import load_tokenizer
+from tests.test_pipeline import artifacts, kdl
+
+
+def entry(token: str, p: float, *top: tuple[str, float]) -> dict:
+    return {"token": token, "logprob": math.log(p), "top": [[t, math.log(q)] for t, q in top]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return load_tokenizer(tiny_dir)
+
+
+def test_aligned_positions_carry_the_teacher_distribution(tokenizer):
+    table = ids_by_text(tokenizer)
+    ids = [table[c] for c in "ab c"]
+    teacher = [  # the API's text starts with a space the corpus stripped
+        entry(" ", 0.5, (" ", 0.5), ("x", 0.2)),
+        entry("a", 0.6, ("a", 0.6), ("b", 0.3), ("zz", 0.05)),  # "zz" is no student token → tail
+        entry("b", 0.9, ("b", 0.9)),
+        entry(" ", 0.7, (" ", 0.7), ("q", 0.1)),
+        entry("d", 0.4, ("d", 0.4), ("c", 0.35)),  # the student's text says "c": no alignment here
+    ]
+    rows, aligned = aligned_rows(ids, teacher, tokenizer, table, 3, id_dtype_for(len(tokenizer)))
+    assert aligned == 3
+    dense = rows.to_dense(len(tokenizer)).numpy()
+    assert dense[0, table["a"]] == pytest.approx(0.6, abs=1e-3) and dense[0, table["b"]] == pytest.approx(
+        0.3, abs=1e-3
+    )
+    assert rows.tail[0] == pytest.approx(0.1, abs=1e-3)
+    assert dense[1, table["b"]] == pytest.approx(0.9, abs=1e-3) and rows.tail[1] == pytest.approx(
+        0.1, abs=1e-3
+    )
+    assert dense[2, table[" "]] == pytest.approx(0.7, abs=1e-3)
+    assert rows.ids[3, 0] == table["c"] and rows.probs[3, 0] == 1.0 and rows.tail[3] == 0.0
+    assert np.allclose(dense.sum(1), 1.0, atol=2e-3)
+
+
+def test_store_has_a_row_per_target_position_and_one_hot_where_no_evidence(tokenizer, tmp_path):
+    records = [Record("count 2 from 1.", "12"), Record("say hi.", "hi")]
+    corpus = tokenize_records(records, tokenizer, 64)
+    table = ids_by_text(tokenizer)
+    logprobs = {records[0].key: [entry("1", 0.8, ("1", 0.8), ("2", 0.1)), entry("2", 0.5, ("2", 0.5))]}
+    store, stats = build_logprob_store(corpus, logprobs, tokenizer, tmp_path / "s", {"t": 1}, len(tokenizer))
+    assert len(store.tail) == int(corpus.target_offsets()[-1])
+    assert stats["sequences_with_logprobs"] == 1 and stats["aligned_positions"] == 2
+    first = store.rows(0)
+    assert first.ids[0, 0] == table["1"] and float(first.probs[0, 0]) == pytest.approx(0.8, abs=1e-3)
+    second = store.rows(1)
+    targets = corpus.sequence(1)[corpus.prompt_lens[1] :]
+    assert (second.ids[:, 0] == targets).all() and (second.probs[:, 0] == 1).all()
+
+
+def test_distill_on_teacher_logprobs_from_the_cli(kdl_env, tiny_dir):
+    records = [Record(f"say something about item {i}.", f"item {i} is nice") for i in range(24)]
+    write_jsonl(records, kdl_env / "corpus.jsonl")
+    table = ids_by_text(load_tokenizer(tiny_dir))
+    with (kdl_env / "logprobs.jsonl").open("w") as handle:
+        for r in records[:12]:
+            tokens = [entry(c, 0.7, (c, 0.7), ("e", 0.2)) for c in r.response]
+            assert all(c in table for c in r.response)
+            handle.write(json.dumps({"key": r.key, "tokens": tokens}) + "\n")
+    common = [
+        "experiment=tiny",
+        "data.path=corpus.jsonl",
+        "data.logprobs=logprobs.jsonl",
+        "trainer.max_epochs=1",
+    ]
+    kdl("distill", *common, "kd_target=teacher_logprobs", "loss=[hard_ce,forward_kl]", env_dir=kdl_env)
+    (store,) = artifacts(kdl_env, "teacher_logprobs")
+    stats = json.loads(store.with_suffix(".stats.json").read_text())
+    assert stats["sequences_with_logprobs"] > 0 and stats["aligned_positions"] > 0
+    result = json.loads(next((kdl_env / "outputs").rglob("distill_result.json")).read_text())
+    assert set(result["terms"]) == {"hard_ce", "forward_kl"} and result["nll"] > 0
+    done = kdl(
+        "distill",
+        "experiment=tiny",
+        "kd_target=teacher_logprobs",
+        "loss=[forward_kl]",
+        env_dir=kdl_env,
+        check=False,
+    )
+    assert done.returncode == 1 and "need data.logprobs" in done.stderr
