@@ -33,6 +33,22 @@ NEEDS_VALUE = {
 }
 
 
+GENERATE_ONLY_STAGES = {"generate"}  # kdl generate has its own groups, not the pipeline's
+GENERATE_GROUPS = {"teacher_backend", "generation_task"}
+GENERATE_EXPERIMENTS = {"generate_smollm2_corpus"}
+NEEDS_VALUE_GENERATE = {
+    ("teacher_backend", "openai"): [
+        "teacher_backend.model=m",
+        "teacher_backend.api_key_env=KDL_CONFIG_TEST_KEY",
+    ],
+    ("generation_task", "instructions_file"): ["generation_task.path=x.txt"],
+    ("generation_task", "augment"): [
+        "generation_task.path=x.jsonl",
+        "generation_task.task_instruction=Classify.",
+    ],
+}
+
+
 def compose_cfg(overrides: list[str], stage: str = "pipeline"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -47,12 +63,28 @@ def compose_cfg(overrides: list[str], stage: str = "pipeline"):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_composes(stage, kdl_env):
-    cfg = compose_cfg(["experiment=tiny"], stage)
+    cfg = compose_cfg([] if stage in GENERATE_ONLY_STAGES else ["experiment=tiny"], stage)
     assert cfg.stage == stage
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_instantiates(group, option, kdl_env):
+    if group in GENERATE_GROUPS or (group, option) in {("experiment", e) for e in GENERATE_EXPERIMENTS}:
+        bare = compose_cfg([f"{group}={option}"], "generate")
+        if (group, option) in NEEDS_VALUE_GENERATE:  # the user must say what
+            assert any(OmegaConf.is_missing(OmegaConf.select(bare, group), k) for k in ("model", "path"))
+        cfg = compose_cfg([f"{group}={option}", *NEEDS_VALUE_GENERATE.get((group, option), [])], "generate")
+        if group == "generation_task":
+            assert instantiate(cfg.generation_task) is not None
+        elif (group, option) == ("teacher_backend", "openai"):
+            os.environ["KDL_CONFIG_TEST_KEY"] = "k"
+            try:
+                assert instantiate(cfg.teacher_backend).identity()["model"] == "m"
+            finally:
+                del os.environ["KDL_CONFIG_TEST_KEY"]
+        else:
+            assert OmegaConf.select(cfg, "teacher_backend.model_path") is not None
+        return
     if group == "recipe":
         cfg = compose_cfg(
             ["experiment=tiny", f"recipe={option}", "teacher=local", f"teacher.path={os.environ['KDL_TINY']}"]

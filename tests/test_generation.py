@@ -100,6 +100,12 @@ def test_instruction_filter_names_each_reason():
 def test_parse_instructions_reads_numbered_and_bulleted_lists():
     reply = "Sure! Here they are:\n7. Explain tides.\n8) Instruction: Name a planet.\n- Give a synonym for happy.\n\nHope this helps."
     assert parse_instructions(reply) == ["Explain tides.", "Name a planet.", "Give a synonym for happy."]
+    nested = "1. 1. How to sort a list in Python\n2. 1.1.2: List the people in this sentence.\n3. 3 apples cost $2; what does one cost?"
+    assert parse_instructions(nested) == [
+        "How to sort a list in Python",
+        "List the people in this sentence.",
+        "3 apples cost $2; what does one cost?",
+    ]
 
 
 def test_shipped_seed_tasks_are_many_diverse_and_distinct():
@@ -241,3 +247,23 @@ def test_openai_teacher_needs_its_key_from_the_environment(monkeypatch):
     with pytest.raises(GenerationError, match="KDL_TEST_KEY is not set"):
         OpenAITeacher("m", base_url="http://127.0.0.1:9/v1", api_key_env="KDL_TEST_KEY")
     assert public_url("https://user:secret@host.example:8443/v1?key=abc#x") == "https://host.example:8443/v1"
+
+
+def test_the_shipped_smollm2_corpus_is_what_its_command_says():
+    from kd_lightning.data.records import SMOLLM2_CORPUS, load_records
+
+    records = load_records("smollm2_self_instruct")
+    manifest = json.loads(SMOLLM2_CORPUS.with_suffix(".generation.json").read_text())
+    assert len(records) == manifest["records"] >= 250
+    assert len({r.key for r in records}) == len(records)
+    sources = Counter(r.meta["source"] for r in records)
+    assert sources["seed"] == len(load_seed_tasks()) and sources["self_instruct"] >= 180
+    assert {r.meta["teacher_backend"] for r in records} == {"local"}
+    assert {r.meta["generation_temperature"] for r in records} == {"1.0"}
+    assert all(r.response.strip() for r in records)
+    assert manifest["sampling"] == {
+        "max_new_tokens": 160,
+        "generation_temperature": 1.0,
+        "top_p": 1.0,
+        "top_logprobs": 0,
+    }

@@ -143,10 +143,18 @@ def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
                 row = asdict(record)
                 meta = row.pop("meta")
                 handle.write(json.dumps({**row, **meta}, ensure_ascii=False) + "\n")
+        os.chmod(tmp, default_file_mode())  # mkstemp makes owner-only files; a corpus is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def alpaca_gpt35_path() -> Path:
@@ -208,7 +216,8 @@ def fetch_alpaca_gpt35(force: bool = False) -> Path:
 def load_records(
     source: str, path: str | None = None, fields: Mapping[str, str] | None = None, split: str = "train"
 ) -> list[Record]:
-    """Load a corpus: ``source`` is ``alpaca_gpt35`` (the shipped default), ``jsonl`` or ``hf_dataset``."""
+    """Load a corpus: ``source`` is ``alpaca_gpt35`` (the shipped default), ``smollm2_self_instruct`` (the
+    shipped open-teacher corpus), ``jsonl`` or ``hf_dataset``."""
     if source == "alpaca_gpt35":
         file = alpaca_gpt35_path()
         if not file.is_file():
@@ -217,10 +226,10 @@ def load_records(
                 "(or `python -m kd_lightning.assets`)"
             )
         return read_jsonl(file)
-    if path is None:
-        raise CorpusError(f"data.source={source} needs data.path")
     if source == "smollm2_self_instruct":
         return read_jsonl(SMOLLM2_CORPUS, fields)
+    if path is None:
+        raise CorpusError(f"data.source={source} needs data.path")
     if source == "jsonl":
         return read_jsonl(path, fields)
     if source == "hf_dataset":

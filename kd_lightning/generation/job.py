@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.data.records import write_jsonl
+from kd_lightning.data.records import default_file_mode, write_jsonl
 from kd_lightning.generation.backends import SamplingSettings, TeacherBackend
 from kd_lightning.generation.runner import ReplyCache
 from kd_lightning.generation.tasks import GenerationResult, GenerationTask
@@ -34,6 +34,7 @@ def _atomic_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

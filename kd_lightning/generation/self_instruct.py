@@ -131,6 +131,7 @@ class InstructionFilter:
 
 
 _NUMBERED = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s*(?:instruction\s*:\s*)?(.+?)\s*$", re.IGNORECASE)
+_MARKER = re.compile(r"^(?:\d+(?:\.\d+)*\s*[.):]\s*|[-*•]\s*|instruction\s*:\s*)", re.IGNORECASE)
 
 
 def parse_instructions(text: str) -> list[str]:
@@ -139,7 +140,10 @@ def parse_instructions(text: str) -> list[str]:
     for line in text.splitlines():
         match = _NUMBERED.match(line)
         if match:
-            instruction = match.group(1).strip().strip('"').strip()
+            instruction = match.group(1)
+            while (marker := _MARKER.match(instruction)) and marker.end() < len(instruction):
+                instruction = instruction[marker.end() :]  # nested markers: "1. 1. Do x", "2.1.3: Do y"
+            instruction = instruction.strip().strip('"').strip()
             if instruction:
                 found.append(instruction)
     return found
