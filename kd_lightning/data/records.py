@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,27 +87,30 @@ def _record_from_mapping(row: Mapping, fields: Mapping[str, str], where: str) ->
     return Record(meta=meta, **values)
 
 
+def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("file:line", object)`` for each non-blank line; a malformed line raises an error naming it."""
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(
+                    f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
+                ) from None
+            if not isinstance(row, dict):
+                raise CorpusError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            yield where, row
+
+
 def read_jsonl(path: str | os.PathLike, fields: Mapping[str, str] | None = None) -> list[Record]:
     """Read records from a JSONL file; a malformed line raises an error naming the file and line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CorpusError(f"corpus file {path} does not exist; set data.path to a JSONL file of records")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
-                ) from None
-            if not isinstance(row, dict):
-                raise CorpusError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}"
-                )
-            records.append(_record_from_mapping(row, fields or {}, f"{path}:{lineno}"))
+    records = [_record_from_mapping(row, fields or {}, where) for where, row in jsonl_objects(path)]
     if not records:
         raise CorpusError(f"{path} holds no records")
     return records

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_lightning.data.records import Record
+from kd_lightning.data.records import Record, jsonl_objects
 from kd_lightning.generation.backends import ChatRequest, SamplingSettings, TeacherBackend
 from kd_lightning.generation.runner import ReplyCache, answer_all
 from kd_lightning.generation.self_instruct import rouge_l_f1, words
@@ -70,18 +70,10 @@ class LabelledAugmentationTask(GenerationTask):
         if not path.is_file():
             raise FileNotFoundError(f"labelled file {path} does not exist; set task.path to a JSONL file")
         by_label: dict[str, list[str]] = {}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
+        for where, row in jsonl_objects(path):
+            if self.text_field not in row or self.label_field not in row:
                 raise ValueError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg}); fix or remove that line"
-                ) from None
-            if not isinstance(row, dict) or self.text_field not in row or self.label_field not in row:
-                raise ValueError(
-                    f"{path}:{lineno}: needs fields {self.text_field!r} and {self.label_field!r}; "
+                    f"{where}: needs fields {self.text_field!r} and {self.label_field!r}; "
                     "map yours with task.text_field=... task.label_field=..."
                 )
             by_label.setdefault(str(row[self.label_field]), []).append(str(row[self.text_field]))

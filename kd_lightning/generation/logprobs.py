@@ -12,7 +12,6 @@ position aligns; with a foreign tokenizer only the positions where both happen t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from kd_lightning.data.records import jsonl_objects
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for, write_store
 from kd_lightning.data.tokenized import TokenizedCorpus
 
@@ -33,16 +33,10 @@ def read_logprobs(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
             f"log-prob file {path} does not exist; generate with sampling.top_logprobs=K (K ≥ 1) to write it"
         )
     found = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            found[row["key"]] = row["tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(
-                f"{path}:{lineno}: expected {{'key': ..., 'tokens': [...]}}; regenerate the file"
-            ) from None
+    for where, row in jsonl_objects(path):
+        if not isinstance(row.get("key"), str) or not isinstance(row.get("tokens"), list):
+            raise ValueError(f"{where}: expected {{'key': ..., 'tokens': [...]}}; regenerate the file")
+        found[row["key"]] = row["tokens"]
     return found
 
 

@@ -9,7 +9,6 @@ for what is missing.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -18,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kd_lightning.data.records import jsonl_objects
 from kd_lightning.generation.backends import ChatRequest, SamplingSettings, TeacherBackend
 from kd_lightning.generation.runner import ReplyCache, UsageReport, answer_all
 
@@ -70,17 +70,9 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     if not path.is_file():
         raise FileNotFoundError(f"seed task file {path} does not exist; set task.seed_tasks to a JSONL file")
     tasks = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}:{lineno}: malformed JSON ({err.msg}); fix or remove that line"
-            ) from None
-        if not isinstance(row, dict) or not str(row.get("instruction", "")).strip():
-            raise ValueError(f"{path}:{lineno}: each seed task needs a non-empty 'instruction' field")
+    for where, row in jsonl_objects(path):
+        if not str(row.get("instruction", "")).strip():
+            raise ValueError(f"{where}: each seed task needs a non-empty 'instruction' field")
         tasks.append(
             SeedTask(
                 row["instruction"].strip(),

@@ -7,7 +7,6 @@ and the teacher's top-k log-probabilities per record when they were requested an
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.data.records import Record
+from kd_lightning.data.records import Record, jsonl_objects
 from kd_lightning.generation.backends import ChatRequest, SamplingSettings, TeacherBackend
 from kd_lightning.generation.runner import ReplyCache, UsageReport, answer_all
 from kd_lightning.generation.self_instruct import SelfInstruct, load_seed_tasks
@@ -137,31 +136,18 @@ class InstructionFileTask(GenerationTask):
             raise FileNotFoundError(
                 f"instruction file {path} does not exist; set task.path to a .jsonl or .txt file"
             )
-        prompts = []
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                prompts.append(Prompt(line.strip(), meta={"source": path.name}))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg}); fix or remove that line"
-                ) from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("instruction"), str)
-                or not row["instruction"].strip()
-            ):
-                raise ValueError(f"{path}:{lineno}: each row needs a non-empty string 'instruction'")
-            prompts.append(
-                Prompt(
-                    row["instruction"], row.get("input") or "", row.get("system") or "", {"source": path.name}
+        if path.suffix != ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            prompts = [Prompt(line.strip(), meta={"source": path.name}) for line in lines if line.strip()]
+        else:
+            prompts = []
+            for where, row in jsonl_objects(path):
+                if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+                    raise ValueError(f"{where}: each row needs a non-empty string 'instruction'")
+                meta = {"source": path.name}
+                prompts.append(
+                    Prompt(row["instruction"], row.get("input") or "", row.get("system") or "", meta)
                 )
-            )
         if not prompts:
             raise ValueError(f"{path} holds no instructions")
         return prompts
