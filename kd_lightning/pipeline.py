@@ -326,6 +326,7 @@ class Pipeline:
         )
         trainer = self.trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
         trainer.fit(module, datamodule=data, ckpt_path=_last_checkpoint(folder))
+        close_loggers(trainer)
         model = module.student
         if cfg.lora_rank:
             model = model.merge_and_unload()
@@ -513,6 +514,7 @@ class Pipeline:
             self.tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder / "student")
         metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
+        close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
         result = {
             "name": name,
             "loss_chunk_size": module.loss_chunk_size,
@@ -585,6 +587,24 @@ def _first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
     )
 
 
+def close_loggers(trainer: Trainer, metrics: Mapping[str, float] | None = None) -> None:
+    """Log a run's final figures (e.g. held-out NLL) to its own loggers, then close them.
+
+    The figures land in the same wandb run / CSV file as the training curves, so a dashboard or
+    ``kdl report`` finds them with the run's config. A wandb run is finished so that the next stage of a
+    pipeline or multirun job starts a fresh one.
+    """
+    import sys
+
+    for logger in trainer.loggers:
+        if metrics:
+            logger.log_metrics(dict(metrics), step=trainer.global_step)
+        logger.finalize("success")
+    wandb = sys.modules.get("wandb")  # only if a logger imported it
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def _last_checkpoint(folder: Path) -> str | None:
     last = folder / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -595,13 +615,22 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def results_table(rows: list[Mapping[str, Any]]) -> str:
     """A markdown table of held-out results."""
+    extra = [
+        (key, title)
+        for key, title in (("token_accuracy", "token acc."), ("ece", "ECE"), ("rouge_l", "ROUGE-L"))
+        if any(key in row for row in rows)
+    ]
     lines = [
-        "| model | held-out NLL (nats/token) | perplexity | tokens | train s |",
-        "|---|---:|---:|---:|---:|",
+        "| model | held-out NLL (nats/token) | perplexity | tokens | train s |"
+        + "".join(f" {title} |" for _, title in extra),
+        "|---|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
     for row in rows:
         train_s = f"{row['train_seconds']:.0f}" if "train_seconds" in row else ""
-        lines.append(f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['tokens']} | {train_s} |")
+        cells = "".join(f" {row[key]:.4f} |" if key in row else " |" for key, _ in extra)
+        lines.append(
+            f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['tokens']} | {train_s} |{cells}"
+        )
     return "\n".join(lines)
 
 

@@ -59,12 +59,22 @@ if not OmegaConf.has_resolver("kdl_wandb_mode"):
     OmegaConf.register_new_resolver("kdl_wandb_mode", wandb_mode)
 
 
-class FinishWandb(Callback):
-    """Close the wandb run when fit ends or fails, so the next run of a pipeline/multirun starts clean."""
+def run_tags(stage: str, extra: Any = None) -> list[str]:
+    """wandb tags: the stage plus ``run_tags`` (sweep files set these so a dashboard can filter them)."""
+    extra = list(extra or [])
+    return list(dict.fromkeys([stage, *(str(tag) for tag in extra)]))
 
-    def _finish(self, trainer: Trainer) -> None:
-        if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
-            self._finish_any()
+
+if not OmegaConf.has_resolver("kdl_tags"):
+    OmegaConf.register_new_resolver("kdl_tags", run_tags)
+
+
+class FinishWandb(Callback):
+    """Close the wandb run when fit fails, so the next run of a pipeline/multirun starts clean.
+
+    On success the pipeline closes it (:func:`kd_lightning.pipeline.close_loggers`) after logging the
+    held-out figures into the same run.
+    """
 
     @staticmethod
     def _finish_any() -> None:
@@ -72,11 +82,9 @@ class FinishWandb(Callback):
         if wandb is not None and wandb.run is not None:
             wandb.finish()
 
-    def on_fit_end(self, trainer: Trainer, pl_module) -> None:
-        self._finish(trainer)
-
     def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
-        self._finish(trainer)
+        if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+            self._finish_any()
 
 
 def trainer_factory(cfg: DictConfig):
@@ -289,8 +297,13 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     elif stage == "pipeline":
         rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
         variants: Mapping[str, list[str]] = cfg.variants
+        spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
         for name, terms in variants.items():
-            rows.append(run_distill(cfg, pipeline, f"student {name}", list(terms)))
+            row = run_distill(cfg, pipeline, f"student {name}", list(terms))
+            if spec is not None:  # token accuracy, ECE, ROUGE-L (cached per student and spec)
+                extra = pipeline.evaluate(row["name"], Path(row["folder"]) / "student", spec)
+                row = {**row, **{k: v for k, v in extra.items() if k not in ("name", "model")}}
+            rows.append({"variant": name, **row})
         table = results_table(rows)
         result = {
             "rows": rows,
