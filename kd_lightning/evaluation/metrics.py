@@ -2,6 +2,7 @@
 
 * :func:`rouge_l`: ROUGE-L F1 of generations against references (torchmetrics), as MiniLLM/DistiLLM report;
 * :func:`exact_match`: normalised string equality, for short-answer question sets;
+* :func:`answer_match`: the reply starts with the answer (OpenAI evals' ``Match``), for chatty models;
 * :func:`multiple_choice_accuracy`: pick the choice with the highest log-likelihood;
 * :func:`token_calibration_error`: expected calibration error of next-token predictions (top-1 confidence
   against top-1 correctness, torchmetrics' binary ECE with equal-width bins).
@@ -48,6 +49,25 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str | Sequence[str
     for prediction, answer in zip(predictions, answers):
         options = [answer] if isinstance(answer, str) else list(answer)
         hits += normalize_answer(prediction) in {normalize_answer(a) for a in options}
+    return hits / len(predictions)
+
+
+def answer_match(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
+    """Share of replies that start with their answer after :func:`normalize_answer` (OpenAI evals' ``Match``).
+
+    "Yes, because ..." matches "Yes"; "Yesterday" does not (the match ends at a word boundary).
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
+    if not predictions:
+        raise ValueError("answer_match needs at least one prediction")
+    hits = 0
+    for prediction, answer in zip(predictions, answers):
+        reply = normalize_answer(prediction).split()
+        options = [answer] if isinstance(answer, str) else list(answer)
+        hits += any(
+            (words := normalize_answer(option).split()) and reply[: len(words)] == words for option in options
+        )
     return hits / len(predictions)
 
 

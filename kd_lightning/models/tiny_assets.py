@@ -71,8 +71,18 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def synthetic_questions(n: int = 12, seed: int = 0) -> list[dict]:
+    """Yes/no questions in the evals format about the counting grammar (for question-set plumbing)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"input": f"is {a} more than {b}? answer yes or no.", "ideal": "yes" if a > b else "no"})
+    return rows
+
+
 def build_tiny_assets(folder: str | os.PathLike, num_records: int = 96, seed: int = 0) -> Path:
-    """Write a tiny proxy model + tokenizer (an HF folder) and ``corpus.jsonl`` into ``folder``."""
+    """Write a tiny proxy model + tokenizer (an HF folder), ``corpus.jsonl`` and ``questions.jsonl``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = char_tokenizer()
@@ -84,4 +94,7 @@ def build_tiny_assets(folder: str | os.PathLike, num_records: int = 96, seed: in
     with (folder / "corpus.jsonl").open("w") as handle:
         for row in synthetic_records(num_records, seed):
             handle.write(json.dumps(row) + "\n")
+    with (folder / "questions.jsonl").open("w") as handle:
+        for row in synthetic_questions(seed=seed):
+            handle.write(json.dumps({**row, "choices": ["yes", "no"]}) + "\n")
     return folder

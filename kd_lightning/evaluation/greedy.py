@@ -1,0 +1,34 @@
+"""Batched greedy generation from token-id prompts (ROUGE-L generations, question answering)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy replies (special tokens dropped, stripped) to token-id prompts, batched and left-padded."""
+    device = next(model.parameters()).device
+    pad_id = int(tokenizer.pad_token_id)
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, prompt in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            attention[row, width - len(prompt) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        replies += tokenizer.batch_decode(output[:, width:].cpu(), skip_special_tokens=True)
+    return [r.strip() for r in replies]
