@@ -47,7 +47,7 @@ def test_loads_messages_text_and_checks_choices(tmp_path):
     with pytest.raises(ValueError, match=r"set.jsonl:1: none of the answers \('4',\) is among the choices"):
         load_question_set(str(path), choices=["yes", "no"])
     path.write_text('{"input": "x"}\n')
-    with pytest.raises(ValueError, match="set.jsonl:1: a question needs 'input'"):
+    with pytest.raises(ValueError, match=r"set\.jsonl:1: a question needs 'input'"):
         load_question_set(str(path))
     with pytest.raises(FileNotFoundError, match="neither a shipped set"):
         load_question_set(str(tmp_path / "missing.jsonl"))
