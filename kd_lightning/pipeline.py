@@ -7,6 +7,7 @@ estimates. No Hydra here: :mod:`kd_lightning.cli.main` builds the objects and ca
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +33,13 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.evaluation.evaluate import EvaluationSpec, evaluate_model
+from kd_lightning.evaluation.fidelity import (
+    Estimate,
+    FidelitySpec,
+    label_smoothing_estimate,
+    one_hot_estimate,
+    store_estimate,
+)
 from kd_lightning.evaluation.nll import heldout_nll
 from kd_lightning.losses.terms import HardCrossEntropy, LossTerm, soft_label_names
 from kd_lightning.models.loading import (
@@ -660,3 +668,47 @@ def summarize_store(store: SoftLabelStore) -> dict[str, float]:
         "mean_tail": float(np.asarray(rows.tail).mean()),
         "mean_entropy_topk_nats": float(entropy.mean()),
     }
+
+
+def fidelity_estimates(pipeline: Pipeline, spec: FidelitySpec) -> list[Estimate]:
+    """Every estimate ``kdl fidelity`` scores, building (or reusing) the prior and posterior stores.
+
+    One-hot labels and label smoothing need nothing; the prior is built per (n, γ) and the posterior per R
+    on copies of ``pipeline`` that differ only in that setting, so every store is cached as usual and a
+    later ``kdl distill`` with the same settings reuses it.
+    """
+    vocab = pipeline.vocab_size()
+    estimates = [Estimate("one-hot", {}, lambda observed: one_hot_estimate(observed, vocab))]
+    for eps in spec.label_smoothing:
+        estimates.append(
+            Estimate(
+                f"label smoothing ε={eps:g}",
+                {"label_smoothing": eps},
+                lambda observed, e=eps: label_smoothing_estimate(observed, vocab, e),
+            )
+        )
+    for n in spec.ngram_orders:
+        for gamma in spec.gammas:
+            variant = copy.copy(pipeline)
+            variant.prior_estimator = copy.copy(pipeline.prior_estimator)
+            variant.prior_estimator.ngram_order, variant.prior_estimator.gamma = n, gamma
+            estimates.append(
+                Estimate(
+                    f"prior n={n} γ={gamma:g}",
+                    {"ngram_order": n, "gamma": gamma},
+                    store_estimate(variant.prior(), vocab),
+                )
+            )
+    base = pipeline.prior_estimator
+    for rounds in spec.sampling_rounds:
+        variant = copy.copy(pipeline)
+        variant.posterior_estimator = copy.copy(pipeline.posterior_estimator)
+        variant.posterior_estimator.sampling_rounds = rounds
+        estimates.append(
+            Estimate(
+                f"posterior R={rounds} (prior n={base.ngram_order} γ={base.gamma:g})",
+                {"ngram_order": base.ngram_order, "gamma": base.gamma, "sampling_rounds": rounds},
+                store_estimate(variant.posterior(), vocab),
+            )
+        )
+    return estimates

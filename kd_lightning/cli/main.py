@@ -2,7 +2,9 @@
 
 Stages: ``prior``, ``align``, ``posterior``, ``distill``, ``pipeline`` (everything, ending with a table), and
 ``teacher-logits`` (an open teacher's sparse distributions, stored for offline white-box KD), and
-``evaluate`` (held-out metrics of trained students or any model folder).
+``evaluate`` (held-out metrics of trained students or any model folder), ``fidelity`` (estimates of an open
+teacher against its true distributions) and ``generate`` (teacher corpora); ``kdl report`` (no Hydra) turns
+a sweep's folders into a table and plots.
 Each builds what it needs through :class:`kd_lightning.pipeline.Pipeline`, which caches every artifact by
 the settings it depends on, so ``kdl distill`` after ``kdl posterior`` reuses the stores, and a multirun over
 sampling rounds reuses the prior and the aligned proxy.
@@ -36,7 +38,17 @@ from kd_lightning.pipeline import (
 )
 
 log = logging.getLogger("kdl")
-STAGES = ("prior", "align", "posterior", "distill", "pipeline", "teacher-logits", "evaluate", "generate")
+STAGES = (
+    "prior",
+    "align",
+    "posterior",
+    "distill",
+    "pipeline",
+    "teacher-logits",
+    "evaluate",
+    "generate",
+    "fidelity",
+)
 
 
 def conf_dir() -> Path:
@@ -65,6 +77,29 @@ def run_tags(stage: str, extra: Any = None) -> list[str]:
     return list(dict.fromkeys([stage, *(str(tag) for tag in extra)]))
 
 
+def short_run_name(override_dirname: str, limit: int = 80) -> str:
+    """A sweep job's run name from its overrides: ``ngram_order=3,sampling_rounds=16``.
+
+    Keys are cut to their last component; ``experiment``, ``sweep``, ``logger``, ``run_name`` and
+    ``hydra.*`` overrides are dropped; long names end in a hash, so folder names stay legal.
+    """
+    import hashlib
+
+    kept = []
+    for item in re.split(r"(?<!\\),", override_dirname):
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not key or key.split(".")[0] in ("experiment", "sweep", "logger", "run_name", "hydra"):
+            continue
+        kept.append(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "_"))
+    name = ",".join(kept) or "run"
+    if len(name) > limit:
+        name = name[: limit - 9] + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+if not OmegaConf.has_resolver("kdl_run_name"):
+    OmegaConf.register_new_resolver("kdl_run_name", short_run_name)
 if not OmegaConf.has_resolver("kdl_tags"):
     OmegaConf.register_new_resolver("kdl_tags", run_tags)
 
@@ -129,6 +164,11 @@ def trainer_factory(cfg: DictConfig):
     return build
 
 
+def model_path(node: Any) -> str:
+    """A model slot's ``path``: a folder/name, or a ``_target_`` that builds a folder (proxy=smollm2_layers)."""
+    return str(instantiate(node) if OmegaConf.is_config(node) else node)
+
+
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     return Pipeline(
         workspace=Workspace(Path(cfg.paths.artifacts_dir)),
@@ -136,10 +176,10 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         corpus=instantiate(cfg.data),
         prior=instantiate(cfg.estimator.prior),
         posterior=instantiate(cfg.estimator.posterior),
-        proxy_path=str(cfg.proxy.path),
+        proxy_path=model_path(cfg.proxy.path),
         alignment=instantiate(cfg.alignment),
         trainer_factory=trainer_factory(cfg),
-        teacher_path=str(cfg.teacher.path) if cfg.get("teacher") else None,
+        teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") else None,
         teacher_targets=instantiate(cfg.estimator.teacher_targets),
     )
 
@@ -242,6 +282,49 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def run_fidelity(cfg: DictConfig, pipeline: Pipeline) -> dict[str, Any]:
+    """``kdl fidelity``: an open teacher treated as closed; how close does each estimate come to it?"""
+    import numpy as np
+
+    from kd_lightning.evaluation.fidelity import fidelity_table, score_estimates
+    from kd_lightning.models.loading import freeze, load_causal_lm
+    from kd_lightning.pipeline import fidelity_estimates
+
+    if not cfg.get("teacher"):
+        raise ValueError(
+            "kdl fidelity needs the open teacher that wrote the corpus: add teacher=smollm2 "
+            "(with data=smollm2_self_instruct), or teacher=local teacher.path=<HF folder>"
+        )
+    spec = instantiate(cfg.fidelity)
+    train, _ = pipeline.corpora()
+    if len(train) < spec.records:
+        log.warning("fidelity: the training split has %d records, fewer than fidelity.records", len(train))
+    estimates = fidelity_estimates(pipeline, spec)
+    teacher = freeze(load_causal_lm(pipeline.teacher_path))
+    pipeline.check_shares_tokenizer(teacher, str(pipeline.teacher_path), "teacher")
+    rows, arrays = score_estimates(
+        teacher, train, pipeline.pad_id, pipeline.vocab_size(), estimates, spec.top_k, spec.batch_size
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "fidelity_positions.npz", **arrays)
+    write_csv(out_dir / "fidelity.csv", rows)
+    table = fidelity_table(rows, spec.top_k)
+    print(
+        f"\nEstimate fidelity on {rows[0]['positions']} positions of {len(train)} records:\n{table}\n",
+        flush=True,
+    )
+    for node in (cfg.get("logger") or {}).values():
+        logger = instantiate(node, name=f"{cfg.run_name}-fidelity")
+        for step, row in enumerate(rows):
+            logger.log_metrics(
+                {f"fidelity/{k}": row[k] for k in ("kl", "kl_median", "tv", "topk_recall")}, step=step
+            )
+        logger.finalize("success")
+        FinishWandb._finish_any()
+    return {"rows": rows, "table": table, "teacher": str(pipeline.teacher_path)}
+
+
 def run_generate(cfg: DictConfig) -> dict[str, Any]:
     """``kdl generate``: instantiate the teacher backend and the task, write the corpus folder."""
     from kd_lightning.generation.job import run_generation
@@ -294,6 +377,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
             f"\nHeld-out teacher responses ({len(pipeline.corpora()[1])} records):\n{result['table']}\n",
             flush=True,
         )
+    elif stage == "fidelity":
+        result = run_fidelity(cfg, pipeline)
     elif stage == "pipeline":
         rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
         variants: Mapping[str, list[str]] = cfg.variants
@@ -343,9 +428,15 @@ def _task(cfg: DictConfig) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kdl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":  # reads finished runs: plain arguments, no Hydra
+        from kd_lightning.report import main as report_main
+
+        report_main(argv[1:])
+        return
     if not argv or argv[0] not in STAGES:
         print(
             f"usage: kdl {{{','.join(STAGES)}}} [key=value ...] [-m]\n"
+            "       kdl report <multirun folder>... [--out DIR]\n"
             "  e.g. kdl pipeline experiment=demo\n       kdl posterior -m estimator.posterior.sampling_rounds=1,4,16",
             file=sys.stderr,
         )

@@ -18,7 +18,10 @@ the stored set, the same reading the rest of the library uses. Everything works 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from kd_lightning.data.soft_labels import SparseRows
@@ -92,3 +95,125 @@ def estimate_fidelity(
 def summarize_fidelity(per_position: dict[str, torch.Tensor]) -> dict[str, float]:
     """Means over positions (the figures a report table shows)."""
     return {name: float(values.mean()) for name, values in per_position.items()}
+
+
+@dataclass
+class FidelitySpec:
+    """What ``kdl fidelity`` compares (``conf/fidelity.yaml``).
+
+    The prior is built for every (n, γ) in ``ngram_orders × gammas``; the posterior for every R in
+    ``sampling_rounds``, on the prior of the configured ``estimator.prior``.
+    """
+
+    records: int = 32
+    """First training records whose target positions are scored (the stores are built for these)."""
+    ngram_orders: list[int] = field(default_factory=lambda: [2, 3, 5, 8])
+    gammas: list[float] = field(default_factory=lambda: [1.5, 2.0, 4.0])
+    sampling_rounds: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    label_smoothing: list[float] = field(default_factory=lambda: [0.1])
+    top_k: int = 10
+    """k of the top-k recall."""
+    batch_size: int = 4
+    """Sequences per teacher forward."""
+
+    def __post_init__(self) -> None:
+        for name in ("ngram_orders", "gammas", "sampling_rounds", "label_smoothing"):
+            setattr(self, name, list(getattr(self, name)))
+        if self.records < 1 or self.top_k < 1 or self.batch_size < 1:
+            raise ValueError("fidelity: records, top_k and batch_size must be >= 1")
+        if any(g < 1 for g in self.gammas):
+            raise ValueError(f"fidelity.gammas must be >= 1 (γ = 1 is the pure n-gram), got {self.gammas}")
+
+
+@dataclass
+class Estimate:
+    """One estimate to score: a label, its settings, and its rows over the scored positions."""
+
+    name: str
+    settings: dict[str, Any]
+    rows: Callable[[torch.Tensor], EstimateRows]
+    """``observed token ids (N,) -> EstimateRows`` (the hard-label baselines need the observed tokens)."""
+
+
+def store_estimate(store, vocab_size: int) -> Callable[[torch.Tensor], EstimateRows]:
+    return lambda observed: sparse_estimate(store.all_rows(), vocab_size)
+
+
+@torch.no_grad()
+def score_estimates(
+    teacher: torch.nn.Module,
+    corpus,
+    pad_id: int,
+    vocab_size: int,
+    estimates: list[Estimate],
+    top_k: int = 10,
+    batch_size: int = 4,
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Score every estimate against the teacher's true next-token distributions on ``corpus``'s targets.
+
+    The teacher runs once per batch of sequences; each batch's true rows are compared with the matching
+    rows of every estimate, so no (N, V) matrix is ever held. Returns summary rows (mean and median KL,
+    mean TV and top-k recall) and the per-position arrays (``<name>/kl`` etc.).
+    """
+    from kd_lightning.data.datamodule import SoftLabelDataset, collate
+    from kd_lightning.losses.functional import IGNORE_INDEX
+    from kd_lightning.models.loading import target_position_logits
+
+    dataset = SoftLabelDataset(corpus)
+    offsets = corpus.target_offsets()
+    observed = torch.cat(
+        [
+            torch.from_numpy(dataset[i]["target_ids"][dataset[i]["target_ids"] != IGNORE_INDEX])
+            for i in range(len(corpus))
+        ]
+    )
+    readers = [(e, e.rows(observed)) for e in estimates]
+    per_position: dict[str, list[torch.Tensor]] = {}
+    device = next(teacher.parameters()).device
+    for start in range(0, len(corpus), batch_size):
+        stop = min(start + batch_size, len(corpus))
+        batch = collate([dataset[i] for i in range(start, stop)], pad_id)
+        mask = batch["target_ids"] != IGNORE_INDEX
+        logits = target_position_logits(
+            teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device)
+        )
+        true = torch.softmax(logits.float().cpu()[:, :vocab_size], dim=-1)
+        first, last = int(offsets[start]), int(offsets[stop])
+        if len(true) != last - first or not torch.equal(batch["target_ids"][mask], observed[first:last]):
+            raise RuntimeError("teacher positions do not line up with the estimate rows; rebuild the stores")
+        for estimate, reader in readers:
+            scored = estimate_fidelity(
+                true, lambda rows, r=reader, f=first: r(slice(rows.start + f, rows.stop + f)), top_k=top_k
+            )
+            for metric, values in scored.items():
+                per_position.setdefault(f"{estimate.name}/{metric}", []).append(values)
+    arrays = {key: torch.cat(parts).numpy() for key, parts in per_position.items()}
+    rows = []
+    for estimate in estimates:
+        kl = arrays[f"{estimate.name}/kl"]
+        rows.append(
+            {
+                "estimate": estimate.name,
+                **estimate.settings,
+                "kl": float(kl.mean()),
+                "kl_median": float(np.median(kl)),
+                "tv": float(arrays[f"{estimate.name}/tv"].mean()),
+                "topk_recall": float(arrays[f"{estimate.name}/topk_recall"].mean()),
+                "positions": len(kl),
+            }
+        )
+    return rows, arrays
+
+
+def fidelity_table(rows: list[dict[str, Any]], top_k: int) -> str:
+    """Markdown table of :func:`score_estimates` rows."""
+    lines = [
+        f"| estimate | mean KL(true ‖ est.) | median KL | mean TV | top-{top_k} recall |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['estimate']} | {row['kl']:.3f} | {row['kl_median']:.3f} | {row['tv']:.3f} | "
+            f"{row['topk_recall']:.3f} |"
+        )
+    return "\n".join(lines)

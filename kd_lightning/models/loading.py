@@ -136,6 +136,27 @@ def layer_selected_student(
     return model
 
 
+def layer_selected_folder(
+    source_path: str | os.PathLike, layers: list[int], cache_dir: str | os.PathLike
+) -> Path:
+    """:func:`layer_selected_student` saved as an HF folder (cached by source and layers), for model slots
+    that take a path, e.g. a weaker proxy than the teacher it is aligned to (``proxy=smollm2_layers``)."""
+    folder = resolve_model_path(source_path)
+    key = hashlib.sha256(json.dumps({"source": str(folder), "layers": list(layers)}).encode()).hexdigest()[
+        :12
+    ]
+    target = Path(cache_dir) / f"{folder.name}-{len(layers)}layers-{key}"
+    if (target / "config.json").is_file():
+        return target
+    model = layer_selected_student(folder, list(layers))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".layers.", dir=target.parent))
+    model.save_pretrained(tmp)
+    load_tokenizer(folder).save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
 def tiny_llama(
     vocab_size: int,
     hidden_size: int = 64,

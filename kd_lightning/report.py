@@ -1,0 +1,425 @@
+"""``kdl report <folder>...``: a sweep's runs as one markdown table and PNG plots.
+
+Two sources, whichever a folder holds:
+
+* **Hydra job folders** (``multirun/<stage>/<time>/<job>/``): ``.hydra/overrides.yaml`` gives the swept
+  settings, ``<stage>_result.json`` the figures (``kdl pipeline`` rows per student, ``kdl distill``,
+  ``kdl evaluate``, ``kdl fidelity``), and the CSV logger's ``metrics.csv`` the loss curves. This source is
+  exact for artifacts a later job reused from the cache (a student trained once appears in every job).
+* **wandb offline runs** (``wandb/offline-run-*/run-*.wandb``, read without a wandb server): the run's
+  config, group, tags, its last logged values (``heldout/nll`` ...) and its history (loss curves). Swept
+  settings are the config keys that differ between runs.
+
+A row that several jobs share (the same student folder) is shown once, with ``*`` for the settings it does
+not depend on. No Hydra here: the console script parses plain arguments.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRICS = (
+    "nll",
+    "ppl",
+    "token_accuracy",
+    "ece",
+    "rouge_l",
+    "kl",
+    "kl_median",
+    "tv",
+    "topk_recall",
+)
+ANY = "*"
+
+
+@dataclass
+class Run:
+    """One row of a report: a label, the settings it was swept over, its figures, and its loss curve."""
+
+    label: str
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    source: str
+    key: str = ""
+    """Identity of what was measured (a student folder); rows with one key are merged."""
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+class ReportError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- Hydra jobs
+def short_name(key: str) -> str:
+    """``estimator.prior.ngram_order`` -> ``ngram_order`` (the column title)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def job_settings(job: Path) -> dict[str, Any]:
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    settings = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if key in ("experiment", "sweep") or key.startswith("hydra"):
+            continue
+        settings[short_name(key)] = _value(value)
+    return settings
+
+
+def csv_curves(job: Path) -> dict[str, list[tuple[int, float]]]:
+    """``train/loss`` per CSV-logged run under a job folder, keyed by the logger's run name."""
+    curves = {}
+    for path in job.glob("*/version_*/metrics.csv"):
+        points = []
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss") not in (None, ""):
+                    points.append((int(float(row["step"])), float(row["train/loss"])))
+        if points:
+            curves[path.parent.parent.name] = points
+    return curves
+
+
+def runs_from_job(job: Path) -> list[Run]:
+    settings = job_settings(job)
+    curves = csv_curves(job)
+    runs = []
+    for result_file in sorted(job.glob("*_result.json")):
+        stage = result_file.name.removesuffix("_result.json")
+        result = json.loads(result_file.read_text())
+        rows = result.get("rows") if isinstance(result, dict) and "rows" in result else [result]
+        for row in rows:
+            label = str(row.get("estimate") or row.get("variant") or row.get("name") or stage)
+            metrics = {k: float(row[k]) for k in METRICS if isinstance(row.get(k), (int, float))}
+            if not metrics:
+                continue
+            extra = {k: row[k] for k in ("ngram_order", "gamma", "sampling_rounds") if k in row}
+            curve = next((c for name, c in curves.items() if name.endswith(f"-{row.get('name')}")), [])
+            # what was measured: a student folder, a model, or else the figures themselves (the proxy rows
+            # every job of a sweep repeats from the cache)
+            key = str(row.get("folder") or row.get("model") or json.dumps(metrics, sort_keys=True))
+            runs.append(Run(label, {**settings, **extra}, metrics, str(job), key, curve))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- wandb offline
+def wandb_records(path: Path) -> Iterable[bytes]:
+    """Raw records of a ``.wandb`` file: a LevelDB-style log (32 KiB blocks; 7-byte headers of crc32,
+    length, type; types full / first / middle / last) after a 7-byte ``:W&B`` header."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ReportError(f"{path} is not a wandb run file")
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # a block's last bytes are padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+        elif kind == 0 and length == 0:
+            continue
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def read_wandb_run(path: Path) -> dict[str, Any]:
+    """Config (flattened), group, tags, name, last values and ``train/loss`` history of one offline run."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "group": "", "tags": [], "name": ""}
+
+    def key_of(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    for raw in wandb_records(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["group"], run["tags"] = record.run.run_group, list(record.run.tags)
+            run["name"] = record.run.display_name
+            for item in record.run.config.update:  # wandb.init(config=...) lands here
+                run["config"].update(_flatten(json.loads(item.value_json), key_of(item)))
+        elif kind == "config":
+            for item in record.config.update:
+                run["config"].update(_flatten(json.loads(item.value_json), key_of(item)))
+        elif kind == "history":
+            values = {key_of(i): json.loads(i.value_json) for i in record.history.item}
+            run["summary"].update({k: v for k, v in values.items() if not k.startswith("_")})
+            if "train/loss" in values:
+                run["history"].append(
+                    (int(values.get("trainer/global_step", len(run["history"]))), values["train/loss"])
+                )
+        elif kind == "summary":
+            for item in record.summary.update:
+                if not key_of(item).startswith("_"):
+                    run["summary"][key_of(item)] = json.loads(item.value_json)
+    return run
+
+
+NOISY = ("output_dir", "save_dir", "run_name", "artifacts_dir", "run_group", "run_tags")
+
+
+def runs_from_wandb(files: Sequence[Path]) -> list[Run]:
+    raw = [(path, read_wandb_run(path)) for path in files]
+    configs = [{k: v for k, v in r["config"].items() if k.startswith("kdl.")} for _, r in raw]
+    keys = sorted({k for c in configs for k in c})
+    swept = [
+        k
+        for k in keys
+        if not any(n in k for n in NOISY) and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
+    ]
+    swept = [k for k in swept if not isinstance(configs[0].get(k), (list, dict))]
+    runs = []
+    for (path, run), config in zip(raw, configs):
+        summary = run["summary"]
+        metrics = {}
+        for name in METRICS:
+            for key in (f"heldout/{name}", f"eval/{name}", f"fidelity/{name}", name):
+                if isinstance(summary.get(key), (int, float)):
+                    metrics[name] = float(summary[key])
+                    break
+        if not metrics:
+            continue
+        label = str(run["config"].get("run") or run["name"])
+        settings = {short_name(k.removeprefix("kdl.")): config.get(k) for k in swept}
+        runs.append(Run(label, settings, metrics, str(path), str(path), run["history"]))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- collect
+def collect_runs(folders: Sequence[str | Path]) -> list[Run]:
+    """Every run under the folders: Hydra job folders first; wandb offline runs where there are none."""
+    runs: list[Run] = []
+    wandb_files: set[Path] = set()  # read together: swept settings are those that differ between runs
+    for folder in map(Path, folders):
+        if not folder.exists():
+            raise ReportError(f"{folder} does not exist; pass a multirun folder (multirun/<stage>/<time>)")
+        jobs = sorted({p.parent.parent for p in folder.rglob(".hydra/overrides.yaml")}, key=str)
+        jobs = [j for j in jobs if any(j.glob("*_result.json"))]
+        if jobs:
+            for job in jobs:
+                runs += runs_from_job(job)
+        else:
+            wandb_files |= {p.resolve() for p in folder.rglob("run-*.wandb") if "latest-run" not in p.parts}
+    runs += runs_from_wandb(sorted(wandb_files))
+    if not runs:
+        raise ReportError(
+            f"no runs found under {', '.join(map(str, folders))}: expected Hydra job folders with "
+            "<stage>_result.json, or wandb offline runs (wandb/offline-run-*)"
+        )
+    return merge_runs(runs)
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """One row per measured thing: settings that differ between its copies become ``*``."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.label, run.key)].append(run)
+    merged = []
+    for (label, key), copies in groups.items():
+        names = list(dict.fromkeys(k for r in copies for k in r.settings))
+        settings = {
+            n: copies[0].settings.get(n) if len({json.dumps(r.settings.get(n)) for r in copies}) == 1 else ANY
+            for n in names
+        }
+        curve = next((r.curve for r in copies if r.curve), [])
+        merged.append(Run(label, settings, copies[0].metrics, copies[0].source, key, curve))
+    return merged
+
+
+def swept_settings(runs: Sequence[Run]) -> list[str]:
+    names = list(dict.fromkeys(k for r in runs for k in r.settings))
+    return [n for n in names if len({json.dumps(r.settings.get(n)) for r in runs}) > 1]
+
+
+def _sort_key(value: Any) -> tuple:
+    return (value == ANY, isinstance(value, str), value if not isinstance(value, str) else 0, str(value))
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def markdown_table(runs: Sequence[Run]) -> str:
+    columns = swept_settings(runs)
+    metrics = [m for m in METRICS if any(m in r.metrics for r in runs)]
+    ordered = sorted(runs, key=lambda r: (r.label, *(_sort_key(r.settings.get(c)) for c in columns)))
+    lines = [
+        "| run | " + " | ".join(columns + metrics) + " |",
+        "|---|" + "---:|" * len(columns + metrics),
+    ]
+    for run in ordered:
+        cells = [str(run.settings.get(c, "")) for c in columns]
+        cells += [f"{run.metrics[m]:.4f}" if m in run.metrics else "" for m in metrics]
+        lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> bool:
+    """``metric`` against ``setting``: one line per run label and value of the other swept settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [s for s in swept_settings(runs) if s != setting]
+    lines: dict[str, list[tuple[Any, float]]] = defaultdict(list)
+    flat: dict[str, float] = {}
+    for run in runs:
+        if metric not in run.metrics:
+            continue
+        x = run.settings.get(setting)
+        rest = ", ".join(
+            f"{o}={run.settings.get(o)}" for o in others if run.settings.get(o) not in (None, ANY)
+        )
+        name = run.label + (f" ({rest})" if rest else "")
+        if x == ANY or x is None:
+            flat[name] = run.metrics[metric]
+        elif isinstance(x, (int, float)):
+            lines[name].append((x, run.metrics[metric]))
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    # runs that do not depend on the setting are horizontal references, drawn when they are near the
+    # swept lines (a far-off reference, e.g. the proxy, would flatten the comparison) and named otherwise
+    ys = [p[1] for pts in lines.values() for p in pts]
+    span = max(max(ys) - min(ys), 1e-3 * max(abs(max(ys)), 1.0))
+    off_axis = []
+    for i, (name, value) in enumerate(sorted(flat.items())):
+        if min(ys) - 2 * span <= value <= max(ys) + 2 * span:
+            ax.axhline(
+                value,
+                linestyle="--",
+                linewidth=1,
+                color=f"C{(len(lines) + i) % 10}",
+                label=f"{name} (any {setting})",
+            )
+        else:
+            off_axis.append(f"{name}: {value:.4g}")
+    if off_axis:
+        ax.set_title("off the axis: " + "; ".join(off_axis), fontsize=7)
+    values = sorted({p[0] for pts in lines.values() for p in pts})
+    if len(values) > 2 and values[0] > 0 and values[-1] / values[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.set_xlabel(setting)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(runs: Sequence[Run], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curves = [r for r in runs if len(r.curve) > 1]
+    if not with_curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in sorted(with_curves, key=lambda r: r.label):
+        rest = ", ".join(f"{k}={v}" for k, v in run.settings.items() if v != ANY)
+        ax.plot(*zip(*run.curve), label=run.label + (f" ({rest})" if rest else ""), linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train/loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs: Sequence[Run], out_dir: Path, metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """``report.md`` (table + plots), ``runs.csv`` and one PNG per (swept setting, metric)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m in (metrics or METRICS) if any(m in r.metrics for r in runs)]
+    plots = []
+    for setting in swept_settings(runs):
+        for metric in metrics:
+            path = out_dir / f"{metric}_vs_{setting}.png"
+            if plot_metric(runs, setting, metric, path):
+                plots.append(path.name)
+    if plot_curves(runs, out_dir / "loss_curves.png"):
+        plots.append("loss_curves.png")
+    table = markdown_table(runs)
+    lines = [f"# Report: {len(runs)} runs", "", table, ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out_dir / "report.md")
+    with (out_dir / "runs.csv").open("w", newline="") as handle:
+        columns = ["run", *swept_settings(runs), *metrics]
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for run in runs:
+            writer.writerow(
+                {
+                    "run": run.label,
+                    **{c: run.settings.get(c, "") for c in columns[1:] if c not in metrics},
+                    **{m: run.metrics.get(m, "") for m in metrics},
+                }
+            )
+    return {"table": table, "plots": plots, "runs": len(runs), "out_dir": str(out_dir)}
+
+
+def main(argv: Sequence[str]) -> None:
+    """``kdl report FOLDER... [--out DIR] [--metric NAME ...]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="kdl report", description=__doc__.split("\n")[0])
+    parser.add_argument("folders", nargs="+", help="multirun folders, job folders or wandb folders")
+    parser.add_argument("--out", help="where report.md and the PNGs go (default: <first folder>/report)")
+    parser.add_argument("--metric", action="append", help=f"plot only these (of {', '.join(METRICS)})")
+    args = parser.parse_args(list(argv))
+    try:
+        runs = collect_runs(args.folders)
+        out = Path(args.out) if args.out else Path(args.folders[0]) / "report"
+        result = write_report(runs, out, args.metric)
+    except ReportError as err:
+        print(f"kdl report: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(result["table"])
+    print(f"\n{len(result['plots'])} plots and report.md in {result['out_dir']}")
