@@ -407,9 +407,25 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     return result
 
 
+def objective(result: Any, path: str) -> float:
+    """The figure a sweeper optimises: ``nll``, or a path such as ``rows.-1.nll`` into the stage's result."""
+    node = result
+    for part in path.split("."):
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise KeyError(
+                f"sweep_objective={path!r} is not in the {type(result).__name__} result (at {part!r}); "
+                "use e.g. nll for kdl distill or rows.-1.nll for kdl pipeline"
+            ) from None
+    return float(node)
+
+
 def _task(cfg: DictConfig) -> Any:
     try:
-        return run_stage(cfg)
+        result = run_stage(cfg)
+        # Optuna and other optimising sweepers read the job's return value
+        return objective(result, cfg.sweep_objective) if cfg.get("sweep_objective") else result
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, InstantiationException) as err:
         if os.environ.get("KDL_TRACEBACK"):
             raise
