@@ -34,7 +34,7 @@ def test_short_run_names():
 def test_objective_paths():
     result = {"nll": 2.5, "rows": [{"nll": 3.0}, {"nll": 1.0}]}
     assert objective(result, "nll") == 2.5 and objective(result, "rows.-1.nll") == 1.0
-    with pytest.raises(KeyError, match="sweep_objective='rows.5.nll' is not in"):
+    with pytest.raises(KeyError, match=r"sweep_objective='rows\.5\.nll' is not in"):
         objective(result, "rows.5.nll")
 
 
