@@ -644,15 +644,23 @@ def results_table(rows: list[Mapping[str, Any]]) -> str:
 
 def evaluation_table(rows: list[Mapping[str, Any]]) -> str:
     """A markdown table of ``kdl evaluate`` rows."""
+    # question-set columns (``<set>/mc_accuracy``, ``<set>/answer_match``) in the order they first appear
+    questions = [
+        key
+        for key in dict.fromkeys(k for row in rows for k in row)
+        if key.endswith(("/mc_accuracy", "/answer_match"))
+    ]
     lines = [
-        "| model | NLL | perplexity | token acc. | ECE | ROUGE-L | generated |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | NLL | perplexity | token acc. | ECE | ROUGE-L | generated |"
+        + "".join(f" {q} |" for q in questions),
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(questions),
     ]
     for row in rows:
         rouge = f"{row['rouge_l']:.4f}" if "rouge_l" in row else ""
+        cells = "".join(f" {row[q]:.3f} |" if q in row else " |" for q in questions)
         lines.append(
             f"| {row['name']} | {row['nll']:.4f} | {row['ppl']:.2f} | {row['token_accuracy']:.4f} | "
-            f"{row['ece']:.4f} | {rouge} | {row.get('generated', '')} |"
+            f"{row['ece']:.4f} | {rouge} | {row.get('generated', '')} |{cells}"
         )
     return "\n".join(lines)
 

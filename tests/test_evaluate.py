@@ -54,6 +54,7 @@ def test_cli_evaluates_every_trained_student_into_json_and_csv(kdl_env):
         env_dir=kdl_env,
     )
     assert "| sft |" in done.stdout and "ROUGE-L" in done.stdout
+    assert "questions/mc_accuracy" in done.stdout  # the tiny experiment's question set
     result = json.loads(next((kdl_env / "outputs").rglob("evaluate_result.json")).read_text())
     (row,) = result["rows"]
     assert row["name"] == "sft" and {"nll", "ppl", "ece", "token_accuracy", "rouge_l"} <= set(row)
