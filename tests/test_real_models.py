@@ -102,3 +102,17 @@ def test_shipped_proxy_fits_gpt35_text_plausibly(real):
     corpus = tokenize_records(heldout[:8], tokenizer, 256)
     metrics = heldout_nll(freeze(load_causal_lm("smollm2")), corpus, tokenizer.pad_token_id)
     assert 1.0 < metrics["nll"] < 2.6  # ~1.9 nats/token on held-out gpt-3.5 responses
+
+
+def test_smollm2_answers_a_real_question_set(real):
+    """SmolLM2 on OpenAI evals' born_first: both scorings run on the real chat template and tokenizer."""
+    from kd_lightning.evaluation.question_sets import load_question_set, prompt_ids, score_question_set
+
+    tok = real[0]
+    model = freeze(load_causal_lm("smollm2"))
+    questions = load_question_set("born_first", limit=12)
+    prompt = tok.decode(prompt_ids(questions.questions[0], tok))
+    assert "Answer Y or N." in prompt and prompt.rstrip().endswith("assistant")
+    got = score_question_set(model, tok, questions, max_new_tokens=4, batch_size=6)
+    assert got["born_first/questions"] == 12
+    assert 0 <= got["born_first/mc_accuracy"] <= 1 and 0 <= got["born_first/answer_match"] <= 1
