@@ -686,13 +686,14 @@ def fidelity_estimates(pipeline: Pipeline, spec: FidelitySpec) -> list[Estimate]
     later ``kdl distill`` with the same settings reuses it.
     """
     vocab = pipeline.vocab_size()
-    estimates = [Estimate("one-hot", {}, lambda observed: one_hot_estimate(observed, vocab))]
+    estimates = [Estimate("one-hot", {}, lambda observed: one_hot_estimate(observed, vocab), "one-hot")]
     for eps in spec.label_smoothing:
         estimates.append(
             Estimate(
                 f"label smoothing ε={eps:g}",
                 {"label_smoothing": eps},
                 lambda observed, e=eps: label_smoothing_estimate(observed, vocab, e),
+                "label smoothing",
             )
         )
     for n in spec.ngram_orders:
@@ -705,6 +706,7 @@ def fidelity_estimates(pipeline: Pipeline, spec: FidelitySpec) -> list[Estimate]
                     f"prior n={n} γ={gamma:g}",
                     {"ngram_order": n, "gamma": gamma},
                     store_estimate(variant.prior(), vocab),
+                    f"prior γ={gamma:g}",
                 )
             )
     base = pipeline.prior_estimator
@@ -717,6 +719,7 @@ def fidelity_estimates(pipeline: Pipeline, spec: FidelitySpec) -> list[Estimate]
                 f"posterior R={rounds} (prior n={base.ngram_order} γ={base.gamma:g})",
                 {"ngram_order": base.ngram_order, "gamma": base.gamma, "sampling_rounds": rounds},
                 store_estimate(variant.posterior(), vocab),
+                f"posterior (prior n={base.ngram_order} γ={base.gamma:g})",
             )
         )
     return estimates

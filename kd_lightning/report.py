@@ -106,11 +106,13 @@ def runs_from_job(job: Path) -> list[Run]:
         result = json.loads(result_file.read_text())
         rows = result.get("rows") if isinstance(result, dict) and "rows" in result else [result]
         for row in rows:
-            label = str(row.get("estimate") or row.get("variant") or row.get("name") or stage)
+            label = str(row.get("kind") or row.get("variant") or row.get("name") or stage)
             metrics = {k: float(row[k]) for k in METRICS if isinstance(row.get(k), (int, float))}
             if not metrics:
                 continue
-            extra = {k: row[k] for k in ("ngram_order", "gamma", "sampling_rounds") if k in row}
+            extra = {
+                k: row[k] for k in ("ngram_order", "gamma", "sampling_rounds", "label_smoothing") if k in row
+            }
             curve = next((c for name, c in curves.items() if name.endswith(f"-{row.get('name')}")), [])
             # what was measured: a student folder, a model, or else the figures themselves (the proxy rows
             # every job of a sweep repeats from the cache)
@@ -298,6 +300,7 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
     others = [s for s in swept_settings(runs) if s != setting]
     lines: dict[str, list[tuple[Any, float]]] = defaultdict(list)
     flat: dict[str, float] = {}
+    independent: set[str] = set()  # references that depend on no swept setting (SFT, one-hot labels)
     for run in runs:
         if metric not in run.metrics:
             continue
@@ -308,11 +311,15 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
         name = run.label + (f" ({rest})" if rest else "")
         if x == ANY or x is None:
             flat[name] = run.metrics[metric]
+            if not rest:
+                independent.add(name)
         elif isinstance(x, (int, float)):
             lines[name].append((x, run.metrics[metric]))
     if not lines:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(flat) > 5:  # too many references to read: keep those that depend on no swept setting
+        flat = {name: value for name, value in flat.items() if name in independent}
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, points in sorted(lines.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
@@ -341,7 +348,7 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
     ax.set_xlabel(setting)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -357,14 +364,14 @@ def plot_curves(runs: Sequence[Run], path: Path) -> bool:
     with_curves = [r for r in runs if len(r.curve) > 1]
     if not with_curves:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for run in sorted(with_curves, key=lambda r: r.label):
         rest = ", ".join(f"{k}={v}" for k, v in run.settings.items() if v != ANY)
         ax.plot(*zip(*run.curve), label=run.label + (f" ({rest})" if rest else ""), linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("train/loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -377,6 +384,11 @@ def write_report(runs: Sequence[Run], out_dir: Path, metrics: Sequence[str] | No
     metrics = [m for m in (metrics or METRICS) if any(m in r.metrics for r in runs)]
     plots = []
     for setting in swept_settings(runs):
+        values = {
+            json.dumps(r.settings.get(setting)) for r in runs if r.settings.get(setting) not in (None, ANY)
+        }
+        if len(values) < 2:  # one value: nothing to plot against
+            continue
         for metric in metrics:
             path = out_dir / f"{metric}_vs_{setting}.png"
             if plot_metric(runs, setting, metric, path):

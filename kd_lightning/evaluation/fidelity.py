@@ -133,6 +133,8 @@ class Estimate:
     settings: dict[str, Any]
     rows: Callable[[torch.Tensor], EstimateRows]
     """``observed token ids (N,) -> EstimateRows`` (the hard-label baselines need the observed tokens)."""
+    kind: str = ""
+    """The family (``prior``, ``posterior``, ...): one line per family in ``kdl report``'s plots."""
 
 
 def store_estimate(store, vocab_size: int) -> Callable[[torch.Tensor], EstimateRows]:
@@ -194,6 +196,7 @@ def score_estimates(
         rows.append(
             {
                 "estimate": estimate.name,
+                "kind": estimate.kind or estimate.name,
                 **estimate.settings,
                 "kl": float(kl.mean()),
                 "kl_median": float(np.median(kl)),
