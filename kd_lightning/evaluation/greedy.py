@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
 def generate_greedy(
-    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generate",
 ) -> list[str]:
     """Greedy replies (special tokens dropped, stripped) to token-id prompts, batched and left-padded."""
     device = next(model.parameters()).device
     pad_id = int(tokenizer.pad_token_id)
     replies = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from kd_lightning.data.records import Record, jsonl_objects
 from kd_lightning.data.tokenized import prompt_and_response_ids
@@ -172,7 +173,7 @@ def choice_log_likelihoods(
                 raise ValueError(f"choice {choice!r} tokenizes to nothing")
             pairs.append((prompt + ids, len(ids)))
     scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="choices", unit="batch", leave=False):
         chunk = pairs[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -198,7 +199,7 @@ def score_question_set(
 ) -> dict[str, float]:
     """``<set>/answer_match``, ``<set>/exact_match`` and, with choices, ``<set>/mc_accuracy``."""
     prompts = [prompt_ids(q, tokenizer) for q in questions.questions]
-    replies = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    replies = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc=questions.name)
     answers = [q.answers for q in questions.questions]
     result = {
         f"{questions.name}/answer_match": answer_match(replies, answers),
