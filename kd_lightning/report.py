@@ -317,8 +317,6 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
             lines[name].append((x, run.metrics[metric]))
     if not lines:
         return False
-    if len(flat) > 5:  # too many references to read: keep those that depend on no swept setting
-        flat = {name: value for name, value in flat.items() if name in independent}
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, points in sorted(lines.items()):
         points.sort()
@@ -327,9 +325,11 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
     # swept lines (a far-off reference, e.g. the proxy, would flatten the comparison) and named otherwise
     ys = [p[1] for pts in lines.values() for p in pts]
     span = max(max(ys) - min(ys), 1e-3 * max(abs(max(ys)), 1.0))
+    in_range = {name for name, value in flat.items() if min(ys) - 2 * span <= value <= max(ys) + 2 * span}
+    near = in_range if len(in_range) <= 5 else in_range & independent  # too many: keep the independent
     off_axis = []
     for i, (name, value) in enumerate(sorted(flat.items())):
-        if min(ys) - 2 * span <= value <= max(ys) + 2 * span:
+        if name in near:
             ax.axhline(
                 value,
                 linestyle="--",
@@ -337,7 +337,7 @@ def plot_metric(runs: Sequence[Run], setting: str, metric: str, path: Path) -> b
                 color=f"C{(len(lines) + i) % 10}",
                 label=f"{name} (any {setting})",
             )
-        else:
+        elif name not in in_range:
             off_axis.append(f"{name}: {value:.4g}")
     if off_axis:
         ax.set_title("off the axis: " + "; ".join(off_axis), fontsize=7)

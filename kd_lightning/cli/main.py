@@ -244,10 +244,21 @@ def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]
     )
 
 
+def model_label(path: str) -> str:
+    """A table label for a model folder: a trained student's run name, else the folder's name."""
+    import json
+
+    folder = Path(path)
+    result = folder.parent / "result.json"
+    if folder.name == "student" and result.is_file():
+        return f"{json.loads(result.read_text()).get('name', 'student')} ({folder.parent.name})"
+    return folder.name or path
+
+
 def run_evaluate(cfg: DictConfig, pipeline: Pipeline) -> list[dict[str, Any]]:
     """Evaluate ``models_to_evaluate`` (or every trained student); log each row to the configured loggers."""
     spec = instantiate(cfg.evaluation)
-    targets = [(Path(str(p)).name or str(p), str(p)) for p in cfg.get("models_to_evaluate") or []]
+    targets = [(model_label(str(p)), str(p)) for p in cfg.get("models_to_evaluate") or []]
     targets = targets or [(name, str(folder)) for name, folder in pipeline.trained_students()]
     if not targets:
         raise ValueError(
