@@ -197,10 +197,11 @@ def test_local_backend_self_instruct_from_the_cli(workdir, tiny_dir):
     )
     manifest = json.loads((workdir / "corpus" / "generation.json").read_text())
     assert manifest["teacher"]["backend"] == "local" and manifest["stages"]["seed_tasks"] == 63
-    assert (
-        manifest["stages"]["instructions_kept"] == 0
-        and manifest["dropped"]["instruction_unparseable_reply"] == 4
-    )
+    # 2 rounds x 2 proposals, none usable: most replies do not parse; a random model may once emit one that
+    # parses and is then filtered for another reason (seen with other library versions)
+    instruction_drops = {k: v for k, v in manifest["dropped"].items() if k.startswith("instruction_")}
+    assert manifest["stages"]["instructions_kept"] == 0 and sum(instruction_drops.values()) == 4
+    assert instruction_drops.get("instruction_unparseable_reply", 0) >= 2
     records = read_jsonl(workdir / "corpus" / "corpus.jsonl")
     assert {r.meta["source"] for r in records} == {"seed"}
     assert len(records) + manifest["dropped"].get("empty_answer", 0) == 63
