@@ -475,8 +475,15 @@ class Pipeline:
         max_epochs: int | None = None,
         teacher_factory: Callable[[], nn.Module] | None = None,
         loss_chunk_size: int | None = None,
+        module_factory: Callable[..., nn.Module] | None = None,
+        trainer_overrides: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached)."""
+        """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached).
+
+        ``module_factory`` replaces the DistillModule (``method=minillm | gkd | distillm``): a partial called
+        with ``student``, ``teacher``, ``tokenizer``, ``optimizer``, ``scheduler`` and, for modules that take
+        them, ``loss_terms``. A module with ``select_best_checkpoint`` gets its best checkpoint back after fit.
+        """
         train, heldout = self.corpora()
         stores = self.stores_for(soft_label_names(loss_terms.values()))
         key = settings_key(
@@ -497,7 +504,16 @@ class Pipeline:
                 f"the student has config.vocab_size={student_vocab} but the tokenizer {self.tokenizer_path} "
                 f"has {self.vocab_size()} ids; use a student built for this tokenizer"
             )
-        if teacher_factory is not None:
+        if module_factory is not None:
+            if teacher_factory is None:
+                raise ValueError(
+                    "on-policy methods (minillm, gkd, distillm) score the student's samples under an open teacher: "
+                    "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>)"
+                )
+            module = build_method_module(
+                module_factory, student, teacher_factory(), self.tokenizer, loss_terms, optimizer, scheduler
+            )
+        elif teacher_factory is not None:
             module = OnlineTeacherDistillModule(
                 student,
                 teacher_factory(),
@@ -511,10 +527,11 @@ class Pipeline:
                 student, loss_terms, optimizer=optimizer, scheduler=scheduler, loss_chunk_size=loss_chunk_size
             )
         datamodule.connect(self.pad_id, train, heldout, stores)
-        trainer = self.trainer_factory(folder, name, max_epochs=max_epochs)
+        trainer = self.trainer_factory(folder, name, max_epochs=max_epochs, overrides=trainer_overrides)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=_last_checkpoint(folder))
         seconds = time.perf_counter() - start
+        best = restore_best_checkpoint(module, trainer)
         student = module.student
         tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
         if hasattr(student, "save_pretrained"):
@@ -525,11 +542,14 @@ class Pipeline:
         close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
         result = {
             "name": name,
-            "loss_chunk_size": module.loss_chunk_size,
-            "terms": {n: t.weight for n, t in loss_terms.items()},
+            "loss_chunk_size": getattr(module, "loss_chunk_size", None),
+            "terms": {n: t.weight for n, t in getattr(module, "loss_terms", {}).items()},
+            "module": type(module).__name__,
             **metrics,
             "train_seconds": seconds,
             "folder": str(folder),
+            **({"best_checkpoint": best} if best else {}),
+            **timing_summary(module),
         }
         atomic_json(result_file, result)
         return result
@@ -549,17 +569,31 @@ class Pipeline:
         """Held-out metrics of one model (NLL, ppl, token accuracy, ECE, ROUGE-L), cached per model and spec."""
         _, heldout = self.corpora()
         key = settings_key(
-            {"model": model_identity(str(model_path)), "heldout": heldout.fingerprint, "spec": asdict(spec)}
+            {
+                "model": model_identity(str(model_path)),
+                "heldout": heldout.fingerprint,
+                "spec": asdict(spec),
+                **({"teacher": model_identity(str(self.teacher_path))} if spec.reverse_kl_limit else {}),
+            }
         )
         path = self.workspace.path("eval", key + ".json")
         if path.is_file():
             return json.loads(path.read_text())
         model = freeze(load_causal_lm(model_path))
         self.check_shares_tokenizer(model, str(model_path), "evaluated model")
+        teacher = None
+        if spec.reverse_kl_limit:
+            if self.teacher_path is None:
+                raise ValueError(
+                    "evaluation.reverse_kl_limit > 0 measures the reverse KL to an open teacher: add teacher=smollm2 "
+                    "(or teacher=local teacher.path=<HF folder>), or set evaluation.reverse_kl_limit=0"
+                )
+            teacher = freeze(load_causal_lm(self.teacher_path))
+            self.check_shares_tokenizer(teacher, str(self.teacher_path), "teacher")
         result = {
             "name": name,
             "model": str(model_path),
-            **evaluate_model(model, self.tokenizer, heldout, spec),
+            **evaluate_model(model, self.tokenizer, heldout, spec, teacher=teacher),
         }
         atomic_json(path, result)
         return result
@@ -613,6 +647,57 @@ def close_loggers(trainer: Trainer, metrics: Mapping[str, float] | None = None) 
         wandb.finish()
 
 
+def build_method_module(
+    factory: Callable[..., nn.Module],
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    loss_terms: Mapping[str, LossTerm],
+    optimizer: Callable,
+    scheduler: Callable | None,
+) -> nn.Module:
+    """Call a method's module partial with what it takes (MiniLLM has no loss terms; GKD/DistiLLM do)."""
+    import inspect
+
+    target = getattr(factory, "func", factory)
+    accepted = inspect.signature(target).parameters
+    arguments: dict[str, Any] = {
+        "student": student,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+    }
+    if "loss_terms" in accepted:
+        arguments["loss_terms"] = loss_terms
+    elif set(loss_terms) - {"hard_ce"}:
+        raise ValueError(
+            f"{target.__name__} has its own objective and takes no loss terms, but loss={list(loss_terms)}; "
+            "use loss=[hard_ce] (ignored) with method=minillm, or a word-level method (gkd, distillm)"
+        )
+    return factory(**arguments)
+
+
+def restore_best_checkpoint(module: nn.Module, trainer: Trainer) -> str | None:
+    """Load the best monitored checkpoint back into a module that asks for it (``select_best_checkpoint``)."""
+    if not getattr(module, "select_best_checkpoint", False):
+        return None
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    if not best or not Path(best).is_file():
+        log.warning("no best checkpoint was recorded (was validation run?); keeping the final student")
+        return None
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    log.info("restored the best checkpoint %s", best)
+    return best
+
+
+def timing_summary(module: nn.Module) -> dict[str, float]:
+    """Mean rollout and update seconds per training step, for modules that time them (on-policy methods)."""
+    timing: Mapping[str, list[float]] = getattr(module, "step_seconds", None) or {}
+    return {f"{key}_per_step": sum(v) / len(v) for key, v in timing.items() if v}
+
+
 def _last_checkpoint(folder: Path) -> str | None:
     last = folder / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -625,7 +710,14 @@ def results_table(rows: list[Mapping[str, Any]]) -> str:
     """A markdown table of held-out results."""
     extra = [
         (key, title)
-        for key, title in (("token_accuracy", "token acc."), ("ece", "ECE"), ("rouge_l", "ROUGE-L"))
+        for key, title in (
+            ("token_accuracy", "token acc."),
+            ("ece", "ECE"),
+            ("rouge_l", "ROUGE-L"),
+            ("reverse_kl", "reverse KL to teacher"),
+            ("rollout_seconds_per_step", "rollout s/step"),
+            ("update_seconds_per_step", "update s/step"),
+        )
         if any(key in row for row in rows)
     ]
     lines = [
@@ -650,6 +742,8 @@ def evaluation_table(rows: list[Mapping[str, Any]]) -> str:
         for key in dict.fromkeys(k for row in rows for k in row)
         if key.endswith(("/mc_accuracy", "/answer_match"))
     ]
+    if any("reverse_kl" in row for row in rows):
+        questions.insert(0, "reverse_kl")
     lines = [
         "| model | NLL | perplexity | token acc. | ECE | ROUGE-L | generated |"
         + "".join(f" {q} |" for q in questions),

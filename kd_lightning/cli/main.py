@@ -12,6 +12,7 @@ sampling rounds reuses the prior and the aligned proxy.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -123,9 +124,15 @@ class FinishWandb(Callback):
 
 
 def trainer_factory(cfg: DictConfig):
-    """``(run_dir, run_name, max_epochs=None, validate=True) -> Trainer`` with loggers and callbacks."""
+    """``(run_dir, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer`` with loggers and callbacks."""
 
-    def build(folder: Path, name: str, max_epochs: int | None = None, validate: bool = True) -> Trainer:
+    def build(
+        folder: Path,
+        name: str,
+        max_epochs: int | None = None,
+        validate: bool = True,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Trainer:
         loggers = []
         for lg in (cfg.get("logger") or {}).values():
             loggers.append(instantiate(lg, name=f"{cfg.run_name}-{name}"))
@@ -148,18 +155,19 @@ def trainer_factory(cfg: DictConfig):
             )
         if loggers:
             callbacks.append(FinishWandb())
-        overrides: dict[str, Any] = {
+        settings_override: dict[str, Any] = {
             "default_root_dir": str(folder),
             "logger": loggers or False,
             "callbacks": callbacks,
         }
         if max_epochs is not None and not cfg.trainer.get("fast_dev_run"):
-            overrides["max_epochs"] = max_epochs
+            settings_override["max_epochs"] = max_epochs
         if not validate:
-            overrides["limit_val_batches"] = 0
+            settings_override["limit_val_batches"] = 0
         if not loggers:
-            overrides["log_every_n_steps"] = 1
-        return instantiate(cfg.trainer, **overrides)
+            settings_override["log_every_n_steps"] = 1
+        settings_override.update(overrides or {})
+        return instantiate(cfg.trainer, **settings_override)
 
     return build
 
@@ -220,28 +228,95 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
     return pick
 
 
-def run_distill(cfg: DictConfig, pipeline: Pipeline, name: str, terms: list[str]) -> dict[str, Any]:
+def run_distill(
+    cfg: DictConfig,
+    pipeline: Pipeline,
+    name: str,
+    terms: list[str],
+    method: Any = None,
+    init_from: str | None = None,
+    trainer_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one student on ``terms`` (or with an on-policy ``method``), from ``student`` or an ``init_from`` folder."""
     seed_everything(cfg.seed, workers=True)
+    method = cfg.get("method") if method is None else method
     selected = loss_terms(cfg, terms)
     wants_teacher = [n for n, t in selected.items() if getattr(t, "target", None) == "teacher"]
-    if wants_teacher and not cfg.get("teacher"):
+    if (wants_teacher or method) and not cfg.get("teacher"):
+        what = f"loss term {wants_teacher[0]!r} compares" if wants_teacher else "on-policy methods compare"
         raise ValueError(
-            f"loss term {wants_teacher[0]!r} compares the student with the teacher, but no teacher is configured; "
+            f"{what} the student with the teacher, but no teacher is configured; "
             "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
         )
     # an online teacher only when a term reads it in the step (kd_target=offline_teacher reads a store)
-    teacher_cfg = cfg.get("teacher") if wants_teacher else None
+    teacher_cfg = cfg.get("teacher") if (wants_teacher or method) else None
+    factory = instantiate(method) if method else None
+    overrides = dict(trainer_overrides or {})
+    if factory is not None and getattr(getattr(factory, "func", None), "manual_optimization", False):
+        overrides.setdefault("gradient_clip_val", None)  # the module clips its own updates (max_grad_norm)
+    settings = distill_settings(cfg, terms)
+    if method:
+        settings["method"] = OmegaConf.to_container(method, resolve=True)
+    if init_from:
+        settings["init_from"] = str(init_from)
+    if overrides:
+        settings["trainer_overrides"] = overrides
+    if init_from:
+        from kd_lightning.models.loading import load_causal_lm
+
+        student_factory = lambda: load_causal_lm(init_from)  # noqa: E731
+    else:
+        student_factory = lambda: instantiate(cfg.student)  # noqa: E731
     return pipeline.distill(
         name=name,
-        student_factory=lambda: instantiate(cfg.student),
+        student_factory=student_factory,
         loss_terms=selected,
         datamodule=instantiate(cfg.datamodule),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        settings=distill_settings(cfg, terms),
+        settings=settings,
         teacher_factory=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
+        module_factory=factory,
+        trainer_overrides=overrides or None,
     )
+
+
+def variant_parts(cfg: DictConfig, name: str, spec: Any) -> dict[str, Any]:
+    """A ``variants`` entry: a list of loss terms, or ``{loss, method, init_from, trainer}``.
+
+    ``method`` names a file of ``conf/method/`` (with ``method_settings`` merged over it); ``init_from`` names
+    an earlier variant whose trained student this one starts from (MiniLLM starts from SFT); ``trainer``
+    overrides trainer settings for this variant only (e.g. ``max_steps``, ``val_check_interval``).
+    """
+    if not OmegaConf.is_dict(spec):
+        return {"terms": list(spec), "method": None, "init_from": None, "trainer": None}
+    unknown = set(spec) - {"loss", "method", "method_settings", "init_from", "trainer"}
+    if unknown:
+        raise KeyError(
+            f"variant {name!r} has unknown keys {sorted(unknown)}; use loss, method, method_settings, init_from, trainer"
+        )
+    method = None
+    if spec.get("method"):
+        path = conf_dir() / "method" / f"{spec.method}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
+            raise FileNotFoundError(
+                f"variant {name!r}: no method {spec.method!r} in conf/method/ (known: {known})"
+            )
+        node = OmegaConf.merge(OmegaConf.load(path), spec.get("method_settings") or {})
+        # resolve interpolations such as ${seed} against the run's config
+        context = copy.deepcopy(cfg)
+        OmegaConf.set_struct(context, False)
+        context._variant_method = node
+        method = context._variant_method
+    trainer = OmegaConf.to_container(spec.trainer, resolve=True) if spec.get("trainer") else None
+    return {
+        "terms": list(spec.get("loss") or ["hard_ce"]),
+        "method": method,
+        "init_from": spec.get("init_from"),
+        "trainer": trainer,
+    }
 
 
 def model_label(path: str) -> str:
@@ -391,11 +466,44 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     elif stage == "fidelity":
         result = run_fidelity(cfg, pipeline)
     elif stage == "pipeline":
-        rows = [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
-        variants: Mapping[str, list[str]] = cfg.variants
+        # an experiment drops an inherited variant by setting it to null
+        variants: Mapping[str, Any] = {k: v for k, v in cfg.variants.items() if v is not None}
+        if not variants:
+            raise ValueError("variants is empty: list at least one, e.g. variants.sft_only=[hard_ce]")
+        reads = {
+            label
+            for name, variant in variants.items()
+            for term in loss_terms(cfg, variant_parts(cfg, name, variant)["terms"]).values()
+            for label in term.soft_labels
+        }
+        # the proxy rows matter (and cost an alignment) only when some student learns from the posterior
+        rows = (
+            [pipeline.proxy_heldout(aligned=False), pipeline.proxy_heldout(aligned=True)]
+            if "posterior" in reads
+            else []
+        )
         spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
-        for name, terms in variants.items():
-            row = run_distill(cfg, pipeline, f"student {name}", list(terms))
+        trained: dict[str, str] = {}
+        for name, variant in variants.items():
+            parts = variant_parts(cfg, name, variant)
+            init_from = None
+            if parts["init_from"]:
+                if parts["init_from"] not in trained:
+                    raise KeyError(
+                        f"variant {name!r} starts from {parts['init_from']!r}, which is not an earlier variant "
+                        f"(earlier: {list(trained)}); list it before {name!r}"
+                    )
+                init_from = trained[parts["init_from"]]
+            row = run_distill(
+                cfg,
+                pipeline,
+                f"student {name}",
+                parts["terms"],
+                method=parts["method"],
+                init_from=init_from,
+                trainer_overrides=parts["trainer"],
+            )
+            trained[name] = str(Path(row["folder"]) / "student")
             if spec is not None:  # token accuracy, ECE, ROUGE-L (cached per student and spec)
                 extra = pipeline.evaluate(row["name"], Path(row["folder"]) / "student", spec)
                 row = {**row, **{k: v for k, v in extra.items() if k not in ("name", "model")}}
@@ -404,8 +512,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
         result = {
             "rows": rows,
             "table": table,
-            "prior": summarize_store(pipeline.prior()),
-            "posterior": summarize_store(pipeline.posterior()),
+            **({"prior": summarize_store(pipeline.prior())} if "prior" in reads else {}),
+            **({"posterior": summarize_store(pipeline.posterior())} if "posterior" in reads else {}),
         }
         print(f"\nHeld-out teacher responses ({len(pipeline.corpora()[1])} records):\n{table}\n", flush=True)
     else:  # pragma: no cover - guarded by main()

@@ -19,6 +19,7 @@ from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
 from kd_lightning.evaluation.question_sets import load_question_set, score_question_set
+from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.loading import target_position_logits
 
@@ -41,6 +42,11 @@ class EvaluationSpec:
     """First questions of each set (None: all)."""
     answer_max_new_tokens: int = 8
     """Greedy reply length for answer matching."""
+    reverse_kl_limit: int = 0
+    """Held-out prompts on which the student's samples are scored against the teacher (``reverse_kl``,
+    MiniLLM's objective); 0 skips it. Needs an open teacher (``teacher=``)."""
+    reverse_kl_max_new_tokens: int = 64
+    """Sampled response length for the reverse KL."""
 
     def __post_init__(self) -> None:
         self.question_sets = list(self.question_sets)
@@ -48,6 +54,8 @@ class EvaluationSpec:
             raise ValueError(
                 "evaluation: generation_limit must be >= 0 and max_new_tokens, batch_size, ece_bins >= 1"
             )
+        if self.reverse_kl_limit < 0 or self.reverse_kl_max_new_tokens < 1:
+            raise ValueError("evaluation: reverse_kl_limit must be >= 0 and reverse_kl_max_new_tokens >= 1")
         if self.answer_max_new_tokens < 1 or (self.question_limit is not None and self.question_limit < 1):
             raise ValueError("evaluation: answer_max_new_tokens and question_limit must be >= 1")
 
@@ -112,9 +120,16 @@ def greedy_generations(
 
 
 def evaluate_model(
-    model: nn.Module, tokenizer, heldout: TokenizedCorpus, spec: EvaluationSpec
+    model: nn.Module,
+    tokenizer,
+    heldout: TokenizedCorpus,
+    spec: EvaluationSpec,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Every metric of :class:`EvaluationSpec` for one model (put in eval mode, restored afterwards)."""
+    """Every metric of :class:`EvaluationSpec` for one model (put in eval mode, restored afterwards).
+
+    ``teacher`` is needed only for ``spec.reverse_kl_limit > 0``.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -127,6 +142,21 @@ def evaluate_model(
             )
             metrics["rouge_l"] = rouge_l(predictions, references)
             metrics["generated"] = len(predictions)
+        if spec.reverse_kl_limit:
+            if teacher is None:
+                raise ValueError("evaluation.reverse_kl_limit > 0 needs the teacher model")
+            indices = range(min(spec.reverse_kl_limit, len(heldout)))
+            metrics.update(
+                sampled_reverse_kl(
+                    model,
+                    teacher,
+                    [heldout.sequence(i)[: heldout.prompt_lens[i]].tolist() for i in indices],
+                    eos_token_id=int(tokenizer.eos_token_id),
+                    pad_token_id=int(tokenizer.pad_token_id),
+                    max_new_tokens=spec.reverse_kl_max_new_tokens,
+                    batch_size=spec.batch_size,
+                )
+            )
         for name in spec.question_sets:
             questions = load_question_set(name, limit=spec.question_limit)
             metrics.update(

@@ -142,13 +142,17 @@ class DistillModule(LightningModule):
         """Hook: return ``{name: (weight, value)}`` for terms that need more than logits and the batch."""
         return {}
 
+    def active_terms(self) -> Mapping[str, LossTerm]:
+        """Hook: the terms of this step (all by default; on-policy modules drop text-only terms on samples)."""
+        return self.loss_terms
+
     def compute_terms(
         self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
     ) -> dict[str, tuple[float, torch.Tensor]]:
         fused = self.fused_values(student_logits, batch)
         terms = {
             name: (term.weight, fused[name] if name in fused else term(student_logits, batch))
-            for name, term in self.loss_terms.items()
+            for name, term in self.active_terms().items()
         }
         terms.update(self.extra_terms(student_logits, batch))
         return terms
@@ -160,7 +164,7 @@ class DistillModule(LightningModule):
         if not self.fuse_sparse_terms:
             return {}
         vocab = student_logits.shape[-1]
-        group = {n: t for n, t in self.loss_terms.items() if t.reads_logits and fusable(t, batch, vocab)}
+        group = {n: t for n, t in self.active_terms().items() if t.reads_logits and fusable(t, batch, vocab)}
         return fused_sparse_terms(student_logits, group, batch) if len(group) >= 2 else {}
 
     def on_fit_start(self) -> None:
@@ -170,12 +174,13 @@ class DistillModule(LightningModule):
         if self.loss_chunk_size:
             hidden, packed = self.student_hidden(batch)
             head = self.student.get_output_embeddings()
-            logit_terms = {n: t for n, t in self.loss_terms.items() if t.reads_logits}
+            active = self.active_terms()
+            logit_terms = {n: t for n, t in active.items() if t.reads_logits}
             values = chunked_terms(
                 hidden, head, logit_terms, packed, self.loss_chunk_size, fuse=self.fuse_sparse_terms
             )
-            values.update({n: t(None, packed) for n, t in self.loss_terms.items() if not t.reads_logits})
-            terms = {name: (self.loss_terms[name].weight, values[name]) for name in self.loss_terms}
+            values.update({n: t(None, packed) for n, t in active.items() if not t.reads_logits})
+            terms = {name: (term.weight, values[name]) for name, term in active.items()}
             terms.update(self.extra_terms(None, packed))
         else:
             logits, packed = self.student_logits(batch)

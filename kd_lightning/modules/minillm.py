@@ -1,0 +1,393 @@
+"""MiniLLM: distil a white-box teacher by minimising reverse KL with a policy gradient (arXiv 2306.08543).
+
+Each training step (Algorithm 1 of the paper):
+
+1. take the prompts of a batch of teacher text and sample one response each from the teacher-mixed policy
+   p̃ = α·p + (1 − α)·q (:func:`~kd_lightning.generation.rollout.sample_rollouts`, KV-cached, student in
+   eval mode);
+2. score it: per-token rewards ``log p(y_t) − log q(y_t)`` (scaled, clipped), future returns
+   ``R_{t+1}`` (discounted, length-normalised), importance weights ``w_t = q/p̃``;
+3. run ``ppo_epochs`` optimizer updates on that rollout, each minimising
+   ``single_step_weight · L_single + long_term_weight · L_long + pt_loss_weight · L_PT`` where
+   ``L_single`` is the exact-sum reverse KL per position, ``L_long`` PPO's clipped surrogate on the returns,
+   and ``L_PT`` the LM loss on the batch's teacher text (keeps the student a language model).
+
+Where the reference code (microsoft/LMOps ``minillm/``) differs from the paper, the paper is the default
+and the reference behaviour is a setting: the reference's returns include the current token's reward and
+are whitened (``include_current_reward``, ``whiten_advantages``); its single-step term is not importance
+weighted (``single_step_importance_weighted=False``); it clips ``ρ·w`` together (we clip ρ alone).
+
+The student should start from SFT (``init_from`` in the pipeline); pick the checkpoint by validation
+ROUGE-L (``val/rouge_l``, logged by :meth:`validation_step` from greedy generations on held-out prompts,
+with the reverse KL to the teacher of the student's samples).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from kd_lightning.evaluation.metrics import rouge_l
+from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
+from kd_lightning.generation.rollout import (
+    Rollout,
+    left_pad,
+    prompts_from_batch,
+    response_logits,
+    sample_rollouts,
+)
+from kd_lightning.losses import policy as P
+from kd_lightning.losses.functional import IGNORE_INDEX, hard_cross_entropy, masked_mean, token_cross_entropy
+from kd_lightning.models.loading import freeze, target_position_logits
+
+
+class PolicyDistillBase(LightningModule):
+    """What the on-policy modules share: a frozen teacher held outside the module tree, held-out
+    evaluation by generation (ROUGE-L, reverse KL), and teacher-forced validation NLL.
+
+    Args:
+        student: causal LM being trained.
+        teacher: causal LM on the student's vocabulary; frozen, in eval mode, never checkpointed.
+        tokenizer: decodes generations for ROUGE-L; gives the EOS and pad ids.
+        max_new_tokens: rollout length cap.
+        eval_generation_limit: held-out prompts generated at each validation (0: skip ROUGE-L / reverse KL).
+        eval_max_new_tokens: generation length at validation.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        tokenizer,
+        max_new_tokens: int = 128,
+        eval_generation_limit: int = 16,
+        eval_max_new_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+        t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+            raise ValueError(
+                f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; on-policy KD scores "
+                "the student's tokens under the teacher, so both need one vocabulary"
+            )
+        if max_new_tokens < 1 or eval_max_new_tokens < 1 or eval_generation_limit < 0:
+            raise ValueError(
+                "max_new_tokens and eval_max_new_tokens must be >= 1, eval_generation_limit >= 0"
+            )
+        self.student = student
+        object.__setattr__(
+            self, "teacher", freeze(teacher)
+        )  # not a submodule: out of optimizer and checkpoint
+        object.__setattr__(self, "tokenizer", tokenizer)
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs eos_token_id and pad_token_id to sample rollouts")
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.max_new_tokens = int(max_new_tokens)
+        self.eval_generation_limit = int(eval_generation_limit)
+        self.eval_max_new_tokens = int(eval_max_new_tokens)
+        self.step_seconds: dict[str, list[float]] = {"rollout_seconds": [], "update_seconds": []}
+        """Wall time of each training step's sampling and its updates (the pipeline reports the means)."""
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device).eval()
+        self.student.train()  # HF from_pretrained returns eval mode
+
+    def on_validation_start(self) -> None:
+        self.teacher.to(self.device).eval()
+
+    # ---------------------------------------------------------------- held-out evaluation
+    def on_validation_epoch_start(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val = {"nll": zero.clone(), "tokens": zero.clone()}
+        self._val_rkl: list[tuple[float, float]] = []  # (token-mean KL, tokens) per batch
+        self._val_predictions: list[str] = []
+        self._val_references: list[str] = []
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        mask = batch["target_ids"] != IGNORE_INDEX
+        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
+        self._val["nll"] += token_cross_entropy(logits[None], batch["target_ids"][mask][None]).sum().double()
+        self._val["tokens"] += mask.sum().double()
+        room = self.eval_generation_limit - len(self._val_predictions)
+        if room <= 0:
+            return
+        rows = {k: v[:room] for k, v in batch.items()}
+        prompts = prompts_from_batch(rows)
+        input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
+        greedy = self.student.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=self.eval_max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        width = max(len(p) for p in prompts)
+        self._val_predictions += [
+            t.strip() for t in self.tokenizer.batch_decode(greedy[:, width:].cpu(), skip_special_tokens=True)
+        ]
+        for row in range(len(prompts)):
+            response = batch["target_ids"][row][mask[row]]
+            self._val_references.append(
+                self.tokenizer.decode(response.tolist(), skip_special_tokens=True).strip()
+            )
+        measured = sampled_reverse_kl(
+            self.student,
+            self.teacher,
+            prompts,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            max_new_tokens=self.eval_max_new_tokens,
+            batch_size=len(prompts),
+            seed=batch_idx,
+        )
+        self._val_rkl.append((measured["reverse_kl"], measured["response_tokens"] * len(prompts)))
+
+    def on_validation_epoch_end(self) -> None:
+        totals = {k: self.all_gather(v).sum() for k, v in self._val.items()}
+        nll = (totals["nll"] / totals["tokens"].clamp_min(1.0)).float()
+        self.log("val/nll", nll, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll), sync_dist=False)
+        if self._val_predictions:
+            self.log("val/rouge_l", rouge_l(self._val_predictions, self._val_references), prog_bar=True)
+            tokens = sum(n for _, n in self._val_rkl)
+            rkl = sum(kl * n for kl, n in self._val_rkl) / max(tokens, 1.0)
+            self.log("val/reverse_kl", rkl, prog_bar=True)
+
+    def rollout(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        teacher_mix_alpha: float,
+        generation_temperature: float,
+        keep_teacher_logits: bool,
+    ) -> Rollout:
+        """Sample one response per prompt of the batch (the generator is seeded by the step: resumable)."""
+        generator = torch.Generator(device=self.device).manual_seed(int(self.global_step) * 1_000_003 + 17)
+        return sample_rollouts(
+            self.student,
+            prompts_from_batch(batch),
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            teacher=self.teacher,
+            teacher_mix_alpha=teacher_mix_alpha,
+            generation_temperature=generation_temperature,
+            keep_teacher_logits=keep_teacher_logits,
+            generator=generator,
+        )
+
+
+class MiniLLMModule(PolicyDistillBase):
+    """Reverse-KL policy-gradient distillation (MiniLLM). Settings default to the paper's.
+
+    Optimisation is manual (``ppo_epochs`` updates per rollout), so ``trainer.max_steps`` counts updates and
+    gradient clipping is this module's ``max_grad_norm`` (the trainer's ``gradient_clip_val`` must be unset).
+
+    Args:
+        student, teacher, tokenizer, max_new_tokens, eval_generation_limit, eval_max_new_tokens: see
+            :class:`PolicyDistillBase`.
+        optimizer: partial taking ``params``; scheduler: optional partial taking ``optimizer`` (stepped per update).
+        teacher_mix_alpha: α, the teacher's share of the sampling distribution (paper: 0.2).
+        generation_temperature: sampling temperature of rollouts (paper: 1.0).
+        ppo_epochs: optimizer updates per rollout batch (reference: 4).
+        ppo_clip: ε of PPO's ratio clipping (0.2).
+        discount: γ of the future returns (1.0: undiscounted, as in the paper).
+        length_normalize: divide returns by the number of future tokens (``R^Norm``, paper: on).
+        reward_scale: rewards are divided by it before clipping.
+        reward_clip: rewards are clipped to ±this (None: off). The reference uses 100 with scale 1.
+        importance_weight_max: cap on ``w_t = q/p̃`` (None: uncapped).
+        single_step_importance_weighted: weight the single-step term by ``w_t`` (paper) or not (reference).
+        include_current_reward: add ``r_t`` to the return of position t (reference) — the single-step term
+            already covers it in the paper's decomposition.
+        whiten_advantages: normalise returns over the batch (reference).
+        single_step_weight, long_term_weight, pt_loss_weight: weights of L_single, L_long and L_PT.
+        max_grad_norm: gradient-norm clip of each update (None: off).
+    """
+
+    manual_optimization = True
+    """Read by the CLI: the trainer's automatic gradient clipping is switched off for this module."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        tokenizer,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        teacher_mix_alpha: float = 0.2,
+        generation_temperature: float = 1.0,
+        max_new_tokens: int = 128,
+        ppo_epochs: int = 4,
+        ppo_clip: float = 0.2,
+        discount: float = 1.0,
+        length_normalize: bool = True,
+        reward_scale: float = 1.0,
+        reward_clip: float | None = 100.0,
+        importance_weight_max: float | None = None,
+        single_step_importance_weighted: bool = True,
+        include_current_reward: bool = False,
+        whiten_advantages: bool = False,
+        single_step_weight: float = 1.0,
+        long_term_weight: float = 1.0,
+        pt_loss_weight: float = 1.0,
+        max_grad_norm: float | None = 1.0,
+        eval_generation_limit: int = 16,
+        eval_max_new_tokens: int = 64,
+    ) -> None:
+        super().__init__(
+            student, teacher, tokenizer, max_new_tokens, eval_generation_limit, eval_max_new_tokens
+        )
+        if ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
+        if min(single_step_weight, long_term_weight, pt_loss_weight) < 0:
+            raise ValueError("single_step_weight, long_term_weight and pt_loss_weight must be >= 0")
+        if not 0.0 <= teacher_mix_alpha <= 1.0:
+            raise ValueError(f"teacher_mix_alpha must be in [0, 1], got {teacher_mix_alpha}")
+        for name, value in (
+            ("ppo_clip", ppo_clip),
+            ("generation_temperature", generation_temperature),
+            ("reward_scale", reward_scale),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
+        self.automatic_optimization = False  # several PPO updates per rollout (manual_optimization below)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.teacher_mix_alpha = float(teacher_mix_alpha)
+        self.generation_temperature = float(generation_temperature)
+        self.ppo_epochs = int(ppo_epochs)
+        self.ppo_clip = float(ppo_clip)
+        self.discount = float(discount)
+        self.length_normalize = bool(length_normalize)
+        self.reward_scale = float(reward_scale)
+        self.reward_clip = reward_clip
+        self.importance_weight_max = importance_weight_max
+        self.single_step_importance_weighted = bool(single_step_importance_weighted)
+        self.include_current_reward = bool(include_current_reward)
+        self.whiten_advantages = bool(whiten_advantages)
+        self.single_step_weight = float(single_step_weight)
+        self.long_term_weight = float(long_term_weight)
+        self.pt_loss_weight = float(pt_loss_weight)
+        self.max_grad_norm = max_grad_norm
+        self.select_best_checkpoint = True  # the pipeline restores the best val/rouge_l checkpoint
+
+    def configure_callbacks(self):
+        """Keep the checkpoint with the best validation ROUGE-L (the paper's model selection) and ``last``."""
+        if not self.eval_generation_limit or self._trainer is None:
+            return []
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        return [
+            ModelCheckpoint(
+                dirpath=str(Path(self.trainer.default_root_dir) / "checkpoints"),
+                filename="best-rouge_l-{step}",
+                monitor="val/rouge_l",
+                mode="max",
+                save_top_k=1,
+                save_last=True,
+            )
+        ]
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Rewards, returns (advantages) and importance weights of a rollout, all (B, T) and detached."""
+        mask = rollout.response_mask
+        rewards = P.token_rewards(
+            rollout.teacher_logprobs, rollout.student_logprobs, mask, self.reward_scale, self.reward_clip
+        )
+        returns = P.future_returns(
+            rewards, mask, self.discount, self.length_normalize, include_current=self.include_current_reward
+        )
+        if self.whiten_advantages:
+            returns = P.whiten(returns, mask)
+        weights = P.importance_weights(
+            rollout.student_logprobs, rollout.sampling_logprobs, mask, self.importance_weight_max
+        )
+        return {"rewards": rewards, "advantages": returns.detach(), "weights": weights.detach()}
+
+    def policy_losses(self, rollout: Rollout, scored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L_single, L_long (and the clipped share) of the current student on a scored rollout."""
+        mask = rollout.response_mask
+        logits = response_logits(self.student, rollout)
+        logprobs = P.gather_log_probs(logits, rollout.response_ids)
+        long_term, clipped = P.ppo_clipped_surrogate(
+            logprobs, rollout.student_logprobs, scored["advantages"], scored["weights"], mask, self.ppo_clip
+        )
+        weights = scored["weights"] if self.single_step_importance_weighted else None
+        single = P.single_step_reverse_kl(logits, rollout.teacher_logits, mask, weights)
+        return {"single_step": single, "long_term": long_term, "clip_share": clipped}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        start = time.perf_counter()
+        rollout = self.rollout(
+            batch, self.teacher_mix_alpha, self.generation_temperature, keep_teacher_logits=True
+        )
+        scored = self.score(rollout)
+        rollout_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(self.ppo_epochs):
+            losses = self.policy_losses(rollout, scored)
+            pt = (
+                hard_cross_entropy(*self._packed_text_logits(batch))
+                if self.pt_loss_weight > 0
+                else torch.zeros((), device=self.device)
+            )
+            total = (
+                self.single_step_weight * losses["single_step"]
+                + self.long_term_weight * losses["long_term"]
+                + self.pt_loss_weight * pt
+            )
+            optimizer.zero_grad()
+            self.manual_backward(total)
+            if self.max_grad_norm is not None:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        update_seconds = time.perf_counter() - start
+        self.step_seconds["rollout_seconds"].append(rollout_seconds)
+        self.step_seconds["update_seconds"].append(update_seconds)
+        mask = rollout.response_mask
+        b = mask.shape[0]
+        with torch.no_grad():
+            sequence_reward = (scored["rewards"].sum(-1) / rollout.lengths.clamp_min(1)).mean()
+        logs = {
+            "train/loss": total.detach(),
+            "train/single_step": losses["single_step"].detach(),
+            "train/long_term": losses["long_term"].detach(),
+            "train/pt_loss": pt.detach(),
+            "train/clip_share": losses["clip_share"],
+            "train/reward": sequence_reward,
+            "train/importance_weight": masked_mean(scored["weights"], mask),
+            "train/response_tokens": rollout.lengths.float().mean(),
+            "time/rollout_seconds": torch.tensor(rollout_seconds),
+            "time/update_seconds": torch.tensor(update_seconds),
+        }
+        for name, value in logs.items():
+            self.log(name, value, batch_size=b, prog_bar=name in ("train/loss", "train/reward"))
+
+    def _packed_text_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["target_ids"] != IGNORE_INDEX
+        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
+        return logits[None], batch["target_ids"][mask][None]
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
