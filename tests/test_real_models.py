@@ -116,3 +116,53 @@ def test_smollm2_answers_a_real_question_set(real):
     got = score_question_set(model, tok, questions, max_new_tokens=4, batch_size=6)
     assert got["born_first/questions"] == 12
     assert 0 <= got["born_first/mc_accuracy"] <= 1 and 0 <= got["born_first/answer_match"] <= 1
+
+
+def test_smollm2_teacher_mixed_rollouts_and_a_minillm_update(real):
+    """SmolLM2 (pad == eos) as teacher, 4 of its layers as student: the KV-cached teacher-mixed rollout keeps
+    EOS as a target, matches a full forward, and one MiniLLM update runs and leaves finite weights."""
+    from kd_lightning.generation.rollout import response_logits, sample_rollouts
+    from kd_lightning.losses import policy as P
+    from kd_lightning.modules.minillm import MiniLLMModule
+
+    tokenizer, _, train, _ = real
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case the response mask must survive
+    teacher = freeze(load_causal_lm("smollm2"))
+    student = layer_selected_student("smollm2", [0, 10, 20, 29])
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r.instruction}], add_generation_prompt=True, tokenize=False
+        )
+        for r in train[:3]
+    ]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rollout = sample_rollouts(
+        student,
+        ids,
+        max_new_tokens=12,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        teacher=teacher,
+        teacher_mix_alpha=0.2,
+        keep_teacher_logits=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        logits = response_logits(student, rollout)
+        teacher_logits = response_logits(teacher, rollout)
+    torch.testing.assert_close(
+        P.gather_log_probs(logits, rollout.response_ids), rollout.student_logprobs, atol=2e-3, rtol=1e-3
+    )
+    torch.testing.assert_close(teacher_logits, rollout.teacher_logits, atol=2e-3, rtol=1e-3)
+    for row in range(3):  # a row that ended keeps its EOS as the last target
+        ended = rollout.response_ids[row][rollout.response_mask[row]]
+        if int(rollout.lengths[row]) < 12:
+            assert ended[-1].item() == tokenizer.eos_token_id
+    module = MiniLLMModule(
+        student, teacher, tokenizer, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5)
+    )
+    scored = module.score(rollout)
+    losses = module.policy_losses(rollout, scored)
+    (losses["single_step"] + losses["long_term"]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert torch.isfinite(losses["single_step"]) and losses["single_step"] > 0
