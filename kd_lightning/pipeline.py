@@ -686,7 +686,7 @@ def restore_best_checkpoint(module: nn.Module, trainer: Trainer) -> str | None:
     if not best or not Path(best).is_file():
         log.warning("no best checkpoint was recorded (was validation run?); keeping the final student")
         return None
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     log.info("restored the best checkpoint %s", best)
     return best

@@ -183,6 +183,17 @@ def tiny_llama(
         return LlamaForCausalLM(config)
 
 
+def check_same_vocabulary(student: nn.Module, teacher: nn.Module, why: str) -> None:
+    """Refuse a teacher whose ``config.vocab_size`` differs from the student's (logit-level KD needs one)."""
+    s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+    t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise ValueError(
+            f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; {why}, so both need "
+            "one vocabulary (pick a student built on the teacher's tokenizer)"
+        )
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Freeze a model for use as a teacher/proxy: no grads, eval mode (dropout off)."""
     model.requires_grad_(False)

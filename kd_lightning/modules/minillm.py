@@ -43,7 +43,7 @@ from kd_lightning.generation.rollout import (
 )
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import IGNORE_INDEX, hard_cross_entropy, masked_mean, token_cross_entropy
-from kd_lightning.models.loading import freeze, target_position_logits
+from kd_lightning.models.loading import check_same_vocabulary, freeze, target_position_logits
 
 
 class PolicyDistillBase(LightningModule):
@@ -69,13 +69,7 @@ class PolicyDistillBase(LightningModule):
         eval_max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
-        s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
-        t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
-        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-            raise ValueError(
-                f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; on-policy KD scores "
-                "the student's tokens under the teacher, so both need one vocabulary"
-            )
+        check_same_vocabulary(student, teacher, "on-policy KD scores the student's tokens under the teacher")
         if max_new_tokens < 1 or eval_max_new_tokens < 1 or eval_generation_limit < 0:
             raise ValueError(
                 "max_new_tokens and eval_max_new_tokens must be >= 1, eval_generation_limit >= 0"

@@ -9,6 +9,7 @@ from torch import nn
 
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import (
+    check_same_vocabulary,
     freeze,
     shard_frozen_model,
     target_position_logits,
@@ -46,13 +47,7 @@ class OnlineTeacherDistillModule(DistillModule):
         loss_chunk_size: int | None = None,
         shard_teacher: bool | None = None,
     ) -> None:
-        s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
-        t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
-        if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
-            raise ValueError(
-                f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; logit-level KD needs "
-                "one vocabulary (pick a student built on the teacher's tokenizer)"
-            )
+        check_same_vocabulary(student, teacher, "logit-level KD compares their distributions")
         super().__init__(student, loss_terms, optimizer, scheduler, loss_chunk_size)
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
         self.shard_teacher = shard_teacher
