@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,41 @@ def model_identity(path: str) -> dict[str, str]:
         "weights": settings_key({w.name: w.stat().st_size for w in weights})
         + file_digest(folder / "config.json"),
     }
+
+
+ARTIFACT_KINDS = (
+    "corpus",
+    "prior",
+    "align",
+    "posterior",
+    "teacher_logits",
+    "teacher_logprobs",
+    "distill",
+    "eval",
+)
+"""The cached artifact kinds, named as their folders under the artifacts root (``rebuild=[...]`` takes them)."""
+
+_REBUILT: set[str] = set()  # artifacts already rebuilt in this process (a multirun rebuilds each once)
+
+
+def discard_for_rebuild(kind: str, rebuild: Collection[str], *paths: Path) -> None:
+    """Remove a cached artifact (and its resume state) when ``kind`` is in ``rebuild``, once per process.
+
+    The folder is first renamed to a hidden sibling, so a reader never sees half of it, then deleted.
+    """
+    if kind not in rebuild or str(paths[0]) in _REBUILT:
+        return
+    _REBUILT.add(str(paths[0]))
+    for path in paths:
+        if not path.exists():
+            continue
+        trash = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
+        os.replace(path, trash)
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+    log.info("rebuild=%s: discarded the cached %s %s", sorted(rebuild), kind, paths[0])
 
 
 @dataclass
@@ -160,6 +195,9 @@ class Pipeline:
         trainer_factory: ``(run_dir, run_name) -> Trainer`` (loggers and callbacks included).
         teacher_path: an open (white-box) teacher, for the offline-teacher store (``kdl teacher-logits``).
         teacher_targets: how that store keeps the teacher's distributions (top-k or sampled).
+        code: per artifact kind, a fingerprint of the code that builds it
+            (:func:`kd_lightning.code_fingerprint.code_fingerprint`); part of every cache key.
+        rebuild: artifact kinds (:data:`ARTIFACT_KINDS`) to build afresh even when cached, once per process.
     """
 
     def __init__(
@@ -174,7 +212,16 @@ class Pipeline:
         trainer_factory: Callable[[Path, str], Trainer],
         teacher_path: str | None = None,
         teacher_targets: TeacherTargetBuilder | None = None,
+        code: Mapping[str, str] | None = None,
+        rebuild: Collection[str] = (),
     ) -> None:
+        unknown = sorted(set(rebuild) - set(ARTIFACT_KINDS))
+        if unknown:
+            raise ValueError(
+                f"rebuild={list(rebuild)}: unknown artifact kind {unknown[0]!r}; choose from {list(ARTIFACT_KINDS)}"
+            )
+        self.code = dict(code or {})
+        self.rebuild = frozenset(rebuild)
         self.workspace = workspace
         self.tokenizer_path = tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -201,7 +248,7 @@ class Pipeline:
         if spec["source"] not in ("alpaca_gpt35", "smollm2_self_instruct") and spec["path"]:
             spec["content"] = file_digest(spec["path"])
         spec["format"] = 2  # tokenized corpora keep their record keys
-        return settings_key({"spec": spec, "tokenizer": self.tokenizer_fp})
+        return settings_key({"spec": spec, "tokenizer": self.tokenizer_fp, "code": self.code.get("corpus")})
 
     def corpora(self) -> tuple[TokenizedCorpus, TokenizedCorpus]:
         """(train, held-out) tokenised corpora, cached. ``train`` honours ``train_limit``."""
@@ -219,6 +266,7 @@ class Pipeline:
         if self._full is not None:
             return self._full
         folder = self.workspace.path("corpus", self.corpus_key())
+        discard_for_rebuild("corpus", self.rebuild, folder)
         if (folder / "train").is_dir() and (folder / "heldout").is_dir():
             self._full = TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
             return self._full
@@ -249,12 +297,14 @@ class Pipeline:
             "corpus": train.fingerprint,
             "counts": self.full_train().fingerprint,
             "estimator": self.prior_estimator.settings(),
+            "code": self.code.get("prior"),
         }
 
     def prior(self) -> SoftLabelStore:
         """The n-gram prior store for the training corpus (built once per settings)."""
         provenance = self.prior_provenance()
         folder = self.workspace.path("prior", settings_key(provenance))
+        discard_for_rebuild("prior", self.rebuild, folder, _stats_path(folder))
         if (folder / "meta.json").is_file():
             return SoftLabelStore(folder, expect=provenance)
         train, _ = self.corpora()
@@ -277,6 +327,7 @@ class Pipeline:
                 "proxy": self.proxy_identity(),
                 "corpus": self.full_train().fingerprint,
                 "alignment": asdict(self.alignment),
+                "code": self.code.get("align"),
             }
         )
 
@@ -302,6 +353,7 @@ class Pipeline:
     def aligned_proxy(self) -> Path:
         """Fine-tune the proxy on the training corpus (SFT) and return the saved HF folder (cached)."""
         folder = self.workspace.path("align", self.aligned_proxy_key())
+        discard_for_rebuild("align", self.rebuild, folder)
         final = folder / "model"
         if (final / "config.json").is_file():
             return final
@@ -367,12 +419,14 @@ class Pipeline:
             "prior": settings_key(prior),
             "proxy": self.aligned_proxy_key(),
             "estimator": self.posterior_estimator.settings(),
+            "code": self.code.get("posterior"),
         }
 
     def posterior(self) -> SoftLabelStore:
         """The posterior store (prior updated with R proxy draws per position), resumable."""
         provenance = self.posterior_provenance()
         folder = self.workspace.path("posterior", settings_key(provenance))
+        discard_for_rebuild("posterior", self.rebuild, folder, _partial_path(folder), _stats_path(folder))
         if (folder / "meta.json").is_file():
             return SoftLabelStore(folder, expect=provenance)
         prior = self.prior()
@@ -400,12 +454,16 @@ class Pipeline:
             "corpus": train.fingerprint,
             "teacher": model_identity(self.teacher_path),
             "targets": self.teacher_targets.settings(),
+            "code": self.code.get("teacher_logits"),
         }
 
     def offline_teacher(self) -> SoftLabelStore:
         """The teacher's sparse distributions at every training target position (built once, resumable)."""
         provenance = self.offline_teacher_provenance()
         folder = self.workspace.path("teacher_logits", settings_key(provenance))
+        discard_for_rebuild(
+            "teacher_logits", self.rebuild, folder, _partial_path(folder), _stats_path(folder)
+        )
         if (folder / "meta.json").is_file():
             return SoftLabelStore(folder, expect=provenance)
         teacher = freeze(load_causal_lm(self.teacher_path))
@@ -434,8 +492,10 @@ class Pipeline:
             "tokenizer": self.tokenizer_fp,
             "corpus": train.fingerprint,
             "logprobs": file_digest(self.corpus_spec.logprobs),
+            "code": self.code.get("teacher_logprobs"),
         }
         folder = self.workspace.path("teacher_logprobs", settings_key(provenance))
+        discard_for_rebuild("teacher_logprobs", self.rebuild, folder, _stats_path(folder))
         if (folder / "meta.json").is_file():
             return SoftLabelStore(folder, expect=provenance)
         store, stats = build_logprob_store(
@@ -477,12 +537,16 @@ class Pipeline:
         loss_chunk_size: int | None = None,
         module_factory: Callable[..., nn.Module] | None = None,
         trainer_overrides: Mapping[str, Any] | None = None,
+        student_module: Callable[..., nn.Module] | None = None,
     ) -> dict[str, Any]:
         """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached).
 
         ``module_factory`` replaces the DistillModule (``method=minillm | gkd | distillm``): a partial called
         with ``student``, ``teacher``, ``tokenizer``, ``optimizer``, ``scheduler`` and, for modules that take
         them, ``loss_terms``. A module with ``select_best_checkpoint`` gets its best checkpoint back after fit.
+        ``student_module`` (the ``module`` config group: a partial of ``DistillModule`` or a user's subclass)
+        is called with ``student``, ``loss_terms``, ``optimizer``, ``scheduler``, ``loss_chunk_size`` and,
+        when a teacher is configured, ``teacher``.
         """
         train, heldout = self.corpora()
         stores = self.stores_for(soft_label_names(loss_terms.values()))
@@ -494,6 +558,7 @@ class Pipeline:
             }
         )
         folder = self.workspace.path("distill", key)
+        discard_for_rebuild("distill", self.rebuild, folder)
         result_file = folder / "result.json"
         if result_file.is_file():
             return json.loads(result_file.read_text())
@@ -513,6 +578,27 @@ class Pipeline:
             module = build_method_module(
                 module_factory, student, teacher_factory(), self.tokenizer, loss_terms, optimizer, scheduler
             )
+        elif student_module is not None:
+            extra = {"teacher": teacher_factory()} if teacher_factory is not None else {}
+            try:
+                module = student_module(
+                    student=student,
+                    loss_terms=loss_terms,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    loss_chunk_size=loss_chunk_size,
+                    **extra,
+                )
+            except TypeError as err:
+                name = getattr(getattr(student_module, "func", student_module), "__name__", "the module")
+                hint = (
+                    "drop teacher= or choose module=online_teacher"
+                    if extra
+                    else "it may need teacher= (an online teacher)"
+                )
+                raise ValueError(
+                    f"module {name} cannot be built with these arguments ({err}); {hint}"
+                ) from err
         elif teacher_factory is not None:
             module = OnlineTeacherDistillModule(
                 student,
@@ -574,9 +660,11 @@ class Pipeline:
                 "heldout": heldout.fingerprint,
                 "spec": asdict(spec),
                 **({"teacher": model_identity(str(self.teacher_path))} if spec.reverse_kl_limit else {}),
+                "code": self.code.get("eval"),
             }
         )
         path = self.workspace.path("eval", key + ".json")
+        discard_for_rebuild("eval", self.rebuild, path)
         if path.is_file():
             return json.loads(path.read_text())
         model = freeze(load_causal_lm(model_path))
@@ -605,9 +693,11 @@ class Pipeline:
             {
                 "proxy": self.aligned_proxy_key() if aligned else self.proxy_identity(),
                 "heldout": heldout.fingerprint,
+                "code": self.code.get("eval"),
             }
         )
         path = self.workspace.path("eval", key + ".json")
+        discard_for_rebuild("eval", self.rebuild, path)
         if path.is_file():
             return json.loads(path.read_text())
         model = load_causal_lm(self.aligned_proxy() if aligned else self.proxy_path)
@@ -615,6 +705,14 @@ class Pipeline:
         result = {"name": name, **heldout_nll(freeze(model), heldout, self.pad_id, desc=f"eval {name}")}
         atomic_json(path, result)
         return result
+
+
+def _stats_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.stats.json"
+
+
+def _partial_path(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".partial")
 
 
 def _first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:

@@ -1,7 +1,10 @@
 """Properties every loss term gets for free: parametrised over every file in ``conf/loss/``.
 
 A new loss is one class plus one YAML; these tests pick it up without being edited. Terms over logits are
-checked against both target forms: a dense teacher (``teacher_logits``) and a sparse store (``prior``).
+checked against three target forms: a dense teacher (``teacher_logits``), a sparse store holding the whole
+vocabulary (``prior``, k = V), and a sparse store with k < V and a non-empty tail bucket (``prior_tail``),
+the form every real store has; and through ``DistillModule``, where the fused sparse pass and the chunked
+path apply to the terms that declare them.
 Terms over hidden states (``reads_logits = False``) get their own properties in ``test_feature_losses``.
 """
 
@@ -36,6 +39,9 @@ from kd_lightning.losses.terms import DivergenceTerm
 from tests.test_configs import compose_cfg
 
 B, T, V = 2, 6, 17
+K_TAIL = 5  # a sparse store that keeps 5 of 17 ids: the rest of the mass is in the tail bucket
+FORMS = {"teacher": ("teacher", V), "prior": ("prior", V), "prior_tail": ("prior", K_TAIL)}
+"""form → (target name, stored ids per position)."""
 LOSS_FILES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
 
 
@@ -78,40 +84,55 @@ def make_batch(
 
 
 @pytest.fixture(
-    params=[(name, form) for name in LOGIT_FILES for form in ("teacher", "prior")],
+    params=[(name, form) for name in LOGIT_FILES for form in FORMS],
     ids=lambda p: f"{p[0]}-{p[1]}",
 )
-def term(request, kdl_env):
+def case(request, kdl_env):
+    """(term aimed at the form's target, k ids stored per position)."""
     name, form = request.param
-    return with_target(configured_term(name), form)
+    target, k = FORMS[form]
+    return with_target(configured_term(name), target), k
 
 
-def test_never_negative_finite_with_finite_grads(term):
+def test_never_negative_finite_with_finite_grads(case):
+    term, k = case
     logits = torch.randn(B, T, V, requires_grad=True)
-    value = term(logits, make_batch())
+    value = term(logits, make_batch(k=k))
     assert torch.isfinite(value) and value >= -1e-6
     value.backward()
     assert torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("form", ["teacher", "prior"])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", DIVERGENCE_FILES)
 def test_divergence_is_zero_when_student_equals_target(name, form, kdl_env):
-    term = with_target(configured_term(name), form)
-    batch = make_batch()
+    """With a tail, the student's buckets (stored ids + everything else) equal the target's: zero too.
+
+    A stored tail is tempered as if spread evenly over the ids outside (``sparse_log_probs``), so the tail
+    case uses a teacher whose unstored ids share one logit, where that is exact at any temperature.
+    """
+    target, k = FORMS[form]
+    term = with_target(configured_term(name), target)
+    batch = make_batch(k=k)
+    if k < V:
+        top, ids = batch["teacher_logits"].topk(k, dim=-1)
+        flat = torch.full_like(batch["teacher_logits"], float(top.min()) - 1.0).scatter(-1, ids, top)
+        batch = make_batch(teacher_logits=flat, k=k)
     assert term(batch["teacher_logits"].clone(), batch).abs() < 1e-5
 
 
-def test_masked_positions_have_no_effect(term):
-    batch = make_batch()
+def test_masked_positions_have_no_effect(case):
+    term, k = case
+    batch = make_batch(k=k)
     logits = torch.randn(B, T, V)
     changed = logits.clone()
     changed[0, :2] = torch.randn(2, V) * 30
     torch.testing.assert_close(term(logits, batch), term(changed, batch))
 
 
-def test_all_masked_is_finite_zero_with_finite_grads(term):
-    batch = make_batch()
+def test_all_masked_is_finite_zero_with_finite_grads(case):
+    term, k = case
+    batch = make_batch(k=k)
     batch["target_ids"][:] = IGNORE_INDEX
     logits = torch.randn(B, T, V, requires_grad=True)
     value = term(logits, batch)
@@ -120,8 +141,9 @@ def test_all_masked_is_finite_zero_with_finite_grads(term):
     assert torch.isfinite(logits.grad).all()
 
 
-def test_no_gradient_reaches_the_teacher(term):
-    batch = make_batch()
+def test_no_gradient_reaches_the_teacher(case):
+    term, k = case
+    batch = make_batch(k=k)
     batch["teacher_logits"].requires_grad_(True)
     batch["prior_probs"].requires_grad_(True)
     logits = torch.randn(B, T, V, requires_grad=True)
@@ -129,8 +151,9 @@ def test_no_gradient_reaches_the_teacher(term):
     assert batch["teacher_logits"].grad is None and batch["prior_probs"].grad is None
 
 
-def test_padding_invariance(term):
-    batch = make_batch()
+def test_padding_invariance(case):
+    term, k = case
+    batch = make_batch(k=k)
     logits = torch.randn(B, T, V)
     pad = 3
 
@@ -142,11 +165,12 @@ def test_padding_invariance(term):
     torch.testing.assert_close(term(logits, batch), term(torch.cat([logits, torch.randn(B, pad, V)], 1), big))
 
 
-def test_gradient_accumulation_split_invariance(term):
+def test_gradient_accumulation_split_invariance(case):
     """Token-weighted sums over per-sequence micro-batches equal the whole batch."""
+    term, k = case
     if term.uses_batch_statistics:
         pytest.skip("a batch-level statistic (e.g. ATKD's median split) depends on the batch, by design")
-    batch = make_batch()
+    batch = make_batch(k=k)
     logits = torch.randn(B, T, V)
     counts = (batch["target_ids"] != IGNORE_INDEX).sum(1)
     whole = term(logits, batch) * counts.sum()
@@ -156,10 +180,11 @@ def test_gradient_accumulation_split_invariance(term):
     torch.testing.assert_close(whole, parts, atol=1e-5, rtol=1e-5)
 
 
-def test_finite_with_minus_inf_logits_on_masked_vocabulary(term):
-    batch = make_batch()
+def test_finite_with_minus_inf_logits_on_masked_vocabulary(case):
+    term, k = case
+    batch = make_batch(k=k)
     batch["teacher_logits"][..., -2:] = float("-inf")
-    batch = make_batch(teacher_logits=batch["teacher_logits"])  # sparse targets from the masked teacher
+    batch = make_batch(teacher_logits=batch["teacher_logits"], k=k)  # sparse targets from the masked teacher
     batch["target_ids"] = batch["target_ids"].clamp(max=V - 3)
     logits = torch.randn(B, T, V)
     logits[..., -2:] = float("-inf")
@@ -170,8 +195,9 @@ def test_finite_with_minus_inf_logits_on_masked_vocabulary(term):
     assert torch.isfinite(logits.grad).all()
 
 
-def test_bf16_logits_are_upcast(term):
-    batch = make_batch()
+def test_bf16_logits_are_upcast(case):
+    term, k = case
+    batch = make_batch(k=k)
     logits = torch.randn(B, T, V).bfloat16()
     torch.testing.assert_close(term(logits, batch), term(logits.float(), batch))
 
@@ -267,10 +293,13 @@ def test_adaptive_kl_is_a_convex_mix_of_forward_and_reverse():
     batch = make_batch()
     s, t = torch.randn(B, T, V), batch["teacher_logits"]
     akl = adaptive_kl(s, t)
-    lo, hi = sorted([forward_kl(s, t).item(), reverse_kl(s, t).item()])
     per_pos = AdaptiveKL("teacher")(s, {**batch, "target_ids": torch.zeros(B, T, dtype=torch.long)})
     assert akl.item() == pytest.approx(per_pos.item(), rel=1e-5)
-    assert 0 <= akl.item() <= max(hi, lo) * 1.0001 + 1e-6
+    # convex per position: between that position's forward and reverse KL (the means need not bound it)
+    q, p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    fkl, rkl = (p.exp() * (p - q)).sum(-1), (q.exp() * (q - p)).sum(-1)
+    lo, hi = torch.minimum(fkl, rkl).mean().item(), torch.maximum(fkl, rkl).mean().item()
+    assert lo * 0.9999 - 1e-6 <= akl.item() <= hi * 1.0001 + 1e-6
 
 
 @pytest.mark.parametrize("cls", [GeneralizedJSD, SkewForwardKL, SkewReverseKL, AdaptiveKL])
@@ -280,24 +309,60 @@ def test_out_of_range_settings_are_clear_errors(cls):
         cls("teacher", **{key: 1.5})
 
 
-@pytest.mark.parametrize("form", ["teacher", "prior"])
+def packed_batch(k: int, n: int) -> dict[str, torch.Tensor]:
+    """The first n positions of a batch, packed to (1, n, ...) as DistillModule hands them to the terms."""
+    return {key: v.reshape(1, B * T, *v.shape[2:])[:, :n] for key, v in make_batch(k=k).items()}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("name", LOGIT_FILES)
 def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_env):
+    """The chunked path (with the fused sparse pass inside each chunk, beside hard CE) equals the plain one."""
+    from kd_lightning.losses import HardCrossEntropy
     from kd_lightning.losses.chunked import chunked_terms
 
-    term = with_target(configured_term(name), form)
+    target, k = FORMS[form]
+    terms = {name: with_target(configured_term(name), target), "ce": HardCrossEntropy()}
     hidden_size, n = 8, 11
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden_size, V, bias=False)
     hidden = torch.randn(n, hidden_size, requires_grad=True)
-    batch = {k: v.reshape(1, B * T, *v.shape[2:])[:, :n] for k, v in make_batch().items()}
-    plain = term(head(hidden).unsqueeze(0), batch)
-    g_hidden, g_head = torch.autograd.grad(plain, [hidden, head.weight])
-    chunked = chunked_terms(hidden, head, {name: term}, batch, chunk_size=4)[name]
-    c_hidden, c_head = torch.autograd.grad(chunked, [hidden, head.weight])
-    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    batch = packed_batch(k, n)
+    plain = {key: term(head(hidden).unsqueeze(0), batch) for key, term in terms.items()}
+    g_hidden, g_head = torch.autograd.grad(sum(plain.values()), [hidden, head.weight])
+    chunked = chunked_terms(hidden, head, terms, batch, chunk_size=4, fuse=True)
+    c_hidden, c_head = torch.autograd.grad(sum(chunked.values()), [hidden, head.weight])
+    for key in terms:
+        torch.testing.assert_close(chunked[key], plain[key], atol=1e-5, rtol=1e-5, msg=key)
     torch.testing.assert_close(c_hidden, g_hidden, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(c_head, g_head, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("name", LOGIT_FILES)
+def test_distill_module_equals_the_term_called_directly(name, form, kdl_env):
+    """Through DistillModule (fused sparse pass on, beside hard CE): each term's value and the total's
+    gradient are what the terms give when called one by one; the fused pass runs only where declared."""
+    from kd_lightning.losses import HardCrossEntropy
+    from kd_lightning.losses.fused_sparse import fusable
+    from kd_lightning.modules.distill import DistillModule
+
+    target, k = FORMS[form]
+    terms = {"ce_beside": HardCrossEntropy(), name: with_target(configured_term(name), target)}
+    module = DistillModule(
+        torch.nn.Linear(2, V), terms, optimizer=lambda params: torch.optim.SGD(params, lr=0.1)
+    )
+    batch = packed_batch(k, B * T)
+    logits = torch.randn(1, B * T, V, requires_grad=True)
+    through = module.compute_terms(logits, batch)
+    direct = {key: term(logits, batch) for key, term in terms.items()}
+    fused = module.fused_values(logits, batch)
+    assert set(fused) == ({"ce_beside", name} if fusable(terms[name], batch, V) else set())
+    for key in terms:
+        torch.testing.assert_close(through[key][1], direct[key], atol=1e-5, rtol=1e-5, msg=key)
+    (g_through,) = torch.autograd.grad(sum(w * v for w, v in through.values()), logits)
+    (g_direct,) = torch.autograd.grad(sum(terms[key].weight * v for key, v in direct.items()), logits)
+    torch.testing.assert_close(g_through, g_direct, atol=1e-5, rtol=1e-4)
 
 
 def test_dense_probabilities_equal_dense_logits(kdl_env):

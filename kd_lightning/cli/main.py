@@ -28,7 +28,11 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.code_fingerprint import code_fingerprint, targets_in
+from kd_lightning.environment import conf_dir, drop_blank_environment, env_setting
 from kd_lightning.losses.terms import LossTerm
+from kd_lightning.models.loading import load_causal_lm, set_trust_remote_code
+from kd_lightning.models.tiny_assets import tiny_assets_folder
 from kd_lightning.pipeline import (
     Pipeline,
     Workspace,
@@ -52,15 +56,10 @@ STAGES = (
 )
 
 
-def conf_dir() -> Path:
-    """``$KDL_CONF`` or the repository's ``conf/`` (next to the package)."""
-    return Path(os.environ.get("KDL_CONF", Path(__file__).resolve().parents[2] / "conf"))
-
-
 def wandb_mode() -> str:
     """online when an API key is configured, offline otherwise (runs can be synced later)."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    if env_setting("WANDB_MODE"):
+        return str(env_setting("WANDB_MODE"))
     netrc = Path.home() / ".netrc"
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (
         netrc.is_file() and "api.wandb.ai" in netrc.read_text()
@@ -103,6 +102,8 @@ if not OmegaConf.has_resolver("kdl_run_name"):
     OmegaConf.register_new_resolver("kdl_run_name", short_run_name)
 if not OmegaConf.has_resolver("kdl_tags"):
     OmegaConf.register_new_resolver("kdl_tags", run_tags)
+if not OmegaConf.has_resolver("kdl_tiny"):  # experiment=tiny: $KDL_TINY, or tiny assets built once
+    OmegaConf.register_new_resolver("kdl_tiny", lambda: str(tiny_assets_folder()))
 
 
 class FinishWandb(Callback):
@@ -177,6 +178,28 @@ def model_path(node: Any) -> str:
     return str(instantiate(node) if OmegaConf.is_config(node) else node)
 
 
+BUILDERS = ("kd_lightning.pipeline",)
+"""Modules whose code builds every artifact (their import closure is part of each code fingerprint)."""
+
+
+def stage_code(cfg: DictConfig) -> dict[str, str]:
+    """Per artifact kind, the fingerprint of the code that builds it: builders + the config's ``_target_``s."""
+
+    def of(*nodes: Any, extra: tuple[str, ...] = ()) -> str:
+        targets = [t for node in nodes for t in targets_in(OmegaConf.to_container(node, resolve=True))]
+        return code_fingerprint([*BUILDERS, *extra, *targets])
+
+    return {
+        "corpus": of(cfg.data),
+        "prior": of(cfg.estimator.prior),
+        "align": of(cfg.alignment),
+        "posterior": of(cfg.estimator.prior, cfg.estimator.posterior),
+        "teacher_logits": of(cfg.estimator.teacher_targets),
+        "teacher_logprobs": of(extra=("kd_lightning.generation.logprobs",)),
+        "eval": of(cfg.evaluation),
+    }
+
+
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     return Pipeline(
         workspace=Workspace(Path(cfg.paths.artifacts_dir)),
@@ -189,6 +212,8 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         trainer_factory=trainer_factory(cfg),
         teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") else None,
         teacher_targets=instantiate(cfg.estimator.teacher_targets),
+        code=stage_code(cfg),
+        rebuild=list(cfg.get("rebuild") or []),
     )
 
 
@@ -212,7 +237,16 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
 
     pick = {
         k: resolved(cfg.get(k))
-        for k in ("student", "teacher", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size")
+        for k in (
+            "student",
+            "teacher",
+            "optimizer",
+            "scheduler",
+            "datamodule",
+            "seed",
+            "loss_chunk_size",
+            "module",
+        )
     }
     pick["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
     trainer_keys = (
@@ -249,7 +283,7 @@ def run_distill(
             "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
         )
     # an online teacher only when a term reads it in the step (kd_target=offline_teacher reads a store)
-    teacher_cfg = cfg.get("teacher") if (wants_teacher or method) else None
+    teacher_cfg = cfg.get("teacher") if (wants_teacher or method or cfg.get("module")) else None
     factory = instantiate(method) if method else None
     overrides = dict(trainer_overrides or {})
     if factory is not None and getattr(getattr(factory, "func", None), "manual_optimization", False):
@@ -261,12 +295,13 @@ def run_distill(
         settings["init_from"] = str(init_from)
     if overrides:
         settings["trainer_overrides"] = overrides
-    if init_from:
-        from kd_lightning.models.loading import load_causal_lm
+    # the code that trains the student: builders, the module class and every _target_ it instantiates
+    settings["code"] = code_fingerprint([*BUILDERS, "kd_lightning.modules.teacher", *targets_in(settings)])
+    student_module = instantiate(cfg.module) if cfg.get("module") and not method else None
 
-        student_factory = lambda: load_causal_lm(init_from)  # noqa: E731
-    else:
-        student_factory = lambda: instantiate(cfg.student)  # noqa: E731
+    def student_factory():
+        return load_causal_lm(init_from) if init_from else instantiate(cfg.student)
+
     return pipeline.distill(
         name=name,
         student_factory=student_factory,
@@ -278,6 +313,7 @@ def run_distill(
         teacher_factory=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
         module_factory=factory,
+        student_module=student_module,
         trainer_overrides=overrides or None,
     )
 
@@ -373,7 +409,7 @@ def run_fidelity(cfg: DictConfig, pipeline: Pipeline) -> dict[str, Any]:
     import numpy as np
 
     from kd_lightning.evaluation.fidelity import fidelity_table, score_estimates
-    from kd_lightning.models.loading import freeze, load_causal_lm
+    from kd_lightning.models.loading import freeze
     from kd_lightning.pipeline import fidelity_estimates
 
     if not cfg.get("teacher"):
@@ -433,6 +469,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
     """Run ``cfg.stage``; returns its results (printed, and saved under the Hydra output dir)."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+    set_trust_remote_code(bool(cfg.get("trust_remote_code", False)))
     seed_everything(cfg.seed, workers=True)
     stage = cfg.stage
     if stage == "generate":
@@ -546,7 +583,7 @@ def _task(cfg: DictConfig) -> Any:
         # Optuna and other optimising sweepers read the job's return value
         return objective(result, cfg.sweep_objective) if cfg.get("sweep_objective") else result
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, InstantiationException) as err:
-        if os.environ.get("KDL_TRACEBACK"):
+        if env_setting("KDL_TRACEBACK"):
             raise
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         key = re.search(r"full_key: (\S+)", str(err)) if isinstance(err, InstantiationException) else None
@@ -563,6 +600,10 @@ def _task(cfg: DictConfig) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kdl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    drop_blank_environment()  # WANDB_MODE= (set but empty) means unset, for wandb and oc.env alike
+    # like `python -m`, the working folder is importable: a user's ./my_losses/ works as a _target_
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     if argv and argv[0] == "report":  # reads finished runs: plain arguments, no Hydra
         from kd_lightning.report import main as report_main
 

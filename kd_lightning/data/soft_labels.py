@@ -67,13 +67,21 @@ class SparseRows:
         return SparseRows(self.ids[start:stop], self.probs[start:stop], self.tail[start:stop])
 
     def to_dense(self, vocab_size: int) -> torch.Tensor:
-        """Dense ``(rows, V)`` float32; the tail mass is spread evenly over ids outside the top-k."""
+        """Dense ``(rows, V)`` float32; the tail mass is spread evenly over the ids a row does not store.
+
+        Rows with fewer than k entries are padded with (id 0, probability 0). Those slots are not entries:
+        only slots with positive probability are written, so a real entry for id 0 (``!`` in GPT-2, Llama 3
+        and Qwen vocabularies) is never overwritten by padding, and the tail is spread over every id outside
+        the row's real entries.
+        """
         ids = torch.from_numpy(self.ids.astype(np.int64))
         probs = torch.from_numpy(self.probs.astype(np.float32))
         tail = torch.from_numpy(self.tail.astype(np.float32))
-        k = ids.shape[1]
-        dense = (tail / max(vocab_size - k, 1)).unsqueeze(1).expand(-1, vocab_size).clone()
-        dense.scatter_(1, ids, probs)
+        real = probs > 0
+        outside = (vocab_size - real.sum(1)).clamp_min(1).float()
+        dense = (tail / outside).unsqueeze(1).expand(-1, vocab_size).clone()
+        rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+        dense[rows[real], ids[real]] = probs[real]
         return dense
 
 

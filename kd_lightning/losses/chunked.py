@@ -6,6 +6,10 @@ Here the rows are processed in chunks under activation checkpointing: a chunk's 
 intermediates exist only while that chunk is processed (once forward, once again in backward), so peak
 memory scales with ``chunk_size`` instead of N. Terms reduce by token-weighted means, so
 ``Σ chunk_mean · chunk_count / total_count`` equals the whole-batch value exactly, gradients included.
+
+That identity holds only for terms that are token-weighted means of per-position values, so chunking is
+opt-in: a term whose code declares ``chunkable`` (:meth:`~kd_lightning.losses.terms.LossTerm.can_chunk`) is
+chunked; any other term (a user's ``forward`` override, say) runs as written on the whole (1, N, V) logits.
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ def chunked_terms(
         fuse: compute the terms that qualify in one pass per chunk (:mod:`kd_lightning.losses.fused_sparse`).
 
     Returns:
-        name → scalar, equal in value and gradient to the unchunked computation.
+        name → scalar, equal in value and gradient to the unchunked computation. Terms that do not declare
+        themselves chunkable are computed once on the whole logits (exact, without the memory saving).
     """
     if chunk_size < 1:
         raise ValueError(f"loss_chunk_size must be >= 1, got {chunk_size}")
+    whole = {name: term for name, term in terms.items() if not _can_chunk(term)}
+    terms = {name: term for name, term in terms.items() if name not in whole}
     n = hidden.shape[0]
     names = list(terms)
     batch = dict(batch)
@@ -71,4 +78,13 @@ def chunked_terms(
         values = checkpoint(chunk_values, hidden[rows], use_reentrant=False)
         total = total + values * valid[rows].sum()
     total = total / total_count
-    return {name: total[i] for i, name in enumerate(names)}
+    values = {name: total[i] for i, name in enumerate(names)}
+    if whole:
+        logits = head(hidden).unsqueeze(0)
+        values.update({name: term(logits, batch) for name, term in whole.items()})
+    return values
+
+
+def _can_chunk(term: nn.Module) -> bool:
+    can_chunk = getattr(term, "can_chunk", None)
+    return bool(can_chunk()) if callable(can_chunk) else False

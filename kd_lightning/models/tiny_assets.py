@@ -15,7 +15,8 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from kd_lightning.models.loading import tiny_llama
+from kd_lightning.environment import env_setting
+from kd_lightning.models.loading import assets_dir, tiny_llama
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list(string.ascii_lowercase + string.digits + " .,?!:'\n")
@@ -33,9 +34,13 @@ VERBS = ["sees", "likes", "finds", "helps", "follows", "draws"]
 OBJECTS = ["the ball", "a tree", "the moon", "a book", "the river", "an apple"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (specials + lowercase, digits, punctuation) with a chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+def char_tokenizer(specials_first: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (specials + lowercase, digits, punctuation) with a chat template.
+
+    ``specials_first=False`` puts the characters first, so id 0 is ``a``, a real text token (as ``!`` is in
+    GPT-2, Llama 3 and Qwen vocabularies): tests use it to catch id-0 padding bugs.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS if specials_first else CHARS + SPECIALS)}
     model = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     specials = "|".join(Regex_escape(s) for s in SPECIALS)
     model.pre_tokenizer = pre_tokenizers.Split(Regex(f"{specials}|."), behavior="isolated")
@@ -81,11 +86,16 @@ def synthetic_questions(n: int = 12, seed: int = 0) -> list[dict]:
     return rows
 
 
-def build_tiny_assets(folder: str | os.PathLike, num_records: int = 96, seed: int = 0) -> Path:
+def build_tiny_assets(
+    folder: str | os.PathLike,
+    num_records: int = 96,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
     """Write a tiny proxy model + tokenizer (an HF folder), ``corpus.jsonl`` and ``questions.jsonl``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = char_tokenizer()
+    tokenizer = tokenizer or char_tokenizer()
     tokenizer.save_pretrained(folder)
     model = tiny_llama(
         len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=seed
@@ -98,3 +108,32 @@ def build_tiny_assets(folder: str | os.PathLike, num_records: int = 96, seed: in
         for row in synthetic_questions(seed=seed):
             handle.write(json.dumps({**row, "choices": ["yes", "no"]}) + "\n")
     return folder
+
+
+def tiny_assets_folder() -> Path:
+    """``$KDL_TINY``, or tiny assets built once under the assets folder (``experiment=tiny`` works anywhere).
+
+    Built in a hidden sibling and renamed into place, so a killed or concurrent build never leaves half.
+    """
+    explicit = env_setting("KDL_TINY")
+    if explicit:
+        return Path(explicit).expanduser()
+    target = assets_dir() / "tiny"
+    if (target / "corpus.jsonl").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny.", dir=target.parent))
+    try:
+        build_tiny_assets(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "corpus.jsonl").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,74 @@
+"""Where things are at run time: environment settings, the packaged Hydra configs, the package version.
+
+Nothing here depends on the repository checkout: an installed wheel carries its configs as the package
+data folder ``kd_lightning/conf`` (built from the repository's top-level ``conf/``), and a checkout or an
+editable install finds the top-level folder itself.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+# Prefixes of the environment variables this project (or a library it drives) reads. A variable that is
+# set but blank (``WANDB_MODE=``) means "unset" to a user; wandb and others would instead try to parse "".
+BLANK_MEANS_UNSET = ("KDL_", "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "OPENAI_")
+
+
+def env_setting(name: str, default: str | None = None) -> str | None:
+    """``os.environ[name]``, with a blank or whitespace-only value treated as unset."""
+    value = os.environ.get(name)
+    return value if value is not None and value.strip() else default
+
+
+def drop_blank_environment(prefixes: tuple[str, ...] = BLANK_MEANS_UNSET) -> list[str]:
+    """Remove blank variables with these prefixes from ``os.environ``; returns their names.
+
+    Called once by the CLI before any library reads its settings, so ``WANDB_MODE=`` behaves like an unset
+    ``WANDB_MODE`` everywhere (Hydra's ``oc.env`` defaults included).
+    """
+    dropped = [k for k, v in os.environ.items() if k.startswith(prefixes) and not v.strip()]
+    for key in dropped:
+        del os.environ[key]
+    return dropped
+
+
+class ConfigNotFoundError(RuntimeError):
+    """No Hydra config folder could be found; the message says how to fix it."""
+
+
+def conf_dir() -> Path:
+    """The folder of the shipped Hydra configs.
+
+    In order: ``$KDL_CONF``; ``kd_lightning/conf`` inside an installed wheel; the package data mapped by an
+    editable install; the repository's top-level ``conf/`` next to the package (a plain checkout). User
+    configs are added on top with Hydra's search path (``hydra.searchpath=[file://./my_conf]``), never by
+    editing these.
+    """
+    override = env_setting("KDL_CONF")
+    if override:
+        return Path(override).expanduser()
+    package = Path(__file__).resolve().parent
+    candidates = [package / "conf"]
+    spec = importlib.util.find_spec("kd_lightning.conf")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    candidates.append(package.parent / "conf")
+    for folder in candidates:
+        if (folder / "kdl.yaml").is_file():
+            return folder
+    raise ConfigNotFoundError(
+        "kd_lightning's configs are missing (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); reinstall the package (`pip install --force-reinstall kd_lightning`) or set KDL_CONF=<folder>"
+    )
+
+
+def package_version() -> str:
+    """The installed distribution's version (``0+unknown`` when run from a bare source tree)."""
+    try:
+        return importlib.metadata.version("kd_lightning")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
