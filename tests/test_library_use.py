@@ -198,7 +198,7 @@ def test_kdl_runs_with_models_named_by_hub_id_offline(kdl_env, tiny_dir, tmp_pat
         "loss=[hard_ce,posterior_kl]",
         "proxy.path=kdl-test/tiny-char",
         "tokenizer.path=kdl-test/tiny-char",
-        "+trainer.max_steps=2",
+        "trainer.max_steps=2",
         env_dir=kdl_env,
     )
     (result,) = (kdl_env / "artifacts" / "distill").glob("*/result.json")

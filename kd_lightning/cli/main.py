@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.cli.help import STAGES, answer_without_hydra, stage_help_resolver
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
 from kd_lightning.environment import conf_dir, drop_blank_environment, env_setting
 from kd_lightning.losses.terms import LossTerm
@@ -43,17 +44,6 @@ from kd_lightning.pipeline import (
 )
 
 log = logging.getLogger("kdl")
-STAGES = (
-    "prior",
-    "align",
-    "posterior",
-    "distill",
-    "pipeline",
-    "teacher-logits",
-    "evaluate",
-    "generate",
-    "fidelity",
-)
 
 
 def wandb_mode() -> str:
@@ -102,6 +92,8 @@ if not OmegaConf.has_resolver("kdl_run_name"):
     OmegaConf.register_new_resolver("kdl_run_name", short_run_name)
 if not OmegaConf.has_resolver("kdl_tags"):
     OmegaConf.register_new_resolver("kdl_tags", run_tags)
+if not OmegaConf.has_resolver("kdl_stage_help"):  # kdl <stage> --help renders hydra.help.template
+    OmegaConf.register_new_resolver("kdl_stage_help", stage_help_resolver)
 if not OmegaConf.has_resolver("kdl_tiny"):  # experiment=tiny: $KDL_TINY, or tiny assets built once
     OmegaConf.register_new_resolver("kdl_tiny", lambda: str(tiny_assets_folder()))
 
@@ -257,6 +249,8 @@ def distill_settings(cfg: DictConfig, terms: list[str]) -> dict[str, Any]:
         "gradient_clip_val",
         "fast_dev_run",
         "limit_train_batches",
+        "val_check_interval",  # decide which checkpoint a best-checkpoint module restores
+        "limit_val_batches",
     )
     pick["trainer"] = {k: v for k, v in resolved(cfg.trainer).items() if k in trainer_keys}
     return pick
@@ -598,7 +592,7 @@ def _task(cfg: DictConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``kdl`` console script."""
+    """Run ``kdl`` with ``argv`` (the console script, :mod:`kd_lightning.cli.kdl`, lands here for stages)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     drop_blank_environment()  # WANDB_MODE= (set but empty) means unset, for wandb and oc.env alike
     # like `python -m`, the working folder is importable: a user's ./my_losses/ works as a _target_
@@ -609,16 +603,36 @@ def main(argv: list[str] | None = None) -> None:
 
         report_main(argv[1:])
         return
-    if not argv or argv[0] not in STAGES:
-        print(
-            f"usage: kdl {{{','.join(STAGES)}}} [key=value ...] [-m]\n"
-            "       kdl report <multirun folder>... [--out DIR]\n"
-            "  e.g. kdl pipeline experiment=demo\n       kdl posterior -m estimator.posterior.sampling_rounds=1,4,16",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    if answer_without_hydra(argv):
+        return
+    if argv[0] in ("-sc", "--shell-completion"):
+        shell_completion(argv[1:])
+        return
     stage = argv.pop(0)
     sys.argv = [f"kdl-{stage}", *argv]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
+
+
+def shell_completion(args: list[str]) -> None:
+    """``kdl -sc install=bash`` prints the script; the shell then calls ``kdl -sc query=bash``.
+
+    A query completes a stage name after ``kdl``, and after ``kdl <stage>`` hands the rest of the line to
+    that stage's Hydra app (config groups, options and keys).
+    """
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if any(a.startswith("query=") for a in args):
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(s for s in (*STAGES, "report") if s.startswith(prefix)))
+            return
+        stage = words[1]
+        if stage not in STAGES:
+            return
+        os.environ["COMP_LINE"] = "kdl " + line.split(stage, 1)[1].lstrip()
+    else:
+        stage = "distill"  # install/uninstall print a script that does not depend on the stage
+    sys.argv = ["kdl", "-sc", *args]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
 
 
