@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import re
 from pathlib import Path
 
 # Prefixes of the environment variables this project (or a library it drives) reads. A variable that is
@@ -72,3 +74,52 @@ def package_version() -> str:
         return importlib.metadata.version("kd_lightning")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|sig|signature)=)[^&\s\"']+")
+
+
+def redact(text: str, secrets: tuple[str, ...] | None = None) -> str:
+    """``text`` with credentials removed: URL user-info, bearer tokens, secret query parameters, and the
+    values of environment variables whose names say they are secrets (``*_API_KEY``, ``*_TOKEN``...)."""
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    text = _BEARER.sub(r"\1***", text)
+    text = _QUERY_SECRET.sub(r"\1***", text)
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, "***")
+    return text
+
+
+def secret_values() -> tuple[str, ...]:
+    """Values (8+ characters) of environment variables named like secrets, longest first."""
+    values = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v.strip()) >= 8}
+    return tuple(sorted(values, key=len, reverse=True))
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter that rewrites every record's message through :func:`redact` before it is written.
+
+    Installed on the root logger's handlers (Hydra's console and ``main.log``), so records that
+    libraries log (httpx's "HTTP Request: POST http://user:KEY@host/..." at INFO) are cleaned too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add :class:`RedactSecrets` to every handler of the root logger (once per handler)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -25,8 +26,19 @@ import torch
 from lightning import Trainer
 from torch import nn
 
+from kd_lightning.artifacts import (
+    ARTIFACT_KINDS,
+    Workspace,
+    artifact_lock,
+    discard_for_rebuild,
+    fault_point,
+    file_digest,
+    model_identity,
+    remove_leftovers,
+)
+from kd_lightning.atomic import atomic_json
 from kd_lightning.data.datamodule import TeacherTextDataModule
-from kd_lightning.data.records import load_records, split_records
+from kd_lightning.data.records import CorpusError, load_records, split_records
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
@@ -46,7 +58,6 @@ from kd_lightning.models.loading import (
     freeze,
     load_causal_lm,
     load_tokenizer,
-    resolve_model_path,
     tokenizer_fingerprint,
 )
 from kd_lightning.modules.distill import DistillModule
@@ -58,68 +69,6 @@ log = logging.getLogger(__name__)
 def settings_key(settings: Mapping[str, Any]) -> str:
     """12-hex hash of a JSON-able settings mapping (key order does not matter)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for item in sorted(path.rglob("*")):
-            if item.is_file():
-                digest.update(str(item.relative_to(path)).encode())
-                digest.update(str(item.stat().st_size).encode())
-        return digest.hexdigest()[:16]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def model_identity(path: str) -> dict[str, str]:
-    """What identifies a model slot for caching: its resolved folder and a digest of its weights."""
-    folder = resolve_model_path(path)
-    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return {
-        "path": str(folder),
-        "weights": settings_key({w.name: w.stat().st_size for w in weights})
-        + file_digest(folder / "config.json"),
-    }
-
-
-ARTIFACT_KINDS = (
-    "corpus",
-    "prior",
-    "align",
-    "posterior",
-    "teacher_logits",
-    "teacher_logprobs",
-    "distill",
-    "eval",
-)
-"""The cached artifact kinds, named as their folders under the artifacts root (``rebuild=[...]`` takes them)."""
-
-_REBUILT: set[str] = set()  # artifacts already rebuilt in this process (a multirun rebuilds each once)
-
-
-def discard_for_rebuild(kind: str, rebuild: Collection[str], *paths: Path) -> None:
-    """Remove a cached artifact (and its resume state) when ``kind`` is in ``rebuild``, once per process.
-
-    The folder is first renamed to a hidden sibling, so a reader never sees half of it, then deleted.
-    """
-    if kind not in rebuild or str(paths[0]) in _REBUILT:
-        return
-    _REBUILT.add(str(paths[0]))
-    for path in paths:
-        if not path.exists():
-            continue
-        trash = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
-        os.replace(path, trash)
-        if trash.is_dir():
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            trash.unlink(missing_ok=True)
-    log.info("rebuild=%s: discarded the cached %s %s", sorted(rebuild), kind, paths[0])
 
 
 @dataclass
@@ -143,6 +92,21 @@ class CorpusSpec:
     logprobs: str | None = None
     """``logprobs.jsonl`` from ``kdl generate sampling.top_logprobs=K``: the teacher's top-k log-probs,
     stored as the ``teacher_logprobs`` soft labels (``kd_target=teacher_logprobs``)."""
+    keep_duplicate_heldout: bool = False
+    """A held-out prompt that also occurs in the training split is dropped from the held-out side (and
+    reported) unless this is true: evaluating on a prompt the student trained on flatters it."""
+
+    def __post_init__(self) -> None:
+        if self.heldout_size < 1:
+            raise ValueError(
+                f"data.heldout_size must be >= 1 (records held out to evaluate on), got {self.heldout_size}"
+            )
+        if self.max_seq_len < 2:
+            raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        for name in ("train_limit", "heldout_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1 or null, got {value}")
 
 
 @dataclass
@@ -162,23 +126,19 @@ class ProxyAlignment:
     lora_alpha: float = 16.0
     seed: int = 0
 
-
-@dataclass
-class Workspace:
-    """Artifacts live under ``root/<stage>/<key>/``."""
-
-    root: Path
-
-    def path(self, stage: str, key: str) -> Path:
-        return Path(self.root) / stage / key
-
-
-def atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_epochs", self.max_epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_records", self.max_records is None or self.max_records >= 1, ">= 1 or null"),
+            ("lora_rank", self.lora_rank is None or self.lora_rank >= 1, ">= 1 or null"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"alignment.{name} must be {rule}, got {getattr(self, name)}")
 
 
 class Pipeline:
@@ -246,7 +206,12 @@ class Pipeline:
         spec = asdict(self.corpus_spec)
         spec.pop("logprobs")  # evidence about the corpus, not part of it
         if spec["source"] not in ("alpaca_gpt35", "smollm2_self_instruct") and spec["path"]:
-            spec["content"] = file_digest(spec["path"])
+            if not Path(spec["path"]).expanduser().exists():
+                raise CorpusError(
+                    f"data.path={spec['path']} does not exist; point it at your corpus "
+                    "(a JSONL file of records, or a datasets folder for data=hf_dataset)"
+                )
+            spec["content"] = file_digest(Path(spec["path"]).expanduser())
         spec["format"] = 2  # tokenized corpora keep their record keys
         return settings_key({"spec": spec, "tokenizer": self.tokenizer_fp, "code": self.code.get("corpus")})
 
@@ -266,13 +231,29 @@ class Pipeline:
         if self._full is not None:
             return self._full
         folder = self.workspace.path("corpus", self.corpus_key())
-        discard_for_rebuild("corpus", self.rebuild, folder)
-        if (folder / "train").is_dir() and (folder / "heldout").is_dir():
+        with artifact_lock(folder):
+            discard_for_rebuild("corpus", self.rebuild, folder)
+            if not ((folder / "train").is_dir() and (folder / "heldout").is_dir()):
+                self._build_corpus(folder)
             self._full = TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
-            return self._full
+        return self._full
+
+    def _build_corpus(self, folder: Path) -> None:
+        """Read, split and tokenise the records; both halves land in ``folder`` with one rename."""
         spec = self.corpus_spec
         records = load_records(spec.source, spec.path, spec.fields)
         train_records, heldout_records = split_records(records, spec.heldout_size)
+        seen = {r.key for r in train_records}
+        straddling = [r for r in heldout_records if r.key in seen]
+        if straddling:
+            action = (
+                "kept (data.keep_duplicate_heldout=true)"
+                if spec.keep_duplicate_heldout
+                else ("dropped from the held-out side (data.keep_duplicate_heldout=true keeps them)")
+            )
+            log.warning("corpus: %d held-out record(s) repeat a training prompt; %s", len(straddling), action)
+            if not spec.keep_duplicate_heldout:
+                heldout_records = [r for r in heldout_records if r.key not in seen]
         if spec.heldout_limit is not None:
             heldout_records = heldout_records[: spec.heldout_limit]
         if not heldout_records:
@@ -281,10 +262,18 @@ class Pipeline:
         heldout = tokenize_records(heldout_records, self.tokenizer, spec.max_seq_len)
         log.info("corpus train: %s", train.report.summary())
         log.info("corpus held-out: %s", heldout.report.summary())
-        train.save(folder / "train")
-        heldout.save(folder / "heldout")
-        self._full = train, heldout
-        return self._full
+        remove_leftovers(folder.parent, f".{folder.name}.*")  # a corpus write cut short by a kill
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            train.save(tmp / "train")
+            heldout.save(tmp / "heldout")
+            fault_point("corpus:before-rename")
+            if folder.exists():  # a half-written corpus of a run killed before this layout
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def vocab_size(self) -> int:
         return int(max(len(self.tokenizer), self.tokenizer.vocab_size))
@@ -304,13 +293,17 @@ class Pipeline:
         """The n-gram prior store for the training corpus (built once per settings)."""
         provenance = self.prior_provenance()
         folder = self.workspace.path("prior", settings_key(provenance))
-        discard_for_rebuild("prior", self.rebuild, folder, _stats_path(folder))
-        if (folder / "meta.json").is_file():
-            return SoftLabelStore(folder, expect=provenance)
+        with artifact_lock(folder):
+            discard_for_rebuild("prior", self.rebuild, folder, _stats_path(folder))
+            if (folder / "meta.json").is_file():
+                return SoftLabelStore(folder, expect=provenance, vocab_size=self.vocab_size())
+            return self._build_prior(folder, provenance)
+
+    def _build_prior(self, folder: Path, provenance: dict[str, Any]) -> SoftLabelStore:
         train, _ = self.corpora()
         start = time.perf_counter()
         rows, stats = self.prior_estimator.estimate(train, self.vocab_size(), count_corpus=self.full_train())
-        store = write_store(folder, rows, train.target_offsets(), provenance)
+        store = write_store(folder, rows, train.target_offsets(), provenance, vocab_size=self.vocab_size())
         atomic_json(
             folder.parent / f"{folder.name}.stats.json", {**stats, "seconds": time.perf_counter() - start}
         )
@@ -353,10 +346,15 @@ class Pipeline:
     def aligned_proxy(self) -> Path:
         """Fine-tune the proxy on the training corpus (SFT) and return the saved HF folder (cached)."""
         folder = self.workspace.path("align", self.aligned_proxy_key())
-        discard_for_rebuild("align", self.rebuild, folder)
-        final = folder / "model"
-        if (final / "config.json").is_file():
+        with artifact_lock(folder):
+            discard_for_rebuild("align", self.rebuild, folder)
+            final = folder / "model"
+            if not (final / "config.json").is_file():
+                self._build_aligned_proxy(folder, final)
             return final
+
+    def _build_aligned_proxy(self, folder: Path, final: Path) -> None:
+        remove_leftovers(folder, ".model.*")
         train = self.full_train()
         cfg = self.alignment
         proxy = load_causal_lm(self.proxy_path)
@@ -393,9 +391,11 @@ class Pipeline:
         tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=folder))
         model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        fault_point("align:before-rename")
+        if final.exists():  # not complete (no config.json): a leftover of an older layout
+            shutil.rmtree(final)
         os.replace(tmp, final)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        return final
 
     def _with_lora(self, model: nn.Module) -> nn.Module:
         try:
@@ -426,9 +426,13 @@ class Pipeline:
         """The posterior store (prior updated with R proxy draws per position), resumable."""
         provenance = self.posterior_provenance()
         folder = self.workspace.path("posterior", settings_key(provenance))
-        discard_for_rebuild("posterior", self.rebuild, folder, _partial_path(folder), _stats_path(folder))
-        if (folder / "meta.json").is_file():
-            return SoftLabelStore(folder, expect=provenance)
+        with artifact_lock(folder):
+            discard_for_rebuild("posterior", self.rebuild, folder, _partial_path(folder), _stats_path(folder))
+            if (folder / "meta.json").is_file():
+                return SoftLabelStore(folder, expect=provenance, vocab_size=self.vocab_size())
+            return self._build_posterior(folder, provenance)
+
+    def _build_posterior(self, folder: Path, provenance: dict[str, Any]) -> SoftLabelStore:
         prior = self.prior()
         proxy_folder = self.aligned_proxy()
         train, _ = self.corpora()
@@ -461,11 +465,15 @@ class Pipeline:
         """The teacher's sparse distributions at every training target position (built once, resumable)."""
         provenance = self.offline_teacher_provenance()
         folder = self.workspace.path("teacher_logits", settings_key(provenance))
-        discard_for_rebuild(
-            "teacher_logits", self.rebuild, folder, _partial_path(folder), _stats_path(folder)
-        )
-        if (folder / "meta.json").is_file():
-            return SoftLabelStore(folder, expect=provenance)
+        with artifact_lock(folder):
+            discard_for_rebuild(
+                "teacher_logits", self.rebuild, folder, _partial_path(folder), _stats_path(folder)
+            )
+            if (folder / "meta.json").is_file():
+                return SoftLabelStore(folder, expect=provenance, vocab_size=self.vocab_size())
+            return self._build_offline_teacher(folder, provenance)
+
+    def _build_offline_teacher(self, folder: Path, provenance: dict[str, Any]) -> SoftLabelStore:
         teacher = freeze(load_causal_lm(self.teacher_path))
         self.check_shares_tokenizer(teacher, self.teacher_path, "teacher")
         train, _ = self.corpora()
@@ -485,8 +493,6 @@ class Pipeline:
                 "the teacher_logprobs soft labels need data.logprobs=<corpus folder>/logprobs.jsonl "
                 "(written by kdl generate sampling.top_logprobs=K)"
             )
-        from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
-
         train, _ = self.corpora()
         provenance = {
             "tokenizer": self.tokenizer_fp,
@@ -495,9 +501,16 @@ class Pipeline:
             "code": self.code.get("teacher_logprobs"),
         }
         folder = self.workspace.path("teacher_logprobs", settings_key(provenance))
-        discard_for_rebuild("teacher_logprobs", self.rebuild, folder, _stats_path(folder))
-        if (folder / "meta.json").is_file():
-            return SoftLabelStore(folder, expect=provenance)
+        with artifact_lock(folder):
+            discard_for_rebuild("teacher_logprobs", self.rebuild, folder, _stats_path(folder))
+            if (folder / "meta.json").is_file():
+                return SoftLabelStore(folder, expect=provenance, vocab_size=self.vocab_size())
+            return self._build_teacher_logprobs(folder, provenance)
+
+    def _build_teacher_logprobs(self, folder: Path, provenance: dict[str, Any]) -> SoftLabelStore:
+        from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
+
+        train, _ = self.corpora()
         store, stats = build_logprob_store(
             train,
             read_logprobs(self.corpus_spec.logprobs),
@@ -558,10 +571,77 @@ class Pipeline:
             }
         )
         folder = self.workspace.path("distill", key)
-        discard_for_rebuild("distill", self.rebuild, folder)
-        result_file = folder / "result.json"
-        if result_file.is_file():
-            return json.loads(result_file.read_text())
+        with artifact_lock(folder):
+            discard_for_rebuild("distill", self.rebuild, folder)
+            result_file = folder / "result.json"
+            if result_file.is_file():
+                return json.loads(result_file.read_text())
+            remove_leftovers(folder, ".student.*")  # a save cut short by a kill
+            if (folder / "student" / TRAINING_RECORD).is_file():  # killed after saving, before the result
+                log.info("%s: the student was saved by an earlier run; evaluating it", folder)
+                return self._finish_student(folder, name, load_causal_lm(folder / "student"), None)
+            module = self._student_module(
+                student_factory, loss_terms, optimizer, scheduler, teacher_factory, loss_chunk_size,
+                module_factory, student_module,
+            )  # fmt: skip
+            datamodule.connect(self.pad_id, train, heldout, stores)
+            trainer = self.trainer_factory(folder, name, max_epochs=max_epochs, overrides=trainer_overrides)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_last_checkpoint(folder))
+            seconds = time.perf_counter() - start
+            best = restore_best_checkpoint(module, trainer)
+            training = {
+                "name": name,
+                "loss_chunk_size": getattr(module, "loss_chunk_size", None),
+                "terms": {n: t.weight for n, t in getattr(module, "loss_terms", {}).items()},
+                "module": type(module).__name__,
+                "train_seconds": seconds,
+                **({"best_checkpoint": best} if best else {}),
+                **timing_summary(module),
+            }
+            # the student and what its result needs from training land in one rename
+            tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
+            if hasattr(module.student, "save_pretrained"):
+                module.student.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            atomic_json(tmp / TRAINING_RECORD, training)
+            fault_point("distill:before-student-rename")
+            if (folder / "student").exists():  # a student of an older layout, without its record
+                shutil.rmtree(folder / "student")
+            os.replace(tmp, folder / "student")
+            fault_point("distill:student-saved")
+            return self._finish_student(folder, name, module.student, trainer)
+
+    def _finish_student(
+        self, folder: Path, name: str, student: nn.Module, trainer: Trainer | None
+    ) -> dict[str, Any]:
+        """Held-out NLL of a saved student, logged and written as ``result.json`` (never a non-finite one)."""
+        _, heldout = self.corpora()
+        training = json.loads((folder / "student" / TRAINING_RECORD).read_text())
+        metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
+        if trainer is not None:
+            close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
+        require_finite(
+            metrics,
+            f"student {name!r}",
+            f"training diverged, so nothing was cached; lower optimizer.lr or check the soft-label stores ({folder})",
+        )
+        result = {**training, **metrics, "name": name, "folder": str(folder)}
+        atomic_json(folder / "result.json", result)
+        return result
+
+    def _student_module(
+        self,
+        student_factory: Callable[[], nn.Module],
+        loss_terms: Mapping[str, LossTerm],
+        optimizer: Callable,
+        scheduler: Callable | None,
+        teacher_factory: Callable[[], nn.Module] | None,
+        loss_chunk_size: int | None,
+        module_factory: Callable[..., nn.Module] | None,
+        student_module: Callable[..., nn.Module] | None,
+    ) -> nn.Module:
+        """The LightningModule that trains the student (see :meth:`distill`)."""
         student = student_factory()
         student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
         if student_vocab and student_vocab < self.vocab_size():
@@ -612,33 +692,7 @@ class Pipeline:
             module = DistillModule(
                 student, loss_terms, optimizer=optimizer, scheduler=scheduler, loss_chunk_size=loss_chunk_size
             )
-        datamodule.connect(self.pad_id, train, heldout, stores)
-        trainer = self.trainer_factory(folder, name, max_epochs=max_epochs, overrides=trainer_overrides)
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_last_checkpoint(folder))
-        seconds = time.perf_counter() - start
-        best = restore_best_checkpoint(module, trainer)
-        student = module.student
-        tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
-        if hasattr(student, "save_pretrained"):
-            student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder / "student")
-        metrics = heldout_nll(student, heldout, self.pad_id, desc=f"eval {name}")
-        close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
-        result = {
-            "name": name,
-            "loss_chunk_size": getattr(module, "loss_chunk_size", None),
-            "terms": {n: t.weight for n, t in getattr(module, "loss_terms", {}).items()},
-            "module": type(module).__name__,
-            **metrics,
-            "train_seconds": seconds,
-            "folder": str(folder),
-            **({"best_checkpoint": best} if best else {}),
-            **timing_summary(module),
-        }
-        atomic_json(result_file, result)
-        return result
+        return module
 
     def trained_students(self) -> list[tuple[str, Path]]:
         """(name, folder) of every student this workspace has finished training, oldest first."""
@@ -664,9 +718,17 @@ class Pipeline:
             }
         )
         path = self.workspace.path("eval", key + ".json")
-        discard_for_rebuild("eval", self.rebuild, path)
-        if path.is_file():
-            return json.loads(path.read_text())
+        with artifact_lock(path):
+            discard_for_rebuild("eval", self.rebuild, path)
+            if path.is_file():
+                return json.loads(path.read_text())
+            result = self._evaluate(name, model_path, spec)
+            require_finite(result, f"model {model_path}", "not cached; check the model's weights")
+            atomic_json(path, result)
+            return result
+
+    def _evaluate(self, name: str, model_path: str | Path, spec: EvaluationSpec) -> dict[str, Any]:
+        _, heldout = self.corpora()
         model = freeze(load_causal_lm(model_path))
         self.check_shares_tokenizer(model, str(model_path), "evaluated model")
         teacher = None
@@ -678,13 +740,11 @@ class Pipeline:
                 )
             teacher = freeze(load_causal_lm(self.teacher_path))
             self.check_shares_tokenizer(teacher, str(self.teacher_path), "teacher")
-        result = {
+        return {
             "name": name,
             "model": str(model_path),
             **evaluate_model(model, self.tokenizer, heldout, spec, teacher=teacher),
         }
-        atomic_json(path, result)
-        return result
 
     def proxy_heldout(self, aligned: bool) -> dict[str, Any]:
         """Held-out NLL of the proxy before or after alignment (cached)."""
@@ -697,14 +757,28 @@ class Pipeline:
             }
         )
         path = self.workspace.path("eval", key + ".json")
-        discard_for_rebuild("eval", self.rebuild, path)
-        if path.is_file():
-            return json.loads(path.read_text())
-        model = load_causal_lm(self.aligned_proxy() if aligned else self.proxy_path)
-        name = "proxy (aligned)" if aligned else "proxy (before alignment)"
-        result = {"name": name, **heldout_nll(freeze(model), heldout, self.pad_id, desc=f"eval {name}")}
-        atomic_json(path, result)
-        return result
+        with artifact_lock(path):
+            discard_for_rebuild("eval", self.rebuild, path)
+            if path.is_file():
+                return json.loads(path.read_text())
+            model = load_causal_lm(self.aligned_proxy() if aligned else self.proxy_path)
+            name = "proxy (aligned)" if aligned else "proxy (before alignment)"
+            result = {"name": name, **heldout_nll(freeze(model), heldout, self.pad_id, desc=f"eval {name}")}
+            require_finite(result, name, "not cached; check the proxy's weights")
+            atomic_json(path, result)
+            return result
+
+
+def require_finite(metrics: Mapping[str, Any], what: str, fix: str) -> None:
+    """Refuse to cache a result whose NLL is NaN or infinite (it would also be invalid JSON)."""
+    nll = metrics.get("nll")
+    if isinstance(nll, float) and not math.isfinite(nll):
+        raise ValueError(f"{what} has a non-finite held-out NLL ({nll}): {fix}")
+
+
+TRAINING_RECORD = "kdl_training.json"
+"""Saved inside a trained student's folder: what its ``result.json`` needs from training (seconds, terms,
+best checkpoint), so a run killed between saving the student and writing the result can finish it."""
 
 
 def _stats_path(folder: Path) -> Path:

@@ -137,9 +137,9 @@ def test_bad_corpus_is_a_one_line_error(kdl_env):
     assert "Traceback" not in done.stderr
 
 
-def test_unknown_stage_prints_usage(kdl_env):
+def test_unknown_stage_is_an_error_that_points_at_help(kdl_env):
     done = kdl("train", env_dir=kdl_env, check=False)
-    assert done.returncode == 2 and "usage: kdl" in done.stderr
+    assert done.returncode == 2 and "unknown stage 'train'" in done.stderr and "kdl --help" in done.stderr
 
 
 def test_lora_alignment_with_warmup_merges_into_a_plain_model(kdl_env):

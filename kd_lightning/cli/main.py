@@ -28,16 +28,23 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.artifacts import fault_point
+from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli.help import STAGES, answer_without_hydra, stage_help_resolver
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
-from kd_lightning.environment import conf_dir, drop_blank_environment, env_setting
+from kd_lightning.environment import (
+    conf_dir,
+    drop_blank_environment,
+    env_setting,
+    install_log_redaction,
+    redact,
+)
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import load_causal_lm, set_trust_remote_code
 from kd_lightning.models.tiny_assets import tiny_assets_folder
 from kd_lightning.pipeline import (
     Pipeline,
     Workspace,
-    atomic_json,
     evaluation_table,
     results_table,
     summarize_store,
@@ -92,6 +99,8 @@ if not OmegaConf.has_resolver("kdl_run_name"):
     OmegaConf.register_new_resolver("kdl_run_name", short_run_name)
 if not OmegaConf.has_resolver("kdl_tags"):
     OmegaConf.register_new_resolver("kdl_tags", run_tags)
+if not OmegaConf.has_resolver("kdl_pid"):  # output folders: two runs in the same second never share one
+    OmegaConf.register_new_resolver("kdl_pid", os.getpid)
 if not OmegaConf.has_resolver("kdl_stage_help"):  # kdl <stage> --help renders hydra.help.template
     OmegaConf.register_new_resolver("kdl_stage_help", stage_help_resolver)
 if not OmegaConf.has_resolver("kdl_tiny"):  # experiment=tiny: $KDL_TINY, or tiny assets built once
@@ -385,17 +394,16 @@ def run_evaluate(cfg: DictConfig, pipeline: Pipeline) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
-    """One row per evaluated model, every column any row has (written to a temp file, then renamed)."""
+    """One row per evaluated model, every column any row has (written atomically)."""
     import csv
+    import io
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def run_fidelity(cfg: DictConfig, pipeline: Pipeline) -> dict[str, Any]:
@@ -551,6 +559,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any] | None:
         raise ValueError(f"unknown stage {stage!r}")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fault_point("stage:before-result")
     atomic_json(out_dir / f"{stage}_result.json", result)
     if stage != "pipeline":
         log.info("%s: %s", stage, result)
@@ -571,7 +580,28 @@ def objective(result: Any, path: str) -> float:
     return float(node)
 
 
+def redact_run_records() -> None:
+    """Rewrite the run's ``.hydra/*.yaml`` without credentials (a key in ``base_url``, say).
+
+    Hydra writes the composed config and the command line there before the task starts.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    runtime = HydraConfig.get()
+    if not runtime.output_subdir:
+        return
+    for path in (Path(runtime.runtime.output_dir) / runtime.output_subdir).glob("*.yaml"):
+        text = path.read_text()
+        clean = redact(text)
+        if clean != text:
+            atomic_write_text(path, clean)
+
+
 def _task(cfg: DictConfig) -> Any:
+    install_log_redaction()  # Hydra has set up its handlers by now; no credential reaches a log file
+    redact_run_records()
     try:
         result = run_stage(cfg)
         # Optuna and other optimising sweepers read the job's return value
@@ -582,7 +612,7 @@ def _task(cfg: DictConfig) -> Any:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         key = re.search(r"full_key: (\S+)", str(err)) if isinstance(err, InstantiationException) else None
         where = f" (in {key.group(1)})" if key else ""
-        message = str(cause).strip().strip("'\"")
+        message = redact(str(cause).strip().strip("'\""))
         log.error("%s: %s%s", type(cause).__name__, message, where)
         print(
             f"kdl {cfg.stage}: error: {message}{where}  (set KDL_TRACEBACK=1 for the traceback)",
@@ -609,8 +639,60 @@ def main(argv: list[str] | None = None) -> None:
         shell_completion(argv[1:])
         return
     stage = argv.pop(0)
+    check_group_choices(stage, argv)
     sys.argv = [f"kdl-{stage}", *argv]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
+
+
+def search_folders(argv: list[str]) -> list[Path]:
+    """The config folders a run composes from: the shipped ones and ``hydra.searchpath`` file:// entries."""
+    folders = [conf_dir()]
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            for entry in re.findall(r"file://([^,\]\s]+)", arg):
+                folders.append(Path(entry).expanduser().resolve())
+    return folders
+
+
+def check_group_choices(stage: str, argv: list[str]) -> None:
+    """Refuse an unknown option of a config group in one line that lists the valid ones.
+
+    Hydra's own message ("Could not load 'loss/foo'") names neither the options nor the fix. Options are
+    looked up in every folder of the search path, so a user's ``my_conf/loss/jeffreys.yaml`` counts.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except OverrideParseException:
+        return  # Hydra reports syntax errors itself
+    folders = search_folders(argv)
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or override.package is not None or group.startswith("hydra"):
+            continue
+        dirs = [folder / group for folder in folders if (folder / group).is_dir()]
+        if not dirs:
+            continue  # a plain key, not a config group
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = value if isinstance(value, list) else [value]
+        options = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        for value in values:
+            if value is None or str(value) == "null" or not isinstance(value, str | int | float):
+                continue
+            if str(value) not in options:
+                print(
+                    f"kdl {stage}: {group}={value} is not an option of the {group} group; choose from: "
+                    f"{', '.join(options)} (or add my_conf/{group}/{value}.yaml and "
+                    "hydra.searchpath=[file://./my_conf])",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
 
 
 def shell_completion(args: list[str]) -> None:

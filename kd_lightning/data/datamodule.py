@@ -160,6 +160,11 @@ class TeacherTextDataModule(LightningDataModule):
 
     def __post_init__(self) -> None:
         super().__init__()
+        for name in ("batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"datamodule.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"datamodule.num_workers must be >= 0, got {self.num_workers}")
         self.train_set: SoftLabelDataset | None = None
         self.val_set: SoftLabelDataset | None = None
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kd_lightning.atomic import atomic_write_text
 from kd_lightning.models.loading import AssetError, assets_dir
 
 ALPACA_EVAL_VERSION = "0.6.6"
@@ -89,11 +90,18 @@ def _record_from_mapping(row: Mapping, fields: Mapping[str, str], where: str) ->
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
     """``("file:line", object)`` for each non-blank line; a malformed line raises an error naming it."""
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:  # decoded per line, so an error names the line; a UTF-8 byte-order mark is accepted
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusError(
+                    f"{where}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -137,27 +145,12 @@ def read_hf_dataset(path: str, split: str = "train", fields: Mapping[str, str] |
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
     """Write records atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                row = asdict(record)
-                meta = row.pop("meta")
-                handle.write(json.dumps({**row, **meta}, ensure_ascii=False) + "\n")
-        os.chmod(tmp, default_file_mode())  # mkstemp makes owner-only files; a corpus is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    lines = []
+    for record in records:
+        row = asdict(record)
+        meta = row.pop("meta")
+        lines.append(json.dumps({**row, **meta}, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
 
 
 def alpaca_gpt35_path() -> Path:

@@ -16,6 +16,7 @@ writer leaves either nothing or a complete store. Long stages write shards into 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,11 +28,76 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_lightning.artifacts import fault_point, remove_leftovers
+from kd_lightning.atomic import atomic_write_text
+
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class StoreMismatchError(ValueError):
     """A store's provenance does not match the run that wants to use it."""
+
+
+class StoreCorruptError(ValueError):
+    """A store's files or contents are unusable; the message names the folder and the fix."""
+
+
+SUM_TOLERANCE = 2e-2
+"""How far a row's stored mass (top-k in float16, plus the tail) may be from 1 (float16 rounding of k
+probabilities is ~1e-3; anything beyond a few per cent is a broken estimator, not rounding)."""
+VALIDATE_CHUNK_ROWS = 1 << 18
+
+
+def _fix_hint(folder: Path) -> str:
+    kind = folder.parent.name or "store"
+    return f"delete {folder} and rerun its stage (or add rebuild=[{kind}])"
+
+
+def validate_rows(
+    ids: np.ndarray,
+    probs: np.ndarray,
+    tail: np.ndarray,
+    where: str | os.PathLike,
+    vocab_size: int | None = None,
+    fix: str = "",
+) -> None:
+    """Raise a one-line :class:`StoreCorruptError` unless every row is a distribution over valid ids.
+
+    Checked in chunks: finite, non-negative probabilities and tails, ``Σ probs + tail`` within
+    :data:`SUM_TOLERANCE` of 1, and ids inside ``[0, vocab_size)`` (when the vocabulary is known).
+    """
+    rows = len(tail)
+    if probs.shape[:1] != (rows,) or ids.shape != probs.shape:
+        raise StoreCorruptError(
+            f"{where}: ids {ids.shape}, probs {probs.shape} and tail {tail.shape} disagree in shape; {fix}"
+        )
+    for start in range(0, rows, VALIDATE_CHUNK_ROWS):
+        stop = min(start + VALIDATE_CHUNK_ROWS, rows)
+        p = np.asarray(probs[start:stop], dtype=np.float32)
+        t = np.asarray(tail[start:stop], dtype=np.float32)
+        if not (np.isfinite(p).all() and np.isfinite(t).all()):
+            bad = start + int(np.nonzero(~(np.isfinite(p).all(1) & np.isfinite(t)))[0][0])
+            raise StoreCorruptError(f"{where}: row {bad} holds a non-finite probability; {fix}")
+        if (p < 0).any() or (t < 0).any():
+            bad = start + int(np.nonzero((p < 0).any(1) | (t < 0))[0][0])
+            raise StoreCorruptError(f"{where}: row {bad} holds a negative probability; {fix}")
+        total = p.sum(1, dtype=np.float64) + t
+        off = np.abs(total - 1.0) > SUM_TOLERANCE
+        if off.any():
+            bad = int(np.nonzero(off)[0][0])
+            raise StoreCorruptError(
+                f"{where}: row {start + bad} sums to {total[bad]:.4f}, not 1 (stored ids + tail); {fix}"
+            )
+        if vocab_size is not None:
+            i = np.asarray(ids[start:stop])
+            outside = (i.astype(np.int64) >= vocab_size) | (i.astype(np.int64) < 0)
+            if outside.any():
+                r, c = (int(x[0]) for x in np.nonzero(outside))
+                raise StoreCorruptError(
+                    f"{where}: row {start + r} holds id {int(i[r, c])}, outside the vocabulary of "
+                    f"{vocab_size} ids (a store for another tokenizer?); {fix}"
+                )
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
@@ -85,14 +151,21 @@ class SparseRows:
         return dense
 
 
-def _write_arrays(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    """Write arrays + meta.json into ``folder`` atomically (hidden temp sibling, then rename)."""
+def _write_arrays(
+    folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fault: str | None = None
+) -> None:
+    """Write arrays + meta.json into ``folder`` atomically (hidden temp sibling, then rename).
+
+    ``fault`` names the :func:`~kd_lightning.artifacts.fault_point` just before the rename.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if fault:
+            fault_point(fault)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -116,23 +189,62 @@ def check_provenance(found: Mapping[str, Any], expected: Mapping[str, Any], wher
 
 
 class SoftLabelStore:
-    """Read side: memory-mapped sparse soft labels for each sequence of a tokenised corpus."""
+    """Read side: memory-mapped sparse soft labels for each sequence of a tokenised corpus.
 
-    def __init__(self, folder: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> None:
+    Opening checks the files against ``meta.json`` (present, readable, of the shapes it records) and, with
+    ``validate=True`` (the default), the contents (:func:`validate_rows`); ``vocab_size`` adds the id range.
+    Every failure is one line naming the store folder and the fix.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        expect: Mapping[str, Any] | None = None,
+        vocab_size: int | None = None,
+        validate: bool = True,
+    ) -> None:
         self.folder = Path(folder)
+        fix = _fix_hint(self.folder)
         if not (self.folder / "meta.json").is_file():
             raise FileNotFoundError(f"no soft-label store at {self.folder}; run its estimation stage first")
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise StoreMismatchError(
-                f"{self.folder}: format_version {self.meta.get('format_version')} != {FORMAT_VERSION}; rebuild it"
-            )
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreCorruptError(f"{self.folder}/meta.json is cut or corrupted ({err}); {fix}") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format_version") != FORMAT_VERSION:
+            found = self.meta.get("format_version") if isinstance(self.meta, dict) else self.meta
+            raise StoreMismatchError(f"{self.folder}: format_version {found} != {FORMAT_VERSION}; {fix}")
         if expect:
             check_provenance(self.meta["provenance"], expect, self.folder)
-        self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")
-        self.probs = np.load(self.folder / "probs.npy", mmap_mode="r")
-        self.tail = np.load(self.folder / "tail.npy", mmap_mode="r")
-        self.offsets = np.load(self.folder / "offsets.npy")
+        arrays = {}
+        for name in ("ids", "probs", "tail", "offsets"):
+            path = self.folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(path, mmap_mode=None if name == "offsets" else "r")
+            except (OSError, ValueError, EOFError) as err:
+                raise StoreCorruptError(f"{path} is missing, cut or corrupted ({err}); {fix}") from None
+        self.ids, self.probs, self.tail, self.offsets = (
+            arrays["ids"],
+            arrays["probs"],
+            arrays["tail"],
+            arrays["offsets"],
+        )
+        rows, k = int(self.meta.get("rows", -1)), int(self.meta.get("top_k", -1))
+        shapes_ok = (
+            self.ids.shape == (rows, k)
+            and self.probs.shape == (rows, k)
+            and self.tail.shape == (rows,)
+            and len(self.offsets) >= 1
+            and int(self.offsets[-1]) == rows
+        )
+        if not shapes_ok:
+            raise StoreCorruptError(
+                f"{self.folder}: files hold ids {self.ids.shape}, probs {self.probs.shape}, tail "
+                f"{self.tail.shape}, offsets ending at {int(self.offsets[-1]) if len(self.offsets) else None}, "
+                f"but meta.json says {rows} rows of top-{k}; {fix}"
+            )
+        if validate:
+            validate_rows(self.ids, self.probs, self.tail, self.folder, vocab_size, fix)
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -162,11 +274,27 @@ class SoftLabelStore:
 
 
 def write_store(
-    folder: str | os.PathLike, rows: SparseRows, offsets: np.ndarray, provenance: Mapping[str, Any]
+    folder: str | os.PathLike,
+    rows: SparseRows,
+    offsets: np.ndarray,
+    provenance: Mapping[str, Any],
+    vocab_size: int | None = None,
 ) -> SoftLabelStore:
-    """Write a complete store atomically and return it opened."""
+    """Validate rows (:func:`validate_rows`), write a complete store atomically and return it opened.
+
+    An estimator that produced non-finite, negative or unnormalised rows fails here, before anything is
+    cached, with a one-line error naming the store.
+    """
     if len(rows.ids) != int(offsets[-1]):
         raise ValueError(f"{len(rows.ids)} rows but offsets end at {int(offsets[-1])}")
+    validate_rows(
+        rows.ids,
+        rows.probs,
+        rows.tail,
+        folder,
+        vocab_size,
+        "the estimator produced it; check its settings (nothing was cached)",
+    )
     meta = {
         "format_version": FORMAT_VERSION,
         "provenance": dict(provenance),
@@ -174,6 +302,7 @@ def write_store(
         "top_k": int(rows.ids.shape[1]),
         "id_dtype": str(rows.ids.dtype),
     }
+    remove_leftovers(Path(folder).parent, f".{Path(folder).name}.tmp-*")  # a write cut short by a kill
     _write_arrays(
         Path(folder),
         {
@@ -183,8 +312,9 @@ def write_store(
             "offsets": np.asarray(offsets, dtype=np.int64),
         },
         meta,
+        fault="store:before-rename",
     )
-    return SoftLabelStore(folder)
+    return SoftLabelStore(folder, validate=False)  # just validated
 
 
 class ShardedStoreWriter:
@@ -205,16 +335,26 @@ class ShardedStoreWriter:
         self.partial = self.folder.with_name(self.folder.name + ".partial")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.provenance = dict(provenance)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.shard_size = shard_size
         self.num_shards = -(-(len(self.offsets) - 1) // shard_size)
         marker = self.partial / "provenance.json"
-        if marker.is_file() and json.loads(marker.read_text()) != json.loads(
-            json.dumps(self.provenance, sort_keys=True)
-        ):
-            shutil.rmtree(self.partial)  # leftovers of a different run: they cannot be reused
+        # what decides which sequences a shard file holds, beside the store's own provenance
+        layout = {"provenance": self.provenance, "shard_size": shard_size, "rows": int(self.offsets[-1])}
+        expected = json.loads(json.dumps(layout, sort_keys=True, default=str))
+        if self.partial.exists():
+            try:
+                found = json.loads(marker.read_text()) if marker.is_file() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                found = None
+            if found != expected:  # leftovers of another run or layout: they cannot be reused
+                log.warning("%s: discarding finished shards of a different run or shard size", self.partial)
+                shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.partial, ".shard-*.tmp-*")  # a shard write cut short by a kill
         if not marker.is_file():
-            marker.write_text(json.dumps(self.provenance, sort_keys=True))
+            atomic_write_text(marker, json.dumps(expected, sort_keys=True))
 
     def shard_sequences(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.offsets) - 1))
@@ -240,6 +380,7 @@ class ShardedStoreWriter:
             {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail},
             {"shard": shard},
         )
+        fault_point("shard:written")
 
     def finish(self) -> SoftLabelStore:
         missing = list(self.pending())

@@ -103,6 +103,9 @@ class ProxyPosteriorEstimator:
             raise ValueError(f"sampling_rounds must be >= 0, got {sampling_rounds}")
         if proxy_sampling_temperature <= 0:
             raise ValueError(f"proxy_sampling_temperature must be > 0, got {proxy_sampling_temperature}")
+        for name, value in (("top_k", top_k), ("batch_size", batch_size), ("shard_size", shard_size)):
+            if value < 1:
+                raise ValueError(f"estimator.posterior.{name} must be >= 1, got {value}")
         self.update = update or DirichletUpdate()
         self.sampling_rounds = sampling_rounds
         self.proxy_sampling_temperature = proxy_sampling_temperature
@@ -119,6 +122,9 @@ class ProxyPosteriorEstimator:
             "proxy_sampling_temperature": self.proxy_sampling_temperature,
             "top_k": self.top_k,
             "seed": self.seed,
+            # which sequences share a shard (its seed) and a batch (the order of draws) decide the draws
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
         }
 
     def proxy_distributions(

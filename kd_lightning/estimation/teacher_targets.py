@@ -43,12 +43,21 @@ class TeacherTargetBuilder:
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"teacher_targets.kind must be one of {KINDS}, got {kind!r}")
-        if k < 1:
-            raise ValueError(f"teacher_targets.k must be >= 1, got {k}")
+        for name, value in (("k", k), ("batch_size", batch_size), ("shard_size", shard_size)):
+            if value < 1:
+                raise ValueError(f"estimator.teacher_targets.{name} must be >= 1, got {value}")
         self.kind, self.k, self.batch_size, self.shard_size, self.seed = kind, k, batch_size, shard_size, seed
 
     def settings(self) -> dict:
-        return {"kind": self.kind, "k": self.k, **({"seed": self.seed} if self.kind == "sampled" else {})}
+        """Everything that decides the stored rows: batching (padding, hence float rounding and ties) and
+        sharding (which draws a sequence gets) included."""
+        return {
+            "kind": self.kind,
+            "k": self.k,
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
+            **({"seed": self.seed} if self.kind == "sampled" else {}),
+        }
 
     def rows(self, logits: torch.Tensor, generator: torch.Generator) -> SparseRows:
         vocab = logits.shape[-1]

@@ -158,9 +158,9 @@ class LocalTeacher(TeacherBackend):
         max_prompt_tokens: int = 2048,
         device: str | None = None,
     ) -> None:
+        from kd_lightning.artifacts import model_identity  # deferred like torch: API-only users skip both
         from kd_lightning.generation.chat import ChatGenerator
         from kd_lightning.models.loading import load_causal_lm, load_tokenizer
-        from kd_lightning.pipeline import model_identity
 
         if batch_size < 1:
             raise ValueError(f"teacher.batch_size={batch_size} must be at least 1")

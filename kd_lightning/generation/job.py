@@ -17,28 +17,16 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.data.records import default_file_mode, write_jsonl
+from kd_lightning.atomic import atomic_write_text
+from kd_lightning.data.records import write_jsonl
 from kd_lightning.generation.backends import SamplingSettings, TeacherBackend
 from kd_lightning.generation.runner import ReplyCache
 from kd_lightning.generation.tasks import GenerationResult, GenerationTask
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _settings(task: GenerationTask) -> dict[str, Any]:
@@ -88,7 +76,7 @@ def run_generation(
     write_jsonl(result.records, corpus_dir / "corpus.jsonl")
     logprob_path = corpus_dir / "logprobs.jsonl"
     if result.logprobs:
-        _atomic_text(
+        atomic_write_text(
             logprob_path,
             "".join(
                 json.dumps({"key": k, "tokens": v}, ensure_ascii=False) + "\n"
@@ -108,7 +96,7 @@ def run_generation(
         "logprobs": str(logprob_path) if result.logprobs else None,
         "corpus": str(corpus_dir / "corpus.jsonl"),
     }
-    _atomic_text(
+    atomic_write_text(
         corpus_dir / "generation.json", json.dumps(manifest, indent=1, ensure_ascii=False, default=str)
     )
     print(f"\n{summary_text(result, backend)}\ncorpus: {corpus_dir / 'corpus.jsonl'}", flush=True)

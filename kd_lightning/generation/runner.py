@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kd_lightning.atomic import atomic_write_text
 from kd_lightning.generation.backends import ChatRequest, RequestFailure, TeacherBackend, TeacherReply
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,7 @@ class ReplyCache:
             "request": {"messages": request.messages, "sample_index": request.sample_index},
             "reply": asdict(reply),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(payload, handle, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(payload, ensure_ascii=False))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*/*.json"))

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,6 +37,7 @@ class _Job:
     settings: tuple  # (max_new_tokens, temperature, top_p, top_logprobs)
     seed: int | None
     done: threading.Event = field(default_factory=threading.Event)
+    status: int = 400
     result: Completion | None = None
     error: str | None = None
 
@@ -117,11 +118,16 @@ class OpenAICompatibleServer:
                     )
                     for job, result in zip(jobs, results):
                         job.result = result
-                except ValueError as err:
+                except ValueError as err:  # the request's fault (e.g. a prompt over the context)
                     for job in jobs:
-                        job.error = str(err)
-                for job in jobs:
-                    job.done.set()
+                        job.error, job.status = str(err), 400
+                except Exception as err:  # never let one batch stop the loop that serves every later one
+                    log.exception("server: generation failed")
+                    for job in jobs:
+                        job.error, job.status = f"generation failed: {type(err).__name__}: {err}", 500
+                finally:
+                    for job in jobs:
+                        job.done.set()
 
     def _next_fault(self) -> str | None:
         with self.lock:
@@ -163,7 +169,18 @@ class OpenAICompatibleServer:
                     self._error(404, f"no route {self.path}", "not_found")
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    self._post()
+                except Exception as err:  # answer, never drop the connection, and keep serving
+                    log.exception("server: request failed")
+                    self._error(500, f"internal error: {type(err).__name__}", "server_error")
+
+            def _post(self):
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    self._error(400, "Content-Length must be an integer", "invalid_request_error")
+                    return
                 raw = self.rfile.read(length)
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._error(404, f"no route {self.path}", "not_found")
@@ -173,9 +190,12 @@ class OpenAICompatibleServer:
                     return
                 try:
                     body = json.loads(raw)
-                    messages = body["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self._error(400, "body must be JSON with a 'messages' list", "invalid_request_error")
+                    messages, settings, seed = parse_chat_request(body)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self._error(400, "the body is not JSON", "invalid_request_error")
+                    return
+                except RequestError as err:
+                    self._error(400, str(err), "invalid_request_error")
                     return
                 with server.lock:
                     server.chat_requests.append(body)
@@ -208,27 +228,82 @@ class OpenAICompatibleServer:
                         ).encode(),
                     )
                     return
-                top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
-                job = _Job(
-                    messages=messages,
-                    settings=(
-                        int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
-                        float(1.0 if body.get("temperature") is None else body["temperature"]),
-                        float(body.get("top_p") or 1.0),
-                        top,
-                    ),
-                    seed=body.get("seed"),
-                )
+                top = settings[3]
+                job = _Job(messages=messages, settings=settings, seed=seed)
                 server.jobs.put(job)
                 job.done.wait()
                 if job.error is not None:
-                    self._error(400, job.error, "invalid_request_error")
+                    kind = "invalid_request_error" if job.status == 400 else "server_error"
+                    self._error(job.status, job.error, kind)
                     return
                 self._send(
                     200, json.dumps(completion_body(job.result, server.model_name, bool(top))).encode()
                 )
 
         return Handler
+
+
+class RequestError(ValueError):
+    """A chat request the server refuses with 400; the message says what is wrong."""
+
+
+ROLES = ("system", "user", "assistant", "developer")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise RequestError(f"{key!r} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def parse_chat_request(body: Any) -> tuple[list[dict[str, str]], tuple[int, float, float, int], int | None]:
+    """(messages, (max_tokens, temperature, top_p, top_logprobs), seed) of a valid request, else RequestError.
+
+    Every field the batch loop relies on is checked here, so a malformed request is answered 400 and
+    never reaches (or stops) generation.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
+        if message.get("role") not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {ROLES}, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise RequestError(f"messages[{i}].content must be a string")
+    if not isinstance(body.get("model"), str):
+        raise RequestError("'model' must be a string naming the served model")
+    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = _integer(body, key, 256, 1, 1 << 16)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise RequestError("'top_p' must be > 0")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {logprobs!r}")
+    top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if logprobs else 0
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"'seed' must be an integer, got {seed!r}")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return clean, (max_tokens, temperature, top_p, top), seed
 
 
 def completion_body(result: Completion, model_name: str, with_logprobs: bool) -> dict[str, Any]:
@@ -277,12 +352,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--api-key-env", default=None, help="require the key in this environment variable")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without a key (only sensible on a loopback address)"
+    )
     args = parser.parse_args(argv)
     import os
 
     from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 
-    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    key = os.environ.get(args.api_key_env, "").strip() if args.api_key_env else None
+    if args.api_key_env and not key and not args.no_auth:
+        parser.exit(
+            2,
+            f"kdl-serve: --api-key-env names {args.api_key_env}, which is unset or empty; export it, or pass "
+            "--no-auth to serve without authentication\n",
+        )
+    if not key:
+        log.warning(
+            "serving without authentication: any client that reaches %s:%d may use it", args.host, args.port
+        )
     generator = ChatGenerator(load_causal_lm(args.model), load_tokenizer(args.model))
     server = OpenAICompatibleServer(
         generator, args.name or args.model, args.host, args.port, args.max_batch_size, api_key=key

@@ -1,0 +1,195 @@
+"""Cached artifacts on disk: where they live, one lock per artifact, and forced rebuilds.
+
+Every artifact (a corpus, a store, an aligned proxy, a trained student, an evaluation) lives at
+``root/<kind>/<key>``, where the key hashes everything that changes it (settings, inputs, code). Two
+processes that want the same artifact at once, say two jobs of a parallel Hydra multirun, serialise on
+that artifact's lock: the second waits, then finds the first one's result and reuses it. Locks are
+``flock``-based (the ``filelock`` package), so a killed holder releases its lock with its process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from kd_lightning.atomic import atomic_json
+from kd_lightning.environment import env_setting
+from kd_lightning.models.loading import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_KINDS = (
+    "corpus",
+    "prior",
+    "align",
+    "posterior",
+    "teacher_logits",
+    "teacher_logprobs",
+    "distill",
+    "eval",
+)
+"""The cached artifact kinds, named as their folders under the artifacts root (``rebuild=[...]`` takes them)."""
+
+
+@dataclass
+class Workspace:
+    """Artifacts live under ``root/<kind>/<key>/``."""
+
+    root: Path
+
+    def path(self, kind: str, key: str) -> Path:
+        return Path(self.root) / kind / key
+
+
+_LOCKS: dict[str, FileLock] = {}  # one instance per path, so a process can re-enter its own lock
+
+
+@contextmanager
+def artifact_lock(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` while checking for and building the artifact at ``path``.
+
+    A second process asking for the same artifact logs which process is building it and waits; when it
+    gets the lock the artifact is usually there, and it is reused.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = f"{path}.lock"
+    lock = _LOCKS.setdefault(lock_path, FileLock(lock_path))
+    owner = Path(f"{path}.lock.owner")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.is_file() else "another process"
+        log.warning("%s is being built by %s; waiting for it to finish", path, holder)
+        lock.acquire()
+    try:
+        if lock.lock_counter == 1:
+            owner.write_text(f"process {os.getpid()} on {os.uname().nodename}\n")
+        yield
+    finally:
+        lock.release()
+
+
+_REBUILT: set[str] = set()  # artifacts already rebuilt in this process (a multirun rebuilds each once)
+
+
+def discard_for_rebuild(kind: str, rebuild: Collection[str], *paths: Path) -> None:
+    """Remove a cached artifact (and its resume state) when ``kind`` is in ``rebuild``, once per process.
+
+    The folder is first renamed to a hidden sibling, so a reader never sees half of it, then deleted.
+    """
+    if kind not in rebuild or str(paths[0]) in _REBUILT:
+        return
+    _REBUILT.add(str(paths[0]))
+    for path in paths:
+        if not path.exists():
+            continue
+        trash = path.with_name(f".{path.name}.rebuild-{os.getpid()}")
+        os.replace(path, trash)
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+    log.info("rebuild=%s: discarded the cached %s %s", sorted(rebuild), kind, paths[0])
+
+
+def remove_leftovers(folder: Path, pattern: str) -> None:
+    """Delete hidden temp siblings that a killed writer left (``.student.*``, ``.model.*``)."""
+    for item in folder.glob(pattern):
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
+def digest_cache_dir() -> Path:
+    """Where content digests are remembered (``$KDL_ASSETS/digests``, else ``~/.cache/kd_lightning``)."""
+    root = env_setting("KDL_ASSETS") or Path.home() / ".cache" / "kd_lightning"
+    return Path(root).expanduser() / "digests"
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 (16 hex) of a file's contents, computed once per (path, size, mtime) and remembered.
+
+    Model weights can be replaced in place with files of the same size; a cache key built from sizes
+    would then reuse stores built from the old weights. Hashing a 500 MB file takes about a second, so the
+    digest is kept beside the assets and recomputed only when the file's size or mtime changes.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = digest_cache_dir() / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    try:
+        known = json.loads(memo.read_text())
+        if known.get("path") == str(path) and known.get("stamp") == stamp:
+            return str(known["digest"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()[:16]
+    with contextlib.suppress(OSError):  # a read-only cache folder only costs a re-hash next time
+        atomic_json(memo, {"path": str(path), "stamp": stamp, "digest": value})
+    return value
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Content digest of a file, or of every file in a folder (names and contents)."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(path.rglob("*")):
+            if item.is_file():
+                digest.update(str(item.relative_to(path)).encode())
+                digest.update(content_digest(item).encode())
+        return digest.hexdigest()[:16]
+    return content_digest(path)
+
+
+def model_identity(path: str) -> dict[str, str]:
+    """What identifies a model slot for caching: its resolved folder and a digest of its weights' contents
+    (remembered per file size and mtime, so only a changed file is hashed again)."""
+    folder = resolve_model_path(path)
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return {
+        "path": str(folder),
+        "weights": _short_hash({w.name: content_digest(w) for w in weights})
+        + content_digest(folder / "config.json"),
+    }
+
+
+def _short_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection hook: with ``KDL_FAULT=<name>[@n]`` the process dies here, as under ``kill -9``.
+
+    Placed between the steps of every artifact write (before a rename, between a saved student and its
+    result, after a shard). ``tests/test_reliability.py`` kills each stage at each point and checks that
+    the rerun completes with the same artifact as a clean run. Without the variable it does nothing.
+    """
+    spec = os.environ.get("KDL_FAULT")
+    if not spec:
+        return
+    target, _, nth = spec.partition("@")
+    if target != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] >= int(nth or 1):
+        logging.shutdown()
+        os._exit(137)
