@@ -91,10 +91,12 @@ def test_store_is_compact_against_dense_fp16(tmp_path):
     vocab, k = 49152, 32
     n = 2000
     rng = np.random.default_rng(0)
+    probs = rng.random((n, k + 1))
+    probs /= probs.sum(1, keepdims=True)  # rows are distributions: k stored entries + the tail
     data = SparseRows(
         rng.integers(0, vocab, (n, k)).astype(sl.id_dtype_for(vocab)),
-        rng.random((n, k)).astype(np.float16),
-        rng.random(n).astype(np.float32),
+        probs[:, :k].astype(np.float16),
+        probs[:, k].astype(np.float32),
     )
     store = write_store(tmp_path / "s", data, np.array([0, n]), {})
     assert store.nbytes_per_row() <= vocab * 2 / 300

@@ -70,7 +70,7 @@ def test_cli_builds_the_store_once_and_distils_from_it_without_an_online_teacher
     stores = artifacts(kdl_env, "teacher_logits")
     assert len(stores) == 1
     meta = json.loads((stores[0] / "meta.json").read_text())
-    assert meta["provenance"]["targets"] == {"kind": "topk", "k": 8}
+    assert meta["provenance"]["targets"] == {"kind": "topk", "k": 8, "batch_size": 8, "shard_size": 64}
     kdl("distill", *common, "kd_target=offline_teacher", "loss=[hard_ce,forward_kl]", env_dir=kdl_env)
     assert artifacts(kdl_env, "teacher_logits") == stores  # reused, not rebuilt
     assert not artifacts(kdl_env, "prior") and not artifacts(kdl_env, "posterior")
