@@ -336,6 +336,7 @@ BAD_SETTINGS = [
     ("align", "alignment.learning_rate=-1", "alignment.learning_rate must be > 0"),
     ("prior", "estimator.teacher_targets.k=0", "estimator.teacher_targets.k must be >= 1"),
     ("prior", "data.path=/no/such/corpus.jsonl", "data.path=/no/such/corpus.jsonl does not exist"),
+    ("distill", "optimizer.lr=-0.1", "optimizer settings: Invalid learning rate: -0.1"),
 ]
 
 

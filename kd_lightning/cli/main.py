@@ -305,12 +305,18 @@ def run_distill(
     def student_factory():
         return load_causal_lm(init_from) if init_from else instantiate(cfg.student)
 
+    optimizer = instantiate(cfg.optimizer)
+    try:  # bad optimizer settings (lr < 0, betas out of range) fail now, not after the stores are built
+        optimizer(params=[torch.zeros(1, requires_grad=True)])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"optimizer settings: {err}") from None
+
     return pipeline.distill(
         name=name,
         student_factory=student_factory,
         loss_terms=selected,
         datamodule=instantiate(cfg.datamodule),
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         settings=settings,
         teacher_factory=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
