@@ -129,16 +129,8 @@ def test_the_wheel_ships_the_configs_and_kdl_runs_outside_the_repository(install
         env,
     ).stdout  # fmt: skip
     assert str(ROOT) not in where and "site-packages/kd_lightning/conf" in where
-    for stage in (
-        "prior",
-        "align",
-        "posterior",
-        "distill",
-        "pipeline",
-        "teacher-logits",
-        "evaluate",
-        "fidelity",
-    ):
+    # stages compose from the packaged configs (tests/test_configs.py composes every one in-process)
+    for stage in ("distill", "fidelity"):
         printed = run(["kdl", stage, "experiment=tiny", "--cfg", "job"], kdl_env, env).stdout
         assert f"stage: {stage}" in printed
     assert "stage: generate" in run(["kdl", "generate", "--cfg", "job"], kdl_env, env).stdout

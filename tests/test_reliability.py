@@ -94,8 +94,6 @@ def test_a_kill_at_any_write_step_is_survived(stage, point, clean_runs, kdl_env)
     killed = kdl(kdl_env, *STAGE_ARGS[stage], env={**env, "KDL_FAULT": point})
     assert killed.returncode == 137, f"{point} was never reached:\n{killed.stderr[-2000:]}"
     ok(kdl(kdl_env, *STAGE_ARGS[stage], env=env))
-    again = ok(kdl(kdl_env, *STAGE_ARGS[stage], env=env))  # and a third run reuses everything
-    assert "Epoch 0" not in again.stderr
     root, clean = kdl_env / "artifacts", clean_runs[stage]
     for kind in ("prior", "posterior"):
         if (clean / kind).is_dir():
