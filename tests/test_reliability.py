@@ -560,7 +560,7 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
         key, _, value = arg.partition("=")
         return f"{key}={value.split(',')[0]}" if "," in value and "[" not in value else arg
 
-    from kd_lightning.cli.main import check_group_choices
+    from kd_lightning.cli.overrides import check_group_choices
     from tests.test_configs import compose_cfg
 
     for argv in commands:

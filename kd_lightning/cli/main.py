@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.artifacts import fault_point
 from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli.help import STAGES, answer_without_hydra, stage_help_resolver
+from kd_lightning.cli.overrides import check_group_choices
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
 from kd_lightning.environment import (
     conf_dir,
@@ -648,57 +649,6 @@ def main(argv: list[str] | None = None) -> None:
     check_group_choices(stage, argv)
     sys.argv = [f"kdl-{stage}", *argv]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
-
-
-def search_folders(argv: list[str]) -> list[Path]:
-    """The config folders a run composes from: the shipped ones and ``hydra.searchpath`` file:// entries."""
-    folders = [conf_dir()]
-    for arg in argv:
-        if arg.startswith("hydra.searchpath="):
-            for entry in re.findall(r"file://([^,\]\s]+)", arg):
-                folders.append(Path(entry).expanduser().resolve())
-    return folders
-
-
-def check_group_choices(stage: str, argv: list[str]) -> None:
-    """Refuse an unknown option of a config group in one line that lists the valid ones.
-
-    Hydra's own message ("Could not load 'loss/foo'") names neither the options nor the fix. Options are
-    looked up in every folder of the search path, so a user's ``my_conf/loss/jeffreys.yaml`` counts.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except OverrideParseException:
-        return  # Hydra reports syntax errors itself
-    folders = search_folders(argv)
-    for override in overrides:
-        group = override.key_or_group
-        if override.is_delete() or override.package is not None or group.startswith("hydra"):
-            continue
-        dirs = [folder / group for folder in folders if (folder / group).is_dir()]
-        if not dirs:
-            continue  # a plain key, not a config group
-        if override.is_sweep_override():
-            values = list(override.sweep_string_iterator())
-        else:
-            value = override.value()
-            values = value if isinstance(value, list) else [value]
-        options = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
-        for value in values:
-            if value is None or str(value) == "null" or not isinstance(value, str | int | float):
-                continue
-            if str(value) not in options:
-                print(
-                    f"kdl {stage}: {group}={value} is not an option of the {group} group; choose from: "
-                    f"{', '.join(options)} (or add my_conf/{group}/{value}.yaml and "
-                    "hydra.searchpath=[file://./my_conf])",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2)
 
 
 def shell_completion(args: list[str]) -> None:

@@ -1,0 +1,64 @@
+"""Command-line overrides checked before Hydra composes them: a config group's option must exist.
+
+Hydra's own message for an unknown option ("In 'kdl': Could not load 'loss/foo'") names neither the valid
+options nor the fix; this check answers in one line with both, looking in every folder of the search path.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
+from kd_lightning.environment import conf_dir
+
+
+def search_folders(argv: list[str]) -> list[Path]:
+    """The config folders a run composes from: the shipped ones and ``hydra.searchpath`` file:// entries."""
+    folders = [conf_dir()]
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            for entry in re.findall(r"file://([^,\]\s]+)", arg):
+                folders.append(Path(entry).expanduser().resolve())
+    return folders
+
+
+def check_group_choices(stage: str, argv: list[str]) -> None:
+    """Refuse an unknown option of a config group in one line that lists the valid ones.
+
+    Hydra's own message ("Could not load 'loss/foo'") names neither the options nor the fix. Options are
+    looked up in every folder of the search path, so a user's ``my_conf/loss/jeffreys.yaml`` counts.
+    """
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except OverrideParseException:
+        return  # Hydra reports syntax errors itself
+    folders = search_folders(argv)
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or override.package is not None or group.startswith("hydra"):
+            continue
+        dirs = [folder / group for folder in folders if (folder / group).is_dir()]
+        if not dirs:
+            continue  # a plain key, not a config group
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = value if isinstance(value, list) else [value]
+        options = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        for value in values:
+            if value is None or str(value) == "null" or not isinstance(value, str | int | float):
+                continue
+            if str(value) not in options:
+                print(
+                    f"kdl {stage}: {group}={value} is not an option of the {group} group; choose from: "
+                    f"{', '.join(options)} (or add my_conf/{group}/{value}.yaml and "
+                    "hydra.searchpath=[file://./my_conf])",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
