@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -40,13 +41,16 @@ from kd_lightning.environment import (
     install_log_redaction,
     redact,
 )
+from kd_lightning.evaluation.fidelity import fidelity_table, score_estimates
+from kd_lightning.generation.job import run_generation
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.models.loading import load_causal_lm, set_trust_remote_code
+from kd_lightning.models.loading import freeze, load_causal_lm, set_trust_remote_code
 from kd_lightning.models.tiny_assets import tiny_assets_folder
 from kd_lightning.pipeline import (
     Pipeline,
     Workspace,
     evaluation_table,
+    fidelity_estimates,
     results_table,
     summarize_store,
 )
@@ -415,12 +419,6 @@ def write_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
 
 def run_fidelity(cfg: DictConfig, pipeline: Pipeline) -> dict[str, Any]:
     """``kdl fidelity``: an open teacher treated as closed; how close does each estimate come to it?"""
-    import numpy as np
-
-    from kd_lightning.evaluation.fidelity import fidelity_table, score_estimates
-    from kd_lightning.models.loading import freeze
-    from kd_lightning.pipeline import fidelity_estimates
-
     if not cfg.get("teacher"):
         raise ValueError(
             "kdl fidelity needs the open teacher that wrote the corpus: add teacher=smollm2 "
@@ -458,8 +456,6 @@ def run_fidelity(cfg: DictConfig, pipeline: Pipeline) -> dict[str, Any]:
 
 def run_generate(cfg: DictConfig) -> dict[str, Any]:
     """``kdl generate``: instantiate the teacher backend and the task, write the corpus folder."""
-    from kd_lightning.generation.job import run_generation
-
     manifest = run_generation(
         task=instantiate(cfg.generation_task),
         backend=instantiate(cfg.teacher_backend),
