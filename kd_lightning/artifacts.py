@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -41,14 +42,65 @@ ARTIFACT_KINDS = (
 """The cached artifact kinds, named as their folders under the artifacts root (``rebuild=[...]`` takes them)."""
 
 
+T = TypeVar("T")
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """12-hex hash of a JSON-able settings mapping (key order does not matter)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 @dataclass
 class Workspace:
-    """Artifacts live under ``root/<kind>/<key>/``."""
+    """Artifacts live under ``root/<kind>/<key>``; :meth:`cached` is the one way an artifact is made.
+
+    Args:
+        root: the artifacts folder.
+        rebuild: artifact kinds (:data:`ARTIFACT_KINDS`) to build afresh even when cached, once per process.
+    """
 
     root: Path
+    rebuild: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        unknown = sorted(set(self.rebuild) - set(ARTIFACT_KINDS))
+        if unknown:
+            raise ValueError(
+                f"rebuild={sorted(self.rebuild)}: unknown artifact kind {unknown[0]!r}; "
+                f"choose from {list(ARTIFACT_KINDS)}"
+            )
+        self.rebuild = frozenset(self.rebuild)
 
     def path(self, kind: str, key: str) -> Path:
-        return Path(self.root) / kind / key
+        return self.root / kind / key
+
+    def cached(
+        self,
+        kind: str,
+        provenance: Mapping[str, Any],
+        build: Callable[[Path], T],
+        load: Callable[[Path], T],
+        *,
+        done: str | None = "meta.json",
+        suffix: str = "",
+        siblings: tuple[str, ...] = (),
+    ) -> T:
+        """The artifact of ``kind`` for ``provenance``: loaded when complete, else built, under its lock.
+
+        The key hashes ``provenance`` (settings, inputs, code). ``done`` names the file whose presence
+        marks the artifact complete (None: the artifact is the file ``<key><suffix>`` itself); ``build``
+        must write it last, atomically, so a killed build leaves no complete-looking artifact. ``siblings``
+        are suffixes of resume state beside it (``.partial``, ``.stats.json``), discarded with it on
+        ``rebuild``.
+        """
+        path = self.path(kind, settings_key(provenance) + suffix)
+        with artifact_lock(path):
+            extra = tuple(path.with_name(path.name + s) for s in siblings)
+            discard_for_rebuild(kind, self.rebuild, path, *extra)
+            if (path / done if done else path).exists():
+                return load(path)
+            return build(path)
 
 
 _LOCKS: dict[str, FileLock] = {}  # one instance per path, so a process can re-enter its own lock

@@ -13,7 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from kd_lightning.cli.main import STAGES, conf_dir, loss_terms
+import kd_lightning.cli.resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
+from kd_lightning.cli.build import loss_terms
+from kd_lightning.cli.help import STAGES
+from kd_lightning.environment import conf_dir
 
 CONF = conf_dir()
 GROUPS = sorted(

@@ -87,15 +87,15 @@ def test_datamodule_soft_label_t_describes_token_t_plus_1(tiny_dir, tmp_path):
     store = write_store(tmp_path / "prior", rows, corpus.target_offsets(), {})
     dm = TeacherTextDataModule(batch_size=4).connect(tok.pad_token_id, corpus, stores={"prior": store})
     batch = next(iter(dm.train_dataloader()))
-    mask = batch["target_ids"] != IGNORE_INDEX
-    top = batch["prior_ids"][..., 0]
-    assert torch.equal(top[mask], batch["target_ids"][mask])
+    mask = batch.target_ids != IGNORE_INDEX
+    top = batch.soft_labels["prior"].ids[..., 0]
+    assert torch.equal(top[mask], batch.target_ids[mask])
     # target t is input t+1 (where both exist)
-    assert torch.equal(batch["target_ids"][:, :-1][mask[:, :-1]], batch["input_ids"][:, 1:][mask[:, :-1]])
+    assert torch.equal(batch.target_ids[:, :-1][mask[:, :-1]], batch.input_ids[:, 1:][mask[:, :-1]])
     # padding and prompt positions carry no soft-label mass
-    assert batch["prior_probs"][~mask].abs().sum() == 0
+    assert batch.soft_labels["prior"].probs[~mask].abs().sum() == 0
     # attention covers exactly the real tokens: every target position is attended
-    assert batch["attention_mask"][mask].all()
+    assert batch.attention_mask[mask].all()
 
 
 def test_store_for_another_corpus_is_refused(tiny_dir, tmp_path):

@@ -35,12 +35,18 @@ def test_packed_target_positions_equal_full_logits(tiny_dir, tmp_path):
     )
     logits, packed = module.student_logits(batch)
     ours = {name: value for name, (_, value) in module.compute_terms(logits, packed).items()}
-    full = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["target_ids"] != IGNORE_INDEX
+    full = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    mask = batch.target_ids != IGNORE_INDEX
     torch.testing.assert_close(
-        ours["hard_ce"], hard_cross_entropy(full, batch["target_ids"]), atol=1e-5, rtol=1e-5
+        ours["hard_ce"], hard_cross_entropy(full, batch.target_ids), atol=1e-5, rtol=1e-5
     )
-    expected_kl = sparse_target_kl(full, batch["prior_ids"], batch["prior_probs"], batch["prior_tail"], mask)
+    expected_kl = sparse_target_kl(
+        full,
+        batch.soft_labels["prior"].ids,
+        batch.soft_labels["prior"].probs,
+        batch.soft_labels["prior"].tail,
+        mask,
+    )
     torch.testing.assert_close(ours["prior_kl"], expected_kl, atol=1e-5, rtol=1e-5)
     assert logits.shape == (1, int(mask.sum()), len(tok))
 
@@ -48,10 +54,10 @@ def test_packed_target_positions_equal_full_logits(tiny_dir, tmp_path):
 def test_head_shortcut_is_verified_and_used_for_llama(tiny_dir, tmp_path):
     tok, batch = setup(tiny_dir, tmp_path)
     model = tiny_llama(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    mask = batch["target_ids"] != IGNORE_INDEX
-    rows = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+    mask = batch.target_ids != IGNORE_INDEX
+    rows = target_position_logits(model, batch.input_ids, batch.attention_mask, mask)
     assert model._kdl_head_shortcut is True
-    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask]
     torch.testing.assert_close(rows, full, atol=1e-5, rtol=1e-5)
 
 
@@ -67,12 +73,12 @@ def test_model_without_the_pattern_keeps_the_plain_path(tiny_dir, tmp_path):
         return out
 
     model.forward = capped_forward
-    mask = batch["target_ids"] != IGNORE_INDEX
-    rows = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+    mask = batch.target_ids != IGNORE_INDEX
+    rows = target_position_logits(model, batch.input_ids, batch.attention_mask, mask)
     assert model._kdl_head_shortcut is False
     torch.testing.assert_close(
         rows,
-        capped_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask],
+        capped_forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask],
     )
 
 

@@ -21,8 +21,8 @@ def teacher_rows(model, corpus, pad_id):
 
     ds = SoftLabelDataset(corpus)
     batch = collate([ds[i] for i in range(len(corpus))], pad_id)
-    mask = batch["target_ids"] != -100
-    return torch.softmax(target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask), -1)
+    mask = batch.target_ids != -100
+    return torch.softmax(target_position_logits(model, batch.input_ids, batch.attention_mask, mask), -1)
 
 
 def test_the_truth_scores_zero_and_one_hot_scores_worst(tiny_dir):

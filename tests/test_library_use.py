@@ -255,9 +255,10 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
     With R = 0 sampling rounds the posterior is the prior exactly, so any mass lost in densifying the prior
     shows as a difference; the fidelity estimate (dense rows of a store) must keep it too.
     """
-    from kd_lightning.cli.main import build_pipeline
+    from kd_lightning.cli.build import build_context
     from kd_lightning.evaluation.fidelity import store_estimate
     from kd_lightning.models.tiny_assets import build_tiny_assets, char_tokenizer
+    from kd_lightning.stages.estimate import posterior, prior
     from tests.test_configs import compose_cfg
 
     tokenizer = char_tokenizer(specials_first=False)
@@ -272,14 +273,14 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
             "estimator.posterior.sampling_rounds=0",
         ]
     )
-    pipeline = build_pipeline(cfg)
-    train, _ = pipeline.corpora()
+    ctx = build_context(cfg)
+    train = ctx.corpus().train
     observed = torch.from_numpy(train.tokens[np.nonzero(train.target_mask())[0] + 1].astype(np.int64))
     zero = observed == 0
     assert zero.sum() > 20  # `a` is common in the corpus
-    prior, posterior = pipeline.prior(), pipeline.posterior()
-    vocab = pipeline.vocab_size()
-    prior_rows = prior.all_rows()
+    prior_store, posterior_store = prior(ctx), posterior(ctx)
+    vocab = ctx.corpus().vocab_size
+    prior_rows = prior_store.all_rows()
     padded = (prior_rows.probs == 0).any(1)
     assert padded[zero.numpy()].any()  # the case that used to lose token 0: a real id 0 beside padding
     dense_prior = prior_rows.to_dense(vocab)
@@ -289,7 +290,7 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
     torch.testing.assert_close(dense_prior[:, 0][stored_zero > 0], stored_zero[stored_zero > 0])
     gamma = cfg.estimator.prior.gamma
     assert (dense_prior[zero, 0] >= (1 - 1 / gamma) - 1e-4).all()
-    dense_posterior = posterior.all_rows().to_dense(vocab)
+    dense_posterior = posterior_store.all_rows().to_dense(vocab)
     torch.testing.assert_close(dense_posterior[zero, 0], dense_prior[zero, 0], atol=1e-3, rtol=0)
-    fidelity_rows = store_estimate(posterior, vocab)(torch.tensor([]))(slice(0, len(observed)))
+    fidelity_rows = store_estimate(posterior_store, vocab)(torch.tensor([]))(slice(0, len(observed)))
     assert (fidelity_rows[zero, 0] >= (1 - 1 / gamma) - 1e-3).all()

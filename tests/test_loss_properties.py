@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from kd_lightning.cli.main import conf_dir, loss_terms
+from kd_lightning.cli.build import loss_terms
+from kd_lightning.environment import conf_dir
 from kd_lightning.losses import (
     AdaptiveKL,
     ForwardKL,

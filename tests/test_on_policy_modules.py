@@ -233,10 +233,20 @@ def test_pipeline_variants_seqkd_then_minillm_and_gkd_from_the_cli(kdl_env):
         "variants.plus_prior=null",
         "variants.plus_prior_posterior=null",
         "+variants.seqkd=[hard_ce]",
-        "+variants.minillm={method:minillm,init_from:seqkd,method_settings:{max_new_tokens:8,"
-        "eval_generation_limit:4,eval_max_new_tokens:8},trainer:{max_steps:8,val_check_interval:1,limit_val_batches:1}}",
-        "+variants.gkd={loss:[generalized_jsd],method:gkd,init_from:seqkd,method_settings:{max_new_tokens:8},"
-        "trainer:{max_steps:2}}",
+        # each on-policy variant composes a module preset at its own package, as experiment files do
+        "+module@variants.minillm.module=minillm",
+        "++variants.minillm.module.max_new_tokens=8",
+        "++variants.minillm.module.eval_generation_limit=4",
+        "++variants.minillm.module.eval_max_new_tokens=8",
+        "++variants.minillm.init_from=seqkd",
+        "++variants.minillm.trainer={max_steps:8,val_check_interval:1,limit_val_batches:1}",
+        "+module@variants.gkd.module=gkd",
+        "++variants.gkd.module.max_new_tokens=8",
+        "++variants.gkd.module.eval_generation_limit=4",
+        "++variants.gkd.module.eval_max_new_tokens=8",
+        "++variants.gkd.loss=[generalized_jsd]",
+        "++variants.gkd.init_from=seqkd",
+        "++variants.gkd.trainer={max_steps:2,val_check_interval:1,limit_val_batches:1}",
         env_dir=kdl_env,
     )
     assert "reverse KL to teacher" in done.stdout and "rollout s/step" in done.stdout
@@ -247,6 +257,13 @@ def test_pipeline_variants_seqkd_then_minillm_and_gkd_from_the_cli(kdl_env):
         rows["minillm"]["module"] == "MiniLLMModule" and "best-rouge_l" in rows["minillm"]["best_checkpoint"]
     )
     assert rows["gkd"]["module"] == "OnPolicyDistillModule"
+    # every generating module logs val/rouge_l the same way (GKD did not before the shared base)
+    headers = {
+        path.parent.parent.name: path.read_text().splitlines()[0]
+        for path in (kdl_env / "outputs").rglob("metrics.csv")
+    }
+    for variant in ("minillm", "gkd"):
+        assert any(name.endswith(variant) and "val/rouge_l" in h for name, h in headers.items()), headers
     for row in rows.values():
         assert 0.0 <= row["rouge_l"] <= 1.0 and row["reverse_kl"] >= 0.0
     assert rows["minillm"]["rollout_seconds_per_step"] > 0 and rows["minillm"]["update_seconds_per_step"] > 0
@@ -258,11 +275,22 @@ def test_pipeline_variants_seqkd_then_minillm_and_gkd_from_the_cli(kdl_env):
         "variants.sft_only=null",
         "variants.plus_prior=null",
         "variants.plus_prior_posterior=null",
-        "+variants.minillm={method:minillm}",
+        "+module@variants.minillm.module=minillm",
         env_dir=kdl_env,
         check=False,
     )
     assert bad.returncode == 1 and "teacher=smollm2" in bad.stderr and "Traceback" not in bad.stderr
+    renamed = kdl(
+        "pipeline",
+        "experiment=tiny",
+        "variants.sft_only=null",
+        "variants.plus_prior=null",
+        "variants.plus_prior_posterior=null",
+        "+variants.minillm={method:minillm}",
+        env_dir=kdl_env,
+        check=False,
+    )
+    assert renamed.returncode == 1 and "/module@variants.minillm.module" in renamed.stderr
     order = kdl(
         "pipeline",
         "experiment=tiny",
@@ -271,8 +299,9 @@ def test_pipeline_variants_seqkd_then_minillm_and_gkd_from_the_cli(kdl_env):
         "variants.sft_only=null",
         "variants.plus_prior=null",
         "variants.plus_prior_posterior=null",
-        "+variants.minillm={method:minillm,init_from:seqkd}",
+        "+module@variants.minillm.module=minillm",
+        "++variants.minillm.init_from=seqkd",
         env_dir=kdl_env,
         check=False,
     )
-    assert order.returncode == 1 and "not an earlier variant" in order.stderr
+    assert order.returncode == 1 and "not one of the variants" in order.stderr

@@ -69,7 +69,8 @@ def test_stage_by_stage_and_multirun_reuses_prior_and_proxy(kdl_env):
 def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
     from lightning import Callback
 
-    from kd_lightning.cli.main import build_pipeline, run_distill
+    from kd_lightning.cli.build import build_context, student_run
+    from kd_lightning.stages.train import run_distill
     from tests.test_configs import compose_cfg
 
     cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"], "distill")
@@ -85,26 +86,27 @@ def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
             seen["start_step"] = trainer.global_step
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.setdefault("first_batch", batch["input_ids"].clone())
+            seen.setdefault("first_batch", batch.input_ids.clone())
 
-    def with_callback(pipeline, callback):
-        build = pipeline.trainer_factory
+    def with_callback(ctx, callback):
+        build = ctx.trainer_factory
 
         def factory(folder, name, **kwargs):
             trainer = build(folder, name, **kwargs)
             trainer.callbacks.append(callback)
             return trainer
 
-        pipeline.trainer_factory = factory
-        return pipeline
+        ctx.trainer_factory = factory
+        return ctx
+
+    def run():
+        return student_run(cfg, "student", ["hard_ce", "prior_kl"])
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_distill(cfg, with_callback(build_pipeline(cfg), Kill()), "student", ["hard_ce", "prior_kl"])
+        run_distill(with_callback(build_context(cfg), Kill()), run())
     (folder,) = artifacts(kdl_env, "distill")
     assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "result.json").exists()
-    result = run_distill(
-        cfg, with_callback(build_pipeline(cfg), RecordStart()), "student", ["hard_ce", "prior_kl"]
-    )
+    result = run_distill(with_callback(build_context(cfg), RecordStart()), run())
     assert seen["start_step"] == 4  # resumed from the checkpoint saved every 2 steps, not from 0
     # and from the 5th batch of the epoch's (seeded) order, not from its first batch again
     from kd_lightning.data.datamodule import EpochBatchSampler
@@ -112,7 +114,7 @@ def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
     dm = TeacherTextDataModule_for(cfg)
     fifth = EpochBatchSampler(len(dm.train_set), dm.batch_size, dm.shuffle_seed)
     fifth_batch = list(fifth)[4]
-    expected = collate([dm.train_set[i] for i in fifth_batch], dm.pad_id, dm.store_names)["input_ids"]
+    expected = collate([dm.train_set[i] for i in fifth_batch], dm.pad_id, dm.store_names).input_ids
     assert torch.equal(seen["first_batch"], expected)
     assert (folder / "result.json").is_file() and result["tokens"] > 0
 
@@ -120,12 +122,13 @@ def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
 def TeacherTextDataModule_for(cfg):
     from hydra.utils import instantiate
 
-    from kd_lightning.cli.main import build_pipeline
+    from kd_lightning.cli.build import build_context
+    from kd_lightning.stages.estimate import stores_for
 
-    pipeline = build_pipeline(cfg)
-    train, heldout = pipeline.corpora()
+    ctx = build_context(cfg)
+    corpus = ctx.corpus()
     dm = instantiate(cfg.datamodule)
-    return dm.connect(pipeline.pad_id, train, heldout, pipeline.stores_for(("prior",)))
+    return dm.connect(corpus.pad_id, corpus.train, corpus.heldout, stores_for(ctx, ("prior",)))
 
 
 def test_bad_corpus_is_a_one_line_error(kdl_env):

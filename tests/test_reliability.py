@@ -291,7 +291,7 @@ def test_an_estimator_that_writes_bad_rows_caches_nothing(tmp_path):
 
 
 def test_non_finite_nll_is_never_cached():
-    from kd_lightning.pipeline import require_finite
+    from kd_lightning.evaluation.nll import require_finite
 
     with pytest.raises(ValueError, match="non-finite held-out NLL"):
         require_finite({"nll": float("nan")}, "student x", "nothing cached")
@@ -370,7 +370,7 @@ def test_corpus_encoding_errors_name_file_and_line(tmp_path):
 
 
 def test_duplicate_prompts_across_the_split_leave_the_held_out_side(kdl_env, tiny_dir, caplog):
-    from kd_lightning.cli.main import build_pipeline
+    from kd_lightning.cli.build import build_context
     from tests.test_configs import compose_cfg
 
     rows = [json.loads(line) for line in (tiny_dir / "corpus.jsonl").read_text().splitlines()]
@@ -380,7 +380,7 @@ def test_duplicate_prompts_across_the_split_leave_the_held_out_side(kdl_env, tin
     doubled = rows + [{**r, "response": r["response"] + " again."} for r in rows]
     corpus.write_text("".join(json.dumps(r) + "\n" for r in doubled))
     cfg = compose_cfg(["experiment=tiny", f"data.path={corpus}", "data.heldout_size=9"])
-    _, heldout = build_pipeline(cfg).corpora()
+    heldout = build_context(cfg).corpus().heldout
     from kd_lightning.data.records import read_jsonl, split_records
 
     tr, held = split_records(read_jsonl(corpus), 9)

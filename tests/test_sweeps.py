@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from kd_lightning.cli.main import objective, short_run_name
+from kd_lightning.cli.main import objective
+from kd_lightning.cli.resolvers import short_run_name
 from tests.test_configs import compose_cfg
 from tests.test_pipeline import kdl
 

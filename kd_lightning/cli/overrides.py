@@ -62,3 +62,21 @@ def check_group_choices(stage: str, argv: list[str]) -> None:
                     file=sys.stderr,
                 )
                 raise SystemExit(2)
+
+
+RENAMED_GROUPS = {"method": "module"}
+"""Config groups of earlier releases and the group that replaced them (``method=minillm`` → ``module=minillm``)."""
+
+
+def renamed_groups(argv: list[str]) -> list[str]:
+    """Rewrite overrides of a renamed group (``method=gkd``, ``method.max_new_tokens=8``) with a notice."""
+    out = []
+    for arg in argv:
+        prefix = arg.lstrip("+~")
+        for old, new in RENAMED_GROUPS.items():
+            if prefix.startswith((f"{old}=", f"{old}.")):
+                updated = arg[: len(arg) - len(prefix)] + new + prefix[len(old) :]
+                print(f"kdl: {old}= is now {new}= ({arg} → {updated})", file=sys.stderr)
+                arg = updated
+        out.append(arg)
+    return out

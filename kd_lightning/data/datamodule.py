@@ -1,13 +1,12 @@
 """LightningDataModule of teacher text with its soft labels aligned per position.
 
-A batch holds (B batch, T padded length, K stored entries)::
+A batch is a :class:`~kd_lightning.data.batch.TextBatch` (B batch, T padded length, K stored entries)::
 
-    input_ids       (B, T) long     padded with the tokenizer's pad id
-    attention_mask  (B, T) long
-    target_ids      (B, T) long     input_ids[t + 1] at target positions, -100 elsewhere (prompt, padding)
-    <name>_ids      (B, T, K) long  for each connected store (prior, posterior, ...), zeros elsewhere
-    <name>_probs    (B, T, K) float
-    <name>_tail     (B, T) float
+    input_ids              (B, T) long     padded with the tokenizer's pad id
+    attention_mask         (B, T) long
+    target_ids             (B, T) long     input_ids[t + 1] at target positions, -100 elsewhere
+    soft_labels[<name>]    SoftLabels: ids (B, T, K), probs (B, T, K), tail (B, T) for each connected
+                           store (prior, posterior, ...), zeros off target
 
 so logits at position t, the soft labels at t and ``target_ids[t]`` all describe token t+1.
 """
@@ -23,9 +22,9 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from kd_lightning.data.batch import IGNORE_INDEX, SoftLabels, TextBatch
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.losses.functional import IGNORE_INDEX
 
 
 class SoftLabelDataset(Dataset):
@@ -60,32 +59,32 @@ class SoftLabelDataset(Dataset):
         return item
 
 
-def collate(
-    items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()
-) -> dict[str, torch.Tensor]:
-    """Right-pad a list of dataset items into a batch (see the module docstring for shapes)."""
+def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()) -> TextBatch:
+    """Right-pad a list of dataset items into a :class:`TextBatch` (see the module docstring for shapes)."""
     lengths = [len(item["input_ids"]) for item in items]
     b, t = len(items), max(lengths)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     attention = torch.zeros((b, t), dtype=torch.long)
     targets = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention, "target_ids": targets}
+    stores = {}
     for name in store_names:
         k = items[0][f"{name}_ids"].shape[1]
-        batch[f"{name}_ids"] = torch.zeros((b, t, k), dtype=torch.long)
-        batch[f"{name}_probs"] = torch.zeros((b, t, k), dtype=torch.float32)
-        batch[f"{name}_tail"] = torch.zeros((b, t), dtype=torch.float32)
+        stores[name] = SoftLabels(
+            torch.zeros((b, t, k), dtype=torch.long),
+            torch.zeros((b, t, k), dtype=torch.float32),
+            torch.zeros((b, t), dtype=torch.float32),
+        )
     for row, (item, length) in enumerate(zip(items, lengths)):
         input_ids[row, :length] = torch.from_numpy(item["input_ids"])
         attention[row, :length] = 1
         targets[row, :length] = torch.from_numpy(item["target_ids"])
         start = item["target_start"]
-        for name in store_names:
+        for name, rows in stores.items():
             n = len(item[f"{name}_ids"])
-            batch[f"{name}_ids"][row, start : start + n] = torch.from_numpy(item[f"{name}_ids"])
-            batch[f"{name}_probs"][row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
-            batch[f"{name}_tail"][row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
-    return batch
+            rows.ids[row, start : start + n] = torch.from_numpy(item[f"{name}_ids"])
+            rows.probs[row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
+            rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
+    return TextBatch(input_ids, attention, targets, stores)
 
 
 class EpochBatchSampler(Sampler[list[int]]):

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.loading import target_position_logits
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,9 @@ def target_position_batches(
     for start in range(0, len(by_length), batch_size):
         batch_seqs = by_length[start : start + batch_size]
         batch = collate([dataset[i] for i in batch_seqs], pad_id)
-        mask = (batch["target_ids"] != IGNORE_INDEX).to(device)
+        mask = batch.target_mask.to(device)
         yield (
-            target_position_logits(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask
-            ),
+            target_position_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), mask),
             batch_seqs,
         )
 

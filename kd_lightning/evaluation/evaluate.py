@@ -20,7 +20,6 @@ from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
 from kd_lightning.evaluation.question_sets import load_question_set, score_question_set
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
-from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.loading import target_position_logits
 
 
@@ -81,10 +80,10 @@ def teacher_forced_metrics(
     nll_sum, confidences, correct = 0.0, [], []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = collate([dataset[i] for i in order[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        mask = batch["target_ids"] != IGNORE_INDEX
-        logits = target_position_logits(model, batch["input_ids"], batch["attention_mask"], mask).float()
-        targets = batch["target_ids"][mask]
+        batch = batch.to(device)
+        mask = batch.target_mask
+        logits = target_position_logits(model, batch.input_ids, batch.attention_mask, mask).float()
+        targets = batch.target_ids[mask]
         nll_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         top_prob, top_id = torch.softmax(logits, -1).max(-1)
         confidences.append(top_prob.cpu())

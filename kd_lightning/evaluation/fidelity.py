@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_lightning.data.batch import IGNORE_INDEX
+from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import SparseRows
+from kd_lightning.models.loading import target_position_logits
 
 EstimateRows = Callable[[slice], torch.Tensor]
 
@@ -157,10 +160,6 @@ def score_estimates(
     rows of every estimate, so no (N, V) matrix is ever held. Returns summary rows (mean and median KL,
     mean TV and top-k recall) and the per-position arrays (``<name>/kl`` etc.).
     """
-    from kd_lightning.data.datamodule import SoftLabelDataset, collate
-    from kd_lightning.losses.functional import IGNORE_INDEX
-    from kd_lightning.models.loading import target_position_logits
-
     dataset = SoftLabelDataset(corpus)
     offsets = corpus.target_offsets()
     observed = torch.cat(
@@ -175,13 +174,13 @@ def score_estimates(
     for start in range(0, len(corpus), batch_size):
         stop = min(start + batch_size, len(corpus))
         batch = collate([dataset[i] for i in range(start, stop)], pad_id)
-        mask = batch["target_ids"] != IGNORE_INDEX
+        mask = batch.target_mask
         logits = target_position_logits(
-            teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device)
+            teacher, batch.input_ids.to(device), batch.attention_mask.to(device), mask.to(device)
         )
         true = torch.softmax(logits.float().cpu()[:, :vocab_size], dim=-1)
         first, last = int(offsets[start]), int(offsets[stop])
-        if len(true) != last - first or not torch.equal(batch["target_ids"][mask], observed[first:last]):
+        if len(true) != last - first or not torch.equal(batch.target_ids[mask], observed[first:last]):
             raise RuntimeError("teacher positions do not line up with the estimate rows; rebuild the stores")
         for estimate, reader in readers:
             scored = estimate_fidelity(

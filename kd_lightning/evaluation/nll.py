@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from kd_lightning.data.tokenized import TokenizedCorpus
@@ -19,3 +23,10 @@ def heldout_nll(
     finally:
         model.train(was_training)
     return {key: metrics[key] for key in ("nll", "ppl", "tokens")}
+
+
+def require_finite(metrics: Mapping[str, Any], what: str, fix: str) -> None:
+    """Refuse to cache a result whose NLL is NaN or infinite (it would also be invalid JSON)."""
+    nll = metrics.get("nll")
+    if isinstance(nll, float) and not math.isfinite(nll):
+        raise ValueError(f"{what} has a non-finite held-out NLL ({nll}): {fix}")

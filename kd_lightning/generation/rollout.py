@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.data.batch import IGNORE_INDEX, TextBatch
 from kd_lightning.losses.policy import finite_log_softmax, teacher_mixed_log_probs
 
 
@@ -60,13 +60,9 @@ class Rollout:
         )
         return targets
 
-    def as_batch(self) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``target_ids``: a batch DistillModule terms can read."""
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "target_ids": self.target_ids(),
-        }
+    def as_batch(self) -> TextBatch:
+        """The samples as a teacher-text batch (no soft labels): what DistillModule trains on."""
+        return TextBatch(self.input_ids, self.attention_mask, self.target_ids())
 
     def texts(self, tokenizer) -> list[str]:
         """The decoded responses (special tokens dropped)."""
@@ -91,13 +87,13 @@ def left_pad(
     return ids.to(device), attention.to(device)
 
 
-def prompts_from_batch(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+def prompts_from_batch(batch: TextBatch) -> list[list[int]]:
     """The prompt of each row of a teacher-text batch: the tokens up to and including the first target position."""
-    targets = batch["target_ids"] != IGNORE_INDEX
+    targets = batch.target_ids != IGNORE_INDEX
     if not bool(targets.any(-1).all()):
         raise ValueError("a batch row has no response tokens, so its prompt cannot be located")
     first = targets.float().argmax(-1)
-    return [batch["input_ids"][i, : int(first[i]) + 1].tolist() for i in range(len(first))]
+    return [batch.input_ids[i, : int(first[i]) + 1].tolist() for i in range(len(first))]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

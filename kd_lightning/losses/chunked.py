@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.data.batch import IGNORE_INDEX, PositionBatch
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 
 
@@ -28,7 +28,7 @@ def chunked_terms(
     hidden: torch.Tensor,
     head: nn.Module,
     terms: Mapping[str, nn.Module],
-    batch: Mapping[str, torch.Tensor],
+    batch: PositionBatch | Mapping[str, torch.Tensor],
     chunk_size: int,
     fuse: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -52,15 +52,15 @@ def chunked_terms(
     terms = {name: term for name, term in terms.items() if name not in whole}
     n = hidden.shape[0]
     names = list(terms)
-    batch = dict(batch)
+    batch = PositionBatch.from_fields(batch)
     for term in terms.values():  # batch-level statistics (e.g. ATKD's split) from the whole batch
-        batch.update(term.prepare(batch) if hasattr(term, "prepare") else {})
-    valid = batch["target_ids"][0] != IGNORE_INDEX
+        batch = batch.with_prepared(term.prepare(batch) if hasattr(term, "prepare") else {})
+    valid = batch.target_ids[0] != IGNORE_INDEX
     total_count = valid.sum().clamp_min(1)
     total = hidden.new_zeros(len(names), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        chunk_batch = {key: value[:, rows] for key, value in batch.items()}
+        chunk_batch = batch.positions(rows)
 
         def chunk_values(h: torch.Tensor, chunk_batch=chunk_batch) -> torch.Tensor:
             logits = head(h).unsqueeze(0)

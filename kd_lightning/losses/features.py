@@ -9,13 +9,14 @@ reads them like any other term reads its targets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.losses.functional import IGNORE_INDEX, masked_mean
+from kd_lightning.data.batch import IGNORE_INDEX, PositionBatch
+from kd_lightning.losses.functional import masked_mean
 from kd_lightning.losses.terms import LossTerm
 
 
@@ -121,22 +122,22 @@ class HiddenStateLoss(LossTerm):
     def teacher_layers(self) -> tuple[int, ...]:
         return tuple(sorted({t for _, t in self.pairs or ()}))
 
-    def forward(self, student_logits: torch.Tensor | None, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor | None, batch: PositionBatch) -> torch.Tensor:
         if self.pairs is None:
             raise RuntimeError(
                 "HiddenStateLoss needs an online teacher: use OnlineTeacherDistillModule (CLI: teacher=smollm2)"
             )
-        mask = batch["target_ids"] != IGNORE_INDEX
+        mask = batch.target_ids != IGNORE_INDEX
         fn = DISTANCES[self.distance]
         values = []
         for s, t in self.pairs:
-            try:
-                h_s, h_t = batch[f"student_hidden_{s}"], batch[f"teacher_hidden_{t}"]
-            except KeyError as err:
+            h_s, h_t = batch.student_hidden.get(s), batch.teacher_hidden.get(t)
+            if h_s is None or h_t is None:
+                missing = f"student_hidden_{s}" if h_s is None else f"teacher_hidden_{t}"
                 raise KeyError(
-                    f"the batch has no {err.args[0]}; the module packs the layers its terms ask for "
-                    "(use DistillModule/OnlineTeacherDistillModule, which read student_layers/teacher_layers)"
-                ) from None
+                    f"the batch has no {missing}; the module packs the layers its terms ask for "
+                    "(use DistillModule with a teacher, which reads student_layers/teacher_layers)"
+                )
             if str(s) in self.projections:
                 h_s = self.projections[str(s)](h_s.to(self.projections[str(s)].weight.dtype))
             values.append(fn(h_s, h_t.detach(), mask))

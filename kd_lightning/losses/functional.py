@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from kd_lightning.data.batch import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX"]  # re-exported: losses and their users read it here
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

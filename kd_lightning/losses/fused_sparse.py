@@ -22,19 +22,20 @@ from collections.abc import Mapping
 
 import torch
 
+from kd_lightning.data.batch import IGNORE_INDEX, PositionBatch
 from kd_lightning.losses.divergences import LOG_FLOOR
-from kd_lightning.losses.functional import IGNORE_INDEX, log1mexp
+from kd_lightning.losses.functional import log1mexp
 from kd_lightning.losses.terms import LossTerm
 
 
-def fusable(term: LossTerm, batch: Mapping[str, torch.Tensor], vocab_size: int) -> bool:
+def fusable(term: LossTerm, batch: PositionBatch | Mapping[str, torch.Tensor], vocab_size: int) -> bool:
     """Whether ``term`` declares a closed form the fused computation reproduces, on this batch."""
     kind = term.fused_kind()
     if kind == "hard_ce":
         return True
     if kind == "forward_kl":
-        ids = batch.get(f"{term.target}_ids")
-        return term.distill_temperature == 1.0 and ids is not None and ids.shape[-1] < vocab_size
+        rows = PositionBatch.from_fields(batch).soft_labels.get(term.target)
+        return term.distill_temperature == 1.0 and rows is not None and rows.ids.shape[-1] < vocab_size
     return False
 
 
@@ -70,7 +71,8 @@ def fused_sparse_terms(
         raise ValueError(f"terms {refused} do not declare a fused form; compute them with their own forward")
     z = logits[0]
     n = z.shape[0]
-    target = batch["target_ids"][0]
+    batch = PositionBatch.from_fields(batch)
+    target = batch.target_ids[0]
     valid = target != IGNORE_INDEX
     count = valid.sum().clamp_min(1).float()
     gold = target.clamp_min(0)
@@ -93,9 +95,10 @@ def fused_sparse_terms(
             id_blocks.append(gold.unsqueeze(-1))
             coef_blocks.append(-weight.unsqueeze(-1))
             continue
-        ids = batch[f"{term.target}_ids"][0].long()
-        p = batch[f"{term.target}_probs"][0].float().clamp_min(0.0)
-        tail = batch[f"{term.target}_tail"][0].float().clamp_min(0.0)
+        rows = batch.soft_labels[term.target]
+        ids = rows.ids[0].long()
+        p = rows.probs[0].float().clamp_min(0.0)
+        tail = rows.tail[0].float().clamp_min(0.0)
         norm = (p.sum(-1) + tail).clamp_min(1e-30)
         p, tail = p / norm.unsqueeze(-1), tail / norm
         present = p > 0

@@ -1,14 +1,18 @@
 """Loss terms: small ``nn.Module`` wrappers over the pure functions in :mod:`kd_lightning.losses`.
 
-A term reads what it needs from the batch, returns an unweighted scalar, and carries the ``weight`` it is
-multiplied by in the total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``.
+A term reads what it needs from a :class:`~kd_lightning.data.batch.PositionBatch` (the batch packed to its
+target positions), returns an unweighted scalar, and carries the ``weight`` it is multiplied by in the
+total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``. A term may also be called
+with a plain mapping in the batch's documented key form (``target_ids``, ``prior_ids`` ...); it is read
+into a ``PositionBatch`` first.
 
-Divergence terms name their ``target``. The batch carries a target under that name in one of these forms:
+Divergence terms name their ``target``: the distribution they compare the student with. The batch carries
+it under that name in one of these forms:
 
-* dense logits: ``<target>_logits`` (..., V), e.g. ``teacher_logits`` from an online teacher;
-* dense probabilities: ``<target>_probs`` (..., V) with no ``<target>_ids``;
-* sparse: ``<target>_ids``, ``<target>_probs``, ``<target>_tail``, e.g. the ``prior`` and ``posterior`` stores,
-  an offline teacher's top-k or random-sampled logits (``kdl teacher-logits``).
+* dense logits (``batch.dense_logits[name]``, key ``<name>_logits``), e.g. the online ``teacher``;
+* dense probabilities (``batch.dense_probs[name]``, key ``<name>_probs`` without ``<name>_ids``);
+* sparse rows (``batch.soft_labels[name]``, keys ``<name>_ids/_probs/_tail``), e.g. the ``prior`` and
+  ``posterior`` stores, an offline teacher's top-k or random-sampled logits (``kdl teacher-logits``).
 
 Every divergence runs on either form (see :mod:`kd_lightning.losses.divergences`).
 """
@@ -22,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kd_lightning.data.batch import PositionBatch
 from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
 
@@ -72,7 +77,7 @@ class LossTerm(nn.Module):
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Hook, called when a module is built: size parameters to the models (e.g. a projection)."""
 
-    def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def prepare(self, batch: PositionBatch) -> dict[str, torch.Tensor]:
         """Hook: per-position fields computed once over the whole packed batch, before chunking.
 
         The fused path calls it so that a batch-level statistic is the same in every chunk; the term itself
@@ -80,9 +85,12 @@ class LossTerm(nn.Module):
         """
         return {}
 
-    def forward(
-        self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]
-    ) -> torch.Tensor:  # pragma: no cover
+    def __call__(
+        self, student_logits: torch.Tensor | None, batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return super().__call__(student_logits, PositionBatch.from_fields(batch))
+
+    def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def can_chunk(self) -> bool:
@@ -105,28 +113,23 @@ class HardCrossEntropy(LossTerm):
     chunkable = True
     fused_sparse_kind = "hard_ce"
 
-    def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return LF.hard_cross_entropy(student_logits, batch["target_ids"])
+    def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
+        return LF.hard_cross_entropy(student_logits, batch.target_ids)
 
 
 def target_log_probs(
-    student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor], target: str, distill_temperature: float
+    student_logits: torch.Tensor, batch: PositionBatch, target: str, distill_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, log q) buckets for the named target, dense or sparse, whichever the batch carries."""
-    if f"{target}_logits" in batch:
-        return D.dense_log_probs(student_logits, batch[f"{target}_logits"], distill_temperature)
-    if f"{target}_probs" in batch and f"{target}_ids" not in batch:
+    if target in batch.dense_logits:
+        return D.dense_log_probs(student_logits, batch.dense_logits[target], distill_temperature)
+    if target in batch.dense_probs:
         return D.dense_log_probs(
-            student_logits, batch[f"{target}_probs"], distill_temperature, teacher_is_probs=True
+            student_logits, batch.dense_probs[target], distill_temperature, teacher_is_probs=True
         )
-    if f"{target}_ids" in batch:
-        return D.sparse_log_probs(
-            student_logits,
-            batch[f"{target}_ids"],
-            batch[f"{target}_probs"],
-            batch[f"{target}_tail"],
-            distill_temperature,
-        )
+    if target in batch.soft_labels:
+        rows = batch.soft_labels[target]
+        return D.sparse_log_probs(student_logits, rows.ids, rows.probs, rows.tail, distill_temperature)
     raise KeyError(
         f"the batch has no {target!r} target ({target}_logits, {target}_probs or {target}_ids/_probs/_tail); connect the "
         f"DataModule to the {target} soft-label store or use a module that provides {target}_logits"
@@ -158,10 +161,10 @@ class DivergenceTerm(LossTerm):
     def per_position(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
         log_p, log_q = target_log_probs(student_logits, batch, self.target, self.distill_temperature)
         values = self.per_position(log_p, log_q) * self.distill_temperature**2
-        return LF.masked_mean(values, batch["target_ids"] != LF.IGNORE_INDEX)
+        return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
 
 
 class ForwardKL(DivergenceTerm):
@@ -239,33 +242,33 @@ class AdaptiveKL(DivergenceTerm):
         return D.adaptive_kl_buckets(log_p, log_q, self.head_mass)
 
 
-def gold_bucket(batch: Mapping[str, torch.Tensor], target: str) -> torch.Tensor:
+def gold_bucket(batch: PositionBatch, target: str) -> torch.Tensor:
     """The bucket of the observed token (``target_ids``) in the target's buckets (see ``target_log_probs``).
 
     Dense targets: the token id. Sparse targets: the slot holding it, or the tail bucket (index K) when it
     was not stored. Positions without a target get bucket 0 (they are masked out anyway).
     """
-    gold = batch["target_ids"].clamp_min(0)
-    if f"{target}_ids" not in batch:
+    gold = batch.target_ids.clamp_min(0)
+    if target not in batch.soft_labels:
         return gold
-    ids, probs = batch[f"{target}_ids"], batch[f"{target}_probs"]
+    ids, probs = batch.soft_labels[target].ids, batch.soft_labels[target].probs
     hit = (ids == gold.unsqueeze(-1)) & (probs > 0)
     k = ids.shape[-1]
     slot = torch.where(hit, torch.arange(k, device=ids.device), torch.full_like(ids, k)).amin(-1)
     return slot
 
 
-def gold_probability(batch: Mapping[str, torch.Tensor], target: str) -> torch.Tensor:
+def gold_probability(batch: PositionBatch, target: str) -> torch.Tensor:
     """The target's probability of the observed token (..., ); 0 for a token a sparse target did not store."""
-    gold = batch["target_ids"].clamp_min(0).unsqueeze(-1)
-    if f"{target}_logits" in batch:
-        logits = batch[f"{target}_logits"].float()
+    gold = batch.target_ids.clamp_min(0).unsqueeze(-1)
+    if target in batch.dense_logits:
+        logits = batch.dense_logits[target].float()
         return (logits.gather(-1, gold).squeeze(-1) - torch.logsumexp(logits, -1)).exp().detach()
-    probs = batch[f"{target}_probs"].float()
-    if f"{target}_ids" not in batch:
+    if target in batch.dense_probs:
+        probs = batch.dense_probs[target].float()
         return (probs.gather(-1, gold).squeeze(-1) / probs.sum(-1).clamp_min(1e-30)).detach()
-    hit = batch[f"{target}_ids"] == gold
-    return (probs * hit).amax(-1).detach()
+    rows = batch.soft_labels[target]
+    return (rows.probs.float() * (rows.ids == gold)).amax(-1).detach()
 
 
 class AdaptiveTeachingKD(DivergenceTerm):
@@ -305,9 +308,10 @@ class AdaptiveTeachingKD(DivergenceTerm):
     def hard_key(self) -> str:
         return f"atkd_hard_{self.target}"
 
-    def hard_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def hard_positions(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Bool (..., ) mask: the ``hard_fraction`` most uncertain target positions of the batch."""
-        valid = batch["target_ids"] != LF.IGNORE_INDEX
+        batch = PositionBatch.from_fields(batch)
+        valid = batch.target_ids != LF.IGNORE_INDEX
         uncertainty = 1.0 - gold_probability(batch, self.target)
         n_hard = math.ceil(self.hard_fraction * int(valid.sum()))
         hard = torch.zeros_like(valid)
@@ -318,15 +322,16 @@ class AdaptiveTeachingKD(DivergenceTerm):
             hard.view(-1)[order[:n_hard]] = True
         return hard & valid
 
-    def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def prepare(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.hard_key: self.hard_positions(batch)}
 
-    def forward(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hard = batch[self.hard_key] if self.hard_key in batch else self.hard_positions(batch)
+    def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
+        hard = batch.prepared.get(self.hard_key)
+        hard = self.hard_positions(batch) if hard is None else hard
         log_p, log_q = target_log_probs(student_logits, batch, self.target, self.distill_temperature)
         gold = gold_bucket(batch, self.target)
         values = D.atkd_buckets(log_p, log_q, gold, hard, self.easy_weight) * self.distill_temperature**2
-        return LF.masked_mean(values, batch["target_ids"] != LF.IGNORE_INDEX)
+        return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
 
 
 class SoftLabelKL(ForwardKL):

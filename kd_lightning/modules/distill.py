@@ -4,7 +4,11 @@ The total is ``sum(term.weight * term(student_logits, batch))``. Each term is lo
 name (``train/hard_ce``, ``train/prior_kl`` ...) together with ``train/loss``. Subclasses add terms by
 overriding :meth:`extra_terms` (e.g. a feature loss that needs hidden states) or change how the student is
 run by overriding :meth:`student_logits`. Loss terms receive logits (1, N, V) for the N target positions
-of the batch and the batch packed alike (see :meth:`student_logits`).
+of the batch and a :class:`~kd_lightning.data.batch.PositionBatch` packed alike (:meth:`pack_positions`).
+
+Given a ``teacher``, the module runs it online at the target positions of every step (``teacher`` dense
+logits, and the hidden states feature terms ask for); the teacher is frozen and held outside the module
+tree (:class:`~kd_lightning.modules.base.StudentModule`).
 
 Plain SFT (proxy alignment, SeqKD) is this module with the single term ``hard_ce``.
 """
@@ -12,19 +16,20 @@ Plain SFT (proxy alignment, SeqKD) is this module with the single term ``hard_ce
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from lightning import LightningModule
 from torch import nn
 
+from kd_lightning.data.batch import PositionBatch, TextBatch
 from kd_lightning.losses.chunked import chunked_terms
-from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import target_position_logits, target_position_states
+from kd_lightning.modules.base import StudentModule
 
 
-class DistillModule(LightningModule):
+class DistillModule(StudentModule):
     """Train ``student`` on weighted loss terms over teacher text and its soft labels.
 
     Args:
@@ -37,6 +42,8 @@ class DistillModule(LightningModule):
             are never held at once. ``extra_terms`` then receives ``student_logits=None``.
         fuse_sparse_terms: compute hard CE and forward KLs against sparse stores in one pass over the logits
             (:mod:`kd_lightning.losses.fused_sparse`; same values and gradients, far less memory traffic).
+        teacher, tokenizer, seed, eval_generation_limit, eval_max_new_tokens, shard_teacher: see
+            :class:`~kd_lightning.modules.base.StudentModule`. A teacher is run online in every step.
     """
 
     def __init__(
@@ -47,24 +54,34 @@ class DistillModule(LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         loss_chunk_size: int | None = None,
         fuse_sparse_terms: bool = True,
+        teacher: nn.Module | None = None,
+        tokenizer: Any = None,
+        seed: int = 0,
+        eval_generation_limit: int = 0,
+        eval_max_new_tokens: int = 64,
+        shard_teacher: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            student,
+            optimizer,
+            scheduler,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            seed=seed,
+            eval_generation_limit=eval_generation_limit,
+            eval_max_new_tokens=eval_max_new_tokens,
+            shard_teacher=shard_teacher,
+        )
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(
                 f"loss_chunk_size must be >= 1 (or None for the plain path), got {loss_chunk_size}"
             )
         if not loss_terms:
-            raise ValueError("DistillModule needs at least one loss term (e.g. loss=[hard_ce])")
-        # No save_hyperparameters(): every argument is an object (models, terms, factories), and Lightning's
-        # frame inspection would also capture a subclass's teacher into the checkpoint. The CLI logs the
-        # resolved config to every logger instead.
-        self.student = student
+            raise ValueError(f"{type(self).__name__} needs at least one loss term (e.g. loss=[hard_ce])")
         self.loss_terms = nn.ModuleDict(dict(loss_terms))
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.loss_chunk_size = loss_chunk_size
         self.fuse_sparse_terms = fuse_sparse_terms
-        self.setup_terms(student, None)
+        self.setup_terms(student, self.teacher)
 
     def setup_terms(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Let terms size their own parameters (e.g. a feature projection) to the models."""
@@ -73,71 +90,74 @@ class DistillModule(LightningModule):
 
     @property
     def student_hidden_layers(self) -> tuple[int, ...]:
-        """Student hidden-state layers the terms read (packed as ``student_hidden_<layer>``)."""
+        """Student hidden-state layers the terms read (``PositionBatch.student_hidden``)."""
         return tuple(sorted({i for t in self.loss_terms.values() for i in getattr(t, "student_layers", ())}))
+
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...]:
+        """Teacher hidden-state layers the terms read (``PositionBatch.teacher_hidden``)."""
+        return tuple(sorted({i for t in self.loss_terms.values() for i in getattr(t, "teacher_layers", ())}))
 
     @property
     def soft_label_names(self) -> tuple[str, ...]:
         """The soft-label stores the terms read (the DataModule must supply them)."""
         return soft_label_names(self.loss_terms.values())
 
-    def student_logits(
-        self, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def student_logits(self, batch: TextBatch) -> tuple[torch.Tensor, PositionBatch]:
         """Student logits at the target positions only, and the batch packed the same way.
 
-        Returns logits (1, N, V) for the N target positions of the batch and a batch whose per-position
-        fields (``target_ids``, soft labels) are packed to (1, N, ...), so every loss term sees aligned
-        tensors and no compute is spent on prompt or padding positions.
+        Returns logits (1, N, V) for the N target positions of the batch and its :class:`PositionBatch`,
+        so every loss term sees aligned tensors and no compute is spent on prompt or padding positions.
         """
-        mask = batch["target_ids"] != IGNORE_INDEX
+        mask = batch.target_mask
         layers = self.student_hidden_layers
         if not layers:
-            logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-            return logits.unsqueeze(0), self.targets(batch, mask)
+            logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+            return logits.unsqueeze(0), self.pack_positions(batch, mask)
         logits, hidden = target_position_states(
-            self.student, batch["input_ids"], batch["attention_mask"], mask, layers
+            self.student, batch.input_ids, batch.attention_mask, mask, layers
         )
-        packed = self.targets(batch, mask)
-        packed.update({f"student_hidden_{layer}": h.unsqueeze(0) for layer, h in hidden.items()})
+        packed = self.pack_positions(batch, mask)
+        packed.student_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})
         return logits.unsqueeze(0), packed
 
-    def targets(self, batch: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-position fields of ``batch`` at ``mask`` (B, T), packed to (1, N, ...).
+    def pack_positions(self, batch: TextBatch, mask: torch.Tensor) -> PositionBatch:
+        """The batch's declared fields at ``mask`` (B, T), packed to (1, N, ...), with the online teacher's
+        logits (and the hidden states terms ask for) when the module has a teacher.
 
-        Hook: a subclass adds targets computed in the step (e.g. an online teacher's logits).
+        Hook: a subclass adds fields computed in the step (``PositionBatch.prepared``).
         """
-        return {
-            key: value[mask].unsqueeze(0)
-            for key, value in batch.items()
-            if key not in ("input_ids", "attention_mask")
-            and value.dim() >= 2
-            and value.shape[:2] == mask.shape
-        }
+        packed = PositionBatch.pack(batch, mask)
+        if self.teacher is None:
+            return packed
+        layers = self.teacher_hidden_layers
+        with torch.no_grad():
+            if layers:
+                rows, hidden = target_position_states(
+                    self.teacher, batch.input_ids, batch.attention_mask, mask, layers
+                )
+                packed.teacher_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})
+            else:
+                rows = target_position_logits(self.teacher, batch.input_ids, batch.attention_mask, mask)
+        packed.dense_logits["teacher"] = rows.unsqueeze(0)
+        return packed
 
-    def student_hidden(
-        self, batch: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Final hidden states (N, H) at the target positions, and the packed batch (fused path)."""
-        mask = batch["target_ids"] != IGNORE_INDEX
+    def student_hidden(self, batch: TextBatch) -> tuple[torch.Tensor, PositionBatch]:
+        """Final hidden states (N, H) at the target positions, and the packed batch (chunked path)."""
+        mask = batch.target_mask
         if not hasattr(self.student, "get_decoder"):
             raise TypeError(
                 "loss_chunk_size needs a model with get_decoder()/get_output_embeddings() (an HF causal LM)"
             )
         last, hidden = target_position_states(
-            self.student,
-            batch["input_ids"],
-            batch["attention_mask"],
-            mask,
-            self.student_hidden_layers,
-            head=False,
+            self.student, batch.input_ids, batch.attention_mask, mask, self.student_hidden_layers, head=False
         )
-        packed = self.targets(batch, mask)
-        packed.update({f"student_hidden_{layer}": h.unsqueeze(0) for layer, h in hidden.items()})
+        packed = self.pack_positions(batch, mask)
+        packed.student_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})
         return last, packed
 
     def extra_terms(
-        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+        self, student_logits: torch.Tensor | None, batch: PositionBatch
     ) -> dict[str, tuple[float, torch.Tensor]]:
         """Hook: return ``{name: (weight, value)}`` for terms that need more than logits and the batch."""
         return {}
@@ -147,8 +167,9 @@ class DistillModule(LightningModule):
         return self.loss_terms
 
     def compute_terms(
-        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+        self, student_logits: torch.Tensor, batch: PositionBatch | Mapping[str, torch.Tensor]
     ) -> dict[str, tuple[float, torch.Tensor]]:
+        batch = PositionBatch.from_fields(batch)
         fused = self.fused_values(student_logits, batch)
         terms = {
             name: (term.weight, fused[name] if name in fused else term(student_logits, batch))
@@ -158,19 +179,17 @@ class DistillModule(LightningModule):
         return terms
 
     def fused_values(
-        self, student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+        self, student_logits: torch.Tensor, batch: PositionBatch | Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Values of the terms that share one pass over the logits (empty when fewer than two qualify)."""
         if not self.fuse_sparse_terms:
             return {}
+        batch = PositionBatch.from_fields(batch)
         vocab = student_logits.shape[-1]
         group = {n: t for n, t in self.active_terms().items() if t.reads_logits and fusable(t, batch, vocab)}
         return fused_sparse_terms(student_logits, group, batch) if len(group) >= 2 else {}
 
-    def on_fit_start(self) -> None:
-        self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
-
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TextBatch, batch_idx: int) -> torch.Tensor:
         if self.loss_chunk_size:
             hidden, packed = self.student_hidden(batch)
             head = self.student.get_output_embeddings()
@@ -186,8 +205,8 @@ class DistillModule(LightningModule):
             logits, packed = self.student_logits(batch)
             terms = self.compute_terms(logits, packed)
         total = sum(weight * value for weight, value in terms.values())
-        batch_size = batch["input_ids"].shape[0]
-        tokens = (batch["target_ids"] != IGNORE_INDEX).sum().float()
+        batch_size = len(batch)
+        tokens = batch.target_mask.sum().float()
         scale, distributed = self.rank_token_scale(tokens), self.trainer_world_size() > 1
         for name, (_, value) in terms.items():
             self.log(f"train/{name}", value.detach() * scale, batch_size=batch_size, sync_dist=distributed)
@@ -196,10 +215,6 @@ class DistillModule(LightningModule):
         )
         self.log("train/target_tokens", tokens, reduce_fx="sum", batch_size=batch_size)
         return total * scale
-
-    def trainer_world_size(self) -> int:
-        trainer = self._trainer
-        return int(trainer.world_size) if trainer is not None else 1
 
     def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
         """Weight of this rank's token-mean loss so that DDP's gradient average is the global token mean.
@@ -214,28 +229,3 @@ class DistillModule(LightningModule):
             return 1.0
         total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
         return tokens.detach() * world / total
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        logits, packed = self.student_logits(batch)
-        self._val_nll += token_cross_entropy(logits, packed["target_ids"]).sum().double()
-        self._val_tokens += packed["target_ids"].numel()
-
-    def on_validation_epoch_end(self) -> None:
-        nll_sum = self.all_gather(self._val_nll).sum()
-        tokens = self.all_gather(self._val_tokens).sum().clamp_min(1.0)
-        nll = (nll_sum / tokens).float()
-        self.log("val/nll", nll, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(nll), sync_dist=False)
-
-    def configure_optimizers(self):
-        # the student and any trainable term parameters (a feature projection); the teacher is not a submodule
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -17,177 +17,41 @@ and the reference behaviour is a setting: the reference's returns include the cu
 are whitened (``include_current_reward``, ``whiten_advantages``); its single-step term is not importance
 weighted (``single_step_importance_weighted=False``); it clips ``ρ·w`` together (we clip ρ alone).
 
-The student should start from SFT (``init_from`` in the pipeline); pick the checkpoint by validation
-ROUGE-L (``val/rouge_l``, logged by :meth:`validation_step` from greedy generations on held-out prompts,
-with the reverse KL to the teacher of the student's samples).
+The student should start from SFT (``init_from`` in the pipeline); the checkpoint is picked by validation
+ROUGE-L (``val/rouge_l``, logged by :class:`~kd_lightning.modules.base.StudentModule` from greedy
+generations on held-out prompts, with the reverse KL to the teacher of the student's samples).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from lightning import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from kd_lightning.evaluation.metrics import rouge_l
-from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
-from kd_lightning.generation.rollout import (
-    Rollout,
-    left_pad,
-    prompts_from_batch,
-    response_logits,
-    sample_rollouts,
-)
+from kd_lightning.data.batch import TextBatch
+from kd_lightning.generation.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
-from kd_lightning.losses.functional import IGNORE_INDEX, hard_cross_entropy, masked_mean, token_cross_entropy
-from kd_lightning.models.loading import check_same_vocabulary, freeze, target_position_logits
+from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
+from kd_lightning.losses.terms import LossTerm
+from kd_lightning.models.loading import target_position_logits
+from kd_lightning.modules.base import StudentModule
 
 
-class PolicyDistillBase(LightningModule):
-    """What the on-policy modules share: a frozen teacher held outside the module tree, held-out
-    evaluation by generation (ROUGE-L, reverse KL), and teacher-forced validation NLL.
-
-    Args:
-        student: causal LM being trained.
-        teacher: causal LM on the student's vocabulary; frozen, in eval mode, never checkpointed.
-        tokenizer: decodes generations for ROUGE-L; gives the EOS and pad ids.
-        max_new_tokens: rollout length cap.
-        eval_generation_limit: held-out prompts generated at each validation (0: skip ROUGE-L / reverse KL).
-        eval_max_new_tokens: generation length at validation.
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        tokenizer,
-        max_new_tokens: int = 128,
-        eval_generation_limit: int = 16,
-        eval_max_new_tokens: int = 64,
-    ) -> None:
-        super().__init__()
-        check_same_vocabulary(student, teacher, "on-policy KD scores the student's tokens under the teacher")
-        if max_new_tokens < 1 or eval_max_new_tokens < 1 or eval_generation_limit < 0:
-            raise ValueError(
-                "max_new_tokens and eval_max_new_tokens must be >= 1, eval_generation_limit >= 0"
-            )
-        self.student = student
-        object.__setattr__(
-            self, "teacher", freeze(teacher)
-        )  # not a submodule: out of optimizer and checkpoint
-        object.__setattr__(self, "tokenizer", tokenizer)
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs eos_token_id and pad_token_id to sample rollouts")
-        self.eos_token_id = int(tokenizer.eos_token_id)
-        self.pad_token_id = int(tokenizer.pad_token_id)
-        self.max_new_tokens = int(max_new_tokens)
-        self.eval_generation_limit = int(eval_generation_limit)
-        self.eval_max_new_tokens = int(eval_max_new_tokens)
-        self.step_seconds: dict[str, list[float]] = {"rollout_seconds": [], "update_seconds": []}
-        """Wall time of each training step's sampling and its updates (the pipeline reports the means)."""
-
-    def on_fit_start(self) -> None:
-        self.teacher.to(self.device).eval()
-        self.student.train()  # HF from_pretrained returns eval mode
-
-    def on_validation_start(self) -> None:
-        self.teacher.to(self.device).eval()
-
-    # ---------------------------------------------------------------- held-out evaluation
-    def on_validation_epoch_start(self) -> None:
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val = {"nll": zero.clone(), "tokens": zero.clone()}
-        self._val_rkl: list[tuple[float, float]] = []  # (token-mean KL, tokens) per batch
-        self._val_predictions: list[str] = []
-        self._val_references: list[str] = []
-
-    @torch.no_grad()
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        mask = batch["target_ids"] != IGNORE_INDEX
-        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-        self._val["nll"] += token_cross_entropy(logits[None], batch["target_ids"][mask][None]).sum().double()
-        self._val["tokens"] += mask.sum().double()
-        room = self.eval_generation_limit - len(self._val_predictions)
-        if room <= 0:
-            return
-        rows = {k: v[:room] for k, v in batch.items()}
-        prompts = prompts_from_batch(rows)
-        input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
-        greedy = self.student.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=self.eval_max_new_tokens,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-        )
-        width = max(len(p) for p in prompts)
-        self._val_predictions += [
-            t.strip() for t in self.tokenizer.batch_decode(greedy[:, width:].cpu(), skip_special_tokens=True)
-        ]
-        for row in range(len(prompts)):
-            response = batch["target_ids"][row][mask[row]]
-            self._val_references.append(
-                self.tokenizer.decode(response.tolist(), skip_special_tokens=True).strip()
-            )
-        measured = sampled_reverse_kl(
-            self.student,
-            self.teacher,
-            prompts,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            max_new_tokens=self.eval_max_new_tokens,
-            batch_size=len(prompts),
-            seed=batch_idx,
-        )
-        self._val_rkl.append((measured["reverse_kl"], measured["response_tokens"] * len(prompts)))
-
-    def on_validation_epoch_end(self) -> None:
-        totals = {k: self.all_gather(v).sum() for k, v in self._val.items()}
-        nll = (totals["nll"] / totals["tokens"].clamp_min(1.0)).float()
-        self.log("val/nll", nll, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(nll), sync_dist=False)
-        if self._val_predictions:
-            self.log("val/rouge_l", rouge_l(self._val_predictions, self._val_references), prog_bar=True)
-            tokens = sum(n for _, n in self._val_rkl)
-            rkl = sum(kl * n for kl, n in self._val_rkl) / max(tokens, 1.0)
-            self.log("val/reverse_kl", rkl, prog_bar=True)
-
-    def rollout(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        teacher_mix_alpha: float,
-        generation_temperature: float,
-        keep_teacher_logits: bool,
-    ) -> Rollout:
-        """Sample one response per prompt of the batch (the generator is seeded by the step: resumable)."""
-        generator = torch.Generator(device=self.device).manual_seed(int(self.global_step) * 1_000_003 + 17)
-        return sample_rollouts(
-            self.student,
-            prompts_from_batch(batch),
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            teacher=self.teacher,
-            teacher_mix_alpha=teacher_mix_alpha,
-            generation_temperature=generation_temperature,
-            keep_teacher_logits=keep_teacher_logits,
-            generator=generator,
-        )
-
-
-class MiniLLMModule(PolicyDistillBase):
+class MiniLLMModule(StudentModule):
     """Reverse-KL policy-gradient distillation (MiniLLM). Settings default to the paper's.
 
     Optimisation is manual (``ppo_epochs`` updates per rollout), so ``trainer.max_steps`` counts updates and
     gradient clipping is this module's ``max_grad_norm`` (the trainer's ``gradient_clip_val`` must be unset).
 
     Args:
-        student, teacher, tokenizer, max_new_tokens, eval_generation_limit, eval_max_new_tokens: see
-            :class:`PolicyDistillBase`.
+        student, teacher, tokenizer, eval_generation_limit, eval_max_new_tokens, seed: see
+            :class:`~kd_lightning.modules.base.StudentModule` (validation logs ``val/rouge_l``, which picks
+            the checkpoint, and ``val/reverse_kl``).
+        max_new_tokens: rollout length cap.
         optimizer: partial taking ``params``; scheduler: optional partial taking ``optimizer`` (stepped per update).
         teacher_mix_alpha: α, the teacher's share of the sampling distribution (paper: 0.2).
         generation_temperature: sampling temperature of rollouts (paper: 1.0).
@@ -204,10 +68,16 @@ class MiniLLMModule(PolicyDistillBase):
         whiten_advantages: normalise returns over the batch (reference).
         single_step_weight, long_term_weight, pt_loss_weight: weights of L_single, L_long and L_PT.
         max_grad_norm: gradient-norm clip of each update (None: off).
+        loss_terms: MiniLLM has its own objective; only ``hard_ce`` (ignored) is accepted, so that the
+            uniform module call of the ``module`` config group works.
+        loss_chunk_size: must be None (the policy losses run on rollouts, not on chunked text positions).
     """
 
-    manual_optimization = True
-    """Read by the CLI: the trainer's automatic gradient clipping is switched off for this module."""
+    needs_teacher = True
+    restores_best_checkpoint = True
+    trainer_overrides: ClassVar[Mapping[str, Any]] = {
+        "gradient_clip_val": None
+    }  # clipped here (max_grad_norm)
 
     def __init__(
         self,
@@ -235,10 +105,31 @@ class MiniLLMModule(PolicyDistillBase):
         max_grad_norm: float | None = 1.0,
         eval_generation_limit: int = 16,
         eval_max_new_tokens: int = 64,
+        seed: int = 0,
+        loss_terms: Mapping[str, LossTerm] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__(
-            student, teacher, tokenizer, max_new_tokens, eval_generation_limit, eval_max_new_tokens
+            student,
+            optimizer,
+            scheduler,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            seed=seed,
+            eval_generation_limit=eval_generation_limit,
+            eval_max_new_tokens=eval_max_new_tokens,
         )
+        if set(loss_terms or {}) - {"hard_ce"}:
+            raise ValueError(
+                f"MiniLLMModule has its own objective and takes no loss terms, but loss={list(loss_terms)}; "
+                "use loss=[hard_ce] (ignored) with module=minillm, or a word-level method (gkd, distillm)"
+            )
+        if loss_chunk_size is not None:
+            raise ValueError("MiniLLMModule does not chunk its losses; set loss_chunk_size=null")
+        self.require_special_ids("sampling rollouts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = int(max_new_tokens)
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {ppo_epochs}")
         if min(single_step_weight, long_term_weight, pt_loss_weight) < 0:
@@ -254,9 +145,7 @@ class MiniLLMModule(PolicyDistillBase):
                 raise ValueError(f"{name} must be > 0, got {value}")
         if not 0.0 < discount <= 1.0:
             raise ValueError(f"discount must be in (0, 1], got {discount}")
-        self.automatic_optimization = False  # several PPO updates per rollout (manual_optimization below)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.automatic_optimization = False  # several PPO updates per rollout
         self.teacher_mix_alpha = float(teacher_mix_alpha)
         self.generation_temperature = float(generation_temperature)
         self.ppo_epochs = int(ppo_epochs)
@@ -273,14 +162,11 @@ class MiniLLMModule(PolicyDistillBase):
         self.long_term_weight = float(long_term_weight)
         self.pt_loss_weight = float(pt_loss_weight)
         self.max_grad_norm = max_grad_norm
-        self.select_best_checkpoint = True  # the pipeline restores the best val/rouge_l checkpoint
 
     def configure_callbacks(self):
         """Keep the checkpoint with the best validation ROUGE-L (the paper's model selection) and ``last``."""
         if not self.eval_generation_limit or self._trainer is None:
             return []
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         return [
             ModelCheckpoint(
                 dirpath=str(Path(self.trainer.default_root_dir) / "checkpoints"),
@@ -291,6 +177,22 @@ class MiniLLMModule(PolicyDistillBase):
                 save_last=True,
             )
         ]
+
+    def rollout(self, batch: TextBatch, keep_teacher_logits: bool = True) -> Rollout:
+        """Sample one response per prompt from the teacher-mixed policy (seeded by the step: resumable)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("rollout"))
+        return sample_rollouts(
+            self.student,
+            prompts_from_batch(batch),
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            teacher=self.teacher,
+            teacher_mix_alpha=self.teacher_mix_alpha,
+            generation_temperature=self.generation_temperature,
+            keep_teacher_logits=keep_teacher_logits,
+            generator=generator,
+        )
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Rewards, returns (advantages) and importance weights of a rollout, all (B, T) and detached."""
@@ -320,16 +222,32 @@ class MiniLLMModule(PolicyDistillBase):
         single = P.single_step_reverse_kl(logits, rollout.teacher_logits, mask, weights)
         return {"single_step": single, "long_term": long_term, "clip_share": clipped}
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: TextBatch, batch_idx: int) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        start = time.perf_counter()
-        rollout = self.rollout(
-            batch, self.teacher_mix_alpha, self.generation_temperature, keep_teacher_logits=True
-        )
-        scored = self.score(rollout)
-        rollout_seconds = time.perf_counter() - start
-        start = time.perf_counter()
+        with self.timed("rollout_seconds", len(batch)):
+            rollout = self.rollout(batch)
+            scored = self.score(rollout)
+        with self.timed("update_seconds", len(batch)):
+            losses, pt, total = self.policy_updates(batch, rollout, scored, optimizer, scheduler)
+        mask = rollout.response_mask
+        with torch.no_grad():
+            sequence_reward = (scored["rewards"].sum(-1) / rollout.lengths.clamp_min(1)).mean()
+        logs = {
+            "train/loss": total.detach(),
+            "train/single_step": losses["single_step"].detach(),
+            "train/long_term": losses["long_term"].detach(),
+            "train/pt_loss": pt.detach(),
+            "train/clip_share": losses["clip_share"],
+            "train/reward": sequence_reward,
+            "train/importance_weight": masked_mean(scored["weights"], mask),
+            "train/response_tokens": rollout.lengths.float().mean(),
+        }
+        for name, value in logs.items():
+            self.log(name, value, batch_size=len(batch), prog_bar=name in ("train/loss", "train/reward"))
+
+    def policy_updates(self, batch: TextBatch, rollout: Rollout, scored, optimizer, scheduler):
+        """``ppo_epochs`` optimizer updates on one scored rollout; the last update's losses."""
         for _ in range(self.ppo_epochs):
             losses = self.policy_losses(rollout, scored)
             pt = (
@@ -351,37 +269,9 @@ class MiniLLMModule(PolicyDistillBase):
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-        update_seconds = time.perf_counter() - start
-        self.step_seconds["rollout_seconds"].append(rollout_seconds)
-        self.step_seconds["update_seconds"].append(update_seconds)
-        mask = rollout.response_mask
-        b = mask.shape[0]
-        with torch.no_grad():
-            sequence_reward = (scored["rewards"].sum(-1) / rollout.lengths.clamp_min(1)).mean()
-        logs = {
-            "train/loss": total.detach(),
-            "train/single_step": losses["single_step"].detach(),
-            "train/long_term": losses["long_term"].detach(),
-            "train/pt_loss": pt.detach(),
-            "train/clip_share": losses["clip_share"],
-            "train/reward": sequence_reward,
-            "train/importance_weight": masked_mean(scored["weights"], mask),
-            "train/response_tokens": rollout.lengths.float().mean(),
-            "time/rollout_seconds": torch.tensor(rollout_seconds),
-            "time/update_seconds": torch.tensor(update_seconds),
-        }
-        for name, value in logs.items():
-            self.log(name, value, batch_size=b, prog_bar=name in ("train/loss", "train/reward"))
+        return losses, pt, total
 
-    def _packed_text_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = batch["target_ids"] != IGNORE_INDEX
-        logits = target_position_logits(self.student, batch["input_ids"], batch["attention_mask"], mask)
-        return logits[None], batch["target_ids"][mask][None]
-
-    def configure_optimizers(self):
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def _packed_text_logits(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch.target_mask
+        logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+        return logits[None], batch.target_ids[mask][None]

@@ -20,13 +20,14 @@ teacher text).
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from kd_lightning.data.batch import TextBatch
 from kd_lightning.generation.rollout import prompts_from_batch, sample_rollouts
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
@@ -116,15 +117,17 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
     """Word-level KD against an online teacher on a mix of teacher text and student samples.
 
     Args:
-        student, teacher, loss_terms, optimizer, scheduler: as for
+        student, teacher, loss_terms, optimizer, scheduler, loss_chunk_size: as for
             :class:`~kd_lightning.modules.teacher.OnlineTeacherDistillModule`.
-        tokenizer: gives the EOS and pad ids.
+        tokenizer: gives the EOS and pad ids (and decodes held-out generations).
         student_data: which batches are student samples (:class:`FixedStudentData`,
             :class:`AdaptiveStudentData`).
         generation_temperature: sampling temperature of the student's responses (not the distillation
             temperature of the loss terms).
         max_new_tokens: response length cap.
-        seed: of the per-step batch-source draws (a resumed run makes the same choices).
+        seed: of the per-step batch-source draws and samples (a resumed run makes the same choices).
+        eval_generation_limit, eval_max_new_tokens: held-out generation at validation (``val/rouge_l``,
+            ``val/reverse_kl``), as for every module (:class:`~kd_lightning.modules.base.StudentModule`).
     """
 
     def __init__(
@@ -133,14 +136,28 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         teacher: nn.Module,
         loss_terms: Mapping[str, LossTerm],
         optimizer: Callable[..., torch.optim.Optimizer],
-        tokenizer,
+        tokenizer: Any,
         student_data: StudentDataSchedule,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         generation_temperature: float = 1.0,
         max_new_tokens: int = 128,
         seed: int = 0,
+        loss_chunk_size: int | None = None,
+        eval_generation_limit: int = 16,
+        eval_max_new_tokens: int = 64,
     ) -> None:
-        super().__init__(student, teacher, loss_terms, optimizer, scheduler)
+        super().__init__(
+            student,
+            teacher,
+            loss_terms,
+            optimizer,
+            scheduler,
+            loss_chunk_size,
+            tokenizer=tokenizer,
+            seed=seed,
+            eval_generation_limit=eval_generation_limit,
+            eval_max_new_tokens=eval_max_new_tokens,
+        )
         if generation_temperature <= 0 or max_new_tokens < 1:
             raise ValueError("generation_temperature must be > 0 and max_new_tokens >= 1")
         on_student = [n for n, t in loss_terms.items() if getattr(t, "target", None) == "teacher"]
@@ -149,27 +166,22 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
                 "on-policy KD needs a term that compares the student with the online teacher on its own samples, "
                 "e.g. loss=[generalized_jsd] kd_target=teacher"
             )
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs eos_token_id and pad_token_id to sample the student")
-        self.eos_token_id = int(tokenizer.eos_token_id)
-        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.require_special_ids("sampling the student")
         self.student_data = student_data
         self.generation_temperature = float(generation_temperature)
         self.max_new_tokens = int(max_new_tokens)
-        self.seed = int(seed)
-        self.replay: list[dict[str, torch.Tensor]] = []
+        self.replay: list[TextBatch] = []
         self._on_student_samples = False
-        self.step_seconds: dict[str, list[float]] = {"rollout_seconds": [], "update_seconds": []}
 
     def batch_source(self) -> str:
         step = int(self.global_step)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        draw = random.Random(self.seed * 1_000_003 + step).random()
+        draw = random.Random(self.step_seed("batch_source")).random()
         return self.student_data.choose(step, total, draw, len(self.replay))
 
-    def student_samples(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def student_samples(self, batch: TextBatch) -> TextBatch:
         """Fresh student responses to the batch's prompts, as a batch (and pushed to the replay buffer)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + int(self.global_step))
+        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("student_samples"))
         rollout = sample_rollouts(
             self.student,
             prompts_from_batch(batch),
@@ -181,32 +193,23 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         )
         sampled = rollout.as_batch()
         if self.student_data.replay_capacity:
-            self.replay.append({k: v.detach().cpu() for k, v in sampled.items()})
+            self.replay.append(sampled.to("cpu"))
             del self.replay[: max(len(self.replay) - self.student_data.replay_capacity, 0)]
         return sampled
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TextBatch, batch_idx: int) -> torch.Tensor:
         source = self.batch_source()
-        start = time.perf_counter()
-        if source == "fresh":
-            batch = self.student_samples(batch)
-        elif source == "replay":
-            pick = random.Random(self.seed * 31 + int(self.global_step)).randrange(len(self.replay))
-            batch = {k: v.to(self.device) for k, v in self.replay[pick].items()}
-        rollout_seconds = time.perf_counter() - start
-        self.step_seconds["rollout_seconds"].append(rollout_seconds)
-        self.log("time/rollout_seconds", rollout_seconds, batch_size=batch["input_ids"].shape[0])
-        self.log(
-            "train/student_data", float(source != "teacher_text"), batch_size=batch["input_ids"].shape[0]
-        )
+        with self.timed("rollout_seconds", len(batch)):
+            if source == "fresh":
+                batch = self.student_samples(batch)
+            elif source == "replay":
+                pick = random.Random(self.step_seed("replay")).randrange(len(self.replay))
+                batch = self.replay[pick].to(self.device)
+        self.log("train/student_data", float(source != "teacher_text"), batch_size=len(batch))
         self._on_student_samples = source != "teacher_text"
         try:
-            start = time.perf_counter()
-            loss = super().training_step(batch, batch_idx)
-            update_seconds = time.perf_counter() - start
-            self.step_seconds["update_seconds"].append(update_seconds)
-            self.log("time/update_seconds", update_seconds, batch_size=batch["input_ids"].shape[0])
-            return loss
+            with self.timed("update_seconds", len(batch)):
+                return super().training_step(batch, batch_idx)
         finally:
             self._on_student_samples = False
 

@@ -1,0 +1,179 @@
+"""From the composed config to the plain objects the stages take: a StageContext, StudentRuns, Variants.
+
+This is where ``instantiate`` happens, and where a student's cache settings are read off the resolved
+config: every config group the student is built from, whole, except what cannot change its result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.artifacts import Workspace
+from kd_lightning.cli.trainer import trainer_factory
+from kd_lightning.code_fingerprint import code_fingerprint, targets_in
+from kd_lightning.losses.terms import LossTerm
+from kd_lightning.stages.compare import Variant
+from kd_lightning.stages.context import StageContext
+from kd_lightning.stages.train import StudentRun
+
+BUILDERS: dict[str, tuple[str, ...]] = {
+    "corpus": ("kd_lightning.data.corpus",),
+    "prior": ("kd_lightning.estimation.stores",),
+    "align": ("kd_lightning.modules.alignment",),
+    "posterior": ("kd_lightning.estimation.stores",),
+    "teacher_logits": ("kd_lightning.estimation.stores",),
+    "teacher_logprobs": ("kd_lightning.estimation.stores", "kd_lightning.generation.logprobs"),
+    "distill": ("kd_lightning.stages.train", "kd_lightning.modules.training"),
+    "eval": ("kd_lightning.evaluation.results",),
+}
+"""Per artifact kind, the modules whose code builds it (their import closure joins its code fingerprint)."""
+
+STUDENT_GROUPS = ("student", "module", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size")
+"""Config entries a trained student is built from (with its loss terms, the trainer and, if it runs one,
+the teacher); each enters the student's cache key whole, resolved."""
+
+RESULT_NEUTRAL_TRAINER = (
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "enable_checkpointing",
+)
+"""Trainer settings that cannot change a trained student (kept out of its cache key)."""
+
+RESULT_NEUTRAL_CALLBACKS = ("model_checkpoint", "progress_bar")
+"""Callbacks that cannot change a trained student (resume checkpoints, progress display)."""
+
+
+def resolved(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def model_path(node: Any) -> str:
+    """A model slot's ``path``: a folder/name, or a ``_target_`` that builds a folder (proxy=smollm2_layers)."""
+    return str(instantiate(node) if OmegaConf.is_config(node) else node)
+
+
+def stage_code(cfg: DictConfig) -> dict[str, str]:
+    """Per artifact kind, the fingerprint of the code that builds it: builders + the config's ``_target_``s."""
+
+    def of(kind: str, *nodes: Any) -> str:
+        targets = [t for node in nodes for t in targets_in(resolved(node))]
+        return code_fingerprint([*BUILDERS[kind], *targets])
+
+    return {
+        "corpus": of("corpus", cfg.data),
+        "prior": of("prior", cfg.estimator.prior),
+        "align": of("align", cfg.alignment),
+        "posterior": of("posterior", cfg.estimator.prior, cfg.estimator.posterior),
+        "teacher_logits": of("teacher_logits", cfg.estimator.teacher_targets),
+        "teacher_logprobs": of("teacher_logprobs"),
+        "eval": of("eval", cfg.evaluation),
+    }
+
+
+def build_context(cfg: DictConfig) -> StageContext:
+    """The StageContext of a run: workspace, corpus spec, estimators, model paths, trainer factory, code."""
+    return StageContext(
+        workspace=Workspace(cfg.paths.artifacts_dir, rebuild=frozenset(cfg.get("rebuild") or [])),
+        tokenizer_path=str(cfg.tokenizer.path),
+        corpus_spec=instantiate(cfg.data),
+        prior_estimator=instantiate(cfg.estimator.prior),
+        posterior_estimator=instantiate(cfg.estimator.posterior),
+        proxy_path=model_path(cfg.proxy.path),
+        alignment=instantiate(cfg.alignment),
+        trainer_factory=trainer_factory(cfg),
+        teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") else None,
+        teacher_targets=instantiate(cfg.estimator.teacher_targets),
+        code=stage_code(cfg),
+    )
+
+
+def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, LossTerm]:
+    """Instantiate the selected loss terms (all of ``cfg.loss`` by default)."""
+    available = cfg.get("loss") or {}
+    names = list(available) if names is None else names
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise KeyError(
+            f"loss term {missing[0]!r} is not selected; add it, e.g. loss=[{','.join([*available, missing[0]])}]"
+        )
+    return {name: instantiate(available[name]) for name in names}
+
+
+def student_settings(cfg: DictConfig, terms: list[str], module: Any, runs_teacher: bool) -> dict[str, Any]:
+    """The resolved settings a student depends on (its cache key, with the code that trains it)."""
+    settings = {key: resolved(cfg.get(key)) for key in STUDENT_GROUPS}
+    settings["module"] = resolved(module)
+    settings["loss"] = {n: resolved(cfg.loss[n]) for n in terms}
+    settings["trainer"] = {k: v for k, v in resolved(cfg.trainer).items() if k not in RESULT_NEUTRAL_TRAINER}
+    callbacks = resolved(cfg.get("callbacks")) or {}
+    settings["callbacks"] = {k: v for k, v in callbacks.items() if k not in RESULT_NEUTRAL_CALLBACKS}
+    settings["teacher"] = resolved(cfg.get("teacher")) if runs_teacher else None
+    # the code that trains the student: builders, the module class and every _target_ it instantiates
+    settings["code"] = code_fingerprint([*BUILDERS["distill"], *targets_in(settings)])
+    return settings
+
+
+def student_run(
+    cfg: DictConfig,
+    name: str,
+    terms: list[str],
+    module: Any = None,
+    trainer_overrides: dict[str, Any] | None = None,
+) -> StudentRun:
+    """A StudentRun from the config: ``module`` (a config node) defaults to ``cfg.module``."""
+    module = cfg.module if module is None else module
+    teacher_cfg = cfg.get("teacher")
+    run = StudentRun(
+        name=name,
+        module=instantiate(module),
+        student=lambda: instantiate(cfg.student),
+        loss_terms=loss_terms(cfg, terms),
+        datamodule=instantiate(cfg.datamodule),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        teacher=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
+        loss_chunk_size=cfg.get("loss_chunk_size"),
+        trainer_overrides=trainer_overrides or None,
+    )
+    run.settings = student_settings(cfg, terms, module, runs_teacher=run.reads_teacher())
+    return run
+
+
+VARIANT_KEYS = ("loss", "module", "init_from", "trainer")
+
+
+def variants(cfg: DictConfig) -> list[Variant]:
+    """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer}``.
+
+    ``module`` is a module config node (an experiment composes one with a defaults entry such as
+    ``/module@variants.minillm.module: minillm``); ``init_from`` names an earlier variant whose student this
+    one starts from; ``trainer`` overrides trainer settings for this variant only. A null entry is dropped.
+    """
+    found = []
+    for name, spec in cfg.variants.items():
+        if spec is None:
+            continue
+        if not OmegaConf.is_dict(spec):
+            found.append(Variant(name, student_run(cfg, f"student {name}", list(spec))))
+            continue
+        if "method" in spec or "method_settings" in spec:
+            raise KeyError(
+                f"variant {name!r}: method/method_settings became module (a module config node); compose one "
+                f"with the defaults entry `- /module@variants.{name}.module: <minillm|gkd|distillm>` and set "
+                f"its settings under variants.{name}.module (see conf/experiment/onpolicy_compare.yaml)"
+            )
+        unknown = set(spec) - set(VARIANT_KEYS)
+        if unknown:
+            raise KeyError(
+                f"variant {name!r} has unknown keys {sorted(unknown)}; use {', '.join(VARIANT_KEYS)}"
+            )
+        trainer = resolved(spec.trainer) if spec.get("trainer") else None
+        run = student_run(
+            cfg, f"student {name}", list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
+        )
+        found.append(Variant(name, run, spec.get("init_from")))
+    return found

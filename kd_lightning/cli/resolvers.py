@@ -1,0 +1,65 @@
+"""OmegaConf resolvers the configs use (``${kdl_run_name:...}``, ``${kdl_tiny:}`` ...), registered on import."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from kd_lightning.cli.help import stage_help_resolver
+from kd_lightning.environment import env_setting
+from kd_lightning.models.tiny_assets import tiny_assets_folder
+
+
+def wandb_mode() -> str:
+    """online when an API key is configured, offline otherwise (runs can be synced later)."""
+    if env_setting("WANDB_MODE"):
+        return str(env_setting("WANDB_MODE"))
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    )
+    return "online" if has_key else "offline"
+
+
+def run_tags(stage: str, extra: Any = None) -> list[str]:
+    """wandb tags: the stage plus ``run_tags`` (sweep files set these so a dashboard can filter them)."""
+    extra = list(extra or [])
+    return list(dict.fromkeys([stage, *(str(tag) for tag in extra)]))
+
+
+def short_run_name(override_dirname: str, limit: int = 80) -> str:
+    """A sweep job's run name from its overrides: ``ngram_order=3,sampling_rounds=16``.
+
+    Keys are cut to their last component; ``experiment``, ``sweep``, ``logger``, ``run_name`` and
+    ``hydra.*`` overrides are dropped; long names end in a hash, so folder names stay legal.
+    """
+    kept = []
+    for item in re.split(r"(?<!\\),", override_dirname):
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not key or key.split(".")[0] in ("experiment", "sweep", "logger", "run_name", "hydra"):
+            continue
+        kept.append(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "_"))
+    name = ",".join(kept) or "run"
+    if len(name) > limit:
+        name = name[: limit - 9] + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+RESOLVERS = {
+    "kdl_wandb_mode": wandb_mode,
+    "kdl_run_name": short_run_name,
+    "kdl_tags": run_tags,
+    "kdl_pid": os.getpid,  # output folders: two runs in the same second never share one
+    "kdl_stage_help": stage_help_resolver,  # kdl <stage> --help renders hydra.help.template
+    "kdl_tiny": lambda: str(tiny_assets_folder()),  # experiment=tiny: $KDL_TINY, or tiny assets built once
+}
+
+for _name, _resolver in RESOLVERS.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)

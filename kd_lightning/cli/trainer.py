@@ -1,0 +1,91 @@
+"""Trainers and loggers from the config: the only place that instantiates ``trainer``, ``logger``, ``callbacks``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning import Callback, Trainer
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.modules.training import finish_wandb
+
+
+class FinishWandb(Callback):
+    """Close the wandb run when fit fails, so the next run of a pipeline/multirun starts clean.
+
+    On success the builder closes it (:func:`kd_lightning.modules.training.close_loggers`) after logging
+    the held-out figures into the same run.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module, exception: BaseException) -> None:
+        if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+            finish_wandb()
+
+
+def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's whole resolved config (without ``hydra``), as loggers record it."""
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
+
+
+def trainer_factory(cfg: DictConfig):
+    """``(run_dir, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer`` with loggers and callbacks."""
+
+    def build(
+        folder: Path,
+        name: str,
+        max_epochs: int | None = None,
+        validate: bool = True,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Trainer:
+        loggers = [
+            instantiate(lg, name=f"{cfg.run_name}-{name}") for lg in (cfg.get("logger") or {}).values()
+        ]
+        if loggers:
+            settings = resolved_settings(cfg)
+            for logger in loggers:
+                logger.log_hyperparams({"kdl": settings, "run": name})
+        callbacks = [
+            instantiate(cb) for key, cb in (cfg.get("callbacks") or {}).items() if key != "model_checkpoint"
+        ]
+        if cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+            callbacks.append(
+                instantiate(cfg.callbacks.model_checkpoint, dirpath=str(Path(folder) / "checkpoints"))
+            )
+        if loggers:
+            callbacks.append(FinishWandb())
+        settings_override: dict[str, Any] = {
+            "default_root_dir": str(folder),
+            "logger": loggers or False,
+            "callbacks": callbacks,
+        }
+        if max_epochs is not None and not cfg.trainer.get("fast_dev_run"):
+            settings_override["max_epochs"] = max_epochs
+        if not validate:
+            settings_override["limit_val_batches"] = 0
+        if not loggers:
+            settings_override["log_every_n_steps"] = 1
+        settings_override.update(overrides or {})
+        return instantiate(cfg.trainer, **settings_override)
+
+    return build
+
+
+def log_rows(
+    cfg: DictConfig, rows: list[dict[str, Any]], prefix: str, run: str, hyperparams: Mapping | None = None
+):
+    """Log result rows to every configured logger (one run per row when ``run`` names a field)."""
+    for row in rows:
+        for node in (cfg.get("logger") or {}).values():
+            logger = instantiate(node, name=f"{cfg.run_name}-{row.get(run, run)}")
+            if hyperparams:
+                logger.log_hyperparams({**hyperparams, "model": row.get("model")})
+            logger.log_metrics({f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+            logger.finalize("success")
+        finish_wandb()

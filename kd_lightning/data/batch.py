@@ -1,0 +1,191 @@
+"""Typed batches: what a DataModule yields (:class:`TextBatch`) and what loss terms read (:class:`PositionBatch`).
+
+Shapes: B batch, T padded length, K stored entries per position, N target positions of a batch, V vocab,
+H hidden size. A position t describes token t+1: logits at t, ``target_ids[t]`` and the soft labels at t.
+
+``PositionBatch`` is packed to the target positions only (prompt and padding dropped), with a leading
+dimension of 1 so every loss sees (1, N, ...). Only declared fields are packed. Loss terms may read it as
+a mapping under the keys of :data:`SCHEMA` (``target_ids``, ``<store>_ids`` ...), the form user terms
+and tests write; :meth:`PositionBatch.from_fields` reads that form back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+IGNORE_INDEX = -100
+"""``target_ids`` value of a position that is not a target (prompt, padding)."""
+
+SCHEMA = {
+    "target_ids": "(1, N) long: the observed next token",
+    "<store>_ids": "(1, N, K) long: a soft-label store's ids (prior, posterior, offline_teacher, ...)",
+    "<store>_probs": "(1, N, K) float: their probabilities; or (1, N, V) dense probabilities, without _ids",
+    "<store>_tail": "(1, N) float: mass not stored in the K entries",
+    "<name>_logits": "(1, N, V) float: a dense distribution as logits (teacher_logits: the online teacher)",
+    "student_hidden_<layer>": "(1, N, H): the student's hidden states at that layer",
+    "teacher_hidden_<layer>": "(1, N, H'): the online teacher's",
+    "<prepared>": "(1, N): a per-position field a term computed over the whole batch (LossTerm.prepare)",
+}
+"""The mapping keys of a :class:`PositionBatch` (documentation; :meth:`PositionBatch.keys` lists a batch's)."""
+
+
+@dataclass
+class SoftLabels:
+    """Sparse rows of a distribution: ``ids`` (..., K), ``probs`` (..., K), ``tail`` (...) the rest."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail: torch.Tensor
+
+    def at(self, mask: torch.Tensor) -> SoftLabels:
+        """Rows at a (B, T) mask, packed to (1, N, ...)."""
+        return SoftLabels(self.ids[mask][None], self.probs[mask][None], self.tail[mask][None])
+
+    def rows(self, index: slice) -> SoftLabels:
+        return SoftLabels(self.ids[index], self.probs[index], self.tail[index])
+
+    def positions(self, index: slice) -> SoftLabels:
+        return SoftLabels(self.ids[:, index], self.probs[:, index], self.tail[:, index])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
+        return SoftLabels(
+            *(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.probs, self.tail))
+        )
+
+
+@dataclass
+class TextBatch:
+    """Padded teacher text, (B, T): ``input_ids``, ``attention_mask``, ``target_ids`` (``IGNORE_INDEX`` off
+    target), and each connected soft-label store's rows (B, T, K) under its name (zeros off target)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_ids: torch.Tensor
+    soft_labels: dict[str, SoftLabels] = field(default_factory=dict)
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.target_ids != IGNORE_INDEX
+
+    def rows(self, index: slice) -> TextBatch:
+        """A sub-batch of rows (sequences)."""
+        return TextBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.target_ids[index],
+            {name: rows.rows(index) for name, rows in self.soft_labels.items()},
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
+        """Lightning calls this to move the batch to the module's device."""
+        move = {"device": device, "non_blocking": non_blocking}
+        return TextBatch(
+            self.input_ids.to(**move),
+            self.attention_mask.to(**move),
+            self.target_ids.to(**move),
+            {name: rows.to(device, non_blocking) for name, rows in self.soft_labels.items()},
+        )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class PositionBatch(Mapping[str, torch.Tensor]):
+    """What loss terms read, packed to the N target positions of a batch (see the module docstring)."""
+
+    target_ids: torch.Tensor
+    soft_labels: dict[str, SoftLabels] = field(default_factory=dict)
+    dense_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name → (1, N, V) logits of a dense target (``teacher``: the online teacher)."""
+    dense_probs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name → (1, N, V) probabilities of a dense target."""
+    student_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    teacher_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    prepared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def pack(cls, batch: TextBatch, mask: torch.Tensor | None = None) -> PositionBatch:
+        """The declared fields of ``batch`` at its target positions (or at ``mask``), (1, N, ...)."""
+        mask = batch.target_mask if mask is None else mask
+        return cls(
+            batch.target_ids[mask][None], {name: rows.at(mask) for name, rows in batch.soft_labels.items()}
+        )
+
+    @property
+    def teacher_logits(self) -> torch.Tensor | None:
+        return self.dense_logits.get("teacher")
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.target_ids.shape[-1])
+
+    def positions(self, index: slice) -> PositionBatch:
+        """A chunk of positions (the chunked loss path)."""
+        return PositionBatch(
+            self.target_ids[:, index],
+            {name: rows.positions(index) for name, rows in self.soft_labels.items()},
+            {name: t[:, index] for name, t in self.dense_logits.items()},
+            {name: t[:, index] for name, t in self.dense_probs.items()},
+            {layer: t[:, index] for layer, t in self.student_hidden.items()},
+            {layer: t[:, index] for layer, t in self.teacher_hidden.items()},
+            {name: t[:, index] for name, t in self.prepared.items()},
+        )
+
+    def with_prepared(self, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
+        return replace(self, prepared={**self.prepared, **fields}) if fields else self
+
+    # ------------------------------------------------------------ the mapping view (SCHEMA)
+    def _fields(self) -> dict[str, torch.Tensor]:
+        found = {"target_ids": self.target_ids}
+        for name, rows in self.soft_labels.items():
+            found.update({f"{name}_ids": rows.ids, f"{name}_probs": rows.probs, f"{name}_tail": rows.tail})
+        found.update({f"{name}_logits": t for name, t in self.dense_logits.items()})
+        found.update({f"{name}_probs": t for name, t in self.dense_probs.items()})
+        found.update({f"student_hidden_{layer}": t for layer, t in self.student_hidden.items()})
+        found.update({f"teacher_hidden_{layer}": t for layer, t in self.teacher_hidden.items()})
+        found.update(self.prepared)
+        return found
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        fields = self._fields()
+        if key not in fields:
+            raise KeyError(key)
+        return fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields())
+
+    def __len__(self) -> int:
+        return len(self._fields())
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
+        """A batch from the mapping form (:data:`SCHEMA`); keys it does not recognise become ``prepared``."""
+        if isinstance(fields, PositionBatch):
+            return fields
+        if "target_ids" not in fields:
+            raise KeyError("a loss batch needs target_ids (see kd_lightning.data.batch.SCHEMA)")
+        rest = {k: v for k, v in fields.items() if k != "target_ids"}
+        batch = cls(fields["target_ids"])
+        for key in [k for k in rest if k.endswith("_ids")]:
+            name = key[: -len("_ids")]
+            if f"{name}_probs" in rest and f"{name}_tail" in rest:
+                batch.soft_labels[name] = SoftLabels(
+                    rest.pop(key), rest.pop(f"{name}_probs"), rest.pop(f"{name}_tail")
+                )
+        for key in list(rest):
+            for prefix, into in (
+                ("student_hidden_", batch.student_hidden),
+                ("teacher_hidden_", batch.teacher_hidden),
+            ):
+                if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
+                    into[int(key[len(prefix) :])] = rest.pop(key)
+        for suffix, into in (("_logits", batch.dense_logits), ("_probs", batch.dense_probs)):
+            for key in [k for k in rest if k.endswith(suffix)]:
+                into[key[: -len(suffix)]] = rest.pop(key)
+        batch.prepared.update(rest)
+        return batch

@@ -1,0 +1,189 @@
+"""The teacher corpus artifact: records read, split into train / held-out and tokenised, cached.
+
+:func:`build_corpus` returns a :class:`Corpus`: the tokenised halves and the student's tokenizer they were
+cut with. Every other artifact (stores, students, evaluations) is keyed by a corpus fingerprint, so a new
+split or tokenizer invalidates them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_leftovers
+from kd_lightning.data.records import CorpusError, load_records, split_records
+from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
+from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+SHIPPED_SOURCES = ("alpaca_gpt35", "smollm2_self_instruct")
+
+
+@dataclass
+class CorpusSpec:
+    """Where the teacher text comes from and how it is cut into train / held-out."""
+
+    source: str = "alpaca_gpt35"
+    """``alpaca_gpt35`` (the 805 gpt-3.5-turbo-0301 responses), ``jsonl`` or ``hf_dataset``."""
+    path: str | None = None
+    """File or folder for ``jsonl`` / ``hf_dataset``."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Map of our field names (instruction, input, system, response) to the source's."""
+    heldout_size: int = 100
+    """Records held out by the fixed hash rule (see :func:`split_records`)."""
+    max_seq_len: int = 512
+    """Prompt + response tokens; longer responses are truncated (and counted)."""
+    train_limit: int | None = None
+    """Use only the first N training records (after the split), e.g. for a quick demo."""
+    heldout_limit: int | None = None
+    """Evaluate on only the first N held-out records."""
+    logprobs: str | None = None
+    """``logprobs.jsonl`` from ``kdl generate sampling.top_logprobs=K``: the teacher's top-k log-probs,
+    stored as the ``teacher_logprobs`` soft labels (``kd_target=teacher_logprobs``)."""
+    keep_duplicate_heldout: bool = False
+    """A held-out prompt that also occurs in the training split is dropped from the held-out side (and
+    reported) unless this is true: evaluating on a prompt the student trained on flatters it."""
+
+    def __post_init__(self) -> None:
+        if self.heldout_size < 1:
+            raise ValueError(
+                f"data.heldout_size must be >= 1 (records held out to evaluate on), got {self.heldout_size}"
+            )
+        if self.max_seq_len < 2:
+            raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        for name in ("train_limit", "heldout_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1 or null, got {value}")
+
+
+@dataclass
+class Corpus:
+    """The tokenised teacher text and the student tokenizer it was cut with.
+
+    ``train`` honours ``train_limit`` (what students train on); ``full_train`` is the whole training split
+    (what n-gram counts and proxy alignment read).
+    """
+
+    train: TokenizedCorpus
+    full_train: TokenizedCorpus
+    heldout: TokenizedCorpus
+    tokenizer: Any
+    tokenizer_path: str
+    tokenizer_fp: str
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(max(len(self.tokenizer), self.tokenizer.vocab_size))
+
+    def check_model_vocabulary(self, model: Any, path: str, role: str) -> None:
+        """Refuse a model whose logits are not over the student's vocabulary, in one line."""
+        vocab = int(model.config.vocab_size)
+        if vocab < self.vocab_size:
+            raise ValueError(
+                f"{role} {path} has config.vocab_size={vocab} but the student tokenizer has "
+                f"{self.vocab_size} ids; the {role} must share the student's tokenizer"
+            )
+        fingerprint = tokenizer_fingerprint(load_tokenizer(path))
+        if fingerprint != self.tokenizer_fp:
+            raise ValueError(
+                f"{role} {path} uses a different tokenizer than {self.tokenizer_path} "
+                f"(fingerprints {fingerprint} vs {self.tokenizer_fp}); its distributions must be over one "
+                "shared vocabulary"
+            )
+
+
+def corpus_provenance(spec: CorpusSpec, tokenizer_fp: str, code: str | None) -> dict[str, Any]:
+    """What the tokenised corpus depends on: the spec (not ``logprobs``), the source's contents, code."""
+    settings = asdict(spec)
+    settings.pop("logprobs")  # evidence about the corpus, not part of it
+    if settings["source"] not in SHIPPED_SOURCES and settings["path"]:
+        if not Path(settings["path"]).expanduser().exists():
+            raise CorpusError(
+                f"data.path={settings['path']} does not exist; point it at your corpus "
+                "(a JSONL file of records, or a datasets folder for data=hf_dataset)"
+            )
+        settings["content"] = file_digest(Path(settings["path"]).expanduser())
+    settings["format"] = 2  # tokenized corpora keep their record keys
+    return {"spec": settings, "tokenizer": tokenizer_fp, "code": code}
+
+
+def build_corpus(
+    workspace: Workspace, spec: CorpusSpec, tokenizer_path: str, code: str | None = None
+) -> Corpus:
+    """The tokenised train / held-out corpus for ``spec`` under the student's tokenizer (cached)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+
+    def load(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+        return TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
+
+    def build(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+        _write_corpus(folder, spec, tokenizer)
+        return load(folder)
+
+    full, heldout = workspace.cached(
+        "corpus", corpus_provenance(spec, fingerprint, code), build, load, done="heldout"
+    )
+    train = full if spec.train_limit is None else first_sequences(full, spec.train_limit)
+    return Corpus(train, full, heldout, tokenizer, str(tokenizer_path), fingerprint)
+
+
+def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
+    """Read, split and tokenise the records; both halves land in ``folder`` with one rename."""
+    records = load_records(spec.source, spec.path, spec.fields)
+    train_records, heldout_records = split_records(records, spec.heldout_size)
+    seen = {r.key for r in train_records}
+    straddling = [r for r in heldout_records if r.key in seen]
+    if straddling:
+        action = (
+            "kept (data.keep_duplicate_heldout=true)"
+            if spec.keep_duplicate_heldout
+            else "dropped from the held-out side (data.keep_duplicate_heldout=true keeps them)"
+        )
+        log.warning("corpus: %d held-out record(s) repeat a training prompt; %s", len(straddling), action)
+        if not spec.keep_duplicate_heldout:
+            heldout_records = [r for r in heldout_records if r.key not in seen]
+    if spec.heldout_limit is not None:
+        heldout_records = heldout_records[: spec.heldout_limit]
+    if not heldout_records:
+        raise ValueError("data.heldout_size is 0: the pipeline needs held-out records to evaluate on")
+    train = tokenize_records(train_records, tokenizer, spec.max_seq_len)
+    heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len)
+    log.info("corpus train: %s", train.report.summary())
+    log.info("corpus held-out: %s", heldout.report.summary())
+    remove_leftovers(folder.parent, f".{folder.name}.*")  # a corpus write cut short by a kill
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        train.save(tmp / "train")
+        heldout.save(tmp / "heldout")
+        fault_point("corpus:before-rename")
+        if folder.exists():  # a half-written corpus of a run killed before this layout
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
+    """The first ``n`` sequences of a corpus (a view's copy of offsets; tokens shared)."""
+    n = min(n, len(corpus))
+    end = int(corpus.offsets[n])
+    return TokenizedCorpus(
+        corpus.tokens[:end],
+        corpus.offsets[: n + 1].copy(),
+        corpus.prompt_lens[:n].copy(),
+        corpus.report,
+        None if corpus.record_keys is None else corpus.record_keys[:n],
+    )

@@ -1,0 +1,175 @@
+"""The soft-label store artifacts: prior, posterior, offline teacher and API teacher log-probs.
+
+Each builder takes plain objects (a :class:`~kd_lightning.artifacts.Workspace`, a
+:class:`~kd_lightning.data.corpus.Corpus`, an estimator) and returns a
+:class:`~kd_lightning.data.soft_labels.SoftLabelStore`, built once per provenance through
+:meth:`Workspace.cached`. A store's provenance is also written into its ``meta.json`` and checked on load,
+so a store is never read for a corpus or tokenizer it was not built for. What a builder needs from another
+stage (the prior store, the aligned proxy) it receives as arguments; :mod:`kd_lightning.stages` wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kd_lightning.artifacts import Workspace, file_digest, model_identity, settings_key
+from kd_lightning.atomic import atomic_json
+from kd_lightning.data.corpus import Corpus
+from kd_lightning.data.soft_labels import SoftLabelStore, write_store
+from kd_lightning.estimation.ngram import NGramPriorEstimator
+from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
+from kd_lightning.models.loading import freeze, load_causal_lm
+
+log = logging.getLogger(__name__)
+
+RESUMABLE = (".partial", ".stats.json")
+"""Siblings of a store folder: shards of an interrupted build, and the build's figures."""
+
+
+def stats_path(folder: Path) -> Path:
+    """Where a store's build figures (seconds, rows, counts) are written, beside the store."""
+    return folder.parent / f"{folder.name}.stats.json"
+
+
+def _open(corpus: Corpus, provenance: dict[str, Any]) -> Callable[[Path], SoftLabelStore]:
+    return lambda folder: SoftLabelStore(folder, expect=provenance, vocab_size=corpus.vocab_size)
+
+
+def prior_provenance(corpus: Corpus, estimator: NGramPriorEstimator, code: str | None) -> dict[str, Any]:
+    return {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": corpus.train.fingerprint,
+        "counts": corpus.full_train.fingerprint,
+        "estimator": estimator.settings(),
+        "code": code,
+    }
+
+
+def prior_store(
+    workspace: Workspace, corpus: Corpus, estimator: NGramPriorEstimator, code: str | None = None
+) -> SoftLabelStore:
+    """The n-gram prior at every training target position (counts over the whole training split)."""
+    provenance = prior_provenance(corpus, estimator, code)
+
+    def build(folder: Path) -> SoftLabelStore:
+        start = time.perf_counter()
+        rows, stats = estimator.estimate(corpus.train, corpus.vocab_size, count_corpus=corpus.full_train)
+        store = write_store(
+            folder, rows, corpus.train.target_offsets(), provenance, vocab_size=corpus.vocab_size
+        )
+        atomic_json(stats_path(folder), {**stats, "seconds": time.perf_counter() - start})
+        log.info("prior written to %s (%s)", folder, stats)
+        return store
+
+    return workspace.cached("prior", provenance, build, _open(corpus, provenance), siblings=(".stats.json",))
+
+
+def posterior_provenance(
+    corpus: Corpus,
+    prior: dict[str, Any],
+    proxy_key: str,
+    estimator: ProxyPosteriorEstimator,
+    code: str | None,
+) -> dict[str, Any]:
+    """``prior`` is the prior's provenance; ``proxy_key`` the aligned proxy's key."""
+    return {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": prior["corpus"],
+        "prior": settings_key(prior),
+        "proxy": proxy_key,
+        "estimator": estimator.settings(),
+        "code": code,
+    }
+
+
+def posterior_store(
+    workspace: Workspace,
+    corpus: Corpus,
+    provenance: dict[str, Any],
+    estimator: ProxyPosteriorEstimator,
+    prior: Callable[[], SoftLabelStore],
+    aligned_proxy: Callable[[], Path],
+) -> SoftLabelStore:
+    """The prior updated with R proxy draws per position (resumable shard by shard).
+
+    ``prior`` and ``aligned_proxy`` are called only when the store must be built.
+    """
+
+    def build(folder: Path) -> SoftLabelStore:
+        prior_rows = prior()
+        proxy = freeze(load_causal_lm(aligned_proxy()))
+        start = time.perf_counter()
+        store = estimator.estimate(proxy, corpus.train, prior_rows, corpus.pad_id, str(folder), provenance)
+        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        return store
+
+    return workspace.cached("posterior", provenance, build, _open(corpus, provenance), siblings=RESUMABLE)
+
+
+def offline_teacher_store(
+    workspace: Workspace,
+    corpus: Corpus,
+    teacher_path: str | None,
+    targets: TeacherTargetBuilder,
+    code: str | None = None,
+) -> SoftLabelStore:
+    """An open teacher's sparse distributions at every training target position (resumable)."""
+    if teacher_path is None:
+        raise ValueError(
+            "the offline_teacher soft labels need an open teacher: add teacher=smollm2 "
+            "(or teacher=local teacher.path=<HF folder>)"
+        )
+    provenance = {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": corpus.train.fingerprint,
+        "teacher": model_identity(teacher_path),
+        "targets": targets.settings(),
+        "code": code,
+    }
+
+    def build(folder: Path) -> SoftLabelStore:
+        teacher = freeze(load_causal_lm(teacher_path))
+        corpus.check_model_vocabulary(teacher, teacher_path, "teacher")
+        start = time.perf_counter()
+        store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance)
+        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        return store
+
+    return workspace.cached(
+        "teacher_logits", provenance, build, _open(corpus, provenance), siblings=RESUMABLE
+    )
+
+
+def teacher_logprobs_store(
+    workspace: Workspace, corpus: Corpus, logprobs: str | None, code: str | None = None
+) -> SoftLabelStore:
+    """An API teacher's top-k log-probs (``data.logprobs``) aligned to every training target position."""
+    if not logprobs:
+        raise ValueError(
+            "the teacher_logprobs soft labels need data.logprobs=<corpus folder>/logprobs.jsonl "
+            "(written by kdl generate sampling.top_logprobs=K)"
+        )
+    provenance = {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": corpus.train.fingerprint,
+        "logprobs": file_digest(logprobs),
+        "code": code,
+    }
+
+    def build(folder: Path) -> SoftLabelStore:
+        store, stats = build_logprob_store(
+            corpus.train, read_logprobs(logprobs), corpus.tokenizer, folder, provenance, corpus.vocab_size
+        )
+        atomic_json(stats_path(folder), stats)
+        log.info("teacher log-probs written to %s (%s)", folder, stats)
+        return store
+
+    return workspace.cached(
+        "teacher_logprobs", provenance, build, _open(corpus, provenance), siblings=(".stats.json",)
+    )

@@ -1,0 +1,89 @@
+"""The evaluation artifacts: held-out metrics of a model, and the proxy's NLL before / after alignment.
+
+Each result is a JSON file ``eval/<key>.json`` keyed by the model's identity (weights' digest), the held-out
+corpus, the evaluation settings and the code, so re-scoring an unchanged model is free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kd_lightning.artifacts import Workspace, model_identity
+from kd_lightning.atomic import atomic_json
+from kd_lightning.data.corpus import Corpus
+from kd_lightning.evaluation.evaluate import EvaluationSpec, evaluate_model
+from kd_lightning.evaluation.nll import heldout_nll, require_finite
+from kd_lightning.models.loading import freeze, load_causal_lm
+
+
+def _cached_json(workspace: Workspace, provenance: dict[str, Any], compute: Callable[[], dict[str, Any]]):
+    def build(path: Path) -> dict[str, Any]:
+        result = compute()
+        atomic_json(path, result)
+        return result
+
+    return workspace.cached(
+        "eval", provenance, build, lambda path: json.loads(path.read_text()), done=None, suffix=".json"
+    )
+
+
+def evaluation_result(
+    workspace: Workspace,
+    corpus: Corpus,
+    name: str,
+    model_path: str | Path,
+    spec: EvaluationSpec,
+    teacher_path: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """Held-out metrics of one model (NLL, ppl, token accuracy, ECE, ROUGE-L, ...), cached per model and spec."""
+    provenance = {
+        "model": model_identity(str(model_path)),
+        "heldout": corpus.heldout.fingerprint,
+        "spec": asdict(spec),
+        **({"teacher": model_identity(str(teacher_path))} if spec.reverse_kl_limit and teacher_path else {}),
+        "code": code,
+    }
+    if spec.reverse_kl_limit and teacher_path is None:
+        raise ValueError(
+            "evaluation.reverse_kl_limit > 0 measures the reverse KL to an open teacher: add teacher=smollm2 "
+            "(or teacher=local teacher.path=<HF folder>), or set evaluation.reverse_kl_limit=0"
+        )
+
+    def compute() -> dict[str, Any]:
+        model = freeze(load_causal_lm(model_path))
+        corpus.check_model_vocabulary(model, str(model_path), "evaluated model")
+        teacher = None
+        if spec.reverse_kl_limit:
+            teacher = freeze(load_causal_lm(teacher_path))
+            corpus.check_model_vocabulary(teacher, str(teacher_path), "teacher")
+        metrics = evaluate_model(model, corpus.tokenizer, corpus.heldout, spec, teacher=teacher)
+        result = {"name": name, "model": str(model_path), **metrics}
+        require_finite(result, f"model {model_path}", "not cached; check the model's weights")
+        return result
+
+    return _cached_json(workspace, provenance, compute)
+
+
+def proxy_heldout(
+    workspace: Workspace,
+    corpus: Corpus,
+    name: str,
+    model_key: Any,
+    model: Callable[[], str | Path],
+    code: str | None,
+) -> dict[str, Any]:
+    """Held-out NLL of a proxy (``model_key`` identifies it: its identity, or the aligned proxy's key)."""
+    provenance = {"proxy": model_key, "heldout": corpus.heldout.fingerprint, "code": code}
+
+    def compute() -> dict[str, Any]:
+        loaded = freeze(load_causal_lm(model()))
+        result = {"name": name, **heldout_nll(loaded, corpus.heldout, corpus.pad_id, desc=f"eval {name}")}
+        require_finite(result, name, "not cached; check the proxy's weights")
+        return result
+
+    return _cached_json(workspace, provenance, compute)

@@ -1,0 +1,159 @@
+"""The aligned-proxy artifact: the open proxy fine-tuned (SFT, optionally LoRA) on the teacher's text.
+
+The paper aligns the proxy to the closed teacher before sampling it for the posterior, so the proxy's
+distributions start from the teacher's style rather than its own. Training reuses
+:class:`~kd_lightning.modules.distill.DistillModule` with the single term ``hard_ce``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Trainer
+from torch import nn
+
+from kd_lightning.artifacts import Workspace, fault_point, model_identity, remove_leftovers, settings_key
+from kd_lightning.data.corpus import Corpus, first_sequences
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.losses.terms import HardCrossEntropy
+from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.training import close_loggers, last_checkpoint
+
+TrainerFactory = Callable[..., Trainer]
+"""``(folder, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer`` (loggers included)."""
+
+
+@dataclass
+class ProxyAlignment:
+    """How the proxy is fine-tuned on the teacher text before it is sampled (plain SFT; LoRA optional)."""
+
+    max_records: int | None = None
+    """Train on the first N training records (None: all)."""
+    max_epochs: int = 1
+    batch_size: int = 4
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps (0: none)."""
+    lora_rank: int | None = None
+    """If set, train LoRA adapters of this rank (needs ``peft``) and merge them after training."""
+    lora_alpha: float = 16.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_epochs", self.max_epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_records", self.max_records is None or self.max_records >= 1, ">= 1 or null"),
+            ("lora_rank", self.lora_rank is None or self.lora_rank >= 1, ">= 1 or null"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"alignment.{name} must be {rule}, got {getattr(self, name)}")
+
+
+def aligned_proxy_provenance(
+    corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None
+) -> dict[str, Any]:
+    return {
+        "proxy": model_identity(proxy_path),
+        "corpus": corpus.full_train.fingerprint,
+        "alignment": asdict(alignment),
+        "code": code,
+    }
+
+
+def aligned_proxy_key(corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None) -> str:
+    """The aligned proxy's cache key (the posterior's provenance names it)."""
+    return settings_key(aligned_proxy_provenance(corpus, proxy_path, alignment, code))
+
+
+def aligned_proxy(
+    workspace: Workspace,
+    corpus: Corpus,
+    proxy_path: str,
+    alignment: ProxyAlignment,
+    trainer_factory: TrainerFactory,
+    code: str | None = None,
+) -> Path:
+    """Fine-tune the proxy on the training corpus and return the saved HF folder (cached, resumable)."""
+
+    def build(folder: Path) -> Path:
+        final = folder / "model"
+        remove_leftovers(folder, ".model.*")
+        proxy = load_causal_lm(proxy_path)
+        corpus.check_model_vocabulary(proxy, proxy_path, "proxy")
+        model = _fine_tune(proxy, corpus, alignment, trainer_factory, folder)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=folder))
+        model.save_pretrained(tmp)
+        corpus.tokenizer.save_pretrained(tmp)
+        fault_point("align:before-rename")
+        if final.exists():  # not complete (no config.json): a leftover of an older layout
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return final
+
+    provenance = aligned_proxy_provenance(corpus, proxy_path, alignment, code)
+    return workspace.cached(
+        "align", provenance, build, lambda folder: folder / "model", done="model/config.json"
+    )
+
+
+def _fine_tune(
+    proxy: nn.Module, corpus: Corpus, cfg: ProxyAlignment, trainer_factory: TrainerFactory, folder: Path
+) -> nn.Module:
+    if cfg.lora_rank:
+        proxy = _with_lora(proxy, cfg)
+    train = corpus.full_train
+    subset = train if cfg.max_records is None else first_sequences(train, cfg.max_records)
+    torch.manual_seed(cfg.seed)
+    warmup = None
+    if cfg.warmup_steps > 0:
+
+        def warmup(optimizer):
+            return torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / cfg.warmup_steps, total_iters=cfg.warmup_steps
+            )
+
+    module = DistillModule(
+        proxy,
+        {"hard_ce": HardCrossEntropy()},
+        optimizer=lambda params: torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        ),
+        scheduler=warmup,
+    )
+    data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(
+        corpus.pad_id, subset
+    )
+    trainer = trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
+    trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(folder))
+    close_loggers(trainer)
+    model = module.student
+    return model.merge_and_unload() if cfg.lora_rank else model
+
+
+def _with_lora(model: nn.Module, cfg: ProxyAlignment) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model  # optional dependency (kd_lightning[lora])
+    except ImportError as err:
+        raise ImportError("alignment.lora_rank needs `pip install peft` (or kd_lightning[lora])") from err
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,254 @@
+"""StudentModule: what every LightningModule that trains a student shares.
+
+* the student, and the optimizer / scheduler built from partials over its trainable parameters (and any
+  trainable loss-term parameters, e.g. a feature projection);
+* a frozen teacher held *outside* the module tree: never in the optimizer, the checkpoint or DDP's
+  gradient sync; moved to the student's device (or sharded with it under FSDP) when fitting starts;
+* teacher-forced validation NLL (``val/nll``, ``val/ppl``), summed over ranks, one loop for all modules;
+* held-out generation at validation (``val/rouge_l`` against the teacher text, ``val/reverse_kl`` to the
+  teacher of the student's samples) for every module given ``eval_generation_limit > 0``;
+* the tokenizer's EOS / pad ids, checked once; per-step seeds from one formula; step timing.
+
+Subclasses declare, as class attributes, what the stage that builds them must know: ``needs_teacher``
+(load the online teacher), ``restores_best_checkpoint`` (reload the best monitored checkpoint after fit)
+and ``trainer_overrides`` (settings the module needs from the Trainer). Every module is built with the
+same keywords (see :func:`kd_lightning.stages.train.build_student_module`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from kd_lightning.data.batch import TextBatch
+from kd_lightning.evaluation.metrics import rouge_l
+from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
+from kd_lightning.generation.rollout import left_pad, prompts_from_batch
+from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
+from kd_lightning.models.loading import (
+    check_same_vocabulary,
+    freeze,
+    shard_frozen_model,
+    target_position_logits,
+)
+
+SEED_STREAMS: dict[str, tuple[int, int]] = {
+    "batch_source": (1, 0),
+    "student_samples": (1, 0),
+    "replay": (1, 0),
+    "rollout": (1_000_003, 17),
+}
+"""Per random stream, (step multiplier, offset) of :meth:`StudentModule.step_seed`. Seed 0 reproduces the
+streams of the releases whose figures the README reports."""
+
+
+class StudentModule(LightningModule):
+    """Base of every student-training module.
+
+    Args:
+        student: a causal LM returning ``.logits`` (B, T, V).
+        optimizer: a partial taking ``params`` (Hydra ``_partial_: true``).
+        scheduler: optional partial taking ``optimizer``; stepped every optimizer step.
+        teacher: optional causal LM on the student's vocabulary; frozen, held outside the module tree.
+        tokenizer: gives EOS / pad ids and decodes held-out generations; needed by generating modules.
+        seed: of the per-step random streams (a resumed run makes the same draws).
+        eval_generation_limit: held-out prompts generated at each validation (0: no ROUGE-L / reverse KL).
+        eval_max_new_tokens: generation length at validation.
+        shard_teacher: shard the teacher over the ranks; None = when the strategy shards the student.
+    """
+
+    needs_teacher: ClassVar[bool] = False
+    """The stage loads the online teacher for this module even when no loss term reads it."""
+    restores_best_checkpoint: ClassVar[bool] = False
+    """After fit, the best checkpoint of the monitored metric is loaded back (MiniLLM: ``val/rouge_l``)."""
+    trainer_overrides: ClassVar[Mapping[str, Any]] = {}
+    """Trainer settings this module needs (MiniLLM clips its own updates: ``gradient_clip_val=None``)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        teacher: nn.Module | None = None,
+        tokenizer: Any = None,
+        seed: int = 0,
+        eval_generation_limit: int = 0,
+        eval_max_new_tokens: int = 64,
+        shard_teacher: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if eval_max_new_tokens < 1 or eval_generation_limit < 0:
+            raise ValueError("eval_max_new_tokens must be >= 1 and eval_generation_limit >= 0")
+        if self.needs_teacher and teacher is None:
+            raise ValueError(
+                f"{type(self).__name__} needs an online teacher: add teacher=smollm2 "
+                "(or teacher=local teacher.path=<HF folder>)"
+            )
+        # No save_hyperparameters(): every argument is an object (models, terms, factories), and Lightning's
+        # frame inspection would capture the teacher into the checkpoint. The CLI logs the resolved config.
+        self.student = student
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.seed = int(seed)
+        self.shard_teacher = shard_teacher
+        self.eval_generation_limit = int(eval_generation_limit)
+        self.eval_max_new_tokens = int(eval_max_new_tokens)
+        object.__setattr__(self, "tokenizer", tokenizer)  # not state: never checkpointed
+        object.__setattr__(self, "teacher", None if teacher is None else freeze(teacher))
+        if teacher is not None:
+            check_same_vocabulary(student, teacher, "distillation compares their token distributions")
+        self.eos_token_id: int | None = None
+        self.pad_token_id: int | None = None
+        if self.eval_generation_limit:
+            self.require_special_ids("held-out generation (eval_generation_limit > 0)")
+        self.step_seconds: dict[str, list[float]] = {}
+        """Wall time of each training step's phases (``rollout_seconds``, ``update_seconds``)."""
+
+    # ---------------------------------------------------------------- set-up
+    def require_special_ids(self, why: str) -> None:
+        """Read EOS and pad ids from the tokenizer, refusing one that lacks them."""
+        tok = self.tokenizer
+        if tok is None or tok.eos_token_id is None or tok.pad_token_id is None:
+            raise ValueError(f"{why} needs a tokenizer with eos_token_id and pad_token_id")
+        self.eos_token_id, self.pad_token_id = int(tok.eos_token_id), int(tok.pad_token_id)
+
+    def on_fit_start(self) -> None:
+        self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
+        self._place_teacher()
+
+    def on_validation_start(self) -> None:
+        self._place_teacher()
+
+    def _place_teacher(self) -> None:
+        if self.teacher is None:
+            return
+        if getattr(self.teacher, "_kdl_sharded", False):
+            pass
+        elif self._teacher_should_shard():
+            shard_frozen_model(self.teacher, self.device.type)  # moves each rank's shard to the device
+            object.__setattr__(self.teacher, "_kdl_sharded", True)
+        else:
+            self.teacher.to(self.device)
+        self.teacher.eval()
+
+    def _teacher_should_shard(self) -> bool:
+        if self.trainer_world_size() < 2:
+            return False
+        if self.shard_teacher is not None:
+            return self.shard_teacher
+        name = type(self.trainer.strategy).__name__
+        return name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+    def trainer_world_size(self) -> int:
+        trainer = self._trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def configure_optimizers(self):
+        # the student and any trainable term parameters; the teacher is not a submodule
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- seeds and timing
+    def step_seed(self, stream: str) -> int:
+        """The seed of random ``stream`` at this step: ``seed · 1_000_003 + step · m + c`` (see SEED_STREAMS)."""
+        multiplier, offset = SEED_STREAMS[stream]
+        return self.seed * 1_000_003 + int(self.global_step) * multiplier + offset
+
+    @contextmanager
+    def timed(self, phase: str, batch_size: int) -> Iterator[None]:
+        """Time a phase of the training step: kept in ``step_seconds`` and logged as ``time/<phase>``."""
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.step_seconds.setdefault(phase, []).append(seconds)
+        self.log(f"time/{phase}", seconds, batch_size=batch_size)
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val = {"nll": zero.clone(), "tokens": zero.clone()}
+        self._val_rkl: list[tuple[float, float]] = []  # (token-mean KL, tokens) per batch
+        self._val_predictions: list[str] = []
+        self._val_references: list[str] = []
+
+    @torch.no_grad()
+    def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
+        mask = batch.target_ids != IGNORE_INDEX
+        logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+        self._val["nll"] += token_cross_entropy(logits[None], batch.target_ids[mask][None]).sum().double()
+        self._val["tokens"] += mask.sum().double()
+        if len(self._val_predictions) < self.eval_generation_limit:
+            self.generation_eval(batch, batch_idx)
+
+    def generation_eval(self, batch: TextBatch, batch_idx: int) -> None:
+        """Greedy replies to held-out prompts (ROUGE-L) and, with a teacher, the sampled reverse KL."""
+        room = self.eval_generation_limit - len(self._val_predictions)
+        rows = batch.rows(slice(0, room))
+        prompts = prompts_from_batch(rows)
+        input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
+        greedy = self.student.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=self.eval_max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        width = max(len(p) for p in prompts)
+        decode = self.tokenizer.batch_decode
+        self._val_predictions += [
+            t.strip() for t in decode(greedy[:, width:].cpu(), skip_special_tokens=True)
+        ]
+        mask = rows.target_ids != IGNORE_INDEX
+        for row in range(len(prompts)):
+            response = rows.target_ids[row][mask[row]]
+            self._val_references.append(
+                self.tokenizer.decode(response.tolist(), skip_special_tokens=True).strip()
+            )
+        if self.teacher is None:
+            return
+        measured = sampled_reverse_kl(
+            self.student,
+            self.teacher,
+            prompts,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            max_new_tokens=self.eval_max_new_tokens,
+            batch_size=len(prompts),
+            seed=batch_idx,
+        )
+        self._val_rkl.append((measured["reverse_kl"], measured["response_tokens"] * len(prompts)))
+
+    def on_validation_epoch_end(self) -> None:
+        totals = {k: self.all_gather(v).sum() for k, v in self._val.items()}
+        nll = (totals["nll"] / totals["tokens"].clamp_min(1.0)).float()
+        self.log("val/nll", nll, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll), sync_dist=False)
+        if self._val_predictions:
+            self.log("val/rouge_l", rouge_l(self._val_predictions, self._val_references), prog_bar=True)
+        if self._val_rkl:
+            tokens = sum(n for _, n in self._val_rkl)
+            self.log(
+                "val/reverse_kl", sum(kl * n for kl, n in self._val_rkl) / max(tokens, 1.0), prog_bar=True
+            )
+
+
+def module_class(factory: Callable[..., Any]) -> type[StudentModule]:
+    """The class a ``module`` partial builds, refusing one that is not a :class:`StudentModule`."""
+    target = getattr(factory, "func", factory)
+    if not (isinstance(target, type) and issubclass(target, StudentModule)):
+        raise ValueError(
+            f"module._target_={getattr(target, '__qualname__', target)} is not a StudentModule subclass; "
+            "subclass kd_lightning.modules.distill.DistillModule (or StudentModule) for your module"
+        )
+    return target

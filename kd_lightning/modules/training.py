@@ -1,0 +1,170 @@
+"""The trained-student artifact: fit a student module, save the student, score it on held-out text.
+
+A student folder is ``distill/<key>/`` with ``student/`` (the HF model, its tokenizer and
+``kdl_training.json``, landed in one rename) and ``result.json`` (held-out NLL + the training record), written
+last. A run killed before ``result.json`` resumes: from ``checkpoints/last.ckpt`` while training, or by
+only evaluating a student that was already saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Trainer
+from torch import nn
+
+from kd_lightning.artifacts import Workspace, fault_point, remove_leftovers
+from kd_lightning.atomic import atomic_json
+from kd_lightning.data.corpus import Corpus
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.evaluation.nll import heldout_nll, require_finite
+from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.modules.base import StudentModule
+
+log = logging.getLogger(__name__)
+
+TRAINING_RECORD = "kdl_training.json"
+"""Saved inside a trained student's folder: what its ``result.json`` needs from training (seconds, terms,
+best checkpoint), so a run killed between saving the student and writing the result can finish it."""
+
+
+def train_student(
+    workspace: Workspace,
+    corpus: Corpus,
+    name: str,
+    provenance: Mapping[str, Any],
+    build_module: Callable[[], StudentModule],
+    datamodule: TeacherTextDataModule,
+    trainer_factory: Callable[..., Trainer],
+    max_epochs: int | None = None,
+    trainer_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached).
+
+    ``provenance`` is everything the student depends on (its resolved settings, the corpus, the stores'
+    keys, the code); ``datamodule`` must already be connected to the corpus and the stores.
+    """
+
+    def build(folder: Path) -> dict[str, Any]:
+        remove_leftovers(folder, ".student.*")  # a save cut short by a kill
+        if (folder / "student" / TRAINING_RECORD).is_file():  # killed after saving, before the result
+            log.info("%s: the student was saved by an earlier run; evaluating it", folder)
+            return finish_student(folder, corpus, name, load_causal_lm(folder / "student"), None)
+        module = build_module()
+        overrides = {**module.trainer_overrides, **(trainer_overrides or {})}
+        trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
+        seconds = time.perf_counter() - start
+        best = restore_best_checkpoint(module, trainer) if module.restores_best_checkpoint else None
+        training = {
+            "name": name,
+            "loss_chunk_size": getattr(module, "loss_chunk_size", None),
+            "terms": {n: t.weight for n, t in getattr(module, "loss_terms", {}).items()},
+            "module": type(module).__name__,
+            "train_seconds": seconds,
+            **({"best_checkpoint": best} if best else {}),
+            **timing_summary(module),
+        }
+        # the student and what its result needs from training land in one rename
+        tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
+        if hasattr(module.student, "save_pretrained"):
+            module.student.save_pretrained(tmp)
+            corpus.tokenizer.save_pretrained(tmp)
+        atomic_json(tmp / TRAINING_RECORD, training)
+        fault_point("distill:before-student-rename")
+        if (folder / "student").exists():  # a student of an older layout, without its record
+            shutil.rmtree(folder / "student")
+        os.replace(tmp, folder / "student")
+        fault_point("distill:student-saved")
+        return finish_student(folder, corpus, name, module.student, trainer)
+
+    def load(folder: Path) -> dict[str, Any]:
+        return json.loads((folder / "result.json").read_text())
+
+    return workspace.cached("distill", provenance, build, load, done="result.json")
+
+
+def finish_student(
+    folder: Path, corpus: Corpus, name: str, student: nn.Module, trainer: Trainer | None
+) -> dict[str, Any]:
+    """Held-out NLL of a saved student, logged and written as ``result.json`` (never a non-finite one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    training = json.loads((folder / "student" / TRAINING_RECORD).read_text())
+    metrics = heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}")
+    if trainer is not None:
+        close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
+    require_finite(
+        metrics,
+        f"student {name!r}",
+        f"training diverged, so nothing was cached; lower optimizer.lr or check the soft-label stores ({folder})",
+    )
+    result = {**training, **metrics, "name": name, "folder": str(folder)}
+    atomic_json(folder / "result.json", result)
+    return result
+
+
+def trained_students(workspace: Workspace) -> list[tuple[str, Path]]:
+    """(name, folder) of every student this workspace has finished training, oldest first."""
+    found = []
+    for result in sorted(workspace.root.glob("distill/*/result.json"), key=lambda p: p.stat().st_mtime):
+        folder = result.parent / "student"
+        if (folder / "config.json").is_file():
+            found.append((json.loads(result.read_text())["name"], folder))
+    return found
+
+
+def close_loggers(trainer: Trainer, metrics: Mapping[str, float] | None = None) -> None:
+    """Log a run's final figures (e.g. held-out NLL) to its own loggers, then close them.
+
+    The figures land in the same wandb run / CSV file as the training curves, so a dashboard or
+    ``kdl report`` finds them with the run's config. A wandb run is finished so that the next stage of a
+    pipeline or multirun job starts a fresh one.
+    """
+    for logger in trainer.loggers:
+        if metrics:
+            logger.log_metrics(dict(metrics), step=trainer.global_step)
+        logger.finalize("success")
+    finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Finish the wandb run, if a logger started one (wandb is imported only by its logger)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def restore_best_checkpoint(module: nn.Module, trainer: Trainer) -> str | None:
+    """Load the best monitored checkpoint back into the module (``restores_best_checkpoint`` modules)."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    if not best or not Path(best).is_file():
+        log.warning("no best checkpoint was recorded (was validation run?); keeping the final student")
+        return None
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    log.info("restored the best checkpoint %s", best)
+    return best
+
+
+def timing_summary(module: StudentModule) -> dict[str, float]:
+    """Mean seconds per training step of each timed phase (on-policy modules time rollouts and updates)."""
+    return {f"{key}_per_step": sum(v) / len(v) for key, v in module.step_seconds.items() if v}
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None

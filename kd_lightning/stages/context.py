@@ -1,0 +1,55 @@
+"""StageContext: the plain objects every stage reads (no Hydra), and the corpus, tokenised once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from lightning import Trainer
+
+from kd_lightning.artifacts import Workspace
+from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus
+from kd_lightning.estimation.ngram import NGramPriorEstimator
+from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.modules.alignment import ProxyAlignment
+
+
+@dataclass
+class StageContext:
+    """What the stages share.
+
+    Args:
+        workspace: the artifacts root (and which kinds to rebuild).
+        tokenizer_path: the student's tokenizer (the prior is over its vocabulary; the proxy must share it).
+        corpus_spec: the teacher text.
+        prior_estimator: n-gram prior settings.
+        posterior_estimator: proxy posterior settings.
+        proxy_path: the open proxy (``smollm2``, a folder or a hub id).
+        alignment: proxy fine-tuning settings.
+        trainer_factory: ``(folder, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer``.
+        teacher_path: an open (white-box) teacher, if any.
+        teacher_targets: how the offline-teacher store keeps the teacher's distributions.
+        code: per artifact kind, a fingerprint of the code that builds it (part of every cache key).
+    """
+
+    workspace: Workspace
+    tokenizer_path: str
+    corpus_spec: CorpusSpec
+    prior_estimator: NGramPriorEstimator
+    posterior_estimator: ProxyPosteriorEstimator
+    proxy_path: str
+    alignment: ProxyAlignment
+    trainer_factory: Callable[..., Trainer]
+    teacher_path: str | None = None
+    teacher_targets: TeacherTargetBuilder = field(default_factory=TeacherTargetBuilder)
+    code: Mapping[str, str] = field(default_factory=dict)
+    _corpus: Corpus | None = field(default=None, init=False, repr=False)
+
+    def corpus(self) -> Corpus:
+        """The tokenised train / held-out corpus (built or loaded once per context)."""
+        if self._corpus is None:
+            self._corpus = build_corpus(
+                self.workspace, self.corpus_spec, self.tokenizer_path, self.code.get("corpus")
+            )
+        return self._corpus

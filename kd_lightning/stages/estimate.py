@@ -1,0 +1,110 @@
+"""The estimation stages: ``kdl prior``, ``align``, ``posterior`` and ``teacher-logits``, and the stores a
+student reads (``stores_for``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.estimation.ngram import NGramPriorEstimator
+from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
+from kd_lightning.estimation.stores import (
+    offline_teacher_store,
+    posterior_provenance,
+    posterior_store,
+    prior_provenance,
+    prior_store,
+    teacher_logprobs_store,
+)
+from kd_lightning.evaluation.tables import summarize_store
+from kd_lightning.modules.alignment import aligned_proxy, aligned_proxy_key
+from kd_lightning.stages.context import StageContext
+
+
+def prior(ctx: StageContext, estimator: NGramPriorEstimator | None = None) -> SoftLabelStore:
+    """The n-gram prior store (``estimator`` overrides the context's, e.g. for a fidelity sweep)."""
+    return prior_store(ctx.workspace, ctx.corpus(), estimator or ctx.prior_estimator, ctx.code.get("prior"))
+
+
+def proxy_key(ctx: StageContext) -> str:
+    return aligned_proxy_key(ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.code.get("align"))
+
+
+def align(ctx: StageContext) -> Path:
+    """The proxy fine-tuned on the teacher text (SFT), as an HF folder."""
+    return aligned_proxy(
+        ctx.workspace, ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.trainer_factory, ctx.code.get("align")
+    )
+
+
+def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = None) -> SoftLabelStore:
+    """The posterior store: the prior updated with R draws of the aligned proxy per position."""
+    corpus = ctx.corpus()
+    estimator = estimator or ctx.posterior_estimator
+    provenance = posterior_provenance(
+        corpus,
+        prior_provenance(corpus, ctx.prior_estimator, ctx.code.get("prior")),
+        proxy_key(ctx),
+        estimator,
+        ctx.code.get("posterior"),
+    )
+    return posterior_store(
+        ctx.workspace,
+        corpus,
+        provenance,
+        estimator,
+        prior=lambda: prior(ctx),
+        aligned_proxy=lambda: align(ctx),
+    )
+
+
+def offline_teacher(ctx: StageContext) -> SoftLabelStore:
+    return offline_teacher_store(
+        ctx.workspace, ctx.corpus(), ctx.teacher_path, ctx.teacher_targets, ctx.code.get("teacher_logits")
+    )
+
+
+def teacher_logprobs(ctx: StageContext) -> SoftLabelStore:
+    return teacher_logprobs_store(
+        ctx.workspace, ctx.corpus(), ctx.corpus_spec.logprobs, ctx.code.get("teacher_logprobs")
+    )
+
+
+STORES = {
+    "prior": prior,
+    "posterior": posterior,
+    "offline_teacher": offline_teacher,
+    "teacher_logprobs": teacher_logprobs,
+}
+"""Soft-label store name (what a loss term's ``soft_labels`` says) → the stage that builds it."""
+
+
+def stores_for(ctx: StageContext, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
+    unknown = [n for n in names if n not in STORES]
+    if unknown:
+        raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {sorted(STORES)}")
+    return {name: STORES[name](ctx) for name in names}
+
+
+def run_prior(ctx: StageContext) -> dict[str, Any]:
+    store = prior(ctx)
+    return {"prior": str(store.folder), **summarize_store(store)}
+
+
+def run_align(ctx: StageContext) -> dict[str, Any]:
+    return {"aligned_proxy": str(align(ctx))}
+
+
+def run_posterior(ctx: StageContext) -> dict[str, Any]:
+    store = posterior(ctx)
+    return {"posterior": str(store.folder), **summarize_store(store)}
+
+
+def run_teacher_logits(ctx: StageContext) -> dict[str, Any]:
+    if ctx.teacher_path is None:
+        raise ValueError(
+            "kdl teacher-logits needs an open teacher: add teacher=smollm2 (or teacher=local teacher.path=...)"
+        )
+    store = offline_teacher(ctx)
+    return {"offline_teacher": str(store.folder), **summarize_store(store)}

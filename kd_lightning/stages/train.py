@@ -1,0 +1,122 @@
+"""The training stage: ``kdl distill`` (one student), built from a :class:`StudentRun`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.losses.terms import LossTerm, soft_label_names
+from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.modules.base import StudentModule, module_class
+from kd_lightning.modules.training import train_student
+from kd_lightning.stages.context import StageContext
+from kd_lightning.stages.estimate import stores_for
+
+
+@dataclass
+class StudentRun:
+    """Everything that trains one student, as plain objects.
+
+    Args:
+        name: run name (logs, tables).
+        module: a partial of a :class:`~kd_lightning.modules.base.StudentModule` (the ``module`` config
+            group). It is called with ``student``, ``loss_terms``, ``optimizer``, ``scheduler``,
+            ``loss_chunk_size``, ``teacher`` and ``tokenizer``.
+        student: builds the student (ignored when ``init_from`` names a trained student's folder).
+        loss_terms: name → term (each carries its weight).
+        datamodule: the (unconnected) teacher-text DataModule.
+        optimizer: partial taking ``params``; scheduler: optional partial taking ``optimizer``.
+        settings: the resolved settings the student depends on (its cache key, with the corpus, the
+            stores' keys and ``init_from``).
+        teacher: builds the online teacher; None when no teacher is configured.
+        loss_chunk_size: see :class:`~kd_lightning.modules.distill.DistillModule`.
+        init_from: an HF folder to start the student from (a pipeline variant's earlier student).
+        trainer_overrides: Trainer settings of this run only (a pipeline variant's ``trainer``).
+    """
+
+    name: str
+    module: Callable[..., StudentModule]
+    student: Callable[[], nn.Module]
+    loss_terms: Mapping[str, LossTerm]
+    datamodule: TeacherTextDataModule
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., Any] | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    teacher: Callable[[], nn.Module] | None = None
+    loss_chunk_size: int | None = None
+    init_from: str | None = None
+    trainer_overrides: Mapping[str, Any] | None = None
+
+    def reads_teacher(self) -> bool:
+        """Whether the student's step runs the online teacher: a term compares with it, or the module needs it."""
+        wants = any(getattr(t, "target", None) == "teacher" for t in self.loss_terms.values())
+        return wants or module_class(self.module).needs_teacher
+
+
+def check_run(run: StudentRun) -> None:
+    """Refuse, before any store is built, a run that cannot start: a missing teacher, a bad optimizer."""
+    cls = module_class(run.module)
+    if run.reads_teacher() and run.teacher is None:
+        wants = [n for n, t in run.loss_terms.items() if getattr(t, "target", None) == "teacher"]
+        what = f"loss term {wants[0]!r} compares" if wants else f"{cls.__name__} compares"
+        raise ValueError(
+            f"{what} the student with the teacher, but no teacher is configured; "
+            "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
+        )
+    try:  # bad optimizer settings (lr < 0, betas out of range) fail now, not after the stores are built
+        run.optimizer(params=[torch.zeros(1, requires_grad=True)])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"optimizer settings: {err}") from None
+
+
+def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> StudentModule:
+    """The LightningModule of ``run``: every module is called with the same keywords."""
+    student = load_causal_lm(run.init_from) if run.init_from else run.student()
+    student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
+    if student_vocab and student_vocab < vocab_size:
+        raise ValueError(
+            f"the student has config.vocab_size={student_vocab} but the tokenizer has {vocab_size} ids; "
+            "use a student built for this tokenizer"
+        )
+    teacher = run.teacher() if run.teacher is not None and run.reads_teacher() else None
+    return run.module(
+        student=student,
+        loss_terms=run.loss_terms,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        loss_chunk_size=run.loss_chunk_size,
+        teacher=teacher,
+        tokenizer=tokenizer,
+    )
+
+
+def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
+    """Train one student on its terms (reusing every store it reads), evaluate it, return its result row."""
+    check_run(run)
+    corpus = ctx.corpus()
+    stores = stores_for(ctx, soft_label_names(run.loss_terms.values()))
+    provenance = {
+        "settings": {
+            **run.settings,
+            **({"init_from": str(run.init_from)} if run.init_from else {}),
+            **({"trainer_overrides": dict(run.trainer_overrides)} if run.trainer_overrides else {}),
+        },
+        "corpus": corpus.train.fingerprint,
+        "stores": {name: store.folder.name for name, store in stores.items()},
+    }
+    datamodule = run.datamodule.connect(corpus.pad_id, corpus.train, corpus.heldout, stores)
+    return train_student(
+        ctx.workspace,
+        corpus,
+        run.name,
+        provenance,
+        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size),
+        datamodule,
+        ctx.trainer_factory,
+        trainer_overrides=run.trainer_overrides,
+    )
