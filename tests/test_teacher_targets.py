@@ -12,7 +12,8 @@ from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer, target_position_logits
+from kd_lightning.models.forward import target_position_logits
+from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from tests.test_pipeline import artifacts, kdl
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.models.forward import target_position_logits
 
 log = logging.getLogger(__name__)
 

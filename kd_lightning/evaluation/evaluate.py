@@ -20,7 +20,7 @@ from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
 from kd_lightning.evaluation.question_sets import load_question_set, score_question_set
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.models.forward import target_position_logits
 
 
 @dataclass

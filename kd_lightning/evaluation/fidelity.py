@@ -27,7 +27,7 @@ import torch
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import SparseRows
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.models.forward import target_position_logits
 
 EstimateRows = Callable[[slice], torch.Tensor]
 

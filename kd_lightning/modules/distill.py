@@ -25,7 +25,7 @@ from kd_lightning.data.batch import PositionBatch, TextBatch
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 from kd_lightning.losses.terms import LossTerm, soft_label_names
-from kd_lightning.models.loading import target_position_logits, target_position_states
+from kd_lightning.models.forward import target_position_logits, target_position_states
 from kd_lightning.modules.base import StudentModule
 
 

@@ -37,7 +37,7 @@ from kd_lightning.generation.rollout import Rollout, prompts_from_batch, respons
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
 from kd_lightning.losses.terms import LossTerm
-from kd_lightning.models.loading import target_position_logits
+from kd_lightning.models.forward import target_position_logits
 from kd_lightning.modules.base import StudentModule
 
 
