@@ -8,14 +8,12 @@ split or tokenizer invalidates them all.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_leftovers
+from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.records import CorpusError, load_records, split_records
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint
@@ -162,18 +160,10 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
     heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len)
     log.info("corpus train: %s", train.report.summary())
     log.info("corpus held-out: %s", heldout.report.summary())
-    remove_leftovers(folder.parent, f".{folder.name}.*")  # a corpus write cut short by a kill
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    remove_leftovers(folder.parent, f".{folder.name}.*")  # a corpus write of an earlier layout, cut short
+    with atomic_folder(folder, lambda: fault_point("corpus:before-rename")) as tmp:
         train.save(tmp / "train")
         heldout.save(tmp / "heldout")
-        fault_point("corpus:before-rename")
-        if folder.exists():  # a half-written corpus of a run killed before this layout
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from kd_lightning.artifacts import fault_point, remove_leftovers
-from kd_lightning.atomic import atomic_write_text
+from kd_lightning.atomic import atomic_folder, atomic_write_text
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
@@ -158,20 +157,10 @@ def _write_arrays(
 
     ``fault`` names the :func:`~kd_lightning.artifacts.fault_point` just before the rename.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, (lambda: fault_point(fault)) if fault else None) as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if fault:
-            fault_point(fault)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_provenance(found: Mapping[str, Any], expected: Mapping[str, Any], where: str | os.PathLike) -> None:

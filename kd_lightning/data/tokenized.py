@@ -11,14 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.records import CorpusError, Record
 
 log = logging.getLogger(__name__)
@@ -93,20 +92,13 @@ class TokenizedCorpus:
         return digest.hexdigest()[:16]
 
     def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             np.save(tmp / "tokens.npy", self.tokens)
             np.save(tmp / "offsets.npy", self.offsets)
             np.save(tmp / "prompt_lens.npy", self.prompt_lens)
             (tmp / "report.json").write_text(json.dumps(self.report.__dict__, indent=1))
             if self.record_keys is not None:
                 (tmp / "record_keys.json").write_text(json.dumps(self.record_keys))
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> TokenizedCorpus:

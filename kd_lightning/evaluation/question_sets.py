@@ -17,7 +17,6 @@ Two ways to score a set, as the issue and the literature do:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kd_lightning.atomic import atomic_write_bytes
 from kd_lightning.data.records import Record, jsonl_objects
 from kd_lightning.data.tokenized import prompt_and_response_ids
 from kd_lightning.evaluation.greedy import generate_greedy
@@ -92,9 +92,7 @@ def fetch_evals_sets(force: bool = False) -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel:
             for name, (member, _) in EVALS_SETS.items():
                 data = wheel.read(f"evals/registry/data/{member}")
-                partial = target / f".{name}.jsonl.tmp"
-                partial.write_bytes(data)
-                os.replace(partial, target / f"{name}.jsonl")
+                atomic_write_bytes(target / f"{name}.jsonl", data)
     return target
 
 

@@ -19,8 +19,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from kd_lightning.atomic import atomic_folder
 from kd_lightning.environment import env_setting
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,15 +97,9 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.", dir=root))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -266,11 +259,9 @@ def layer_selected_folder(
     if (target / "config.json").is_file():
         return target
     model = layer_selected_student(folder, list(layers))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".layers.", dir=target.parent))
-    model.save_pretrained(tmp)
-    load_tokenizer(folder).save_pretrained(tmp)
-    os.replace(tmp, target)
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(folder).save_pretrained(tmp)
     return target
 
 

@@ -15,6 +15,7 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from kd_lightning.atomic import atomic_folder
 from kd_lightning.environment import env_setting
 from kd_lightning.models.loading import assets_dir, tiny_llama
 
@@ -121,19 +122,6 @@ def tiny_assets_folder() -> Path:
     target = assets_dir() / "tiny"
     if (target / "corpus.jsonl").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny.", dir=target.parent))
-    try:
+    with atomic_folder(target, keep_existing=True) as tmp:  # another process may finish first
         build_tiny_assets(tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "corpus.jsonl").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -7,9 +7,7 @@ distributions start from the teacher's style rather than its own. Training reuse
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from lightning import Trainer
 from torch import nn
 
 from kd_lightning.artifacts import Workspace, fault_point, model_identity, remove_leftovers, settings_key
+from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.corpus import Corpus, first_sequences
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.losses.terms import HardCrossEntropy
@@ -91,17 +90,13 @@ def aligned_proxy(
 
     def build(folder: Path) -> Path:
         final = folder / "model"
-        remove_leftovers(folder, ".model.*")
+        remove_leftovers(folder, ".model.*")  # a save of an earlier layout, cut short
         proxy = load_causal_lm(proxy_path)
         corpus.check_model_vocabulary(proxy, proxy_path, "proxy")
         model = _fine_tune(proxy, corpus, alignment, trainer_factory, folder)
-        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=folder))
-        model.save_pretrained(tmp)
-        corpus.tokenizer.save_pretrained(tmp)
-        fault_point("align:before-rename")
-        if final.exists():  # not complete (no config.json): a leftover of an older layout
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_folder(final, lambda: fault_point("align:before-rename")) as tmp:
+            model.save_pretrained(tmp)
+            corpus.tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return final
 

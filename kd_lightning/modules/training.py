@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +21,7 @@ from lightning import Trainer
 from torch import nn
 
 from kd_lightning.artifacts import Workspace, fault_point, remove_leftovers
-from kd_lightning.atomic import atomic_json
+from kd_lightning.atomic import atomic_folder, atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.evaluation.nll import heldout_nll, require_finite
@@ -77,15 +74,11 @@ def train_student(
             **timing_summary(module),
         }
         # the student and what its result needs from training land in one rename
-        tmp = Path(tempfile.mkdtemp(prefix=".student.", dir=folder))
-        if hasattr(module.student, "save_pretrained"):
-            module.student.save_pretrained(tmp)
-            corpus.tokenizer.save_pretrained(tmp)
-        atomic_json(tmp / TRAINING_RECORD, training)
-        fault_point("distill:before-student-rename")
-        if (folder / "student").exists():  # a student of an older layout, without its record
-            shutil.rmtree(folder / "student")
-        os.replace(tmp, folder / "student")
+        with atomic_folder(folder / "student", lambda: fault_point("distill:before-student-rename")) as tmp:
+            if hasattr(module.student, "save_pretrained"):
+                module.student.save_pretrained(tmp)
+                corpus.tokenizer.save_pretrained(tmp)
+            atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
         return finish_student(folder, corpus, name, module.student, trainer)
 

@@ -1,0 +1,142 @@
+"""The house rules of docs/architecture.md, checked on the source: one-way imports, no hidden cycles, small
+modules, one atomic writer, one cached-artifact mechanism, and modules built by one uniform call."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kd_lightning"
+
+LAYERS = {
+    "cli": 5,
+    "stages": 4,
+    "modules": 3,
+    "estimation": 3,
+    "generation": 3,
+    "evaluation": 3,
+    "report": 3,
+    "losses": 2,
+    "data": 2,
+    "models": 2,
+    "artifacts": 2,
+    "code_fingerprint": 2,
+    "environment": 1,
+    "atomic": 1,
+    "assets": 5,
+}
+"""Top-level part of kd_lightning → layer. A module imports its own layer or lower, never higher."""
+
+DEFERRED_IMPORTS = {
+    "cli/kdl.py": "kdl --help answers before torch and Hydra are imported",
+    "generation/backends.py": "an API-only teacher backend never imports torch or transformers",
+    "generation/server.py": "the server's argument errors come before the model imports",
+}
+
+ALLOWED_RENAMES = {"artifacts.py": "rebuild= moves a cached artifact aside before deleting it"}
+"""Modules allowed an import of kd_lightning inside a function, and why (never to hide a cycle)."""
+
+
+def sources() -> dict[str, ast.Module]:
+    return {
+        str(path.relative_to(PACKAGE)): ast.parse(path.read_text(), str(path))
+        for path in PACKAGE.rglob("*.py")
+    }
+
+
+def part(module: str) -> str:
+    """``kd_lightning.stages.train`` → ``stages``."""
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def imports(tree: ast.Module, module_level: bool) -> list[str]:
+    """kd_lightning modules imported at module level (or, with ``module_level=False``, inside functions)."""
+    nodes = (
+        tree.body
+        if module_level
+        else [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)]
+    )
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kd_lightning"):
+            found += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("kd_lightning")]
+    return found
+
+
+def test_every_part_has_a_layer():
+    parts = {Path(name).parts[0].removesuffix(".py") for name in sources()} - {"__init__"}
+    assert parts <= set(LAYERS), f"add {sorted(parts - set(LAYERS))} to LAYERS (and docs/architecture.md)"
+
+
+@pytest.mark.parametrize("module_level", [True, False], ids=["module-level", "in-functions"])
+def test_imports_flow_one_way(module_level):
+    wrong = []
+    for name, tree in sources().items():
+        own = Path(name).parts[0].removesuffix(".py")
+        if own not in LAYERS:
+            continue
+        for target in imports(tree, module_level):
+            other = part(target)
+            if other in LAYERS and LAYERS[other] > LAYERS[own]:
+                wrong.append(f"{name} ({own}, layer {LAYERS[own]}) imports {target} (layer {LAYERS[other]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_cycles_between_packages():
+    edges: dict[str, set[str]] = {}
+    for name, tree in sources().items():
+        own = Path(name).parts[0].removesuffix(".py")
+        for target in imports(tree, True):
+            other = part(target)
+            if other and other != own and other in LAYERS:
+                edges.setdefault(own, set()).add(other)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cycles = sorted(f"{a} ↔ {b}" for a in edges for b in edges[a] if reaches(b, a, {b}))
+    assert not cycles, cycles
+
+
+def test_imports_inside_functions_only_where_documented():
+    found = {name for name, tree in sources().items() if imports(tree, module_level=False)}
+    assert found <= set(DEFERRED_IMPORTS), (
+        f"move these imports to module level: {sorted(found - set(DEFERRED_IMPORTS))}"
+    )
+
+
+def test_no_module_over_400_lines():
+    long = {
+        name: len(text.splitlines()) for name, text in ((n, (PACKAGE / n).read_text()) for n in sources())
+    }
+    assert not {n: c for n, c in long.items() if c > 400}, long
+
+
+def test_one_atomic_writer_and_one_cached_artifact_mechanism():
+    """Write-temp-then-rename (of a file or a folder) lives in atomic.py; artifacts are made by Workspace.cached."""
+    offenders = []
+    for name in sources():
+        text = (PACKAGE / name).read_text()
+        writes = re.search(r"os\.replace\(|mkdtemp|mkstemp|NamedTemporaryFile", text)
+        if writes and name not in ("atomic.py", *ALLOWED_RENAMES):
+            offenders.append(
+                f"{name}: a temp-then-rename write outside kd_lightning.atomic ({writes.group(0)})"
+            )
+        if name != "artifacts.py" and "artifact_lock(" in text:
+            offenders.append(f"{name}: takes an artifact lock itself instead of Workspace.cached")
+    assert not offenders, offenders
+
+
+def test_modules_are_built_without_signature_inspection_or_class_switches():
+    for name in sources():
+        text = (PACKAGE / name).read_text()
+        assert "inspect.signature" not in text, name
+        assert "select_best_checkpoint" not in text and "manual_optimization" not in text, name
