@@ -64,7 +64,7 @@ def configured_term(name: str):
 def with_target(term, target: str):
     term = copy.deepcopy(term)
     if isinstance(term, DivergenceTerm):
-        term.target = target
+        term.kd_target = target
         term.soft_labels = () if target == "teacher" else (target,)
     return term
 

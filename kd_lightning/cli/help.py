@@ -117,8 +117,7 @@ STAGE_PAGES: dict[str, StagePage] = {
             ("kd_target", "what generic divergences compare with: posterior | prior | teacher | ..."),
             ("distill_temperature", "softens student and target (terms scaled by T²)"),
             ("student", "smollm2_layers | random_llama | local (student.path=...)"),
-            ("module", "the LightningModule: default, distill, online_teacher or your subclass"),
-            ("method", "on-policy training instead: minillm | gkd | distillm"),
+            ("module", "the LightningModule: distill | online_teacher | minillm | gkd | distillm | yours"),
             ("trainer.max_epochs", "epochs"),
             ("optimizer.lr", "learning rate"),
         ),
@@ -130,7 +129,7 @@ STAGE_PAGES: dict[str, StagePage] = {
         "the teacher text, the proxy, the student",
         "every artifact above, and outputs/pipeline/<time>/pipeline_result.json",
         (
-            ("variants", "students to train: name → loss terms (or {loss, method, init_from, trainer})"),
+            ("variants", "students to train: name → loss terms (or {loss, module, init_from, trainer})"),
             ("data", "teacher text"),
             ("student", "the student model"),
             ("estimator.prior.ngram_order", "n of the prior"),

@@ -22,7 +22,7 @@ from torch import nn
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard
-from kd_lightning.losses.targets import sampled_target, topk_target
+from kd_lightning.losses.sparsify import sampled_rows, topk_rows
 
 KINDS = ("topk", "sampled")
 
@@ -62,9 +62,9 @@ class TeacherTargetBuilder:
     def rows(self, logits: torch.Tensor, generator: torch.Generator) -> SparseRows:
         vocab = logits.shape[-1]
         if self.kind == "topk":
-            ids, probs, tail = topk_target(logits, min(self.k, vocab))
+            ids, probs, tail = topk_rows(logits, min(self.k, vocab))
         else:
-            ids, probs, tail = sampled_target(logits.cpu(), self.k, generator=generator)
+            ids, probs, tail = sampled_rows(logits.cpu(), self.k, generator=generator)
         return SparseRows(
             ids.cpu().numpy().astype(id_dtype_for(vocab)),
             probs.cpu().numpy().astype(np.float16),

@@ -72,7 +72,7 @@ class HiddenStateLoss(LossTerm):
     """
 
     reads_logits = False
-    target = "teacher"  # needs an online teacher (hidden states are not stored offline)
+    kd_target = "teacher"  # needs an online teacher (hidden states are not stored offline)
 
     def __init__(
         self,

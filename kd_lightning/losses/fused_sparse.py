@@ -34,7 +34,7 @@ def fusable(term: LossTerm, batch: PositionBatch | Mapping[str, torch.Tensor], v
     if kind == "hard_ce":
         return True
     if kind == "forward_kl":
-        rows = PositionBatch.from_fields(batch).soft_labels.get(term.target)
+        rows = PositionBatch.from_fields(batch).soft_labels.get(term.kd_target)
         return term.distill_temperature == 1.0 and rows is not None and rows.ids.shape[-1] < vocab_size
     return False
 
@@ -95,7 +95,7 @@ def fused_sparse_terms(
             id_blocks.append(gold.unsqueeze(-1))
             coef_blocks.append(-weight.unsqueeze(-1))
             continue
-        rows = batch.soft_labels[term.target]
+        rows = batch.soft_labels[term.kd_target]
         ids = rows.ids[0].long()
         p = rows.probs[0].float().clamp_min(0.0)
         tail = rows.tail[0].float().clamp_min(0.0)

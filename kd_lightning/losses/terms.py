@@ -6,7 +6,7 @@ total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``. A
 with a plain mapping in the batch's documented key form (``target_ids``, ``prior_ids`` ...); it is read
 into a ``PositionBatch`` first.
 
-Divergence terms name their ``target``: the distribution they compare the student with. The batch carries
+Divergence terms name their ``kd_target``: the distribution they compare the student with. The batch carries
 it under that name in one of these forms:
 
 * dense logits (``batch.dense_logits[name]``, key ``<name>_logits``), e.g. the online ``teacher``;
@@ -117,22 +117,22 @@ class HardCrossEntropy(LossTerm):
         return LF.hard_cross_entropy(student_logits, batch.target_ids)
 
 
-def target_log_probs(
-    student_logits: torch.Tensor, batch: PositionBatch, target: str, distill_temperature: float
+def kd_target_log_probs(
+    student_logits: torch.Tensor, batch: PositionBatch, kd_target: str, distill_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log q) buckets for the named target, dense or sparse, whichever the batch carries."""
-    if target in batch.dense_logits:
-        return D.dense_log_probs(student_logits, batch.dense_logits[target], distill_temperature)
-    if target in batch.dense_probs:
+    """(log p, log q) buckets of the distribution named ``kd_target``, dense or sparse, as the batch carries it."""
+    if kd_target in batch.dense_logits:
+        return D.dense_log_probs(student_logits, batch.dense_logits[kd_target], distill_temperature)
+    if kd_target in batch.dense_probs:
         return D.dense_log_probs(
-            student_logits, batch.dense_probs[target], distill_temperature, teacher_is_probs=True
+            student_logits, batch.dense_probs[kd_target], distill_temperature, teacher_is_probs=True
         )
-    if target in batch.soft_labels:
-        rows = batch.soft_labels[target]
+    if kd_target in batch.soft_labels:
+        rows = batch.soft_labels[kd_target]
         return D.sparse_log_probs(student_logits, rows.ids, rows.probs, rows.tail, distill_temperature)
     raise KeyError(
-        f"the batch has no {target!r} target ({target}_logits, {target}_probs or {target}_ids/_probs/_tail); connect the "
-        f"DataModule to the {target} soft-label store or use a module that provides {target}_logits"
+        f"the batch has no {kd_target!r} distribution ({kd_target}_logits, {kd_target}_probs or {kd_target}_ids/_probs/_tail); connect the "
+        f"DataModule to the {kd_target} soft-label store or use a module that provides {kd_target}_logits"
     )
 
 
@@ -142,27 +142,28 @@ class DivergenceTerm(LossTerm):
     Subclasses implement :meth:`per_position` on (log p, log q) buckets.
 
     Args:
-        target: name of the target in the batch (``teacher``, ``prior``, ``posterior``, ...).
+        kd_target: what the student is compared with: a field of the batch (``teacher``, ``prior``,
+            ``posterior``, ``offline_teacher``, ``teacher_logprobs``).
         weight: multiplier of this term in the total.
         distill_temperature: divides both sides' logits; the term is scaled by T².
     """
 
     chunkable = True  # a masked mean of per-position values (as long as ``forward`` is this one)
 
-    def __init__(self, target: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
+    def __init__(self, kd_target: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
         super().__init__(weight)
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
-        self.target = target
+        self.kd_target = kd_target
         self.distill_temperature = float(distill_temperature)
         # stores only: a dense teacher comes from the module (online) rather than from a soft-label store
-        self.soft_labels = () if target == "teacher" else (target,)
+        self.soft_labels = () if kd_target == "teacher" else (kd_target,)
 
     def per_position(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
-        log_p, log_q = target_log_probs(student_logits, batch, self.target, self.distill_temperature)
+        log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, self.distill_temperature)
         values = self.per_position(log_p, log_q) * self.distill_temperature**2
         return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
 
@@ -187,9 +188,9 @@ class GeneralizedJSD(DivergenceTerm):
     """GKD's generalised JSD; ``beta`` = 0 → KL(target‖student), 1 → KL(student‖target)."""
 
     def __init__(
-        self, target: str, beta: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
+        self, kd_target: str, beta: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
     ) -> None:
-        super().__init__(target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
@@ -202,9 +203,9 @@ class SkewForwardKL(DivergenceTerm):
     """DistiLLM's skew KL, KL(p ‖ α·p + (1 − α)·q)."""
 
     def __init__(
-        self, target: str, alpha: float = 0.1, weight: float = 1.0, distill_temperature: float = 1.0
+        self, kd_target: str, alpha: float = 0.1, weight: float = 1.0, distill_temperature: float = 1.0
     ) -> None:
-        super().__init__(target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.alpha = float(alpha)
@@ -231,9 +232,9 @@ class AdaptiveKL(DivergenceTerm):
     """AKL: forward KL on the teacher's head, reverse KL on its tail, weighted by the gaps."""
 
     def __init__(
-        self, target: str, head_mass: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
+        self, kd_target: str, head_mass: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
     ) -> None:
-        super().__init__(target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature)
         if not 0.0 < head_mass < 1.0:
             raise ValueError(f"head_mass must be in (0, 1), got {head_mass}")
         self.head_mass = float(head_mass)
@@ -242,32 +243,34 @@ class AdaptiveKL(DivergenceTerm):
         return D.adaptive_kl_buckets(log_p, log_q, self.head_mass)
 
 
-def gold_bucket(batch: PositionBatch, target: str) -> torch.Tensor:
-    """The bucket of the observed token (``target_ids``) in the target's buckets (see ``target_log_probs``).
+def gold_bucket(batch: PositionBatch, kd_target: str) -> torch.Tensor:
+    """The bucket of the observed token (``target_ids``) among the ``kd_target`` distribution's buckets
+    (see ``kd_target_log_probs``).
 
-    Dense targets: the token id. Sparse targets: the slot holding it, or the tail bucket (index K) when it
-    was not stored. Positions without a target get bucket 0 (they are masked out anyway).
+    Dense: the token id. Sparse: the slot holding it, or the tail bucket (index K) when it was not stored.
+    Positions that are not targets get bucket 0 (they are masked out anyway).
     """
     gold = batch.target_ids.clamp_min(0)
-    if target not in batch.soft_labels:
+    if kd_target not in batch.soft_labels:
         return gold
-    ids, probs = batch.soft_labels[target].ids, batch.soft_labels[target].probs
+    ids, probs = batch.soft_labels[kd_target].ids, batch.soft_labels[kd_target].probs
     hit = (ids == gold.unsqueeze(-1)) & (probs > 0)
     k = ids.shape[-1]
     slot = torch.where(hit, torch.arange(k, device=ids.device), torch.full_like(ids, k)).amin(-1)
     return slot
 
 
-def gold_probability(batch: PositionBatch, target: str) -> torch.Tensor:
-    """The target's probability of the observed token (..., ); 0 for a token a sparse target did not store."""
+def gold_probability(batch: PositionBatch, kd_target: str) -> torch.Tensor:
+    """The ``kd_target`` distribution's probability of the observed token (..., ); 0 where a sparse one did
+    not store it."""
     gold = batch.target_ids.clamp_min(0).unsqueeze(-1)
-    if target in batch.dense_logits:
-        logits = batch.dense_logits[target].float()
+    if kd_target in batch.dense_logits:
+        logits = batch.dense_logits[kd_target].float()
         return (logits.gather(-1, gold).squeeze(-1) - torch.logsumexp(logits, -1)).exp().detach()
-    if target in batch.dense_probs:
-        probs = batch.dense_probs[target].float()
+    if kd_target in batch.dense_probs:
+        probs = batch.dense_probs[kd_target].float()
         return (probs.gather(-1, gold).squeeze(-1) / probs.sum(-1).clamp_min(1e-30)).detach()
-    rows = batch.soft_labels[target]
+    rows = batch.soft_labels[kd_target]
     return (rows.probs.float() * (rows.ids == gold)).amax(-1).detach()
 
 
@@ -290,13 +293,13 @@ class AdaptiveTeachingKD(DivergenceTerm):
 
     def __init__(
         self,
-        target: str,
+        kd_target: str,
         easy_weight: float = 0.2,
         hard_fraction: float = 0.5,
         weight: float = 1.0,
         distill_temperature: float = 1.0,
     ) -> None:
-        super().__init__(target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature)
         if not 0.0 <= easy_weight <= 1.0:
             raise ValueError(f"easy_weight must be in [0, 1], got {easy_weight}")
         if not 0.0 <= hard_fraction <= 1.0:
@@ -306,13 +309,13 @@ class AdaptiveTeachingKD(DivergenceTerm):
 
     @property
     def hard_key(self) -> str:
-        return f"atkd_hard_{self.target}"
+        return f"atkd_hard_{self.kd_target}"
 
     def hard_positions(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Bool (..., ) mask: the ``hard_fraction`` most uncertain target positions of the batch."""
         batch = PositionBatch.from_fields(batch)
         valid = batch.target_ids != LF.IGNORE_INDEX
-        uncertainty = 1.0 - gold_probability(batch, self.target)
+        uncertainty = 1.0 - gold_probability(batch, self.kd_target)
         n_hard = math.ceil(self.hard_fraction * int(valid.sum()))
         hard = torch.zeros_like(valid)
         if n_hard:
@@ -328,8 +331,8 @@ class AdaptiveTeachingKD(DivergenceTerm):
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
         hard = batch.prepared.get(self.hard_key)
         hard = self.hard_positions(batch) if hard is None else hard
-        log_p, log_q = target_log_probs(student_logits, batch, self.target, self.distill_temperature)
-        gold = gold_bucket(batch, self.target)
+        log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, self.distill_temperature)
+        gold = gold_bucket(batch, self.kd_target)
         values = D.atkd_buckets(log_p, log_q, gold, hard, self.easy_weight) * self.distill_temperature**2
         return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
 
@@ -344,4 +347,4 @@ class SoftLabelKL(ForwardKL):
     """
 
     def __init__(self, soft_labels: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
-        super().__init__(target=soft_labels, weight=weight, distill_temperature=distill_temperature)
+        super().__init__(kd_target=soft_labels, weight=weight, distill_temperature=distill_temperature)

@@ -12,7 +12,7 @@ is a :class:`StudentDataSchedule`:
   replay buffer and, later in training, batches are increasingly drawn from it instead of generating anew
   (off-policy reuse that cuts the generation cost). DistiLLM pairs it with skew KL (``loss=[skew_forward_kl]``).
 
-On a student-sample batch only terms that compare with the online teacher apply (``target: teacher``); the
+On a student-sample batch only terms that compare with the online teacher apply (``kd_target: teacher``); the
 hard CE and store-based terms apply to teacher-text batches only (their labels and stores index the
 teacher text).
 """
@@ -160,7 +160,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         )
         if generation_temperature <= 0 or max_new_tokens < 1:
             raise ValueError("generation_temperature must be > 0 and max_new_tokens >= 1")
-        on_student = [n for n, t in loss_terms.items() if getattr(t, "target", None) == "teacher"]
+        on_student = [n for n, t in loss_terms.items() if getattr(t, "kd_target", None) == "teacher"]
         if not on_student:
             raise ValueError(
                 "on-policy KD needs a term that compares the student with the online teacher on its own samples, "
@@ -216,7 +216,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
     def active_terms(self) -> Mapping[str, LossTerm]:
         if not self._on_student_samples:
             return self.loss_terms
-        return {n: t for n, t in self.loss_terms.items() if getattr(t, "target", None) == "teacher"}
+        return {n: t for n, t in self.loss_terms.items() if getattr(t, "kd_target", None) == "teacher"}
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -19,7 +19,7 @@ class OnlineTeacherDistillModule(DistillModule):
     gradient sync), kept in eval mode, run under ``torch.no_grad()`` at target positions only, and moved
     to the student's device when fitting starts. Under a sharding strategy (FSDP / model parallel) its
     weights are sharded over the ranks too; under DDP each rank holds a copy (``shard_teacher`` forces
-    either). Divergence terms with ``target: teacher`` read its logits.
+    either). Divergence terms with ``kd_target: teacher`` read its logits.
 
     Args:
         student: the model being trained.

@@ -54,7 +54,7 @@ class StudentRun:
 
     def reads_teacher(self) -> bool:
         """Whether the student's step runs the online teacher: a term compares with it, or the module needs it."""
-        wants = any(getattr(t, "target", None) == "teacher" for t in self.loss_terms.values())
+        wants = any(getattr(t, "kd_target", None) == "teacher" for t in self.loss_terms.values())
         return wants or module_class(self.module).needs_teacher
 
 
@@ -62,7 +62,7 @@ def check_run(run: StudentRun) -> None:
     """Refuse, before any store is built, a run that cannot start: a missing teacher, a bad optimizer."""
     cls = module_class(run.module)
     if run.reads_teacher() and run.teacher is None:
-        wants = [n for n, t in run.loss_terms.items() if getattr(t, "target", None) == "teacher"]
+        wants = [n for n, t in run.loss_terms.items() if getattr(t, "kd_target", None) == "teacher"]
         what = f"loss term {wants[0]!r} compares" if wants else f"{cls.__name__} compares"
         raise ValueError(
             f"{what} the student with the teacher, but no teacher is configured; "
@@ -84,15 +84,25 @@ def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> St
             "use a student built for this tokenizer"
         )
     teacher = run.teacher() if run.teacher is not None and run.reads_teacher() else None
-    return run.module(
-        student=student,
-        loss_terms=run.loss_terms,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        loss_chunk_size=run.loss_chunk_size,
-        teacher=teacher,
-        tokenizer=tokenizer,
-    )
+    arguments = {
+        "student": student,
+        "loss_terms": run.loss_terms,
+        "optimizer": run.optimizer,
+        "scheduler": run.scheduler,
+        "loss_chunk_size": run.loss_chunk_size,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+    }
+    try:
+        return run.module(**arguments)
+    except TypeError as err:
+        if "argument" not in str(err):  # a TypeError from inside the module's own code
+            raise
+        name = module_class(run.module).__qualname__
+        raise ValueError(
+            f"module {name} cannot be built with the standard keywords ({err}); its __init__ must accept "
+            f"{', '.join(arguments)} (take your own settings as keywords and pass **settings to the base class)"
+        ) from err
 
 
 def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:

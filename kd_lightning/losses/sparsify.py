@@ -1,4 +1,4 @@
-"""Building sparse targets from teacher logits: top-k, or random-sampled (Sparse Logit Sampling).
+"""Sparse rows (ids, probs, tail) from teacher logits: top-k, or random-sampled (Sparse Logit Sampling).
 
 Both produce the soft-label store's format ``(ids (N, K), probs (N, K), tail (N,))``, so every divergence
 in :mod:`kd_lightning.losses.divergences` runs on them unchanged.
@@ -16,7 +16,7 @@ import torch
 
 
 @torch.no_grad()
-def topk_target(
+def topk_rows(
     teacher_logits: torch.Tensor, k: int, distill_temperature: float = 1.0
 ) -> tuple[torch.Tensor, ...]:
     """Top-k target from teacher logits (..., V): ids (..., k), probs (..., k), tail (...)."""
@@ -26,7 +26,7 @@ def topk_target(
 
 
 @torch.no_grad()
-def sampled_target(
+def sampled_rows(
     teacher_logits: torch.Tensor,
     k: int,
     generator: torch.Generator | None = None,
