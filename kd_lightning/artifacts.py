@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from filelock import FileLock, Timeout
 
 from kd_lightning.atomic import atomic_json
+from kd_lightning.distributed import ProcessGroup, process_group
 from kd_lightning.environment import env_setting
 from kd_lightning.models.loading import resolve_model_path
 
@@ -85,6 +86,7 @@ class Workspace:
         done: str | None = "meta.json",
         suffix: str = "",
         siblings: tuple[str, ...] = (),
+        collective: bool = False,
     ) -> T:
         """The artifact of ``kind`` for ``provenance``: loaded when complete, else built, under its lock.
 
@@ -93,14 +95,20 @@ class Workspace:
         must write it last, atomically, so a killed build leaves no complete-looking artifact. ``siblings``
         are suffixes of resume state beside it (``.partial``, ``.stats.json``), discarded with it on
         ``rebuild``.
+
+        ``collective``: under ``torchrun`` (:mod:`kd_lightning.distributed`) every rank calls ``build``
+        together (a sharded store); rank 0 holds the lock and tells the others whether to load or build.
         """
         path = self.path(kind, settings_key(provenance) + suffix)
+        marker = path / done if done else path
+        group = process_group() if collective else ProcessGroup()
+        if group.active and not group.is_main:  # rank 0 holds the lock and decides for the group
+            return load(path) if group.main_decides(False) else build(path)
         with artifact_lock(path):
             extra = tuple(path.with_name(path.name + s) for s in siblings)
             discard_for_rebuild(kind, self.rebuild, path, *extra)
-            if (path / done if done else path).exists():
-                return load(path)
-            return build(path)
+            complete = group.main_decides(marker.exists())
+            return load(path) if complete else build(path)
 
 
 _LOCKS: dict[str, FileLock] = {}  # one instance per path, so a process can re-enter its own lock
@@ -120,7 +128,7 @@ def artifact_lock(path: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        holder = owner.read_text().strip() if owner.is_file() else "another process"
+        holder = (owner.read_text().strip() if owner.is_file() else "") or "another process"
         log.warning("%s is being built by %s; waiting for it to finish", path, holder)
         lock.acquire()
     try:

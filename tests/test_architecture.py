@@ -24,6 +24,7 @@ LAYERS = {
     "models": 2,
     "artifacts": 2,
     "code_fingerprint": 2,
+    "distributed": 2,
     "environment": 1,
     "atomic": 1,
     "assets": 5,

@@ -315,10 +315,18 @@ class ShardedStoreWriter:
         for shard in writer.pending():          # skips shards a killed run already wrote
             writer.write(shard, compute(shard))  # rows for those sequences, in order
         store = writer.finish()                  # concatenates, renames into place, removes .partial
+
+    ``clean=False`` (the other ranks of a ``torchrun`` group, which rank 0 has already checked the folder
+    for) neither discards a ``.partial`` folder of another layout nor removes half-written shards.
     """
 
     def __init__(
-        self, folder: str | os.PathLike, offsets: np.ndarray, provenance: Mapping[str, Any], shard_size: int
+        self,
+        folder: str | os.PathLike,
+        offsets: np.ndarray,
+        provenance: Mapping[str, Any],
+        shard_size: int,
+        clean: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.partial = self.folder.with_name(self.folder.name + ".partial")
@@ -332,7 +340,7 @@ class ShardedStoreWriter:
         # what decides which sequences a shard file holds, beside the store's own provenance
         layout = {"provenance": self.provenance, "shard_size": shard_size, "rows": int(self.offsets[-1])}
         expected = json.loads(json.dumps(layout, sort_keys=True, default=str))
-        if self.partial.exists():
+        if self.partial.exists() and clean:
             try:
                 found = json.loads(marker.read_text()) if marker.is_file() else None
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -341,7 +349,8 @@ class ShardedStoreWriter:
                 log.warning("%s: discarding finished shards of a different run or shard size", self.partial)
                 shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.partial, ".shard-*.tmp-*")  # a shard write cut short by a kill
+        if clean:  # (not while other ranks of a torchrun group may be writing shards)
+            remove_leftovers(self.partial, ".shard-*.tmp-*")  # a shard write cut short by a kill
         if not marker.is_file():
             atomic_write_text(marker, json.dumps(expected, sort_keys=True))
 

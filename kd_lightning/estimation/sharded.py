@@ -3,7 +3,8 @@
 Both estimators follow one loop: batches of teacher sequences (by length, less padding), the model's
 logits at their target positions, rows for those sequences, and a shard written atomically once all its
 sequences are done. A killed run keeps its finished shards, and shard ``j`` draws with ``seed + j``, so a
-resumed run produces the same store.
+resumed run produces the same store. Under ``torchrun`` (:mod:`kd_lightning.distributed`) rank ``r`` of
+``W`` builds shards ``r, r + W, ...`` and rank 0 assembles the store: the same bytes as one process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
 from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.distributed import process_group
 from kd_lightning.models.forward import target_position_logits
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,23 @@ def estimate_by_shard(
     """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
 
     ``rows_for`` gets the model's logits (rows, V) at the target positions of ``sequences`` and returns
-    their rows in the same order.
+    their rows in the same order. Every rank of a ``torchrun`` group calls this together.
     """
     model.eval()
-    writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size)
-    if writer.done_count():
-        log.info("%s: resuming, %d/%d shards already written", desc, writer.done_count(), writer.num_shards)
-    pending = list(writer.pending())
+    group = process_group()
+    if group.is_main:  # rank 0 checks (or discards) the finished shards before anyone adds to them
+        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size)
+        if writer.done_count():
+            log.info(
+                "%s: resuming, %d/%d shards already written", desc, writer.done_count(), writer.num_shards
+            )
+    group.barrier()
+    if not group.is_main:
+        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size, clean=False)
+    pending = [shard for shard in writer.pending() if group.owns(shard)]
+    if group.active:
+        log.info("%s: rank %d of %d builds %d shards", desc, group.rank, group.world_size, len(pending))
+        desc = f"{desc} [rank {group.rank}]"
     offsets = writer.offsets
 
     def rows_in(seqs: range) -> int:
@@ -86,4 +98,7 @@ def estimate_by_shard(
                     parts[i] = rows.slice(lo, hi)
                 bar.update(len(rows.ids))
             writer.write(shard, SparseRows.concat([parts[i] for i in writer.shard_sequences(shard)]))
-    return writer.finish()
+    group.barrier()  # every shard is written
+    store = writer.finish() if group.is_main else None
+    group.barrier()  # the store is in place
+    return store if store is not None else SoftLabelStore(out, expect=provenance)

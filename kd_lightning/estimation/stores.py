@@ -20,6 +20,7 @@ from kd_lightning.artifacts import Workspace, file_digest, model_identity, setti
 from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
+from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
@@ -96,20 +97,23 @@ def posterior_store(
     prior: Callable[[], SoftLabelStore],
     aligned_proxy: Callable[[], Path],
 ) -> SoftLabelStore:
-    """The prior updated with R proxy draws per position (resumable shard by shard).
+    """The prior updated with R proxy draws per position (resumable shard by shard; under ``torchrun``
+    every rank builds its shards of it, see :mod:`kd_lightning.distributed`).
 
     ``prior`` and ``aligned_proxy`` are called only when the store must be built.
     """
 
     def build(folder: Path) -> SoftLabelStore:
         prior_rows = prior()
-        proxy = freeze(load_causal_lm(aligned_proxy()))
+        proxy = freeze(load_causal_lm(aligned_proxy())).to(process_group().device())
         start = time.perf_counter()
         store = estimator.estimate(proxy, corpus.train, prior_rows, corpus.pad_id, str(folder), provenance)
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
         return store
 
-    return workspace.cached("posterior", provenance, build, _open(corpus, provenance), siblings=RESUMABLE)
+    return workspace.cached(
+        "posterior", provenance, build, _open(corpus, provenance), siblings=RESUMABLE, collective=True
+    )
 
 
 def offline_teacher_store(
@@ -136,13 +140,14 @@ def offline_teacher_store(
     def build(folder: Path) -> SoftLabelStore:
         teacher = freeze(load_causal_lm(teacher_path))
         corpus.check_model_vocabulary(teacher, teacher_path, "teacher")
+        teacher.to(process_group().device())
         start = time.perf_counter()
         store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance)
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
         return store
 
     return workspace.cached(
-        "teacher_logits", provenance, build, _open(corpus, provenance), siblings=RESUMABLE
+        "teacher_logits", provenance, build, _open(corpus, provenance), siblings=RESUMABLE, collective=True
     )
 
 

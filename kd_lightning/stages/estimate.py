@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.stores import (
@@ -33,6 +34,14 @@ def proxy_key(ctx: StageContext) -> str:
 
 def align(ctx: StageContext) -> Path:
     """The proxy fine-tuned on the teacher text (SFT), as an HF folder."""
+    if process_group().active:
+        folder = ctx.workspace.path("align", proxy_key(ctx)) / "model"
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                "the aligned proxy is not built yet, and proxy alignment does not run under torchrun: run "
+                "`kdl align` (same settings) in one process first, then the data-parallel posterior"
+            )
+        return folder
     return aligned_proxy(
         ctx.workspace, ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.trainer_factory, ctx.code.get("align")
     )
