@@ -164,6 +164,20 @@ STAGE_PAGES: dict[str, StagePage] = {
         ),
         "kdl fidelity fidelity.sampling_rounds=[1,16]",
     ),
+    "plan": StagePage(
+        "a cost plan: corpus tokens, store sizes, proxy FLOPs, KD-loss memory",
+        "teacher corpus, model headers",
+        "the tokenised corpus (built if needed) and the models' safetensors headers; nothing heavy runs",
+        "outputs/plan/<time>/plan_result.json (and the table on stdout)",
+        (
+            ("loss", "the terms whose stores are sized (and variants' terms)"),
+            ("estimator.posterior.top_k", "K of the posterior store"),
+            ("estimator.prior.top_k", "K of the prior store"),
+            ("loss_chunk_size", "bounds the KD loss's memory"),
+            ("datamodule.batch_size", "sequences per step"),
+        ),
+        "kdl plan experiment=demo",
+    ),
 }
 STAGES = tuple(STAGE_PAGES)
 REPORT_SUMMARY = ("a table and plots of finished runs", "Hydra job folders or wandb offline runs")

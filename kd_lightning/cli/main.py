@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.artifacts import fault_point
 from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli import resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
-from kd_lightning.cli.build import build_context, student_run, variants
+from kd_lightning.cli.build import build_context, loss_terms, student_run, variants
 from kd_lightning.cli.help import STAGES, answer_without_hydra
 from kd_lightning.cli.overrides import check_group_choices, renamed_groups
 from kd_lightning.cli.trainer import log_rows
@@ -49,6 +49,7 @@ from kd_lightning.modules.training import finish_wandb, trained_students
 from kd_lightning.report import main as report_main
 from kd_lightning.stages import estimate
 from kd_lightning.stages.compare import evaluate, run_fidelity, run_pipeline, write_csv
+from kd_lightning.stages.plan import run_plan
 from kd_lightning.stages.train import run_distill
 
 log = logging.getLogger("kdl")
@@ -103,6 +104,16 @@ def stage_fidelity(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def stage_plan(cfg: DictConfig) -> dict[str, Any]:
+    """``kdl plan``: the stores the configured terms (and variants) read, their sizes, FLOPs, memory."""
+    names = set(cfg.get("loss") or {})
+    for spec in (cfg.get("variants") or {}).values():
+        if spec is not None:
+            names |= set(spec.get("loss") or []) if OmegaConf.is_dict(spec) else set(spec)
+    stores = sorted({label for term in loss_terms(cfg, sorted(names)).values() for label in term.soft_labels})
+    return run_plan(build_context(cfg), int(cfg.datamodule.batch_size), cfg.get("loss_chunk_size"), stores)
+
+
 def stage_generate(cfg: DictConfig) -> dict[str, Any]:
     """``kdl generate``: instantiate the teacher backend and the task, write the corpus folder."""
     return run_generation(
@@ -125,6 +136,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "evaluate": stage_evaluate,
     "fidelity": stage_fidelity,
     "generate": stage_generate,
+    "plan": stage_plan,
 }
 """Stage name → the function that runs it (every name of :data:`kd_lightning.cli.help.STAGES`)."""
 
@@ -140,7 +152,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     fault_point("stage:before-result")
     atomic_json(out_dir / f"{cfg.stage}_result.json", result)
-    if cfg.stage != "pipeline":
+    if cfg.stage not in ("pipeline", "plan"):  # those print their tables
         log.info("%s: %s", cfg.stage, result)
     return result
 

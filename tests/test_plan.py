@@ -1,0 +1,43 @@
+"""``kdl plan``: its estimates against what the stages then build."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_pipeline import artifacts, kdl
+
+
+def folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_plan_predicts_corpus_and_store_sizes_before_anything_heavy_runs(kdl_env):
+    done = kdl("plan", "experiment=tiny", "estimator.posterior.top_k=16", env_dir=kdl_env)
+    assert "| posterior store (K=16) |" in done.stdout and "2·P·T" in done.stdout
+    plan = json.loads(next((kdl_env / "outputs").rglob("plan_result.json")).read_text())
+    assert not artifacts(kdl_env, "align") and not artifacts(kdl_env, "prior")  # nothing heavy ran
+    assert plan["flops"]["posterior"] > 0 and plan["loss_peak_bytes"] > 0
+
+    kdl("posterior", "experiment=tiny", "estimator.posterior.top_k=16", env_dir=kdl_env)
+    (corpus,) = artifacts(kdl_env, "corpus")
+    meta = json.loads((corpus / "train" / "report.json").read_text())
+    assert plan["corpus"]["records"] == meta["kept"]
+    for store in ("prior", "posterior"):
+        (folder,) = artifacts(kdl_env, store)
+        actual = folder_bytes(folder)
+        assert abs(plan["store_bytes"][store] - actual) / actual < 0.05, (
+            store,
+            plan["store_bytes"][store],
+            actual,
+        )
+        rows = json.loads((folder / "meta.json").read_text())["rows"]
+        assert rows == plan["corpus"]["target_positions"]
+
+
+def test_plan_with_loss_chunk_size_bounds_the_loss_memory(kdl_env):
+    plain = kdl("plan", "experiment=tiny", env_dir=kdl_env)
+    chunked = kdl("plan", "experiment=tiny", "loss_chunk_size=16", env_dir=kdl_env)
+    assert "3·c·V·4, c = loss_chunk_size = 16" in chunked.stdout and "3·n·V·4" in plain.stdout
+    results = sorted((kdl_env / "outputs").rglob("plan_result.json"), key=lambda p: p.stat().st_mtime)
+    first, second = (json.loads(p.read_text())["loss_peak_bytes"] for p in results)
+    assert second < first
