@@ -25,9 +25,9 @@ def corpus_and_teacher(tiny_dir):
 
 def teacher_rows(teacher, corpus, pad_id, seq):
     batch = collate([SoftLabelDataset(corpus)[seq]], pad_id)
-    mask = batch["target_ids"] != IGNORE_INDEX
+    mask = batch.target_ids != IGNORE_INDEX
     with torch.no_grad():
-        return target_position_logits(teacher, batch["input_ids"], batch["attention_mask"], mask)
+        return target_position_logits(teacher, batch.input_ids, batch.attention_mask, mask)
 
 
 def test_topk_store_holds_the_teachers_top_k(tiny_dir, tmp_path):
