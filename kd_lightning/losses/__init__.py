@@ -1,5 +1,6 @@
 """Loss terms and their pure functional forms (see ``divergences`` for the target format)."""
 
+from kd_lightning.losses.cross_vocab import uld, uld_per_position
 from kd_lightning.losses.divergences import (
     adaptive_kl,
     forward_kl,
@@ -53,4 +54,6 @@ __all__ = [
     "skew_reverse_kl",
     "sparse_target_kl",
     "total_variation",
+    "uld",
+    "uld_per_position",
 ]

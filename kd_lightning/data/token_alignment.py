@@ -1,0 +1,112 @@
+"""Aligning two tokenizations of the same text by character offsets (cross-tokenizer distillation).
+
+A student and a teacher (or proxy) from different families split the same response differently. Their
+next-token distributions are comparable only where both models have read the same text: at a position
+whose prefix ends at the same character in both tokenizations. This module finds those positions.
+
+Each tokenization becomes a list of character spans that tile the text exactly once:
+
+* a token's span starts where the previous one ended (so whitespace that a tokenizer folds into the next
+  token, ``Ġword`` or ``▁word``, or trims from its offsets, belongs to exactly one token);
+* byte-fallback tokens (``<0xF0><0x9F><0x98><0x80>`` for one emoji) all report the same character span;
+  they form one group, and only the first of them starts at a text boundary (a prefix that ends inside a
+  character is no boundary at all);
+* special tokens are not added (``add_special_tokens=False``); a special token written in the text is one
+  token like any other.
+
+Chat templates differ per family, so only the response text is aligned; each side adds its own prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """One tokenization of a text: ids, and per token the character span ``[start, end)`` it covers.
+
+    ``boundary[i]`` is true when the prefix before token i ends at a text boundary (false for the 2nd, 3rd,
+    ... byte-fallback token of one character).
+    """
+
+    ids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    boundary: np.ndarray
+    text_length: int
+
+
+def token_spans(tokenizer: Any, text: str) -> TokenSpans:
+    """Tokenise ``text`` (no special tokens added) into spans that tile it (see the module docstring)."""
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    n = len(ids)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return TokenSpans(ids, empty, empty, np.zeros(0, dtype=bool), len(text))
+    raw_start, raw_end = offsets[:, 0], offsets[:, 1]
+    # byte-fallback pieces of one character report one span: only the first of a run starts a boundary
+    same_as_previous = np.zeros(n, dtype=bool)
+    same_as_previous[1:] = (raw_start[1:] == raw_start[:-1]) & (raw_end[1:] == raw_end[:-1])
+    ends = np.maximum.accumulate(raw_end)  # never move backwards
+    ends[-1] = max(int(ends[-1]), len(text))  # trailing text a tokenizer trimmed belongs to the last token
+    starts = np.concatenate([[0], ends[:-1]])
+    return TokenSpans(ids, starts, ends, ~same_as_previous, len(text))
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """Where two tokenizations of one text can be compared.
+
+    ``pairs`` (A, 2) holds (student token index, teacher token index) whose prefixes end at the same
+    character: the student's distribution for its token i and the teacher's for its token j are both
+    distributions of the text that follows that boundary. ``spelled_by[k]`` lists the teacher tokens that
+    spell the student tokens from pair k up to the next pair (the text between two shared boundaries).
+    """
+
+    student: TokenSpans
+    teacher: TokenSpans
+    pairs: np.ndarray
+    spelled_by: tuple[tuple[int, ...], ...]
+
+    @property
+    def student_positions(self) -> np.ndarray:
+        """Student token indices that have an aligned teacher position."""
+        return self.pairs[:, 0]
+
+    @property
+    def coverage(self) -> float:
+        """Share of the student's tokens that are aligned."""
+        return len(self.pairs) / max(len(self.student.ids), 1)
+
+
+def align_spans(student: TokenSpans, teacher: TokenSpans) -> TokenAlignment:
+    """Pairs of positions whose prefixes end at the same text boundary (both spans tile one text)."""
+    if student.text_length != teacher.text_length:
+        raise ValueError(
+            f"the two tokenizations cover {student.text_length} and {teacher.text_length} characters; "
+            "align tokenizations of the same text"
+        )
+    s_index = np.flatnonzero(student.boundary)
+    t_index = np.flatnonzero(teacher.boundary)
+    common, s_at, t_at = np.intersect1d(student.starts[s_index], teacher.starts[t_index], return_indices=True)
+    pairs = np.stack([s_index[s_at], t_index[t_at]], axis=1) if len(common) else np.zeros((0, 2), np.int64)
+    spelled = []
+    for k in range(len(pairs)):
+        end = teacher.text_length if k + 1 == len(pairs) else int(teacher.starts[pairs[k + 1, 1]])
+        first = int(pairs[k, 1])
+        last = first
+        while last + 1 < len(teacher.ids) and teacher.starts[last + 1] < end:
+            last += 1
+        spelled.append(tuple(range(first, last + 1)))
+    return TokenAlignment(student, teacher, pairs.astype(np.int64), tuple(spelled))
+
+
+def align_tokenizations(text: str, student_tokenizer: Any, teacher_tokenizer: Any) -> TokenAlignment:
+    """Align the student's and the teacher's tokenizations of ``text`` (a response, without template)."""
+    return align_spans(token_spans(student_tokenizer, text), token_spans(teacher_tokenizer, text))
