@@ -163,3 +163,57 @@ def test_uld_properties():
     assert uld(student, torch.randn(4, 13), torch.zeros(4, dtype=torch.bool)) == 0  # nothing to average
     with pytest.raises(ValueError, match="every dimension but the vocabulary"):
         uld(torch.randn(4, 9), torch.randn(5, 9))
+
+
+def padded_copy(tiny_dir, folder, extra: int = 13):
+    """The tiny model with ``extra`` padded vocabulary rows (Qwen-style), saved with its tokenizer."""
+    from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    model = load_causal_lm(tiny_dir)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tok) + extra)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_teachers_padded_vocabulary_is_trimmed_not_refused(kdl_env, tiny_dir):
+    from tests.test_pipeline import artifacts, kdl
+
+    padded = padded_copy(tiny_dir, kdl_env / "padded")
+    stores = {}
+    for name, path in (("plain", tiny_dir), ("padded", padded)):
+        kdl("teacher-logits", "experiment=tiny", "teacher=local", f"teacher.path={path}", env_dir=kdl_env)
+        (newest,) = [f for f in artifacts(kdl_env, "teacher_logits") if f not in stores.values()]
+        stores[name] = newest
+    for array in ("ids.npy", "probs.npy", "tail.npy"):
+        assert (stores["plain"] / array).read_bytes() == (stores["padded"] / array).read_bytes(), array
+
+
+def test_an_online_teacher_with_padded_rows_is_trimmed_to_the_student(tiny_dir):
+    from kd_lightning.losses import HardCrossEntropy
+    from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
+    from kd_lightning.modules.distill import DistillModule
+
+    tok = load_tokenizer(tiny_dir)
+    teacher = load_causal_lm(tiny_dir)
+    teacher.resize_token_embeddings(len(tok) + 7)
+    module = DistillModule(
+        tiny_llama(len(tok)),
+        {"hard_ce": HardCrossEntropy()},
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        teacher=teacher,
+        tokenizer=tok,
+    )
+    assert module.teacher.config.vocab_size == len(tok)
+    with pytest.raises(
+        ValueError, match="vocab_size"
+    ):  # a student narrower than the tokenizer is still refused
+        DistillModule(
+            tiny_llama(len(tok) - 3),
+            {"hard_ce": HardCrossEntropy()},
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            teacher=load_causal_lm(tiny_dir),
+            tokenizer=tok,
+        )

@@ -16,7 +16,7 @@ from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_l
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.records import CorpusError, load_records, split_records
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
-from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint
+from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint, trim_padded_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class Corpus:
         return int(max(len(self.tokenizer), self.tokenizer.vocab_size))
 
     def check_model_vocabulary(self, model: Any, path: str, role: str) -> None:
-        """Refuse a model whose logits are not over the student's vocabulary, in one line."""
+        """Refuse a model whose logits are not over the student's vocabulary, in one line; trim the rows of
+        a padded vocabulary (``config.vocab_size`` beyond the tokenizer's ids) in place."""
         vocab = int(model.config.vocab_size)
         if vocab < self.vocab_size:
             raise ValueError(
@@ -99,6 +100,7 @@ class Corpus:
                 f"(fingerprints {fingerprint} vs {self.tokenizer_fp}); its distributions must be over one "
                 "shared vocabulary"
             )
+        trim_padded_vocabulary(model, self.vocab_size)
 
 
 def corpus_provenance(spec: CorpusSpec, tokenizer_fp: str, code: str | None) -> dict[str, Any]:

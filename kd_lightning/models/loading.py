@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ from transformers import (
 
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.environment import env_setting
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -289,6 +292,26 @@ def tiny_llama(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def trim_padded_vocabulary(model: nn.Module, vocab_size: int) -> nn.Module:
+    """Drop the output rows (and embeddings) of ids beyond ``vocab_size``, in place.
+
+    Many models pad ``config.vocab_size`` past their tokenizer for matrix-shape efficiency (Qwen: 151,936
+    rows for 151,665 ids). No tokenizer ever produces those ids, but a softmax over padded logits gives them
+    mass, so distributions of two models (or of a model and a store over the tokenizer's ids) only compare
+    once the padding is gone. A model already at ``vocab_size`` is returned unchanged.
+    """
+    current = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if current > vocab_size:
+        log.info(
+            "trimming %d padded vocabulary rows (config.vocab_size %d → %d)",
+            current - vocab_size,
+            current,
+            vocab_size,
+        )
+        model.resize_token_embeddings(vocab_size)
+    return model
 
 
 def check_same_vocabulary(student: nn.Module, teacher: nn.Module, why: str) -> None:

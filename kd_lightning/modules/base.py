@@ -32,7 +32,7 @@ from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.generation.rollout import left_pad, prompts_from_batch
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
-from kd_lightning.models.loading import check_same_vocabulary, freeze
+from kd_lightning.models.loading import check_same_vocabulary, freeze, trim_padded_vocabulary
 
 SEED_STREAMS: dict[str, tuple[int, int]] = {
     "batch_source": (1, 0),
@@ -96,9 +96,10 @@ class StudentModule(LightningModule):
         self.eval_generation_limit = int(eval_generation_limit)
         self.eval_max_new_tokens = int(eval_max_new_tokens)
         object.__setattr__(self, "tokenizer", tokenizer)  # not state: never checkpointed
-        object.__setattr__(self, "teacher", None if teacher is None else freeze(teacher))
         if teacher is not None:
+            trim_teacher_padding(student, teacher, tokenizer)
             check_same_vocabulary(student, teacher, "distillation compares their token distributions")
+        object.__setattr__(self, "teacher", None if teacher is None else freeze(teacher))
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
         if self.eval_generation_limit:
@@ -237,6 +238,14 @@ class StudentModule(LightningModule):
             self.log(
                 "val/reverse_kl", sum(kl * n for kl, n in self._val_rkl) / max(tokens, 1.0), prog_bar=True
             )
+
+
+def trim_teacher_padding(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> None:
+    """Trim a teacher's padded vocabulary rows to the student's width when both cover the tokenizer's ids."""
+    s_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
+    t_vocab = int(getattr(getattr(teacher, "config", None), "vocab_size", 0) or 0)
+    if tokenizer is not None and t_vocab > s_vocab >= len(tokenizer) > 0:
+        trim_padded_vocabulary(teacher, s_vocab)
 
 
 def module_class(factory: Callable[..., Any]) -> type[StudentModule]:
