@@ -61,7 +61,8 @@ class ProcessGroup:
 def process_group() -> ProcessGroup:
     """The group ``torchrun`` started this process in (initialising ``torch.distributed`` once)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    # torchrun's workers only: Lightning's own DDP launcher also sets WORLD_SIZE, for its training processes
+    if world <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ or "RANK" not in os.environ:
         return ProcessGroup()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
