@@ -5,23 +5,34 @@ sequences left-padded by a start symbol. The baseline runs on a slice (it is slo
 tokens/s, so the ratio is throughput against throughput. Peak memory at 10^8 tokens is measured in a
 child process (ru_maxrss). Ends with one JSON line.
 
+With a memory budget (``--budget 2GiB``), the same counting runs from a memory-mapped token file for each
+of ``--budget-tokens`` (10^8 and 3·10^8 by default), each in a fresh child: its seconds, tokens/s, peak RSS
+of the whole process (interpreter and torch included; the counter gets the budget minus what the process
+already holds), and tokens/s as a ratio to the in-memory path on the same 10^8-token file. 3·10^8 tokens
+are not counted in memory (~26 GiB); that row's ratio is against the 10^8 in-memory rate.
+
     python benchmarks/bench_ngram.py [--tokens 10000000] [--order 5] [--big-tokens 100000000]
+        [--budget 2GiB] [--budget-tokens 100000000,300000000] [--workers 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from kd_lightning.data.soft_labels import SparseRows  # noqa: F401  (import cost outside the timings)
 from kd_lightning.estimation.ngram import NGramModel
+from kd_lightning.estimation.ngram_external import parse_bytes
 
 VOCAB = 49152
 
@@ -68,13 +79,114 @@ def peak_memory_child(n_tokens: int, order: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_zipf_file(folder: Path, n_tokens: int, seq_len: int = 256, chunk: int = 10_000_000) -> Path:
+    """A token file (uint16 .npy) and its offsets, written chunk by chunk so the writer stays small."""
+    path = folder / f"zipf-{n_tokens}.npy"
+    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(n_tokens,))
+    rng = np.random.default_rng(0)
+    for start in range(0, n_tokens, chunk):
+        end = min(n_tokens, start + chunk)
+        tokens[start:end] = (rng.zipf(1.1, size=end - start) - 1) % VOCAB
+    tokens.flush()
+    del tokens
+    offsets = np.unique(np.append(np.arange(0, n_tokens, seq_len, dtype=np.int64), n_tokens))
+    np.save(folder / f"zipf-{n_tokens}.offsets.npy", offsets)
+    return path
+
+
+def rss_now() -> int:
+    """Resident bytes of this process right now (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def count_file_child(path: str, order: int, budget: int, workers: int) -> None:
+    """Child mode: count the token file (budget 0 = in memory), print one JSON line of figures."""
+    offsets = np.load(path.replace(".npy", ".offsets.npy"))
+    tokens = np.load(path, mmap_mode="r") if budget else np.load(path)
+    held = rss_now()
+    counter_budget = budget - held if budget else None
+    if counter_budget is not None and counter_budget <= 0:
+        raise SystemExit(f"the process already holds {held / 2**30:.2f} GiB, more than the budget")
+    start = time.perf_counter()
+    model = NGramModel(order, VOCAB, memory_budget=counter_budget, count_workers=workers).fit(tokens, offsets)
+    seconds = time.perf_counter() - start
+    counts = model.counts(order)
+    pairs = getattr(counts, "num_pairs", None) or len(counts.pair_keys)
+    parts = 1 << counts.bits if hasattr(counts, "bits") else 1
+    model.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    result = {"tokens": len(tokens), "seconds": seconds, "distinct_pairs": pairs, "parts": parts}
+    result |= {
+        "held_before_gib": held / 2**30,
+        "peak_rss_gib": peak / 2**30,
+        "worker_peak_rss_gib": children / 2**30,
+    }
+    print(json.dumps(result))
+
+
+def run_file_child(path: Path, order: int, budget: int, workers: int) -> dict:
+    cmd = [sys.executable, __file__, "--child-file", str(path), "--order", str(order)]
+    cmd += ["--child-budget", str(budget), "--workers", str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"child failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def budget_runs(sizes: list[int], order: int, budget: int, workers: int, folder: Path) -> list[dict]:
+    """In-memory vs budgeted counting of the same token files, each run in a fresh process."""
+    rows = []
+    memory_rate = None
+    for n in sizes:
+        path = write_zipf_file(folder, n)
+        row = {"tokens": n}
+        if n <= 100_000_000:
+            memory = run_file_child(path, order, 0, 1)
+            memory_rate = n / memory["seconds"]
+            row["in_memory"] = memory
+            print(
+                f"in memory: {n:,} tokens in {memory['seconds']:.1f} s ({memory_rate / 1e6:.2f} M tokens/s), "
+                f"peak RSS {memory['peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
+        spilled = run_file_child(path, order, budget, workers)
+        rate = n / spilled["seconds"]
+        row["budgeted"] = spilled
+        row["budgeted_tokens_per_s"] = round(rate)
+        row["ratio_to_in_memory"] = round(rate / memory_rate, 3) if memory_rate else None
+        row["peak_within_budget"] = spilled["peak_rss_gib"] * 2**30 <= budget
+        print(
+            f"budget {budget / 2**30:.2f} GiB: {n:,} tokens in {spilled['seconds']:.1f} s "
+            f"({rate / 1e6:.2f} M tokens/s, {row['ratio_to_in_memory']} x in-memory), {spilled['parts']} parts, "
+            f"peak RSS {spilled['peak_rss_gib']:.2f} GiB (held {spilled['held_before_gib']:.2f} GiB before "
+            f"counting; workers {spilled['worker_peak_rss_gib']:.2f} GiB)",
+            flush=True,
+        )
+        path.unlink()
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=10_000_000)
     parser.add_argument("--baseline-tokens", type=int, default=1_000_000)
     parser.add_argument("--order", type=int, default=5)
     parser.add_argument("--big-tokens", type=int, default=100_000_000, help="0 skips the memory run")
+    parser.add_argument("--budget", default="2GiB", help="memory budget of the spilled runs; 0 skips them")
+    parser.add_argument("--budget-tokens", default="100000000,300000000")
+    parser.add_argument("--workers", type=int, default=1, help="processes counting spilled parts")
+    parser.add_argument("--spill-dir", default=None, help="where the token files and parts go")
+    parser.add_argument("--child-file", help=argparse.SUPPRESS)
+    parser.add_argument("--child-budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_file:
+        count_file_child(args.child_file, args.order, args.child_budget, args.workers)
+        return
 
     tokens, offsets = zipf_corpus(args.tokens)
     warm = offsets[offsets <= 100_000]
@@ -106,6 +218,12 @@ def main() -> None:
             f"10^8 run: {args.big_tokens:,} tokens in {big['seconds']:.1f} s, peak RSS {big['peak_rss_gib']:.2f} GiB",
             flush=True,
         )
+    budget = parse_bytes(args.budget) if args.budget not in ("0", "") else 0
+    budgeted = []
+    if budget:
+        sizes = [int(n) for n in args.budget_tokens.split(",") if n]
+        with tempfile.TemporaryDirectory(prefix="kdl-bench-ngram-", dir=args.spill_dir) as folder:
+            budgeted = budget_runs(sizes, args.order, budget, args.workers, Path(folder))
     figures = {
         "bench": "ngram_counting",
         "order": args.order,
@@ -119,6 +237,23 @@ def main() -> None:
         "big_seconds": round(big["seconds"], 1) if big else None,
         "big_peak_rss_gib": round(big["peak_rss_gib"], 2) if big else None,
         "big_fits_24gib": (big["peak_rss_gib"] < 24) if big else None,
+        "budget_gib": round(budget / 2**30, 2) if budget else None,
+        "budgeted": [
+            {
+                "tokens": r["tokens"],
+                "seconds": round(r["budgeted"]["seconds"], 1),
+                "tokens_per_s": r["budgeted_tokens_per_s"],
+                "ratio_to_in_memory": r["ratio_to_in_memory"],
+                "peak_rss_gib": round(r["budgeted"]["peak_rss_gib"], 2),
+                "peak_within_budget": r["peak_within_budget"],
+                "parts": r["budgeted"]["parts"],
+                "in_memory_seconds": round(r["in_memory"]["seconds"], 1) if "in_memory" in r else None,
+                "in_memory_peak_rss_gib": round(r["in_memory"]["peak_rss_gib"], 2)
+                if "in_memory" in r
+                else None,
+            }
+            for r in budgeted
+        ],
         "rss_this_process_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(figures))

@@ -4,11 +4,9 @@ For a response token ``w*`` with context ``c`` (the previous ``order - 1`` token
 
     p_prior(w) = (1/γ) · #(c, w) / #(c)  +  (1 - 1/γ) · [w = w*]
 
-Counting is vectorised numpy: every context gets a 64-bit key (exact for n ≤ 5 with a vocabulary under
-65,536 ids, see :func:`context_hashes`), its top bits and the token id are packed into one uint64, and a
-single sort groups these by context and token, so ``#(c, w)`` and ``#(c)`` fall out of run lengths.
-Contexts whose keys share those top bits are detected and moved to unused keys, so no two contexts are
-ever merged silently.
+Counting is vectorised numpy, one sort per order (:mod:`~kd_lightning.estimation.ngram_counts`). With a
+``memory_budget`` the same counts are made in parts spilled to disk
+(:mod:`~kd_lightning.estimation.ngram_external`), and the prior is the same to the bit.
 
 Context and backoff rules:
 
@@ -23,165 +21,43 @@ Context and backoff rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kd_lightning.data.soft_labels import SparseRows, id_dtype_for
+from kd_lightning.estimation.ngram_counts import (
+    OrderCounts,
+    context_hashes,
+    count_order,
+    positions_in_sequence,
+)
+from kd_lightning.estimation.ngram_external import ExternalCounter, SpilledOrder, parse_bytes
 
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, in place on uint64 (wrap-around arithmetic is intended)."""
-    h ^= h >> np.uint64(30)
-    h *= _MIX1
-    h ^= h >> np.uint64(27)
-    h *= _MIX2
-    h ^= h >> np.uint64(31)
-    return h
-
-
-def context_hashes(
-    tokens: np.ndarray, seq_pos: np.ndarray, positions: np.ndarray, context_len: int, start_symbol: int
-) -> np.ndarray:
-    """64-bit keys of the ``context_len`` tokens before each of ``positions`` (flat indices).
-
-    Token ids are packed ``bits`` at a time into a uint64 and passed through the splitmix64 finaliser,
-    a bijection: while ``context_len * bits <= 64`` (n ≤ 5 for vocabularies under 65,536 ids) two
-    different contexts never share a key. Longer contexts are folded through the finaliser every 64 bits
-    (a hash; the prefix check in :func:`count_order` still guards the packed keys).
-
-    Args:
-        tokens: (total,) token ids of all sequences, concatenated.
-        seq_pos: (total,) position of each token inside its sequence.
-        positions: (P,) flat indices whose contexts are wanted.
-        context_len: number of previous tokens (``order - 1``); 0 gives one shared context.
-        start_symbol: id used before a sequence's first token.
-    """
-    bits = int(start_symbol).bit_length()
-    n = len(positions)
-    h = np.zeros(n, dtype=np.uint64)
-    if context_len == 0:
-        return _mix(h)
-    every_token = n == len(tokens) and (n == 0 or (positions[0] == 0 and positions[-1] == n - 1))
-    pos_in_seq = seq_pos if every_token else seq_pos[positions]
-    # buffers reused across j: fresh 80 MB temporaries cost more in page faults than the arithmetic
-    prev = np.empty(n, dtype=np.uint64)
-    idx = None if every_token else np.empty(n, dtype=np.int64)
-    near_start = np.empty(n, dtype=bool)
-    start = np.uint64(start_symbol)
-    shift = np.uint64(bits)
-    used = 0
-    for j in range(1, context_len + 1):
-        if used + bits > 64:
-            _mix(h)
-            used = 0
-        if every_token:
-            prev[:j] = start
-            np.copyto(prev[j:], tokens[: n - j], casting="unsafe")
-        else:
-            np.subtract(positions, j, out=idx)  # index -1 wraps for p < j: replaced just below
-            np.copyto(prev, tokens[idx], casting="unsafe")
-        np.less(pos_in_seq, j, out=near_start)
-        np.putmask(prev, near_start, start)
-        h <<= shift
-        h |= prev
-        used += bits
-    return _mix(h)
-
-
-@dataclass
-class _OrderCounts:
-    """Counts of one order: unique (context, token) keys sorted, grouped by context."""
-
-    wbits: int
-    pair_keys: np.ndarray  # (U,) uint64 sorted: context_key << wbits | token
-    pair_counts: np.ndarray  # (U,) int64
-    ctx_keys: np.ndarray  # (C,) uint64 sorted unique context keys
-    ctx_counts: np.ndarray  # (C,) int64
-    ctx_start: np.ndarray  # (C + 1,) index of each context's first pair
-    moved_hashes: np.ndarray  # (M,) sorted full hashes whose prefix collided with another context's
-    moved_keys: np.ndarray  # (M,) the fresh context keys they were given
-
-    def context_keys(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Map full context hashes to this order's context keys; returns (keys, known-mask)."""
-        keys = hashes >> np.uint64(self.wbits)
-        _apply_moves(hashes, keys, self.moved_hashes, self.moved_keys)
-        return keys, np.ones(len(hashes), dtype=bool)
-
-
-def _apply_moves(
-    hashes: np.ndarray, keys: np.ndarray, moved_hashes: np.ndarray, moved_keys: np.ndarray
-) -> None:
-    if len(moved_hashes):
-        at = np.minimum(np.searchsorted(moved_hashes, hashes), len(moved_hashes) - 1)
-        hit = moved_hashes[at] == hashes
-        keys[hit] = moved_keys[at[hit]]
-
-
-def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
-    """Indices where a new run of equal values begins in a sorted array."""
-    starts = np.empty(len(sorted_values), dtype=bool)
-    starts[0] = True
-    np.not_equal(sorted_values[1:], sorted_values[:-1], out=starts[1:])
-    return np.flatnonzero(starts)
-
-
-def count_order(hashes: np.ndarray, words: np.ndarray, wbits: int) -> _OrderCounts:
-    """Count (context, token) pairs and contexts for one order from event hashes and tokens.
-
-    The context key is the hash's top ``64 - wbits`` bits. Contexts whose distinct full hashes share
-    that prefix (rare: ~C²/2^49 pairs for C contexts) are moved to unused keys, so none are merged.
-    """
-    prefix_bits = np.uint64(wbits)  # the context key keeps the top 64 - wbits bits
-    ordered = np.sort(hashes)
-    prefixes = ordered >> prefix_bits
-    same_prefix = prefixes[1:] == prefixes[:-1]
-    same_prefix &= ordered[1:] != ordered[:-1]
-    clash = np.flatnonzero(same_prefix)  # i: ordered[i + 1] is a different context with ordered[i]'s prefix
-    del same_prefix
-    moved_hashes = np.empty(0, dtype=np.uint64)
-    moved_keys = np.empty(0, dtype=np.uint64)
-    if len(clash):  # move every context of a clashing group but the first to an unused key
-        moved_hashes = np.unique(ordered[clash + 1])
-        used = set(prefixes[clash].tolist())
-        rng = np.random.default_rng(len(moved_hashes))
-        fresh: list[int] = []
-        limit = (1 << (64 - wbits)) - 1
-        while len(fresh) < len(moved_hashes):
-            for candidate in rng.integers(0, limit, size=2 * len(moved_hashes), dtype=np.uint64).tolist():
-                at = int(np.searchsorted(prefixes, candidate))
-                if (at == len(prefixes) or prefixes[at] != candidate) and candidate not in used:
-                    used.add(candidate)
-                    fresh.append(candidate)
-        moved_keys = np.asarray(fresh[: len(moved_hashes)], dtype=np.uint64)
-    del ordered
-    keys = hashes >> prefix_bits
-    _apply_moves(hashes, keys, moved_hashes, moved_keys)
-    keys <<= np.uint64(wbits)
-    keys |= words.astype(np.uint64)
-    keys.sort()
-    starts = _run_starts(keys)
-    pair_keys = keys[starts]
-    pair_counts = np.empty(len(starts), dtype=np.int64)
-    np.subtract(starts[1:], starts[:-1], out=pair_counts[:-1])
-    pair_counts[-1] = len(keys) - starts[-1]
-    del keys, starts
-    pair_ctx = pair_keys >> np.uint64(wbits)
-    ctx_first = _run_starts(pair_ctx)
-    ctx_start = np.append(ctx_first, len(pair_keys))
-    ctx_counts = np.add.reduceat(pair_counts, ctx_first)
-    return _OrderCounts(
-        wbits, pair_keys, pair_counts, pair_ctx[ctx_first], ctx_counts, ctx_start, moved_hashes, moved_keys
-    )
+__all__ = ["NGramModel", "NGramPriorEstimator", "count_order", "mix_prior"]
 
 
 class NGramModel:
-    """Counts of orders ``1..order`` over the counted tokens of a corpus, queried per position."""
+    """Counts of orders ``1..order`` over the counted tokens of a corpus, queried per position.
 
-    def __init__(self, order: int, vocab_size: int, min_context_count: int = 1) -> None:
+    Args:
+        order, vocab_size, min_context_count: the model (see the module docstring for backoff).
+        memory_budget: ``None`` counts in memory (fastest; ~90 bytes per token at its peak). Bytes or a
+            size like ``"2GiB"``: count within that much working memory, spilling parts to ``spill_dir``.
+        count_workers: processes counting spilled parts in parallel (the budget is shared between them).
+        spill_dir: folder for spilled parts (default: the system temp folder); they are removed by
+            :meth:`close` or when the model is garbage-collected.
+    """
+
+    def __init__(
+        self,
+        order: int,
+        vocab_size: int,
+        min_context_count: int = 1,
+        memory_budget: int | str | None = None,
+        count_workers: int = 1,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         if order < 1:
             raise ValueError(f"ngram order must be >= 1, got {order}")
         if min_context_count < 1:
@@ -191,7 +67,11 @@ class NGramModel:
         self.min_context_count = min_context_count
         self.start_symbol = vocab_size  # outside the vocabulary
         self.wbits = int(vocab_size).bit_length()
-        self._counts: dict[int, _OrderCounts] = {}
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self.count_workers = count_workers
+        self.spill_dir = spill_dir
+        self._external: ExternalCounter | None = None
+        self._counts: dict[int, OrderCounts | SpilledOrder] = {}
 
     def fit(
         self, tokens: np.ndarray, offsets: np.ndarray, count_mask: np.ndarray | None = None
@@ -203,6 +83,22 @@ class NGramModel:
             offsets: (num_seqs + 1,) sequence boundaries in ``tokens``.
             count_mask: (total,) bool, which tokens are events (default: all).
         """
+        self.close()
+        self._counts = {}
+        if self.memory_budget is not None:
+            self._external = ExternalCounter(
+                tokens,
+                offsets,
+                count_mask,
+                self.vocab_size,
+                self.start_symbol,
+                self.wbits,
+                self.memory_budget,
+                self.count_workers,
+                self.spill_dir,
+            )
+            self.counts(self.order)
+            return self
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(
@@ -214,25 +110,28 @@ class NGramModel:
         self._events = np.flatnonzero(mask)
         if not len(self._events):
             raise ValueError("no tokens to count (count_mask is all False)")
-        self._counts = {}
         self.counts(self.order)
         return self
 
-    @staticmethod
-    def positions_in_sequence(offsets: np.ndarray, total: int) -> np.ndarray:
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or np.any(np.diff(offsets) < 0):
-            raise ValueError(
-                f"offsets must rise from 0 to len(tokens)={total} (got {len(offsets)} offsets ending at "
-                f"{int(offsets[-1]) if len(offsets) else None}); pass sequence boundaries of these tokens"
-            )
-        starts = np.repeat(offsets[:-1], np.diff(offsets))
-        return (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
+    def close(self) -> None:
+        """Remove spilled parts, if any (the model cannot be queried for them afterwards)."""
+        if self._external is not None:
+            self._external.close()
+            self._external = None
+            self._counts = {}
 
-    def counts(self, order: int) -> _OrderCounts:
+    positions_in_sequence = staticmethod(positions_in_sequence)
+
+    def counts(self, order: int) -> OrderCounts | SpilledOrder:
+        """Counts of ``order`` (counted on first use): in memory, or spilled parts under a budget."""
         if order not in self._counts:
-            hashes = context_hashes(self._tokens, self._seq_pos, self._events, order - 1, self.start_symbol)
-            self._counts[order] = count_order(hashes, self._tokens[self._events], self.wbits)
+            if self._external is not None:
+                self._counts[order] = self._external.count(order)
+            else:
+                hashes = context_hashes(
+                    self._tokens, self._seq_pos, self._events, order - 1, self.start_symbol
+                )
+                self._counts[order] = count_order(hashes, self._tokens[self._events], self.wbits)
         return self._counts[order]
 
     def distributions(
@@ -264,21 +163,29 @@ class NGramModel:
                 break
             counts = self.counts(order)
             hashes = context_hashes(tokens, seq_pos, positions[todo], order - 1, self.start_symbol)
-            keys, known = counts.context_keys(hashes)
-            idx = np.minimum(np.searchsorted(counts.ctx_keys, keys), len(counts.ctx_keys) - 1)
-            ok = known & (counts.ctx_keys[idx] == keys) & (counts.ctx_counts[idx] >= self.min_context_count)
-            if order == 1:
-                ok[:] = True
-            rows, ctx = todo[ok], idx[ok]
-            self._fill_rows(counts, ctx, observed[rows], ids, probs, rows, top_k)
-            used_order[rows] = order
+            parts = (
+                counts.split(hashes) if isinstance(counts, SpilledOrder) else [(counts, np.arange(len(todo)))]
+            )
+            ok = np.zeros(len(todo), dtype=bool)
+            for part, at in parts:  # one part's counts in memory at a time
+                if part is None:
+                    continue
+                keys, known = part.context_keys(hashes[at])
+                idx = np.minimum(np.searchsorted(part.ctx_keys, keys), len(part.ctx_keys) - 1)
+                hit = known & (part.ctx_keys[idx] == keys) & (part.ctx_counts[idx] >= self.min_context_count)
+                if order == 1:
+                    hit[:] = True
+                rows = todo[at[hit]]
+                self._fill_rows(part, idx[hit], observed[rows], ids, probs, rows, top_k)
+                ok[at[hit]] = True
+            used_order[todo[ok]] = order
             todo = todo[~ok]
         tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
         return SparseRows(ids.astype(id_dtype_for(self.vocab_size)), probs, tail), used_order
 
     def _fill_rows(
         self,
-        counts: _OrderCounts,
+        counts: OrderCounts,
         ctx: np.ndarray,
         observed: np.ndarray,
         ids: np.ndarray,
@@ -349,10 +256,19 @@ class NGramPriorEstimator:
         gamma: smoothing γ ≥ 1; 1 = pure n-gram, ∞ = one-hot of the observed token.
         min_context_count: back off to shorter contexts seen fewer times than this.
         top_k: entries stored per position (the observed token is always among them).
+        memory_budget, count_workers, spill_dir: how counting runs (see :class:`NGramModel`). They do not
+            change the prior, so they are not in :meth:`settings` (nor in a store's cache key).
     """
 
     def __init__(
-        self, ngram_order: int = 5, gamma: float = 2.0, min_context_count: int = 1, top_k: int = 32
+        self,
+        ngram_order: int = 5,
+        gamma: float = 2.0,
+        min_context_count: int = 1,
+        top_k: int = 32,
+        memory_budget: int | str | None = None,
+        count_workers: int = 1,
+        spill_dir: str | Path | None = None,
     ) -> None:
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
@@ -362,6 +278,9 @@ class NGramPriorEstimator:
         self.gamma = gamma
         self.min_context_count = min_context_count
         self.top_k = top_k
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        self.count_workers = count_workers
+        self.spill_dir = spill_dir
 
     def settings(self) -> dict:
         return {
@@ -379,11 +298,20 @@ class NGramPriorEstimator:
         """
         counted = count_corpus if count_corpus is not None else corpus
         response = np.roll(counted.target_mask(), 1)  # token p is a response token iff p - 1 is a target
-        model = NGramModel(self.ngram_order, vocab_size, self.min_context_count).fit(
-            counted.tokens, counted.offsets, response
+        model = NGramModel(
+            self.ngram_order,
+            vocab_size,
+            self.min_context_count,
+            self.memory_budget,
+            self.count_workers,
+            self.spill_dir,
         )
-        events = np.flatnonzero(corpus.target_mask()) + 1
-        ngram, orders = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
+        try:
+            model.fit(counted.tokens, counted.offsets, response)
+            events = np.flatnonzero(corpus.target_mask()) + 1
+            ngram, orders = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
+        finally:
+            model.close()
         observed = corpus.tokens[events]
         prior = mix_prior(ngram, observed, self.gamma)
         ngram_observed = (
