@@ -36,6 +36,7 @@ bench: setup  ## benchmarks (each prints one JSON line of figures and ratios)
 	$(PY) benchmarks/bench_kd_loss.py
 	$(PY) benchmarks/bench_kd_step.py
 	$(PY) benchmarks/bench_trl_jsd.py
+	$(PY) benchmarks/bench_packing.py
 
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check kd_lightning tests benchmarks

@@ -59,24 +59,38 @@ class SoftLabels:
 @dataclass
 class TextBatch:
     """Padded teacher text, (B, T): ``input_ids``, ``attention_mask``, ``target_ids`` (``IGNORE_INDEX`` off
-    target), and each connected soft-label store's rows (B, T, K) under its name (zeros off target)."""
+    target), and each connected soft-label store's rows (B, T, K) under its name (zeros off target).
+
+    A packed batch (``datamodule.packing``) holds several records per row. ``position_ids`` (B, T) then
+    restart at 0 for each record (and for the padding after the last), and the model is run with them and
+    no attention mask, so attention stays inside each record (:func:`kd_lightning.models.forward.model_inputs`).
+    ``attention_mask`` still marks real tokens. ``record_order`` lists the collated items in the order
+    their tokens appear, row by row.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_ids: torch.Tensor
     soft_labels: dict[str, SoftLabels] = field(default_factory=dict)
+    position_ids: torch.Tensor | None = None
+    record_order: tuple[int, ...] | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     @property
     def target_mask(self) -> torch.Tensor:
         return self.target_ids != IGNORE_INDEX
 
     def rows(self, index: slice) -> TextBatch:
-        """A sub-batch of rows (sequences)."""
+        """A sub-batch of rows (sequences; of a packed batch, the records packed into those rows)."""
         return TextBatch(
             self.input_ids[index],
             self.attention_mask[index],
             self.target_ids[index],
             {name: rows.rows(index) for name, rows in self.soft_labels.items()},
+            None if self.position_ids is None else self.position_ids[index],
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
@@ -87,6 +101,8 @@ class TextBatch:
             self.attention_mask.to(**move),
             self.target_ids.to(**move),
             {name: rows.to(device, non_blocking) for name, rows in self.soft_labels.items()},
+            None if self.position_ids is None else self.position_ids.to(**move),
+            self.record_order,
         )
 
     def __len__(self) -> int:

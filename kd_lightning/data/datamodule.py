@@ -9,6 +9,11 @@ A batch is a :class:`~kd_lightning.data.batch.TextBatch` (B batch, T padded leng
                            store (prior, posterior, ...), zeros off target
 
 so logits at position t, the soft labels at t and ``target_ids[t]`` all describe token t+1.
+
+With ``packing=True`` the training batches hold the same records, packed first-fit-decreasing into as
+few rows as fit (:func:`pack_rows`), with ``position_ids`` that restart per record (see
+:class:`~kd_lightning.data.batch.TextBatch`). Each step sees the same records and target positions, so
+losses equal the padded ones to float tolerance, with less compute spent on padding.
 """
 
 from __future__ import annotations
@@ -59,9 +64,40 @@ class SoftLabelDataset(Dataset):
         return item
 
 
-def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[str, ...] = ()) -> TextBatch:
-    """Right-pad a list of dataset items into a :class:`TextBatch` (see the module docstring for shapes)."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: item indices per row, each row's lengths summing to at most ``capacity``.
+
+    Longer items are placed first (ties in index order), so the layout is a pure function of the lengths.
+    """
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"a record of {max(lengths)} tokens does not fit a packed row of {capacity}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def collate(
+    items: list[dict[str, np.ndarray]],
+    pad_id: int,
+    store_names: tuple[str, ...] = (),
+    packing: bool = False,
+    pack_length: int | None = None,
+) -> TextBatch:
+    """Right-pad (or pack) dataset items into a :class:`TextBatch` (see the module docstring for shapes).
+
+    With ``packing``, rows hold up to ``max(pack_length, longest item)`` tokens each.
+    """
     lengths = [len(item["input_ids"]) for item in items]
+    if packing:
+        return _collate_packed(items, lengths, pad_id, store_names, max(pack_length or 0, max(lengths)))
     b, t = len(items), max(lengths)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     attention = torch.zeros((b, t), dtype=torch.long)
@@ -85,6 +121,48 @@ def collate(items: list[dict[str, np.ndarray]], pad_id: int, store_names: tuple[
             rows.probs[row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
             rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
     return TextBatch(input_ids, attention, targets, stores)
+
+
+def _collate_packed(
+    items: list[dict[str, np.ndarray]],
+    lengths: list[int],
+    pad_id: int,
+    store_names: tuple[str, ...],
+    capacity: int,
+) -> TextBatch:
+    layout = pack_rows(lengths, capacity)
+    b, t = len(layout), max(sum(lengths[i] for i in row) for row in layout)
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, t), dtype=torch.long)
+    targets = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((b, t), dtype=torch.long)
+    stores = {}
+    for name in store_names:
+        k = items[0][f"{name}_ids"].shape[1]
+        stores[name] = SoftLabels(
+            torch.zeros((b, t, k), dtype=torch.long),
+            torch.zeros((b, t, k), dtype=torch.float32),
+            torch.zeros((b, t), dtype=torch.float32),
+        )
+    for row, members in enumerate(layout):
+        at = 0
+        for i in members:
+            item, length = items[i], lengths[i]
+            span = slice(at, at + length)
+            input_ids[row, span] = torch.from_numpy(item["input_ids"])
+            attention[row, span] = 1
+            targets[row, span] = torch.from_numpy(item["target_ids"])
+            positions[row, span] = torch.arange(length)
+            start = at + item["target_start"]
+            for name, rows in stores.items():
+                n = len(item[f"{name}_ids"])
+                rows.ids[row, start : start + n] = torch.from_numpy(item[f"{name}_ids"])
+                rows.probs[row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
+                rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
+            at += length
+        positions[row, at:] = torch.arange(t - at)  # the padding is a block of its own
+    order = tuple(i for row in layout for i in row)
+    return TextBatch(input_ids, attention, targets, stores, positions, order)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -154,6 +232,10 @@ class TeacherTextDataModule(LightningDataModule):
     """DataLoader workers (0 is fastest for these small in-memory corpora on CPU)."""
     shuffle_seed: int = 0
     """Seed of the training order."""
+    packing: bool = False
+    """Pack each training batch's records into as few rows as fit (same records, less padding)."""
+    pack_length: int | None = None
+    """Tokens per packed row (default: the batch's longest record); larger packs more records per row."""
     pad_id: int = field(default=0, init=False)
     """Set by :meth:`connect` from the tokenizer."""
 
@@ -164,6 +246,8 @@ class TeacherTextDataModule(LightningDataModule):
                 raise ValueError(f"datamodule.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"datamodule.num_workers must be >= 0, got {self.num_workers}")
+        if self.pack_length is not None and int(self.pack_length) < 1:
+            raise ValueError(f"datamodule.pack_length must be >= 1 or null, got {self.pack_length}")
         self.train_set: SoftLabelDataset | None = None
         self.val_set: SoftLabelDataset | None = None
 
@@ -191,7 +275,13 @@ class TeacherTextDataModule(LightningDataModule):
             self.train_set,
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_id=self.pad_id, store_names=self.store_names),
+            collate_fn=partial(
+                collate,
+                pad_id=self.pad_id,
+                store_names=self.store_names,
+                packing=self.packing,
+                pack_length=self.pack_length,
+            ),
         )
 
     def _replicas(self) -> tuple[int, int]:

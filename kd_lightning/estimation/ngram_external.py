@@ -26,9 +26,7 @@ import math
 import mmap
 import multiprocessing
 import re
-import shutil
 import tempfile
-import weakref
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -166,8 +164,8 @@ class ExternalCounter:
         self.word_dtype = "<u2" if vocab_size <= 1 << 16 else "<u4"
         if spill_dir is not None:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="kdl-ngram-", dir=spill_dir))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+        self._scratch = tempfile.TemporaryDirectory(prefix="kdl-ngram-", dir=spill_dir)  # removed when collected
+        self.folder = Path(self._scratch.name)
         self.chunk_tokens = max(MIN_CHUNK_TOKENS, memory_budget // SPILL_BYTES_PER_TOKEN)
         if count_mask is None:
             self.num_events = len(tokens)
@@ -178,7 +176,7 @@ class ExternalCounter:
 
     def close(self) -> None:
         """Remove the spilled parts (also done when the counter is garbage-collected)."""
-        self._cleanup()
+        self._scratch.cleanup()
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """Token ranges of whole sequences, about ``chunk_tokens`` each (a longer sequence is one chunk)."""

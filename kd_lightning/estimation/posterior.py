@@ -21,7 +21,7 @@ from torch import nn
 
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.estimation.sharded import estimate_by_shard, target_position_batches
+from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings, target_position_batches
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class ProxyPosteriorEstimator:
         batch_size: sequences per proxy forward.
         shard_size: sequences per resumable shard.
         seed: sampling seed (each shard uses ``seed + shard``, so a resumed run draws the same samples).
+        packing, pack_length: pack each batch's sequences into rows (``datamodule.packing``); the rows
+            equal the padded ones to float tolerance and the draws follow the same order.
     """
 
     def __init__(
@@ -98,6 +100,8 @@ class ProxyPosteriorEstimator:
         batch_size: int = 8,
         shard_size: int = 64,
         seed: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         if sampling_rounds < 0:
             raise ValueError(f"sampling_rounds must be >= 0, got {sampling_rounds}")
@@ -113,6 +117,7 @@ class ProxyPosteriorEstimator:
         self.batch_size = batch_size
         self.shard_size = shard_size
         self.seed = seed
+        self.packing, self.pack_length = packing, pack_length
 
     def settings(self) -> dict:
         return {
@@ -125,13 +130,17 @@ class ProxyPosteriorEstimator:
             # which sequences share a shard (its seed) and a batch (the order of draws) decide the draws
             "batch_size": self.batch_size,
             "shard_size": self.shard_size,
+            **packing_settings(self.packing, self.pack_length),  # float rounding differs when packed
         }
 
     def proxy_distributions(
         self, proxy: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int
     ) -> Iterator[tuple[torch.Tensor, list[int]]]:
         """Yield (rows, V) proxy probabilities at the target positions of batches of ``sequences``."""
-        for logits, batch_seqs in target_position_batches(proxy, corpus, sequences, pad_id, self.batch_size):
+        batches = target_position_batches(
+            proxy, corpus, sequences, pad_id, self.batch_size, self.packing, self.pack_length
+        )
+        for logits, batch_seqs in batches:
             yield torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1), batch_seqs
 
     def posterior_rows(
@@ -173,4 +182,6 @@ class ProxyPosteriorEstimator:
             self.seed,
             f"posterior R={self.sampling_rounds}",
             rows_for,
+            self.packing,
+            self.pack_length,
         )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
 from kd_lightning.data.tokenized import TokenizedCorpus
@@ -26,26 +27,56 @@ from kd_lightning.models.forward import target_position_logits
 log = logging.getLogger(__name__)
 
 
+def packing_settings(packing: bool, pack_length: int | None) -> dict:
+    """An estimator's packing, for its settings (empty when not packed, so padded stores keep their keys)."""
+    return {"packing": True, "pack_length": pack_length} if packing else {}
+
+
 @torch.inference_mode()
 def target_position_batches(
-    model: nn.Module, corpus: TokenizedCorpus, sequences: range, pad_id: int, batch_size: int
+    model: nn.Module,
+    corpus: TokenizedCorpus,
+    sequences: range,
+    pad_id: int,
+    batch_size: int,
+    packing: bool = False,
+    pack_length: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """Yield a model's logits (rows, V) at the target positions of batches of ``sequences``.
 
     Sequences are batched by length (less padding); each yield names its sequences, and rows come in that
     order (sequence, then position), which is the soft-label store's row order within those sequences.
+    With ``packing`` the same batches are packed (see :func:`~kd_lightning.data.datamodule.collate`) and
+    the rows are put back in that order, so what follows (draws included) sees the same rows.
     """
     dataset = SoftLabelDataset(corpus)
     device = next(model.parameters()).device
     by_length = sorted(sequences, key=lambda i: corpus.offsets[i + 1] - corpus.offsets[i])
     for start in range(0, len(by_length), batch_size):
         batch_seqs = by_length[start : start + batch_size]
-        batch = collate([dataset[i] for i in batch_seqs], pad_id)
-        mask = batch.target_mask.to(device)
-        yield (
-            target_position_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), mask),
-            batch_seqs,
+        items = [dataset[i] for i in batch_seqs]
+        batch = collate(items, pad_id, packing=packing, pack_length=pack_length).to(device)
+        logits = target_position_logits(
+            model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.position_ids
         )
+        if batch.record_order is not None:
+            logits = logits[_unpacked_row_order(items, batch.record_order, logits.device)]
+        yield logits, batch_seqs
+
+
+def _unpacked_row_order(
+    items: list[dict], record_order: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Index that puts target rows laid out in ``record_order`` back in item order."""
+    counts = [int((item["target_ids"] != IGNORE_INDEX).sum()) for item in items]
+    first_row = {}
+    at = 0
+    for i in record_order:
+        first_row[i] = at
+        at += counts[i]
+    return torch.cat([torch.arange(first_row[i], first_row[i] + counts[i]) for i in range(len(items))]).to(
+        device
+    )
 
 
 def estimate_by_shard(
@@ -59,6 +90,8 @@ def estimate_by_shard(
     seed: int,
     desc: str,
     rows_for: Callable[[torch.Tensor, list[int], torch.Generator], SparseRows],
+    packing: bool = False,
+    pack_length: int | None = None,
 ) -> SoftLabelStore:
     """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
 
@@ -90,7 +123,7 @@ def estimate_by_shard(
             generator = torch.Generator(device="cpu").manual_seed(seed + shard)
             parts: dict[int, SparseRows] = {}
             for logits, seqs in target_position_batches(
-                model, corpus, writer.shard_sequences(shard), pad_id, batch_size
+                model, corpus, writer.shard_sequences(shard), pad_id, batch_size, packing, pack_length
             ):
                 rows = rows_for(logits, seqs, generator)
                 bounds = np.cumsum([0, *(int(offsets[i + 1] - offsets[i]) for i in seqs)])

@@ -21,7 +21,7 @@ from torch import nn
 
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.estimation.sharded import estimate_by_shard
+from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
 
 KINDS = ("topk", "sampled")
@@ -36,10 +36,18 @@ class TeacherTargetBuilder:
         batch_size: sequences per teacher forward.
         shard_size: sequences per resumable shard.
         seed: sampling seed (shard ``j`` draws with ``seed + j``, so a resumed run draws the same).
+        packing, pack_length: pack each batch's sequences into rows (``datamodule.packing``).
     """
 
     def __init__(
-        self, kind: str = "topk", k: int = 64, batch_size: int = 8, shard_size: int = 64, seed: int = 0
+        self,
+        kind: str = "topk",
+        k: int = 64,
+        batch_size: int = 8,
+        shard_size: int = 64,
+        seed: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"teacher_targets.kind must be one of {KINDS}, got {kind!r}")
@@ -47,6 +55,7 @@ class TeacherTargetBuilder:
             if value < 1:
                 raise ValueError(f"estimator.teacher_targets.{name} must be >= 1, got {value}")
         self.kind, self.k, self.batch_size, self.shard_size, self.seed = kind, k, batch_size, shard_size, seed
+        self.packing, self.pack_length = packing, pack_length
 
     def settings(self) -> dict:
         """Everything that decides the stored rows: batching (padding, hence float rounding and ties) and
@@ -57,6 +66,7 @@ class TeacherTargetBuilder:
             "batch_size": self.batch_size,
             "shard_size": self.shard_size,
             **({"seed": self.seed} if self.kind == "sampled" else {}),
+            **packing_settings(self.packing, self.pack_length),
         }
 
     def rows(self, logits: torch.Tensor, generator: torch.Generator) -> SparseRows:
@@ -86,4 +96,6 @@ class TeacherTargetBuilder:
             self.seed,
             f"teacher {self.kind}-{self.k}",
             lambda logits, seqs, generator: self.rows(logits, generator),
+            self.packing,
+            self.pack_length,
         )

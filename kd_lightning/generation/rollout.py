@@ -88,12 +88,31 @@ def left_pad(
 
 
 def prompts_from_batch(batch: TextBatch) -> list[list[int]]:
-    """The prompt of each row of a teacher-text batch: the tokens up to and including the first target position."""
+    """The prompt of each record of a teacher-text batch: its tokens up to and including its first target
+    position. Of a packed batch, one per packed record, in the order the records were collated."""
+    if batch.position_ids is not None:
+        return _packed_prompts(batch)
     targets = batch.target_ids != IGNORE_INDEX
     if not bool(targets.any(-1).all()):
         raise ValueError("a batch row has no response tokens, so its prompt cannot be located")
     first = targets.float().argmax(-1)
     return [batch.input_ids[i, : int(first[i]) + 1].tolist() for i in range(len(first))]
+
+
+def _packed_prompts(batch: TextBatch) -> list[list[int]]:
+    prompts = []
+    for row in range(len(batch)):
+        real = int(batch.attention_mask[row].sum())
+        starts = torch.nonzero(batch.position_ids[row, :real] == 0).flatten().tolist()
+        for start, end in zip(starts, [*starts[1:], real]):
+            targets = torch.nonzero(batch.target_ids[row, start:end] != IGNORE_INDEX).flatten()
+            if not len(targets):
+                raise ValueError("a packed record has no response tokens, so its prompt cannot be located")
+            prompts.append(batch.input_ids[row, start : start + int(targets[0]) + 1].tolist())
+    if batch.record_order is None:
+        return prompts
+    by_item = dict(zip(batch.record_order, prompts))
+    return [by_item[i] for i in range(len(prompts))]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

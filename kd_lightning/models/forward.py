@@ -3,6 +3,11 @@
 Distillation needs logits (N, V) at the N target positions of a batch, not (B, T, V) at every position:
 on long prompts most positions are prompt or padding. These helpers run the decoder over the whole
 sequence but the output head only where it is needed.
+
+Packed rows (several records per row, ``position_ids`` restarting per record) are run with the position ids
+and no attention mask: transformers then builds a block-diagonal causal mask (or uses a variable-length
+attention kernel where one is installed), so no record attends to another. Each model is checked once
+against separate forwards (:func:`check_packing`); a model that would mix records is refused.
 """
 
 from __future__ import annotations
@@ -13,8 +18,57 @@ import torch
 from torch import nn
 
 
+def model_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | bool | None]:
+    """Keyword arguments of a forward: padded rows use the attention mask, packed rows their position ids."""
+    if position_ids is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    check_packing(model)
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+
+
+def check_packing(model: nn.Module) -> None:
+    """Refuse a model whose packed forward differs from separate forwards (checked once per model).
+
+    Two short records are run packed in one row and one by one. An architecture or attention kernel
+    that ignores the position-id packing would let the second record see the first: that is wrong
+    values, silently, so it is an error naming the fix.
+    """
+    if getattr(model, "_kdl_packing_ok", False):
+        return
+    device = next(model.parameters()).device
+    vocab = int(model.get_input_embeddings().num_embeddings) if hasattr(model, "get_input_embeddings") else 8
+    first = torch.arange(1, 6, device=device) % vocab
+    second = torch.arange(7, 11, device=device) % vocab
+    packed_ids = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+    training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0].float()
+            alone = [model(input_ids=ids[None], use_cache=False).logits[0].float() for ids in (first, second)]
+    finally:
+        model.train(training)
+    scale = max(1.0, float(torch.cat(alone).abs().max()))
+    if not torch.allclose(packed, torch.cat(alone), atol=1e-3 * scale, rtol=1e-3):
+        raise ValueError(
+            f"{type(model).__name__} attends across packed records (its packed forward differs from separate "
+            "forwards); set datamodule.packing=false for it"
+        )
+    object.__setattr__(model, "_kdl_packing_ok", True)
+
+
 def target_position_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (N, V) at the ``positions`` (B, T) bool mask only: decoder → gather → output head.
 
@@ -26,9 +80,10 @@ def target_position_logits(
     if shortcut is None:
         shortcut = _check_head_shortcut(model, input_ids[:1, :8], attention_mask[:1, :8])
         object.__setattr__(model, "_kdl_head_shortcut", shortcut)
+    inputs = model_inputs(model, input_ids, attention_mask, position_ids)
     if not shortcut:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model(**inputs).logits[positions]
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     return model.get_output_embeddings()(hidden[positions])
 
 
@@ -39,6 +94,7 @@ def target_position_states(
     positions: torch.Tensor,
     hidden_layers: Sequence[int],
     head: bool = True,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Like :func:`target_position_logits`, plus hidden states of ``hidden_layers`` at the positions.
 
@@ -47,11 +103,12 @@ def target_position_states(
     """
     if not hasattr(model, "get_decoder"):
         raise TypeError("hidden-state distillation needs an HF causal LM (get_decoder/get_output_embeddings)")
+    inputs = model_inputs(model, input_ids, attention_mask, position_ids)
     if getattr(model, "_kdl_head_shortcut", None) is False:  # e.g. a sharded teacher: only its full forward
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = model(**inputs, output_hidden_states=True)
         layers = {layer: out.hidden_states[layer][positions] for layer in hidden_layers}
         return (out.logits[positions] if head else out.hidden_states[-1][positions]), layers
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    out = model.get_decoder()(**inputs, output_hidden_states=True)
     states = out.hidden_states
     layers = {layer: states[layer][positions] for layer in hidden_layers}
     last = out.last_hidden_state[positions]
@@ -63,7 +120,7 @@ def target_position_states(
         object.__setattr__(model, "_kdl_head_shortcut", shortcut)
     if shortcut:
         return model.get_output_embeddings()(last), layers
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions], layers
+    return model(**inputs).logits[positions], layers
 
 
 def shard_frozen_model(model: nn.Module, device_type: str) -> nn.Module:

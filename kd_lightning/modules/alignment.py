@@ -46,6 +46,9 @@ class ProxyAlignment:
     """If set, train LoRA adapters of this rank (needs ``peft``) and merge them after training."""
     lora_alpha: float = 16.0
     seed: int = 0
+    packing: bool = False
+    """Pack each batch's records into rows (``datamodule.packing``): same records per step, less padding."""
+    pack_length: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -130,9 +133,9 @@ def _fine_tune(
         ),
         scheduler=warmup,
     )
-    data = TeacherTextDataModule(batch_size=cfg.batch_size, shuffle_seed=cfg.seed).connect(
-        corpus.pad_id, subset
-    )
+    data = TeacherTextDataModule(
+        batch_size=cfg.batch_size, shuffle_seed=cfg.seed, packing=cfg.packing, pack_length=cfg.pack_length
+    ).connect(corpus.pad_id, subset)
     trainer = trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
     trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(folder))
     close_loggers(trainer)

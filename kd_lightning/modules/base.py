@@ -181,7 +181,9 @@ class StudentModule(LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
         mask = batch.target_ids != IGNORE_INDEX
-        logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+        logits = target_position_logits(
+            self.student, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+        )
         self._val["nll"] += token_cross_entropy(logits[None], batch.target_ids[mask][None]).sum().double()
         self._val["tokens"] += mask.sum().double()
         if len(self._val_predictions) < self.eval_generation_limit:

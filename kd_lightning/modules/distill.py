@@ -112,10 +112,12 @@ class DistillModule(StudentModule):
         mask = batch.target_mask
         layers = self.student_hidden_layers
         if not layers:
-            logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+            logits = target_position_logits(
+                self.student, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+            )
             return logits.unsqueeze(0), self.pack_positions(batch, mask)
         logits, hidden = target_position_states(
-            self.student, batch.input_ids, batch.attention_mask, mask, layers
+            self.student, batch.input_ids, batch.attention_mask, mask, layers, position_ids=batch.position_ids
         )
         packed = self.pack_positions(batch, mask)
         packed.student_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})
@@ -134,11 +136,18 @@ class DistillModule(StudentModule):
         with torch.no_grad():
             if layers:
                 rows, hidden = target_position_states(
-                    self.teacher, batch.input_ids, batch.attention_mask, mask, layers
+                    self.teacher,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    mask,
+                    layers,
+                    position_ids=batch.position_ids,
                 )
                 packed.teacher_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})
             else:
-                rows = target_position_logits(self.teacher, batch.input_ids, batch.attention_mask, mask)
+                rows = target_position_logits(
+                    self.teacher, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+                )
         packed.dense_logits["teacher"] = rows.unsqueeze(0)
         return packed
 
@@ -150,7 +159,13 @@ class DistillModule(StudentModule):
                 "loss_chunk_size needs a model with get_decoder()/get_output_embeddings() (an HF causal LM)"
             )
         last, hidden = target_position_states(
-            self.student, batch.input_ids, batch.attention_mask, mask, self.student_hidden_layers, head=False
+            self.student,
+            batch.input_ids,
+            batch.attention_mask,
+            mask,
+            self.student_hidden_layers,
+            head=False,
+            position_ids=batch.position_ids,
         )
         packed = self.pack_positions(batch, mask)
         packed.student_hidden.update({layer: h.unsqueeze(0) for layer, h in hidden.items()})

@@ -273,5 +273,7 @@ class MiniLLMModule(StudentModule):
 
     def _packed_text_logits(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch.target_mask
-        logits = target_position_logits(self.student, batch.input_ids, batch.attention_mask, mask)
+        logits = target_position_logits(
+            self.student, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+        )
         return logits[None], batch.target_ids[mask][None]
