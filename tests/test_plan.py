@@ -41,3 +41,33 @@ def test_plan_with_loss_chunk_size_bounds_the_loss_memory(kdl_env):
     results = sorted((kdl_env / "outputs").rglob("plan_result.json"), key=lambda p: p.stat().st_mtime)
     first, second = (json.loads(p.read_text())["loss_peak_bytes"] for p in results)
     assert second < first
+
+
+def test_what_ifs_scale_the_corpus_and_stand_for_absent_models(kdl_env):
+    kdl("plan", "experiment=tiny", env_dir=kdl_env)
+    kdl(
+        "plan",
+        "experiment=tiny",
+        "plan.records=50000",
+        "plan.proxy_parameters=7.6e9",
+        env_dir=kdl_env,
+    )
+    results = sorted((kdl_env / "outputs").rglob("plan_result.json"), key=lambda p: p.stat().st_mtime)
+    base, big = (json.loads(p.read_text()) for p in results)
+    scale = 50000 / base["corpus"]["records"]
+    assert big["corpus"]["records"] == 50000
+    assert abs(big["corpus"]["target_positions"] / base["corpus"]["target_positions"] - scale) < 1e-3 * scale
+    assert big["flops"]["posterior"] == 2 * 7.6e9 * big["corpus"]["tokens"]
+    assert big["store_bytes"]["prior"] > 100 * base["store_bytes"]["prior"]
+
+
+def test_parameter_count_from_config_alone_equals_the_weights(tmp_path):
+    from kd_lightning.models.loading import tiny_llama
+    from kd_lightning.stages.plan import parameter_count
+
+    model = tiny_llama(300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model.save_pretrained(tmp_path / "full")
+    model.config.save_pretrained(tmp_path / "config_only")  # what `hf download <id> config.json` leaves
+    expected = sum(p.numel() for p in model.parameters())
+    assert parameter_count(str(tmp_path / "config_only")) == expected
+    assert parameter_count(str(tmp_path / "full")) == expected

@@ -111,7 +111,17 @@ def stage_plan(cfg: DictConfig) -> dict[str, Any]:
         if spec is not None:
             names |= set(spec.get("loss") or []) if OmegaConf.is_dict(spec) else set(spec)
     stores = sorted({label for term in loss_terms(cfg, sorted(names)).values() for label in term.soft_labels})
-    return run_plan(build_context(cfg), int(cfg.datamodule.batch_size), cfg.get("loss_chunk_size"), stores)
+    what_if = cfg.get("plan") or {}
+    return run_plan(
+        build_context(cfg),
+        int(cfg.datamodule.batch_size),
+        cfg.get("loss_chunk_size"),
+        stores,
+        records=what_if.get("records"),
+        proxy_parameters=what_if.get("proxy_parameters"),
+        teacher_parameters=what_if.get("teacher_parameters"),
+        vocab_size=what_if.get("vocab_size"),
+    )
 
 
 def stage_generate(cfg: DictConfig) -> dict[str, Any]:

@@ -164,7 +164,9 @@ class ExternalCounter:
         self.word_dtype = "<u2" if vocab_size <= 1 << 16 else "<u4"
         if spill_dir is not None:
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        self._scratch = tempfile.TemporaryDirectory(prefix="kdl-ngram-", dir=spill_dir)  # removed when collected
+        self._scratch = tempfile.TemporaryDirectory(
+            prefix="kdl-ngram-", dir=spill_dir
+        )  # removed when collected
         self.folder = Path(self._scratch.name)
         self.chunk_tokens = max(MIN_CHUNK_TOKENS, memory_budget // SPILL_BYTES_PER_TOKEN)
         if count_mask is None:

@@ -89,6 +89,8 @@ class ProxyPosteriorEstimator:
         seed: sampling seed (each shard uses ``seed + shard``, so a resumed run draws the same samples).
         packing, pack_length: pack each batch's sequences into rows (``datamodule.packing``); the rows
             equal the padded ones to float tolerance and the draws follow the same order.
+        proxy_dtype: the proxy's weights in the posterior pass (``bfloat16`` halves memory and time on
+            GPUs; the probabilities are still computed in float32).
     """
 
     def __init__(
@@ -102,7 +104,12 @@ class ProxyPosteriorEstimator:
         seed: int = 0,
         packing: bool = False,
         pack_length: int | None = None,
+        proxy_dtype: str = "float32",
     ) -> None:
+        if proxy_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"estimator.posterior.proxy_dtype must be float32, bfloat16 or float16, got {proxy_dtype!r}"
+            )
         if sampling_rounds < 0:
             raise ValueError(f"sampling_rounds must be >= 0, got {sampling_rounds}")
         if proxy_sampling_temperature <= 0:
@@ -118,6 +125,7 @@ class ProxyPosteriorEstimator:
         self.shard_size = shard_size
         self.seed = seed
         self.packing, self.pack_length = packing, pack_length
+        self.proxy_dtype = proxy_dtype
 
     def settings(self) -> dict:
         return {
@@ -131,6 +139,7 @@ class ProxyPosteriorEstimator:
             "batch_size": self.batch_size,
             "shard_size": self.shard_size,
             **packing_settings(self.packing, self.pack_length),  # float rounding differs when packed
+            **({"proxy_dtype": self.proxy_dtype} if self.proxy_dtype != "float32" else {}),
         }
 
     def proxy_distributions(

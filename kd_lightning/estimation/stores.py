@@ -105,7 +105,9 @@ def posterior_store(
 
     def build(folder: Path) -> SoftLabelStore:
         prior_rows = prior()
-        proxy = freeze(load_causal_lm(aligned_proxy())).to(process_group().device())
+        proxy = freeze(load_causal_lm(aligned_proxy(), dtype=estimator.proxy_dtype)).to(
+            process_group().device()
+        )
         start = time.perf_counter()
         store = estimator.estimate(proxy, corpus.train, prior_rows, corpus.pad_id, str(folder), provenance)
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})

@@ -1,7 +1,8 @@
 """``kdl plan``: what a run will cost, before anything heavy runs.
 
 From the tokenised corpus (the only artifact it builds, and a cheap one) and the models' parameter counts
-(read from safetensors headers, no weights loaded), it estimates:
+(read from safetensors headers, or from ``config.json`` alone on the meta device; no weights loaded), it
+estimates:
 
 * corpus tokens: records, tokens, target positions (each store has one row per target position);
 * each store's bytes at its top-k: ``N·K·(id bytes + 2) + N·4 + (S+1)·8`` plus the ``.npy`` headers, for
@@ -13,7 +14,10 @@ From the tokenised corpus (the only artifact it builds, and a cheap one) and the
 * the KD loss's peak memory per step: ``3·n·V·4`` bytes (fp32 logits, their softmax and the gradient) for
   the n target positions of a batch, or ``3·c·V·4`` with ``loss_chunk_size`` c.
 
-Every figure comes with the formula that produced it.
+Every figure comes with the formula that produced it. Two what-ifs plan a run bigger than what is on this
+machine: ``plan.records`` scales the tokenised corpus to that many training records at its measured mean
+lengths, ``plan.proxy_parameters`` / ``plan.teacher_parameters`` stand for models not downloaded yet, and
+``plan.vocab_size`` for another tokenizer's vocabulary (token counts stay this tokenizer's).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kd_lightning.data.soft_labels import id_dtype_for
-from kd_lightning.models.loading import resolve_model_path
+from kd_lightning.models.loading import resolve_model_path, trust_remote_code
 from kd_lightning.stages.context import StageContext
 
 NPY_HEADER_BYTES = 128
@@ -62,11 +68,22 @@ def human(value: float, unit: str) -> str:
 
 
 def parameter_count(path: str) -> int:
-    """Parameters of a model folder, from its safetensors headers (no weights are read)."""
+    """Parameters of a model folder, from its safetensors headers, else built from its ``config.json`` on
+    the meta device (no weights are read or allocated)."""
     folder = resolve_model_path(path)
     files = sorted(folder.glob("*.safetensors"))
+    if not files and (folder / "config.json").is_file():
+        config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code()
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
+        return sum(p.numel() for p in model.parameters())
     if not files:
-        raise ValueError(f"{folder} has no .safetensors files; kdl plan reads parameter counts from them")
+        raise ValueError(
+            f"{folder} has neither .safetensors files nor a config.json; kdl plan reads parameter counts from "
+            "them (or set plan.proxy_parameters / plan.teacher_parameters)"
+        )
     total = 0
     for file in files:
         with file.open("rb") as handle:
@@ -85,19 +102,38 @@ def store_bytes(rows: int, sequences: int, top_k: int, vocab_size: int) -> float
 
 
 def run_plan(
-    ctx: StageContext, batch_size: int, loss_chunk_size: int | None, stores: list[str]
+    ctx: StageContext,
+    batch_size: int,
+    loss_chunk_size: int | None,
+    stores: list[str],
+    records: int | None = None,
+    proxy_parameters: float | None = None,
+    teacher_parameters: float | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
-    """The plan of a run (see the module docstring); ``stores`` are the stores its students read."""
+    """The plan of a run (see the module docstring); ``stores`` are the stores its students read.
+
+    ``records`` scales the training split to that many records (a what-if; ``data.train_limit`` is then
+    not applied); ``*_parameters`` and ``vocab_size`` stand for models and a tokenizer not on this machine.
+    """
     corpus = ctx.corpus()
     train, full, heldout = corpus.train, corpus.full_train, corpus.heldout
-    vocab = corpus.vocab_size
-    n_rows = int(train.target_offsets()[-1])
+    vocab = int(vocab_size) if vocab_size else corpus.vocab_size
+    if records is not None and int(records) < 1:
+        raise ValueError(f"plan.records must be >= 1 or null, got {records}")
+    scale = 1.0 if records is None else int(records) / len(train)
+    scaled = "" if records is None else f" × {scale:.2f} (plan.records={int(records)})"
+    n_rows = round(int(train.target_offsets()[-1]) * scale)
+    n_seqs = round(len(train) * scale)
+    n_tokens = round(len(train.tokens) * scale)
     rows: list[PlanRow] = [
-        PlanRow("training records", len(train), "", "after data.train_limit"),
-        PlanRow("training tokens (T)", len(train.tokens), "", "prompt + response tokens"),
-        PlanRow("target positions (N)", n_rows, "", "response tokens: one store row each"),
+        PlanRow("training records", n_seqs, "", "after data.train_limit" + scaled),
+        PlanRow("training tokens (T)", n_tokens, "", "prompt + response tokens" + scaled),
+        PlanRow("target positions (N)", n_rows, "", "response tokens: one store row each" + scaled),
         PlanRow("held-out records", len(heldout), "", ""),
-        PlanRow("vocabulary (V)", vocab, "", "the student tokenizer's ids"),
+        PlanRow(
+            "vocabulary (V)", vocab, "", "plan.vocab_size" if vocab_size else "the student tokenizer's ids"
+        ),
     ]
     id_bytes = id_dtype_for(vocab).itemsize
     formula = f"N·K·({id_bytes}+2) + N·4 + (S+1)·8 + headers"
@@ -109,24 +145,27 @@ def run_plan(
     sizes = {}
     for name in stores:
         if name in top_k:
-            sizes[name] = store_bytes(n_rows, len(train), top_k[name], vocab)
+            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab)
             rows.append(PlanRow(f"{name} store (K={top_k[name]})", sizes[name], "B", formula))
     flops: dict[str, float] = {}
     if "posterior" in stores:
-        proxy = parameter_count(ctx.proxy_path)
-        aligned = (
-            full.tokens
-            if ctx.alignment.max_records is None
-            else full.tokens[: full.offsets[min(ctx.alignment.max_records, len(full))]]
-        )
-        flops["align"] = 6.0 * proxy * len(aligned) * ctx.alignment.max_epochs
-        flops["posterior"] = 2.0 * proxy * len(train.tokens)
-        rows.append(PlanRow("proxy parameters (P)", proxy, "", "safetensors headers"))
+        proxy = float(proxy_parameters) if proxy_parameters else parameter_count(ctx.proxy_path)
+        full_records = float(len(full) if records is None else int(records))
+        limit = ctx.alignment.max_records
+        aligned_records = full_records if limit is None else min(limit, full_records)
+        if records is None:  # exact: alignment reads the first records
+            aligned_tokens = float(full.offsets[int(aligned_records)])
+        else:  # what-if: the corpus's mean record length
+            aligned_tokens = aligned_records * len(full.tokens) / len(full)
+        flops["align"] = 6.0 * proxy * aligned_tokens * ctx.alignment.max_epochs
+        flops["posterior"] = 2.0 * proxy * n_tokens
+        source = "plan.proxy_parameters" if proxy_parameters else "safetensors headers or config.json"
+        rows.append(PlanRow("proxy parameters (P)", proxy, "", source))
         rows.append(PlanRow("proxy alignment", flops["align"], "FLOP", "6·P·T_aligned·epochs"))
         rows.append(PlanRow("posterior proxy pass", flops["posterior"], "FLOP", "2·P·T (R draws share it)"))
-    if "offline_teacher" in stores and ctx.teacher_path:
-        teacher = parameter_count(ctx.teacher_path)
-        flops["offline_teacher"] = 2.0 * teacher * len(train.tokens)
+    if "offline_teacher" in stores and (ctx.teacher_path or teacher_parameters):
+        teacher = float(teacher_parameters) if teacher_parameters else parameter_count(ctx.teacher_path)
+        flops["offline_teacher"] = 2.0 * teacher * n_tokens
         rows.append(PlanRow("teacher-logits pass", flops["offline_teacher"], "FLOP", "2·P_teacher·T"))
     per_sequence = np.diff(train.target_offsets())
     peak_positions = int(np.sort(per_sequence)[::-1][:batch_size].sum())
@@ -140,11 +179,11 @@ def run_plan(
     rows.append(PlanRow("KD loss memory per step (peak)", peak, "B", memory_formula))
     rows.append(PlanRow("target positions per batch (mean)", mean_positions, "", f"batch size {batch_size}"))
     table = "\n".join(["| item | estimate | formula |", "|---|---:|---|", *(r.cells() for r in rows)])
-    print(f"\nPlan ({len(train)} training records):\n{table}\n", flush=True)
+    print(f"\nPlan ({n_seqs} training records):\n{table}\n", flush=True)
     return {
         "table": table,
         "rows": [r.__dict__ for r in rows],
-        "corpus": {"records": len(train), "tokens": len(train.tokens), "target_positions": n_rows},
+        "corpus": {"records": n_seqs, "tokens": n_tokens, "target_positions": n_rows},
         "store_bytes": sizes,
         "flops": flops,
         "loss_peak_bytes": peak,
