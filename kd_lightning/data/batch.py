@@ -80,6 +80,11 @@ class TextBatch:
         return self.position_ids is not None
 
     @property
+    def num_records(self) -> int:
+        """Records in the batch (rows when padded; more than the rows when packed)."""
+        return len(self.record_order) if self.record_order is not None else len(self)
+
+    @property
     def target_mask(self) -> torch.Tensor:
         return self.target_ids != IGNORE_INDEX
 

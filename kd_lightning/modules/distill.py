@@ -220,7 +220,7 @@ class DistillModule(StudentModule):
             logits, packed = self.student_logits(batch)
             terms = self.compute_terms(logits, packed)
         total = sum(weight * value for weight, value in terms.values())
-        batch_size = len(batch)
+        batch_size = batch.num_records
         tokens = batch.target_mask.sum().float()
         scale, distributed = self.rank_token_scale(tokens), self.trainer_world_size() > 1
         for name, (_, value) in terms.items():

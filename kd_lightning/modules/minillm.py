@@ -244,7 +244,9 @@ class MiniLLMModule(StudentModule):
             "train/response_tokens": rollout.lengths.float().mean(),
         }
         for name, value in logs.items():
-            self.log(name, value, batch_size=len(batch), prog_bar=name in ("train/loss", "train/reward"))
+            self.log(
+                name, value, batch_size=batch.num_records, prog_bar=name in ("train/loss", "train/reward")
+            )
 
     def policy_updates(self, batch: TextBatch, rollout: Rollout, scored, optimizer, scheduler):
         """``ppo_epochs`` optimizer updates on one scored rollout; the last update's losses."""

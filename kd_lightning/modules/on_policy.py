@@ -205,7 +205,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
             elif source == "replay":
                 pick = random.Random(self.step_seed("replay")).randrange(len(self.replay))
                 batch = self.replay[pick].to(self.device)
-        self.log("train/student_data", float(source != "teacher_text"), batch_size=len(batch))
+        self.log("train/student_data", float(source != "teacher_text"), batch_size=batch.num_records)
         self._on_student_samples = source != "teacher_text"
         try:
             with self.timed("update_seconds", len(batch)):
