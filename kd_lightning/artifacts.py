@@ -45,6 +45,30 @@ ARTIFACT_KINDS = (
 
 T = TypeVar("T")
 
+TRAINING_ARTIFACT_ENV = "KDL_TRAINING_ARTIFACT"
+"""Set (to the artifact's path) by a process while it trains that artifact. Lightning's DDP launcher starts
+the other training processes by re-running the command with ``LOCAL_RANK`` set; they inherit this, and when
+they reach that artifact they join the training instead of waiting for the lock their parent holds."""
+
+
+def training_replica(path: Path) -> bool:
+    """Whether this process is one of Lightning's extra training processes for the artifact at ``path``."""
+    return os.environ.get(TRAINING_ARTIFACT_ENV) == str(path) and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+@contextmanager
+def training_artifact(path: Path) -> Iterator[None]:
+    """Mark ``path`` as the artifact this process trains (see :data:`TRAINING_ARTIFACT_ENV`)."""
+    previous = os.environ.get(TRAINING_ARTIFACT_ENV)
+    os.environ[TRAINING_ARTIFACT_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TRAINING_ARTIFACT_ENV, None)
+        else:
+            os.environ[TRAINING_ARTIFACT_ENV] = previous
+
 
 def settings_key(settings: Mapping[str, Any]) -> str:
     """12-hex hash of a JSON-able settings mapping (key order does not matter)."""
@@ -101,6 +125,8 @@ class Workspace:
         """
         path = self.path(kind, settings_key(provenance) + suffix)
         marker = path / done if done else path
+        if training_replica(path):  # Lightning's extra DDP process: join the parent's training, no lock
+            return build(path)
         group = process_group() if collective else ProcessGroup()
         if group.active and not group.is_main:  # rank 0 holds the lock and decides for the group
             return load(path) if group.main_decides(False) else build(path)

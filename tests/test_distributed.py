@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,32 @@ def test_ranks_split_every_global_batch_between_them():
     # a last global batch with fewer sequences than ranks is dropped on every rank alike
     tiny = [list(EpochBatchSampler(9, 4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
     assert len(tiny[0]) == len(tiny[1]) == 1
+
+
+def test_kdl_distill_trains_under_lightning_ddp_from_the_command_line(kdl_env):
+    """Lightning's launcher re-runs `kdl distill` for rank 1; that rank joins the training instead of
+    waiting on the student artifact's lock, and only rank 0 saves and evaluates the student."""
+    from tests.test_pipeline import artifacts, kdl
+
+    args = ["experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    args += ["+data.keep_duplicate_heldout=true", "loss=[hard_ce,prior_kl,posterior_kl]"]
+    done = kdl("distill", *args, env_dir=kdl_env)
+    assert "training process 1 of" in done.stderr + done.stdout  # rank 1 trained along, then left
+    (student,) = artifacts(kdl_env, "distill")
+    result = json.loads((student / "result.json").read_text())
+    assert result["nll"] > 0 and (student / "student" / "config.json").is_file()
+    again = kdl("distill", *args, env_dir=kdl_env)  # served from the cache: no processes started
+    assert "Initializing distributed" not in again.stderr + again.stdout
+
+
+def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):
+    from tests.test_pipeline import kdl
+
+    done = kdl(
+        "pipeline", "experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu", env_dir=kdl_env, check=False
+    )
+    assert (
+        done.returncode == 1
+        and "kdl distill ... trainer=ddp" in done.stderr
+        and "Traceback" not in done.stderr
+    )

@@ -112,7 +112,9 @@ def test_packed_stores_equal_padded_stores(tiny_dir, tmp_path):
         stores[packing] = (posterior.all_rows(), teacher.all_rows())
     for padded, packed in zip(stores[False], stores[True]):
         np.testing.assert_array_equal(padded.ids, packed.ids)  # the same draws and the same top-k
-        np.testing.assert_allclose(padded.probs.astype(np.float32), packed.probs.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            padded.probs.astype(np.float32), packed.probs.astype(np.float32), atol=2e-3
+        )
         np.testing.assert_allclose(padded.tail, packed.tail, atol=1e-4)
 
 
@@ -145,7 +147,7 @@ class MixingModel(torch.nn.Module):
 
 
 def test_a_model_that_mixes_packed_records_is_refused():
-    with pytest.raises(ValueError, match="attends across packed records.*datamodule.packing=false"):
+    with pytest.raises(ValueError, match=r"attends across packed records.*datamodule\.packing=false"):
         check_packing(MixingModel())
     llama = tiny_llama(32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
     check_packing(llama)

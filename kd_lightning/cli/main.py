@@ -34,7 +34,7 @@ from kd_lightning.cli import resolvers  # noqa: F401  (registers the configs' ${
 from kd_lightning.cli.build import build_context, loss_terms, student_run, variants
 from kd_lightning.cli.help import STAGES, answer_without_hydra
 from kd_lightning.cli.overrides import check_group_choices, renamed_groups
-from kd_lightning.cli.trainer import log_rows
+from kd_lightning.cli.trainer import launches_processes, log_rows
 from kd_lightning.environment import (
     conf_dir,
     drop_blank_environment,
@@ -69,6 +69,12 @@ def stage_distill(cfg: DictConfig) -> dict[str, Any]:
 
 
 def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    if launches_processes(cfg):
+        raise ValueError(
+            "kdl pipeline trains several students in one command, and Lightning's DDP/FSDP launcher re-runs the "
+            "command once per rank, so it cannot follow them; run the pipeline with trainer=cpu or trainer=gpu, or "
+            "train each student with `kdl distill ... trainer=ddp`"
+        )
     spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
     return run_pipeline(build_context(cfg), variants(cfg), spec)
 
@@ -198,9 +204,15 @@ def redact_run_records() -> None:
             atomic_write_text(path, clean)
 
 
+_RELAUNCH: list[str] = []
+"""The command line that re-runs this stage (``kdl <stage> <overrides>``), see :func:`main`."""
+
+
 def _task(cfg: DictConfig) -> Any:
     install_log_redaction()  # Hydra has set up its handlers by now; no credential reaches a log file
     redact_run_records()
+    if _RELAUNCH:  # Hydra has parsed its arguments; Lightning's DDP launcher re-runs sys.argv for its ranks
+        sys.argv = list(_RELAUNCH)
     try:
         result = run_stage(cfg)
         # Optuna and other optimising sweepers read the job's return value
@@ -238,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     stage = argv.pop(0)
     argv = renamed_groups(argv)
     check_group_choices(stage, argv)
+    # Lightning's DDP launcher starts its other ranks by re-running sys.argv[0] (or `-m <module>`) with
+    # sys.argv[1:]; _task restores this form of the command once Hydra has parsed its own
+    _RELAUNCH[:] = [sys.argv[0], stage, *argv]
     sys.argv = [f"kdl-{stage}", *argv]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
 

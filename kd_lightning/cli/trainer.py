@@ -34,6 +34,14 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def launches_processes(cfg: DictConfig) -> bool:
+    """Whether the trainer config starts several training processes (DDP, FSDP over more than one device)."""
+    strategy = cfg.trainer.get("strategy")
+    if strategy is None or (isinstance(strategy, str) and strategy in ("auto", "single_device")):
+        return False
+    return str(cfg.trainer.get("devices", 1)) not in ("1", "[0]")
+
+
 def trainer_factory(cfg: DictConfig):
     """``(run_dir, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer`` with loggers and callbacks."""
 

@@ -312,6 +312,12 @@ class TeacherTextDataModule(LightningDataModule):
         if self.val_set is None:
             return []
         world, rank = self._replicas()
+        if len(self.val_set) < world:
+            raise ValueError(
+                f"the held-out text has {len(self.val_set)} records, fewer than the {world} training processes "
+                "(each validates its share); hold out more records (data.heldout_size) or set "
+                "trainer.limit_val_batches=0"
+            )
         val_set = self.val_set if world == 1 else Subset(self.val_set, range(rank, len(self.val_set), world))
         return DataLoader(
             val_set,

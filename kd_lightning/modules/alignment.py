@@ -136,7 +136,15 @@ def _fine_tune(
     data = TeacherTextDataModule(
         batch_size=cfg.batch_size, shuffle_seed=cfg.seed, packing=cfg.packing, pack_length=cfg.pack_length
     ).connect(corpus.pad_id, subset)
-    trainer = trainer_factory(folder, "align", max_epochs=cfg.max_epochs, validate=False)
+    # one process: a data-parallel launcher would re-run the command, and its ranks would wait on the
+    # posterior that this alignment is being built for (kdl distill/pipeline hold its lock meanwhile)
+    trainer = trainer_factory(
+        folder,
+        "align",
+        max_epochs=cfg.max_epochs,
+        validate=False,
+        overrides={"strategy": "auto", "devices": 1},
+    )
     trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(folder))
     close_loggers(trainer)
     model = module.student

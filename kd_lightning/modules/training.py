@@ -20,7 +20,13 @@ import torch
 from lightning import Trainer
 from torch import nn
 
-from kd_lightning.artifacts import Workspace, fault_point, remove_leftovers
+from kd_lightning.artifacts import (
+    Workspace,
+    fault_point,
+    remove_leftovers,
+    training_artifact,
+    training_replica,
+)
 from kd_lightning.atomic import atomic_folder, atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.datamodule import TeacherTextDataModule
@@ -53,6 +59,8 @@ def train_student(
     """
 
     def build(folder: Path) -> dict[str, Any]:
+        if training_replica(folder):
+            return train_as_replica(folder)
         remove_leftovers(folder, ".student.*")  # a save cut short by a kill
         if (folder / "student" / TRAINING_RECORD).is_file():  # killed after saving, before the result
             log.info("%s: the student was saved by an earlier run; evaluating it", folder)
@@ -61,7 +69,8 @@ def train_student(
         overrides = {**module.trainer_overrides, **(trainer_overrides or {})}
         trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
+        with training_artifact(folder):  # Lightning's DDP processes re-run the command and join here
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
         seconds = time.perf_counter() - start
         best = restore_best_checkpoint(module, trainer) if module.restores_best_checkpoint else None
         training = {
@@ -81,6 +90,15 @@ def train_student(
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
         return finish_student(folder, corpus, name, module.student, trainer)
+
+    def train_as_replica(folder: Path) -> dict[str, Any]:
+        """One of Lightning's extra DDP processes: train along, then leave; rank 0 saves and evaluates."""
+        module = build_module()
+        overrides = {**module.trainer_overrides, **(trainer_overrides or {})}
+        trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
+        log.info("training process %d of %s is done; rank 0 saves the student", trainer.global_rank, folder)
+        raise SystemExit(0)
 
     def load(folder: Path) -> dict[str, Any]:
         return json.loads((folder / "result.json").read_text())
