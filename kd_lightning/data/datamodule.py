@@ -96,41 +96,21 @@ def collate(
     With ``packing``, rows hold up to ``max(pack_length, longest item)`` tokens each.
     """
     lengths = [len(item["input_ids"]) for item in items]
-    if packing:
-        return _collate_packed(items, lengths, pad_id, store_names, max(pack_length or 0, max(lengths)))
-    b, t = len(items), max(lengths)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, t), dtype=torch.long)
-    targets = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    stores = {}
-    for name in store_names:
-        k = items[0][f"{name}_ids"].shape[1]
-        stores[name] = SoftLabels(
-            torch.zeros((b, t, k), dtype=torch.long),
-            torch.zeros((b, t, k), dtype=torch.float32),
-            torch.zeros((b, t), dtype=torch.float32),
-        )
-    for row, (item, length) in enumerate(zip(items, lengths)):
-        input_ids[row, :length] = torch.from_numpy(item["input_ids"])
-        attention[row, :length] = 1
-        targets[row, :length] = torch.from_numpy(item["target_ids"])
-        start = item["target_start"]
-        for name, rows in stores.items():
-            n = len(item[f"{name}_ids"])
-            rows.ids[row, start : start + n] = torch.from_numpy(item[f"{name}_ids"])
-            rows.probs[row, start : start + n] = torch.from_numpy(item[f"{name}_probs"])
-            rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
-    return TextBatch(input_ids, attention, targets, stores)
+    if not packing:  # one record per row, no position ids
+        return _collate_rows(items, lengths, [[i] for i in range(len(items))], pad_id, store_names, False)
+    layout = pack_rows(lengths, max(pack_length or 0, max(lengths)))
+    return _collate_rows(items, lengths, layout, pad_id, store_names, True)
 
 
-def _collate_packed(
+def _collate_rows(
     items: list[dict[str, np.ndarray]],
     lengths: list[int],
+    layout: list[list[int]],
     pad_id: int,
     store_names: tuple[str, ...],
-    capacity: int,
+    packed: bool,
 ) -> TextBatch:
-    layout = pack_rows(lengths, capacity)
+    """Place the items of each ``layout`` row one after another; packed rows get restarting position ids."""
     b, t = len(layout), max(sum(lengths[i] for i in row) for row in layout)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     attention = torch.zeros((b, t), dtype=torch.long)
@@ -161,6 +141,8 @@ def _collate_packed(
                 rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
             at += length
         positions[row, at:] = torch.arange(t - at)  # the padding is a block of its own
+    if not packed:
+        return TextBatch(input_ids, attention, targets, stores)
     order = tuple(i for row in layout for i in row)
     return TextBatch(input_ids, attention, targets, stores, positions, order)
 
