@@ -15,6 +15,7 @@ from kd_lightning.artifacts import Workspace
 from kd_lightning.cli.trainer import trainer_factory
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
 from kd_lightning.losses.terms import LossTerm
+from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.stages.compare import Variant
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.train import StudentRun
@@ -136,6 +137,7 @@ def student_run(
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         teacher=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
+        teacher_tokenizer=(lambda: load_tokenizer(model_path(teacher_cfg.path))) if teacher_cfg else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
         trainer_overrides=trainer_overrides or None,
     )

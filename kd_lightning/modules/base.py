@@ -65,6 +65,9 @@ class StudentModule(LightningModule):
     """After fit, the best checkpoint of the monitored metric is loaded back (MiniLLM: ``val/rouge_l``)."""
     trainer_overrides: ClassVar[Mapping[str, Any]] = {}
     """Trainer settings this module needs (MiniLLM clips its own updates: ``gradient_clip_val=None``)."""
+    teacher_shares_vocabulary: ClassVar[bool] = True
+    """False for a teacher of another tokenizer: the stage gives the module ``teacher_tokenizer`` and the
+    DataModule the teacher's view of the corpus; the vocabularies are not required to match."""
 
     def __init__(
         self,
@@ -96,7 +99,7 @@ class StudentModule(LightningModule):
         self.eval_generation_limit = int(eval_generation_limit)
         self.eval_max_new_tokens = int(eval_max_new_tokens)
         object.__setattr__(self, "tokenizer", tokenizer)  # not state: never checkpointed
-        if teacher is not None:
+        if teacher is not None and self.teacher_shares_vocabulary:
             trim_teacher_padding(student, teacher, tokenizer)
             check_same_vocabulary(student, teacher, "distillation compares their token distributions")
         object.__setattr__(self, "teacher", None if teacher is None else freeze(teacher))
@@ -214,8 +217,8 @@ class StudentModule(LightningModule):
             self._val_references.append(
                 self.tokenizer.decode(response.tolist(), skip_special_tokens=True).strip()
             )
-        if self.teacher is None:
-            return
+        if self.teacher is None or not self.teacher_shares_vocabulary:
+            return  # the sampled reverse KL compares per-token probabilities over one vocabulary
         measured = sampled_reverse_kl(
             self.student,
             self.teacher,

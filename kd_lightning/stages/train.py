@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.data.corpus import records_by_key
+from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import load_causal_lm
@@ -16,6 +19,8 @@ from kd_lightning.modules.base import StudentModule, module_class
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.estimate import stores_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class StudentRun:
         loss_chunk_size: see :class:`~kd_lightning.modules.distill.DistillModule`.
         init_from: an HF folder to start the student from (a pipeline variant's earlier student).
         trainer_overrides: Trainer settings of this run only (a pipeline variant's ``trainer``).
+        teacher_tokenizer: loads the teacher's own tokenizer (modules whose teacher has another vocabulary).
     """
 
     name: str
@@ -51,6 +57,7 @@ class StudentRun:
     loss_chunk_size: int | None = None
     init_from: str | None = None
     trainer_overrides: Mapping[str, Any] | None = None
+    teacher_tokenizer: Callable[[], Any] | None = None
 
     def reads_teacher(self) -> bool:
         """Whether the student's step runs the online teacher: a term compares with it, or the module needs it."""
@@ -74,8 +81,11 @@ def check_run(run: StudentRun) -> None:
         raise ValueError(f"optimizer settings: {err}") from None
 
 
-def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> StudentModule:
-    """The LightningModule of ``run``: every module is called with the same keywords."""
+def build_student_module(
+    run: StudentRun, tokenizer: Any, vocab_size: int, teacher_tokenizer: Any = None
+) -> StudentModule:
+    """The LightningModule of ``run``: every module is called with the same keywords (and
+    ``teacher_tokenizer`` for a module whose teacher has its own vocabulary)."""
     student = load_causal_lm(run.init_from) if run.init_from else run.student()
     student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
     if student_vocab and student_vocab < vocab_size:
@@ -84,6 +94,8 @@ def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> St
             "use a student built for this tokenizer"
         )
     teacher = run.teacher() if run.teacher is not None and run.reads_teacher() else None
+    if teacher is not None and module_class(run.module).teacher_shares_vocabulary:
+        refuse_another_vocabulary(run, tokenizer)
     arguments = {
         "student": student,
         "loss_terms": run.loss_terms,
@@ -93,6 +105,8 @@ def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> St
         "teacher": teacher,
         "tokenizer": tokenizer,
     }
+    if not module_class(run.module).teacher_shares_vocabulary:
+        arguments["teacher_tokenizer"] = teacher_tokenizer
     try:
         return run.module(**arguments)
     except TypeError as err:
@@ -119,14 +133,52 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         "corpus": corpus.train.fingerprint,
         "stores": {name: store.folder.name for name, store in stores.items()},
     }
-    datamodule = run.datamodule.connect(corpus.pad_id, corpus.train, corpus.heldout, stores)
+    teacher_tokenizer, view = None, None
+    if not module_class(run.module).teacher_shares_vocabulary:
+        teacher_tokenizer, view = foreign_teacher_view(ctx, run)
+    datamodule = run.datamodule.connect(corpus.pad_id, corpus.train, corpus.heldout, stores, view)
     return train_student(
         ctx.workspace,
         corpus,
         run.name,
         provenance,
-        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size),
+        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size, teacher_tokenizer),
         datamodule,
         ctx.trainer_factory,
         trainer_overrides=run.trainer_overrides,
     )
+
+
+def refuse_another_vocabulary(run: StudentRun, tokenizer: Any) -> None:
+    """A teacher read on the student's token ids must give the same ids the same strings: one whose
+    tokenizer maps them differently (even at an equal vocabulary size) would be compared token by token
+    with the wrong tokens, silently. A teacher folder without a tokenizer is taken to share the student's."""
+    if run.teacher_tokenizer is None or tokenizer is None:
+        return
+    try:
+        teacher_tokenizer = run.teacher_tokenizer()
+    except (OSError, ValueError):
+        return
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the teacher's tokenizer ({getattr(teacher_tokenizer, 'name_or_path', '?')}) maps tokens to ids "
+            "differently from the student's; a teacher of another tokenizer needs module=foreign_teacher with "
+            "loss=[hard_ce,uld] or loss=[hard_ce,gold_hybrid]"
+        )
+
+
+def foreign_teacher_view(ctx: StageContext, run: StudentRun) -> tuple[Any, TeacherView]:
+    """The teacher's tokenizer and its view of the training corpus (its template, the position map)."""
+    if run.teacher_tokenizer is None:
+        raise ValueError(f"{module_class(run.module).__name__} needs a teacher: add teacher=<name or folder>")
+    tokenizer = run.teacher_tokenizer()
+    corpus = ctx.corpus()
+    view = teacher_view(
+        corpus.train,
+        records_by_key(ctx.corpus_spec),
+        corpus.tokenizer,
+        tokenizer,
+        ctx.corpus_spec.max_seq_len,
+    )
+    log.info("teacher tokenization: %.1f%% of the student's target positions aligned", 100 * view.coverage)
+    return tokenizer, view

@@ -1,0 +1,97 @@
+"""The teacher's own tokenization of a student corpus, and where its positions meet the student's.
+
+A teacher (or proxy) of another family reads each record through its own chat template and tokenizer. For
+every student target position (the layout of a soft-label store: ``TokenizedCorpus.target_offsets``) a
+:class:`TeacherView` names the teacher position whose next-token distribution describes the same text
+(-1 where the two tokenizations share no boundary there). See :mod:`kd_lightning.data.token_alignment`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kd_lightning.data.records import CorpusError, Record
+from kd_lightning.data.token_alignment import aligned_positions, response_spans
+from kd_lightning.data.tokenized import CorpusReport, TokenizedCorpus, prompt_and_response_ids
+
+
+@dataclass
+class TeacherView:
+    """The teacher's token sequences (one per student sequence) and the position map.
+
+    ``teacher_positions`` (rows,) int64, one per student target row: the index, inside the teacher's
+    sequence, of the position aligned with it, or -1.
+    """
+
+    corpus: TokenizedCorpus
+    teacher_positions: np.ndarray
+
+    @property
+    def coverage(self) -> float:
+        """Share of the student's target positions that have an aligned teacher position."""
+        return float((self.teacher_positions >= 0).mean()) if len(self.teacher_positions) else 0.0
+
+
+def teacher_view(
+    corpus: TokenizedCorpus,
+    records: Mapping[str, Record | list[Record]],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    max_seq_len: int,
+) -> TeacherView:
+    """Tokenise each of ``corpus``'s records with the teacher's template and align it to the student's.
+
+    Args:
+        corpus: the student's tokenised corpus (its ``record_keys`` name each sequence's record).
+        records: record key → the record (or the records of that prompt): the text both sides tokenise.
+        student_tokenizer, teacher_tokenizer: the two tokenizers.
+        max_seq_len: the teacher's sequences are truncated like the student's.
+    """
+    if corpus.record_keys is None:
+        raise CorpusError("this tokenised corpus has no record keys; rebuild it (rebuild=[corpus])")
+    missing = [key for key in corpus.record_keys if key not in records]
+    if missing:
+        raise CorpusError(f"{len(missing)} corpus records are not in the source any more; rebuild=[corpus]")
+    sequences, prompt_lens, rows = [], [], []
+    for i, key in enumerate(corpus.record_keys):
+        student_response = corpus.sequence(i)[int(corpus.prompt_lens[i]) :].tolist()
+        record = _record_of(records[key], student_response, student_tokenizer)
+        prompt, response = prompt_and_response_ids(record, teacher_tokenizer)
+        response = response[: max(max_seq_len - len(prompt), 1)]
+        text = record.response
+        pairs = aligned_positions(
+            response_spans(student_tokenizer, student_response, text),
+            response_spans(teacher_tokenizer, response, text),
+        )
+        positions = np.full(len(student_response), -1, dtype=np.int64)
+        keep = (pairs[:, 0] < len(student_response)) & (pairs[:, 1] < len(response))
+        positions[pairs[keep, 0]] = len(prompt) - 1 + pairs[keep, 1]
+        sequences.append(np.asarray(prompt + response, dtype=np.int32))
+        prompt_lens.append(len(prompt))
+        rows.append(positions)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
+    teacher = TokenizedCorpus(
+        np.concatenate(sequences),
+        offsets,
+        np.asarray(prompt_lens, dtype=np.int32),
+        CorpusReport(records=len(sequences), kept=len(sequences)),
+        list(corpus.record_keys),
+    )
+    return TeacherView(teacher, np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64))
+
+
+def _record_of(found: Record | list[Record], response_ids: list[int], tokenizer: Any) -> Record:
+    """The record whose response the student's sequence holds (several records may share a prompt)."""
+    if isinstance(found, Record):
+        return found
+    if len(found) == 1:
+        return found[0]
+    for record in found:
+        _, response = prompt_and_response_ids(record, tokenizer)
+        if response[: len(response_ids)] == response_ids:
+            return record
+    raise CorpusError("a corpus sequence matches none of its prompt's records; rebuild=[corpus]")
