@@ -89,6 +89,7 @@ def build_context(cfg: DictConfig) -> StageContext:
         teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") else None,
         teacher_targets=instantiate(cfg.estimator.teacher_targets),
         code=stage_code(cfg),
+        proxy_own_tokenizer=bool(cfg.proxy.get("own_tokenizer", False)),
     )
 
 

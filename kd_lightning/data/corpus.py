@@ -95,10 +95,14 @@ class Corpus:
             )
         fingerprint = tokenizer_fingerprint(load_tokenizer(path))
         if fingerprint != self.tokenizer_fp:
+            hint = {
+                "proxy": "; for a proxy of another family set proxy.own_tokenizer=true",
+                "teacher": "; for a teacher of another family use module=foreign_teacher loss=[hard_ce,uld]",
+            }.get(role, "")
             raise ValueError(
                 f"{role} {path} uses a different tokenizer than {self.tokenizer_path} "
                 f"(fingerprints {fingerprint} vs {self.tokenizer_fp}); its distributions must be over one "
-                "shared vocabulary"
+                f"shared vocabulary{hint}"
             )
         trim_padded_vocabulary(model, self.vocab_size)
 

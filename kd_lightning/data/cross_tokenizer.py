@@ -95,3 +95,26 @@ def _record_of(found: Record | list[Record], response_ids: list[int], tokenizer:
         if response[: len(response_ids)] == response_ids:
             return record
     raise CorpusError("a corpus sequence matches none of its prompt's records; rebuild=[corpus]")
+
+
+@dataclass
+class ForeignTokenizer:
+    """A model slot (proxy or teacher) that reads the records through its own tokenizer and template."""
+
+    tokenizer: Any
+    records: Mapping[str, Record | list[Record]]
+    max_seq_len: int
+
+    def view(self, corpus: TokenizedCorpus, student_tokenizer: Any) -> TeacherView:
+        return teacher_view(corpus, self.records, student_tokenizer, self.tokenizer, self.max_seq_len)
+
+
+@dataclass
+class MappedProxy:
+    """A proxy of another tokenizer, for the posterior: its view of the corpus, ``token_map`` (V_proxy,)
+    from its ids to the student token that begins each one's string (-1: none), and the student's
+    vocabulary size."""
+
+    view: TeacherView
+    token_map: np.ndarray
+    vocab_size: int

@@ -228,3 +228,16 @@ def match_vocabularies(student_tokenizer: Any, teacher_tokenizer: Any) -> Vocabu
             pairs.append((first[text], j))
     array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     return VocabularyMatch(array[:, 0], array[:, 1], len(student), len(teacher))
+
+
+def first_token_map(student_tokenizer: Any, proxy_tokenizer: Any) -> np.ndarray:
+    """(V_proxy,) the student token that begins each proxy token's string, or -1 (no string: a special
+    token or a piece of a character). The proxy's end-of-sequence token maps to the student's: both say
+    "the response is over". Context-free: the first student token of the string tokenised alone, which is
+    the in-context one wherever the student's pre-tokenizer splits there (always at a word start)."""
+    strings = token_strings(proxy_tokenizer)
+    encoded = student_tokenizer([s or "" for s in strings], add_special_tokens=False)["input_ids"]
+    mapped = np.asarray([ids[0] if s and ids else -1 for s, ids in zip(strings, encoded)], dtype=np.int64)
+    if proxy_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
+        mapped[int(proxy_tokenizer.eos_token_id)] = int(student_tokenizer.eos_token_id)
+    return mapped

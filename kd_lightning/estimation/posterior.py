@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
+from kd_lightning.data.cross_tokenizer import MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings, target_position_batches
@@ -65,6 +67,12 @@ class DirichletUpdate:
         posterior = self.counts(proxy_probs, rounds, generator)  # a fresh tensor: updated in place
         posterior.add_(prior, alpha=self.concentration)
         return posterior.div_(self.concentration + rounds)
+
+    def from_counts(self, prior: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Posterior (N, V) from counts already in the prior's vocabulary (a foreign proxy's mapped
+        draws), ``(κ·prior + N) / (κ + ΣN)``: a row with no count keeps the prior."""
+        total = counts.sum(-1, keepdim=True)
+        return (counts + self.concentration * prior) / (self.concentration + total)
 
 
 class ExpectedCountsUpdate(DirichletUpdate):
@@ -168,8 +176,15 @@ class ProxyPosteriorEstimator:
         pad_id: int,
         out: str,
         provenance: dict,
+        mapped: MappedProxy | None = None,
     ) -> SoftLabelStore:
-        """Compute and write the posterior store at ``out``; resumes a killed run's finished shards."""
+        """Compute and write the posterior store at ``out``; resumes a killed run's finished shards.
+
+        A proxy of another tokenizer (``mapped``) reads its own tokenization of ``corpus``; its draws are
+        mapped into the student's vocabulary (:meth:`mapped_posterior_rows`).
+        """
+        if mapped is not None:
+            return self._estimate_mapped(proxy, corpus, prior, out, provenance, mapped)
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
             prior_rows = SparseRows.concat([prior.rows(i) for i in seqs])
@@ -193,4 +208,72 @@ class ProxyPosteriorEstimator:
             rows_for,
             self.packing,
             self.pack_length,
+        )
+
+    def mapped_posterior_rows(
+        self,
+        prior: SparseRows,
+        proxy_probs: torch.Tensor,
+        index: torch.Tensor,
+        token_map: torch.Tensor,
+        vocab: int,
+        generator: torch.Generator,
+    ) -> SparseRows:
+        """Posterior rows (one per prior row) from a foreign proxy's distributions.
+
+        ``index`` (N,) names the ``proxy_probs`` row aligned with each prior row (-1: none, the prior is
+        kept). The update rule's counts over the proxy's vocabulary are moved to the student token that
+        begins each drawn token's string (``token_map``, -1: dropped) and combined with the prior.
+        """
+        dense_prior = prior.to_dense(vocab).to(proxy_probs.device)
+        aligned = index >= 0
+        counts = self.update.counts(proxy_probs[index[aligned]], self.sampling_rounds, generator)
+        keep = token_map >= 0
+        mapped = torch.zeros((len(counts), vocab), dtype=counts.dtype, device=counts.device)
+        mapped.index_add_(1, token_map[keep], counts[:, keep])
+        posterior = dense_prior.clone()
+        posterior[aligned] = self.update.from_counts(dense_prior[aligned], mapped)
+        return SparseRows.from_dense(posterior, self.top_k, id_dtype_for(vocab))
+
+    def _estimate_mapped(
+        self,
+        proxy: nn.Module,
+        corpus: TokenizedCorpus,
+        prior: SoftLabelStore,
+        out: str,
+        provenance: dict,
+        mapped: MappedProxy,
+    ) -> SoftLabelStore:
+        view, vocab = mapped.view, int(mapped.vocab_size)
+        s_offsets, p_offsets = corpus.target_offsets(), view.corpus.target_offsets()
+        table = torch.as_tensor(mapped.token_map, dtype=torch.long)
+
+        def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
+            prior_rows = SparseRows.concat([prior.rows(i) for i in seqs])
+            index, base = [], 0
+            for i in seqs:
+                positions = view.teacher_positions[s_offsets[i] : s_offsets[i + 1]]
+                first = int(view.corpus.prompt_lens[i]) - 1
+                index.append(np.where(positions >= 0, positions - first + base, -1))
+                base += int(p_offsets[i + 1] - p_offsets[i])
+            if base != logits.shape[0]:
+                raise RuntimeError(f"proxy rows {logits.shape[0]} != {base} for sequences {seqs}")
+            probs = torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1).cpu()
+            index_t = torch.from_numpy(np.concatenate(index))
+            return self.mapped_posterior_rows(prior_rows, probs, index_t, table, vocab, generator)
+
+        return estimate_by_shard(
+            proxy,
+            corpus,
+            0,
+            out,
+            provenance,
+            self.shard_size,
+            self.batch_size,
+            self.seed,
+            f"posterior R={self.sampling_rounds} (mapped proxy)",
+            rows_for,
+            self.packing,
+            self.pack_length,
+            model_corpus=view.corpus,
         )

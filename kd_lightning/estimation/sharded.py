@@ -92,11 +92,14 @@ def estimate_by_shard(
     rows_for: Callable[[torch.Tensor, list[int], torch.Generator], SparseRows],
     packing: bool = False,
     pack_length: int | None = None,
+    model_corpus: TokenizedCorpus | None = None,
 ) -> SoftLabelStore:
     """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
 
     ``rows_for`` gets the model's logits (rows, V) at the target positions of ``sequences`` and returns
-    their rows in the same order. Every rank of a ``torchrun`` group calls this together.
+    their rows in the same order. Every rank of a ``torchrun`` group calls this together. A model of
+    another tokenizer reads ``model_corpus`` (the same sequences in its own tokenization); ``rows_for``
+    then returns rows in ``corpus``'s layout.
     """
     model.eval()
     group = process_group()
@@ -123,7 +126,13 @@ def estimate_by_shard(
             generator = torch.Generator(device="cpu").manual_seed(seed + shard)
             parts: dict[int, SparseRows] = {}
             for logits, seqs in target_position_batches(
-                model, corpus, writer.shard_sequences(shard), pad_id, batch_size, packing, pack_length
+                model,
+                corpus if model_corpus is None else model_corpus,
+                writer.shard_sequences(shard),
+                pad_id,
+                batch_size,
+                packing,
+                pack_length,
             ):
                 rows = rows_for(logits, seqs, generator)
                 bounds = np.cumsum([0, *(int(offsets[i + 1] - offsets[i]) for i in seqs)])

@@ -19,6 +19,7 @@ from typing import Any
 from kd_lightning.artifacts import Workspace, file_digest, model_identity, settings_key
 from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
+from kd_lightning.data.cross_tokenizer import MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
@@ -96,11 +97,13 @@ def posterior_store(
     estimator: ProxyPosteriorEstimator,
     prior: Callable[[], SoftLabelStore],
     aligned_proxy: Callable[[], Path],
+    mapped: Callable[[], MappedProxy] | None = None,
 ) -> SoftLabelStore:
     """The prior updated with R proxy draws per position (resumable shard by shard; under ``torchrun``
     every rank builds its shards of it, see :mod:`kd_lightning.distributed`).
 
-    ``prior`` and ``aligned_proxy`` are called only when the store must be built.
+    ``prior``, ``aligned_proxy`` and ``mapped`` (a proxy of another tokenizer) are called only when the
+    store must be built.
     """
 
     def build(folder: Path) -> SoftLabelStore:
@@ -109,7 +112,15 @@ def posterior_store(
             process_group().device()
         )
         start = time.perf_counter()
-        store = estimator.estimate(proxy, corpus.train, prior_rows, corpus.pad_id, str(folder), provenance)
+        store = estimator.estimate(
+            proxy,
+            corpus.train,
+            prior_rows,
+            corpus.pad_id,
+            str(folder),
+            provenance,
+            mapped=None if mapped is None else mapped(),
+        )
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
         return store
 

@@ -15,6 +15,7 @@ from typing import Any
 from kd_lightning.artifacts import Workspace, model_identity
 from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
+from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.evaluation.evaluate import EvaluationSpec, evaluate_model
 from kd_lightning.evaluation.nll import heldout_nll, require_finite
 from kd_lightning.models.loading import freeze, load_causal_lm
@@ -76,13 +77,20 @@ def proxy_heldout(
     model_key: Any,
     model: Callable[[], str | Path],
     code: str | None,
+    own_heldout: TokenizedCorpus | None = None,
 ) -> dict[str, Any]:
-    """Held-out NLL of a proxy (``model_key`` identifies it: its identity, or the aligned proxy's key)."""
-    provenance = {"proxy": model_key, "heldout": corpus.heldout.fingerprint, "code": code}
+    """Held-out NLL of a proxy (``model_key`` identifies it: its identity, or the aligned proxy's key).
+
+    A proxy of another tokenizer is scored on ``own_heldout``, its own tokenization of the held-out
+    records (NLL per proxy token: not comparable token for token with the student's rows).
+    """
+    heldout = corpus.heldout if own_heldout is None else own_heldout
+    pad_id = corpus.pad_id if own_heldout is None else 0
+    provenance = {"proxy": model_key, "heldout": heldout.fingerprint, "code": code}
 
     def compute() -> dict[str, Any]:
         loaded = freeze(load_causal_lm(model()))
-        result = {"name": name, **heldout_nll(loaded, corpus.heldout, corpus.pad_id, desc=f"eval {name}")}
+        result = {"name": name, **heldout_nll(loaded, heldout, pad_id, desc=f"eval {name}")}
         require_finite(result, name, "not cached; check the proxy's weights")
         return result
 

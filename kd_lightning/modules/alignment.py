@@ -20,7 +20,9 @@ from torch import nn
 from kd_lightning.artifacts import Workspace, fault_point, model_identity, remove_leftovers, settings_key
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.corpus import Corpus, first_sequences
+from kd_lightning.data.cross_tokenizer import ForeignTokenizer
 from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.losses.terms import HardCrossEntropy
 from kd_lightning.models.loading import load_causal_lm
 from kd_lightning.modules.distill import DistillModule
@@ -66,19 +68,22 @@ class ProxyAlignment:
 
 
 def aligned_proxy_provenance(
-    corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None
+    corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None, own_tokenizer: bool = False
 ) -> dict[str, Any]:
     return {
         "proxy": model_identity(proxy_path),
         "corpus": corpus.full_train.fingerprint,
         "alignment": asdict(alignment),
         "code": code,
+        **({"own_tokenizer": True} if own_tokenizer else {}),
     }
 
 
-def aligned_proxy_key(corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None) -> str:
+def aligned_proxy_key(
+    corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None, own_tokenizer: bool = False
+) -> str:
     """The aligned proxy's cache key (the posterior's provenance names it)."""
-    return settings_key(aligned_proxy_provenance(corpus, proxy_path, alignment, code))
+    return settings_key(aligned_proxy_provenance(corpus, proxy_path, alignment, code, own_tokenizer))
 
 
 def aligned_proxy(
@@ -88,33 +93,46 @@ def aligned_proxy(
     alignment: ProxyAlignment,
     trainer_factory: TrainerFactory,
     code: str | None = None,
+    own: ForeignTokenizer | None = None,
 ) -> Path:
-    """Fine-tune the proxy on the training corpus and return the saved HF folder (cached, resumable)."""
+    """Fine-tune the proxy on the training corpus and return the saved HF folder (cached, resumable).
+
+    A proxy of another tokenizer (``own``) is fine-tuned on its own tokenization of the records.
+    """
 
     def build(folder: Path) -> Path:
         final = folder / "model"
         remove_leftovers(folder, ".model.*")  # a save of an earlier layout, cut short
         proxy = load_causal_lm(proxy_path)
-        corpus.check_model_vocabulary(proxy, proxy_path, "proxy")
-        model = _fine_tune(proxy, corpus, alignment, trainer_factory, folder)
+        if own is None:
+            corpus.check_model_vocabulary(proxy, proxy_path, "proxy")
+            train, pad_id, tokenizer = corpus.full_train, corpus.pad_id, corpus.tokenizer
+        else:
+            train = own.view(corpus.full_train, corpus.tokenizer).corpus
+            pad_id, tokenizer = int(own.tokenizer.pad_token_id or 0), own.tokenizer
+        model = _fine_tune(proxy, train, pad_id, alignment, trainer_factory, folder)
         with atomic_folder(final, lambda: fault_point("align:before-rename")) as tmp:
             model.save_pretrained(tmp)
-            corpus.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return final
 
-    provenance = aligned_proxy_provenance(corpus, proxy_path, alignment, code)
+    provenance = aligned_proxy_provenance(corpus, proxy_path, alignment, code, own is not None)
     return workspace.cached(
         "align", provenance, build, lambda folder: folder / "model", done="model/config.json"
     )
 
 
 def _fine_tune(
-    proxy: nn.Module, corpus: Corpus, cfg: ProxyAlignment, trainer_factory: TrainerFactory, folder: Path
+    proxy: nn.Module,
+    train: TokenizedCorpus,
+    pad_id: int,
+    cfg: ProxyAlignment,
+    trainer_factory: TrainerFactory,
+    folder: Path,
 ) -> nn.Module:
     if cfg.lora_rank:
         proxy = _with_lora(proxy, cfg)
-    train = corpus.full_train
     subset = train if cfg.max_records is None else first_sequences(train, cfg.max_records)
     torch.manual_seed(cfg.seed)
     warmup = None
@@ -135,7 +153,7 @@ def _fine_tune(
     )
     data = TeacherTextDataModule(
         batch_size=cfg.batch_size, shuffle_seed=cfg.seed, packing=cfg.packing, pack_length=cfg.pack_length
-    ).connect(corpus.pad_id, subset)
+    ).connect(pad_id, subset)
     # one process: a data-parallel launcher would re-run the command, and its ranks would wait on the
     # posterior that this alignment is being built for (kdl distill/pipeline hold its lock meanwhile)
     trainer = trainer_factory(

@@ -55,15 +55,21 @@ def proxy_rows(ctx: StageContext) -> list[dict[str, Any]]:
     """Held-out NLL of the proxy before and after alignment (cached)."""
     code = ctx.code.get("eval")
     corpus = ctx.corpus()
+    own = ctx.proxy_tokenizer()
+    heldout = None if own is None else own.view(corpus.heldout, corpus.tokenizer).corpus
+    suffix = "" if own is None else ", its own tokens"
     before = proxy_heldout(
         ctx.workspace,
         corpus,
-        "proxy (before alignment)",
+        f"proxy (before alignment{suffix})",
         model_identity(ctx.proxy_path),
         lambda: ctx.proxy_path,
         code,
+        heldout,
     )
-    after = proxy_heldout(ctx.workspace, corpus, "proxy (aligned)", proxy_key(ctx), lambda: align(ctx), code)
+    after = proxy_heldout(
+        ctx.workspace, corpus, f"proxy (aligned{suffix})", proxy_key(ctx), lambda: align(ctx), code, heldout
+    )
     return [before, after]
 
 

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from lightning import Trainer
 
 from kd_lightning.artifacts import Workspace
-from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus
+from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus, records_by_key
+from kd_lightning.data.cross_tokenizer import ForeignTokenizer
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import ProxyAlignment
 
 
@@ -31,6 +33,8 @@ class StageContext:
         teacher_path: an open (white-box) teacher, if any.
         teacher_targets: how the offline-teacher store keeps the teacher's distributions.
         code: per artifact kind, a fingerprint of the code that builds it (part of every cache key).
+        proxy_own_tokenizer: the proxy reads the records through its own tokenizer and template, and its
+            draws are mapped to the student's tokens by text (``proxy.own_tokenizer``).
     """
 
     workspace: Workspace
@@ -44,7 +48,9 @@ class StageContext:
     teacher_path: str | None = None
     teacher_targets: TeacherTargetBuilder = field(default_factory=TeacherTargetBuilder)
     code: Mapping[str, str] = field(default_factory=dict)
+    proxy_own_tokenizer: bool = False
     _corpus: Corpus | None = field(default=None, init=False, repr=False)
+    _proxy_tokenizer: list[ForeignTokenizer | None] = field(default_factory=list, init=False, repr=False)
 
     def corpus(self) -> Corpus:
         """The tokenised train / held-out corpus (built or loaded once per context)."""
@@ -53,3 +59,19 @@ class StageContext:
                 self.workspace, self.corpus_spec, self.tokenizer_path, self.code.get("corpus")
             )
         return self._corpus
+
+    def proxy_tokenizer(self) -> ForeignTokenizer | None:
+        """The proxy's own tokenizer when it reads the records through it, else None.
+
+        A proxy whose vocabulary is the student's takes the shared path even when asked for its own, so
+        a same-tokenizer run gives exactly the same stores either way.
+        """
+        if not self.proxy_own_tokenizer:
+            return None
+        if not self._proxy_tokenizer:
+            tokenizer = load_tokenizer(self.proxy_path)
+            same = tokenizer.get_vocab() == self.corpus().tokenizer.get_vocab()
+            records = {} if same else records_by_key(self.corpus_spec)
+            own = ForeignTokenizer(tokenizer, records, self.corpus_spec.max_seq_len)
+            self._proxy_tokenizer.append(None if same else own)
+        return self._proxy_tokenizer[0]

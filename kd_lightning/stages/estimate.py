@@ -3,10 +3,13 @@ student reads (``stores_for``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.data.cross_tokenizer import MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.token_alignment import first_token_map
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
@@ -29,7 +32,8 @@ def prior(ctx: StageContext, estimator: NGramPriorEstimator | None = None) -> So
 
 
 def proxy_key(ctx: StageContext) -> str:
-    return aligned_proxy_key(ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.code.get("align"))
+    own = ctx.proxy_tokenizer() is not None
+    return aligned_proxy_key(ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.code.get("align"), own)
 
 
 def align(ctx: StageContext) -> Path:
@@ -43,8 +47,31 @@ def align(ctx: StageContext) -> Path:
             )
         return folder
     return aligned_proxy(
-        ctx.workspace, ctx.corpus(), ctx.proxy_path, ctx.alignment, ctx.trainer_factory, ctx.code.get("align")
+        ctx.workspace,
+        ctx.corpus(),
+        ctx.proxy_path,
+        ctx.alignment,
+        ctx.trainer_factory,
+        ctx.code.get("align"),
+        ctx.proxy_tokenizer(),
     )
+
+
+def mapped_proxy(ctx: StageContext) -> Callable[[], MappedProxy] | None:
+    """For a proxy of another tokenizer: builds its view of the training corpus and its token map."""
+    own = ctx.proxy_tokenizer()
+    if own is None:
+        return None
+
+    def build() -> MappedProxy:
+        corpus = ctx.corpus()
+        return MappedProxy(
+            own.view(corpus.train, corpus.tokenizer),
+            first_token_map(corpus.tokenizer, own.tokenizer),
+            corpus.vocab_size,
+        )
+
+    return build
 
 
 def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = None) -> SoftLabelStore:
@@ -65,6 +92,7 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
         estimator,
         prior=lambda: prior(ctx),
         aligned_proxy=lambda: align(ctx),
+        mapped=mapped_proxy(ctx),
     )
 
 
