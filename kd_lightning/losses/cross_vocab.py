@@ -68,15 +68,16 @@ def sorted_probs_l1(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
 
 def aligned_target_mask(batch: PositionBatch, kd_target: str) -> torch.Tensor:
     """Target positions that have a ``kd_target`` distribution: not ignored, aligned (the module's
-    ``<kd_target>_aligned`` field, all when absent), and, for sparse rows, of non-zero mass (a row of mass 0
-    marks a position the teacher's tokenization could not be aligned to)."""
+    ``<kd_target>_aligned`` field, all when absent), and, for sparse rows, holding a stored entry (a row with
+    none, all its mass in the tail, marks a position a foreign teacher's tokenization could not be aligned
+    to: a teacher's top-k or sampled row always stores its most likely token)."""
     mask = batch.target_ids != LF.IGNORE_INDEX
     aligned = batch.prepared.get(f"{kd_target}_aligned")
     if aligned is not None:
         mask = mask & aligned.bool()
     if kd_target in batch.soft_labels:
         rows = batch.soft_labels[kd_target]
-        mask = mask & ((rows.probs.float().sum(-1) + rows.tail.float()) > 0)
+        mask = mask & (rows.probs.float().sum(-1) > 0)
     return mask
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.data.cross_tokenizer import MappedProxy
+from kd_lightning.data.corpus import records_by_key
+from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.token_alignment import first_token_map
 from kd_lightning.distributed import process_group
@@ -22,6 +23,7 @@ from kd_lightning.estimation.stores import (
     teacher_logprobs_store,
 )
 from kd_lightning.evaluation.tables import summarize_store
+from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import aligned_proxy, aligned_proxy_key
 from kd_lightning.stages.context import StageContext
 
@@ -97,8 +99,18 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
 
 
 def offline_teacher(ctx: StageContext) -> SoftLabelStore:
+    own = None
+    if ctx.teacher_targets.own_tokenizer and ctx.teacher_path is not None:
+        own = ForeignTokenizer(
+            load_tokenizer(ctx.teacher_path), records_by_key(ctx.corpus_spec), ctx.corpus_spec.max_seq_len
+        )
     return offline_teacher_store(
-        ctx.workspace, ctx.corpus(), ctx.teacher_path, ctx.teacher_targets, ctx.code.get("teacher_logits")
+        ctx.workspace,
+        ctx.corpus(),
+        ctx.teacher_path,
+        ctx.teacher_targets,
+        ctx.code.get("teacher_logits"),
+        own,
     )
 
 

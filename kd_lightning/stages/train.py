@@ -13,8 +13,11 @@ from torch import nn
 from kd_lightning.data.corpus import records_by_key
 from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.token_alignment import match_vocabularies
+from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
-from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.base import StudentModule, module_class
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
@@ -124,6 +127,7 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
     check_run(run)
     corpus = ctx.corpus()
     stores = stores_for(ctx, soft_label_names(run.loss_terms.values()))
+    check_foreign_stores(ctx, run, stores)
     provenance = {
         "settings": {
             **run.settings,
@@ -147,6 +151,25 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         ctx.trainer_factory,
         trainer_overrides=run.trainer_overrides,
     )
+
+
+def check_foreign_stores(ctx: StageContext, run: StudentRun, stores: Mapping[str, SoftLabelStore]) -> None:
+    """A store over a foreign teacher's vocabulary (``teacher_vocabulary`` in its provenance) is read only
+    by cross-vocabulary terms; the GOLD hybrid gets the vocabulary match of the two tokenizers."""
+    foreign = {name for name, store in stores.items() if "teacher_vocabulary" in store.provenance}
+    for name, term in run.loss_terms.items():
+        if not foreign.intersection(term.soft_labels):
+            continue
+        if not isinstance(term, CrossVocabularyTerm):
+            raise ValueError(
+                f"loss term {name!r} reads a store over the teacher's own vocabulary "
+                f"({', '.join(sorted(foreign))}); use loss=[hard_ce,uld] or [hard_ce,gold_hybrid] with "
+                f"loss.<term>.kd_target={term.kd_target}"
+            )
+        if hasattr(term, "set_vocabulary_match") and ctx.teacher_path is not None:
+            term.set_vocabulary_match(
+                match_vocabularies(ctx.corpus().tokenizer, load_tokenizer(ctx.teacher_path))
+            )
 
 
 def refuse_another_vocabulary(run: StudentRun, tokenizer: Any) -> None:
