@@ -30,6 +30,20 @@ class TeacherView:
     corpus: TokenizedCorpus
     teacher_positions: np.ndarray
 
+    def aligned_rows(self, student_offsets: np.ndarray, seqs: list[int]) -> tuple[np.ndarray, int]:
+        """For the student target rows of ``seqs`` (``student_offsets``: the student corpus's
+        ``target_offsets``), the index of the aligned row among the teacher's target rows of ``seqs``
+        taken in the same order, or -1; and how many teacher rows those are. This is how a teacher pass
+        over these sequences lines up with a store in the student's layout."""
+        t_offsets = self.corpus.target_offsets()
+        index, base = [], 0
+        for i in seqs:
+            positions = self.teacher_positions[student_offsets[i] : student_offsets[i + 1]]
+            first = int(self.corpus.prompt_lens[i]) - 1
+            index.append(np.where(positions >= 0, positions - first + base, -1))
+            base += int(t_offsets[i + 1] - t_offsets[i])
+        return (np.concatenate(index) if index else np.zeros(0, dtype=np.int64)), base
+
     @property
     def coverage(self) -> float:
         """Share of the student's target positions that have an aligned teacher position."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -245,21 +244,16 @@ class ProxyPosteriorEstimator:
         mapped: MappedProxy,
     ) -> SoftLabelStore:
         view, vocab = mapped.view, int(mapped.vocab_size)
-        s_offsets, p_offsets = corpus.target_offsets(), view.corpus.target_offsets()
+        s_offsets = corpus.target_offsets()
         table = torch.as_tensor(mapped.token_map, dtype=torch.long)
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
             prior_rows = SparseRows.concat([prior.rows(i) for i in seqs])
-            index, base = [], 0
-            for i in seqs:
-                positions = view.teacher_positions[s_offsets[i] : s_offsets[i + 1]]
-                first = int(view.corpus.prompt_lens[i]) - 1
-                index.append(np.where(positions >= 0, positions - first + base, -1))
-                base += int(p_offsets[i + 1] - p_offsets[i])
-            if base != logits.shape[0]:
-                raise RuntimeError(f"proxy rows {logits.shape[0]} != {base} for sequences {seqs}")
+            at, rows = view.aligned_rows(s_offsets, seqs)
+            if rows != logits.shape[0]:
+                raise RuntimeError(f"proxy rows {logits.shape[0]} != {rows} for sequences {seqs}")
             probs = torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1).cpu()
-            index_t = torch.from_numpy(np.concatenate(index))
+            index_t = torch.from_numpy(at)
             return self.mapped_posterior_rows(prior_rows, probs, index_t, table, vocab, generator)
 
         return estimate_by_shard(

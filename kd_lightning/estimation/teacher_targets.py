@@ -124,17 +124,11 @@ class TeacherTargetBuilder:
     def _estimate_aligned(
         self, teacher: nn.Module, corpus: TokenizedCorpus, out: str, provenance: dict, view: TeacherView
     ) -> SoftLabelStore:
-        s_offsets, t_offsets = corpus.target_offsets(), view.corpus.target_offsets()
+        s_offsets = corpus.target_offsets()
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
             rows = self.rows(logits, generator)
-            index, base = [], 0
-            for i in seqs:
-                positions = view.teacher_positions[s_offsets[i] : s_offsets[i + 1]]
-                first = int(view.corpus.prompt_lens[i]) - 1
-                index.append(np.where(positions >= 0, positions - first + base, -1))
-                base += int(t_offsets[i + 1] - t_offsets[i])
-            at = np.concatenate(index)
+            at, _ = view.aligned_rows(s_offsets, seqs)
             aligned = at >= 0
             ids = np.zeros((len(at), rows.ids.shape[1]), dtype=rows.ids.dtype)
             probs = np.zeros((len(at), rows.ids.shape[1]), dtype=rows.probs.dtype)
