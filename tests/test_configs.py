@@ -25,7 +25,7 @@ GROUPS = sorted(
     if p.is_dir() and any(p.glob("*.yaml")) and p.name not in {"hydra", "local"}
 )
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
-NEEDS_REAL_ASSETS = {("student", "smollm2_layers"), ("teacher", "smollm2")}
+NEEDS_REAL_ASSETS = {("student", "smollm2_layers"), ("student", "smollm2"), ("teacher", "smollm2")}
 NEEDS_VALUE = {
     ("data", "jsonl"): "data.path",
     ("data", "hf_dataset"): "data.path",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.artifacts import Workspace
 from kd_lightning.cli.trainer import trainer_factory
@@ -146,22 +146,33 @@ def student_run(
     return run
 
 
-VARIANT_KEYS = ("loss", "module", "init_from", "trainer")
+VARIANT_KEYS = ("loss", "module", "init_from", "trainer", "proxy", "seeds")
+
+
+def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
+    """The config with ``seed`` set (everything that interpolates ``${seed}`` follows), or itself."""
+    if seed is None or seed == cfg.get("seed"):
+        return cfg
+    copy = cfg.copy()
+    with open_dict(copy):
+        copy.seed = int(seed)
+    return copy
 
 
 def variants(cfg: DictConfig) -> list[Variant]:
-    """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer}``.
+    """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
+    proxy, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed first).
 
     ``module`` is a module config node (an experiment composes one with a defaults entry such as
-    ``/module@variants.minillm.module: minillm``); ``init_from`` names an earlier variant whose student this
-    one starts from; ``trainer`` overrides trainer settings for this variant only. A null entry is dropped.
+    ``/module@variants.minillm.module: minillm``); ``init_from`` names an earlier variant whose student (of the
+    same seed) this one starts from; ``trainer`` overrides trainer settings for this variant only; ``proxy``
+    is a proxy config node (``- /proxy@variants.<name>.proxy: gemma3_270m``) whose posterior this variant's
+    terms read; ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student).
+    A null entry is dropped.
     """
-    found = []
-    for name, spec in cfg.variants.items():
-        if spec is None:
-            continue
+    specs = {name: spec for name, spec in cfg.variants.items() if spec is not None}
+    for name, spec in specs.items():
         if not OmegaConf.is_dict(spec):
-            found.append(Variant(name, student_run(cfg, f"student {name}", list(spec))))
             continue
         if "method" in spec or "method_settings" in spec:
             raise KeyError(
@@ -174,9 +185,33 @@ def variants(cfg: DictConfig) -> list[Variant]:
             raise KeyError(
                 f"variant {name!r} has unknown keys {sorted(unknown)}; use {', '.join(VARIANT_KEYS)}"
             )
-        trainer = resolved(spec.trainer) if spec.get("trainer") else None
-        run = student_run(
-            cfg, f"student {name}", list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
+    default_seeds = list(cfg.get("seeds") or [None])
+    every_seed = list(
+        dict.fromkeys(
+            [
+                *default_seeds,
+                *(s for spec in specs.values() if OmegaConf.is_dict(spec) for s in spec.get("seeds") or []),
+            ]
         )
-        found.append(Variant(name, run, spec.get("init_from")))
+    )
+    found = []
+    for seed in every_seed:
+        seeded = with_seed(cfg, seed)
+        for name, spec in specs.items():
+            own_seeds = list(spec.get("seeds") or default_seeds) if OmegaConf.is_dict(spec) else default_seeds
+            if seed not in own_seeds:
+                continue
+            label = f"student {name}" + ("" if seed is None or len(every_seed) == 1 else f" (seed {seed})")
+            if not OmegaConf.is_dict(spec):
+                found.append(Variant(name, student_run(seeded, label, list(spec)), seed=seed))
+                continue
+            spec = seeded.variants[name]
+            trainer = resolved(spec.trainer) if spec.get("trainer") else None
+            run = student_run(
+                seeded, label, list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
+            )
+            proxy = None
+            if spec.get("proxy") is not None:
+                proxy = (model_path(spec.proxy.path), bool(spec.proxy.get("own_tokenizer", False)))
+            found.append(Variant(name, run, spec.get("init_from"), seed, proxy))
     return found

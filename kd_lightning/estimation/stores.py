@@ -47,7 +47,7 @@ def prior_provenance(corpus: Corpus, estimator: NGramPriorEstimator, code: str |
     return {
         "tokenizer": corpus.tokenizer_fp,
         "corpus": corpus.train.fingerprint,
-        "counts": corpus.full_train.fingerprint,
+        "counts": corpus.counts.fingerprint,
         "estimator": estimator.settings(),
         "code": code,
     }
@@ -61,7 +61,7 @@ def prior_store(
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
-        rows, stats = estimator.estimate(corpus.train, corpus.vocab_size, count_corpus=corpus.full_train)
+        rows, stats = estimator.estimate(corpus.train, corpus.vocab_size, count_corpus=corpus.counts)
         store = write_store(
             folder, rows, corpus.train.target_offsets(), provenance, vocab_size=corpus.vocab_size
         )

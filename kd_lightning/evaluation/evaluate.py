@@ -2,13 +2,16 @@
 
 NLL and calibration come from one teacher-forced pass over the held-out teacher text. ROUGE-L compares
 greedy generations (batched, KV-cached ``generate``, left-padded prompts) with the held-out teacher
-responses on the first ``generation_limit`` prompts, as MiniLLM and DistiLLM report it.
+responses on the first ``generation_limit`` prompts, as MiniLLM and DistiLLM report it; optionally also
+their semantic similarity (a sentence encoder) and their length. Per-record figures are kept
+(``per_record``), so two models can be compared prompt by prompt.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +20,10 @@ from tqdm.auto import tqdm
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.evaluation.greedy import generate_greedy
-from kd_lightning.evaluation.metrics import rouge_l
+from kd_lightning.evaluation.metrics import rouge_l, rouge_l_each
 from kd_lightning.evaluation.question_sets import load_question_set, score_question_set
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
+from kd_lightning.evaluation.similarity import semantic_similarity
 from kd_lightning.models.forward import target_position_logits
 
 
@@ -46,6 +50,9 @@ class EvaluationSpec:
     MiniLLM's objective); 0 skips it. Needs an open teacher (``teacher=``)."""
     reverse_kl_max_new_tokens: int = 64
     """Sampled response length for the reverse KL."""
+    semantic_similarity: bool = False
+    """Also score each greedy answer by its embedding's cosine similarity to the teacher's answer
+    (all-MiniLM-L6-v2, :mod:`kd_lightning.evaluation.similarity`)."""
 
     def __post_init__(self) -> None:
         self.question_sets = list(self.question_sets)
@@ -78,13 +85,21 @@ def teacher_forced_metrics(
     order = sorted(range(len(dataset)), key=lambda i: len(corpus.sequence(i)))
     device = next(model.parameters()).device
     nll_sum, confidences, correct = 0.0, [], []
+    record_nll = [0.0] * len(dataset)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate([dataset[i] for i in order[start : start + batch_size]], pad_id)
+        chunk = order[start : start + batch_size]
+        batch = collate([dataset[i] for i in chunk], pad_id)
         batch = batch.to(device)
         mask = batch.target_mask
         logits = target_position_logits(model, batch.input_ids, batch.attention_mask, mask).float()
         targets = batch.target_ids[mask]
-        nll_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        token_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        nll_sum += float(token_nll.sum())
+        per_row = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
+            0, mask.nonzero()[:, 0].cpu(), token_nll.double().cpu()
+        )
+        for row, index in enumerate(chunk):
+            record_nll[index] = float(per_row[row]) / max(corpus.num_targets(index), 1)
         top_prob, top_id = torch.softmax(logits, -1).max(-1)
         confidences.append(top_prob.cpu())
         correct.append((top_id == targets).long().cpu())
@@ -99,6 +114,7 @@ def teacher_forced_metrics(
         "token_accuracy": float(hits.float().mean()),
         "ece": float(binary_calibration_error(confidence, hits, n_bins=ece_bins, norm="l1")),
         "tokens": tokens,
+        "record_nll": record_nll,
     }
 
 
@@ -132,15 +148,24 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        metrics = teacher_forced_metrics(
+        metrics: dict[str, Any] = teacher_forced_metrics(
             model, heldout, int(tokenizer.pad_token_id), spec.batch_size, spec.ece_bins
         )
+        per_record: dict[str, list[Any]] = {"nll": metrics.pop("record_nll")}
         if spec.generation_limit:
             predictions, references = greedy_generations(
                 model, tokenizer, heldout, spec.generation_limit, spec.max_new_tokens, spec.batch_size
             )
             metrics["rouge_l"] = rouge_l(predictions, references)
             metrics["generated"] = len(predictions)
+            per_record["rouge_l"] = rouge_l_each(predictions, references)
+            lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions]
+            per_record["answer_tokens"] = lengths
+            metrics["answer_tokens"] = sum(lengths) / len(lengths)
+            if spec.semantic_similarity:
+                per_record["similarity"] = semantic_similarity(predictions, references)
+                metrics["similarity"] = sum(per_record["similarity"]) / len(predictions)
+            per_record["answer"] = predictions
         if spec.reverse_kl_limit:
             if teacher is None:
                 raise ValueError("evaluation.reverse_kl_limit > 0 needs the teacher model")
@@ -163,4 +188,5 @@ def evaluate_model(
             )
     finally:
         model.train(was_training)
+    metrics["per_record"] = per_record
     return metrics

@@ -31,6 +31,16 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(scores["rougeL_fmeasure"])
 
 
+def rouge_l_each(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 (0–1) of each prediction against its reference (their mean is :func:`rouge_l`)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    return [
+        float(rouge_score(p, r, rouge_keys="rougeL")["rougeL_fmeasure"])
+        for p, r in zip(predictions, references)
+    ]
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (the SQuAD normalisation)."""
     text = text.lower()

@@ -104,11 +104,14 @@ def aligned_proxy(
         final = folder / "model"
         remove_leftovers(folder, ".model.*")  # a save of an earlier layout, cut short
         proxy = load_causal_lm(proxy_path)
+        records = corpus.full_train
+        if alignment.max_records is not None:
+            records = first_sequences(records, alignment.max_records)
         if own is None:
             corpus.check_model_vocabulary(proxy, proxy_path, "proxy")
-            train, pad_id, tokenizer = corpus.full_train, corpus.pad_id, corpus.tokenizer
-        else:
-            train = own.view(corpus.full_train, corpus.tokenizer).corpus
+            train, pad_id, tokenizer = records, corpus.pad_id, corpus.tokenizer
+        else:  # only the records it trains on are read through its tokenizer
+            train = own.view(records, corpus.tokenizer).corpus
             pad_id, tokenizer = int(own.tokenizer.pad_token_id or 0), own.tokenizer
         model = _fine_tune(proxy, train, pad_id, alignment, trainer_factory, folder)
         with atomic_folder(final, lambda: fault_point("align:before-rename")) as tmp:
@@ -133,7 +136,6 @@ def _fine_tune(
 ) -> nn.Module:
     if cfg.lora_rank:
         proxy = _with_lora(proxy, cfg)
-    subset = train if cfg.max_records is None else first_sequences(train, cfg.max_records)
     torch.manual_seed(cfg.seed)
     warmup = None
     if cfg.warmup_steps > 0:
@@ -153,7 +155,7 @@ def _fine_tune(
     )
     data = TeacherTextDataModule(
         batch_size=cfg.batch_size, shuffle_seed=cfg.seed, packing=cfg.packing, pack_length=cfg.pack_length
-    ).connect(pad_id, subset)
+    ).connect(pad_id, train)
     # one process: a data-parallel launcher would re-run the command, and its ranks would wait on the
     # posterior that this alignment is being built for (kdl distill/pipeline hold its lock meanwhile)
     trainer = trainer_factory(

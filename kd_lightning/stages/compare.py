@@ -6,7 +6,7 @@ import copy
 import csv
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,13 @@ import numpy as np
 
 from kd_lightning.artifacts import model_identity
 from kd_lightning.atomic import atomic_write_text
+from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus
+from kd_lightning.evaluation.comparison import (
+    StudentScores,
+    compare_seeds,
+    comparison_markdown,
+    comparison_plot,
+)
 from kd_lightning.evaluation.evaluate import EvaluationSpec
 from kd_lightning.evaluation.fidelity import (
     Estimate,
@@ -37,21 +44,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Variant:
-    """One student of ``kdl pipeline``: its run, and the earlier variant whose student it starts from."""
+    """One student of ``kdl pipeline``: its run, the earlier variant whose student it starts from, the seed
+    it was built with (``seeds``), and its own proxy ``(path, own_tokenizer)`` if it has one."""
 
     name: str
     run: StudentRun
     init_from: str | None = None
+    seed: int | None = None
+    proxy: tuple[str, bool] | None = None
 
 
 def evaluate(ctx: StageContext, name: str, model_path: str | Path, spec: EvaluationSpec) -> dict[str, Any]:
-    """Held-out metrics of one model (cached per model, held-out text, settings and code)."""
-    return evaluation_result(
+    """Held-out metrics of one model (cached per model, held-out text, settings and code); the per-record
+    figures stay in the cached result."""
+    result = evaluation_result(
         ctx.workspace, ctx.corpus(), name, model_path, spec, ctx.teacher_path, ctx.code.get("eval")
     )
+    return {key: value for key, value in result.items() if key != "per_record"}
 
 
-def proxy_rows(ctx: StageContext) -> list[dict[str, Any]]:
+def proxy_rows(ctx: StageContext, label: str = "proxy") -> list[dict[str, Any]]:
     """Held-out NLL of the proxy before and after alignment (cached)."""
     code = ctx.code.get("eval")
     corpus = ctx.corpus()
@@ -61,49 +73,151 @@ def proxy_rows(ctx: StageContext) -> list[dict[str, Any]]:
     before = proxy_heldout(
         ctx.workspace,
         corpus,
-        f"proxy (before alignment{suffix})",
+        f"{label} (before alignment{suffix})",
         model_identity(ctx.proxy_path),
         lambda: ctx.proxy_path,
         code,
         heldout,
     )
     after = proxy_heldout(
-        ctx.workspace, corpus, f"proxy (aligned{suffix})", proxy_key(ctx), lambda: align(ctx), code, heldout
+        ctx.workspace, corpus, f"{label} (aligned{suffix})", proxy_key(ctx), lambda: align(ctx), code, heldout
     )
     return [before, after]
 
 
 def run_pipeline(
-    ctx: StageContext, variants: Sequence[Variant], spec: EvaluationSpec | None = None
+    ctx: StageContext,
+    variants: Sequence[Variant],
+    spec: EvaluationSpec | None = None,
+    evaluation_sets: Mapping[str, CorpusSpec] | None = None,
+    compare_to: str | None = None,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train every variant in order (an ``init_from`` starts from an earlier one's student) and tabulate.
+    """Train every variant in order (an ``init_from`` starts from an earlier one's student of the same seed)
+    and tabulate.
 
-    The proxy rows appear (and cost an alignment) only when some student learns from the posterior;
-    ``spec`` adds token accuracy, ECE, ROUGE-L ... per student.
+    The proxy rows appear (and cost an alignment) only when some student learns from the posterior, one
+    pair per proxy; ``spec`` adds token accuracy, ECE, ROUGE-L ... per student, on the corpus's held-out
+    records and on each of ``evaluation_sets`` (other corpora's held-out records). With several seeds, more
+    than one held-out set or ``compare_to``, the students are also compared over seeds and prompt by prompt
+    (:mod:`kd_lightning.evaluation.comparison`); the comparison is written to ``out_dir``.
     """
     if not variants:
         raise ValueError("variants is empty: list at least one, e.g. variants.sft_only=[hard_ce]")
-    reads = {label for v in variants for term in v.run.loss_terms.values() for label in term.soft_labels}
-    rows = proxy_rows(ctx) if "posterior" in reads else []
-    trained: dict[str, str] = {}
+    names = {v.name for v in variants}
+    if compare_to is not None and compare_to not in names:
+        raise KeyError(f"compare_to={compare_to!r} is not one of the variants ({sorted(names)})")
+    if (evaluation_sets or compare_to) and spec is None:
+        raise ValueError("evaluation_sets and compare_to score students: add evaluate_students=true")
+    rows: list[dict[str, Any]] = []
+    reads = set()
+    for variant in variants:
+        if "posterior" in {label for term in variant.run.loss_terms.values() for label in term.soft_labels}:
+            reads.add(variant.proxy or (ctx.proxy_path, ctx.proxy_own_tokenizer))
+    for path, own in reads:
+        label = "proxy" if len(reads) == 1 else f"proxy {Path(path).name}"
+        rows += proxy_rows(ctx.with_proxy(path, own), label)
+    sets = heldout_sets(ctx, evaluation_sets or {})
+    trained: dict[tuple[str, int | None], str] = {}
+    scores: list[StudentScores] = []
     for variant in training_order(variants):
-        run = variant.run
+        run, context = variant.run, ctx if variant.proxy is None else ctx.with_proxy(*variant.proxy)
         if variant.init_from:
-            run = replace(run, init_from=trained[variant.init_from])
-        row = run_distill(ctx, run)
-        trained[variant.name] = str(Path(row["folder"]) / "student")
-        if spec is not None:  # cached per student and spec
-            extra = evaluate(ctx, row["name"], Path(row["folder"]) / "student", spec)
-            row = {**row, **{k: v for k, v in extra.items() if k not in ("name", "model")}}
-        rows.append({"variant": variant.name, **row})
+            source = trained.get((variant.init_from, variant.seed))
+            if source is None:
+                raise KeyError(
+                    f"variant {variant.name!r} (seed {variant.seed}) starts from {variant.init_from!r}, which "
+                    "has no student of that seed; give both variants the same seeds"
+                )
+            run = replace(run, init_from=source)
+        row = run_distill(context, run)
+        folder = Path(row["folder"]) / "student"
+        trained[(variant.name, variant.seed)] = str(folder)
+        if spec is not None:  # cached per student, held-out set and spec
+            for set_name, corpus in sets.items():
+                result = evaluation_result(
+                    ctx.workspace, corpus, row["name"], folder, spec, ctx.teacher_path, ctx.code.get("eval")
+                )
+                figures = {k: v for k, v in result.items() if k not in ("name", "model", "per_record")}
+                if set_name == OWN_HELDOUT:
+                    row = {**row, **figures}
+                else:
+                    row = {**row, **{f"{set_name}/{k}": v for k, v in figures.items()}}
+                scores.append(
+                    StudentScores(variant.name, variant.seed, set_name, figures, result.get("per_record", {}))
+                )
+        rows.append(
+            {"variant": variant.name, **({"seed": variant.seed} if variant.seed is not None else {}), **row}
+        )
     table = results_table(rows)
     print(f"\nHeld-out teacher responses ({len(ctx.corpus().heldout)} records):\n{table}\n", flush=True)
-    return {
+    result: dict[str, Any] = {
         "rows": rows,
         "table": table,
-        **({"prior": summarize_store(prior(ctx))} if "prior" in reads else {}),
-        **({"posterior": summarize_store(posterior(ctx))} if "posterior" in reads else {}),
+        **({"prior": summarize_store(prior(ctx))} if "prior" in reads_any(variants) else {}),
+        **({"posterior": summarize_store(posterior(ctx))} if ctx_reads_posterior(ctx, variants) else {}),
     }
+    seeded = len({v.seed for v in variants}) > 1
+    if scores and (seeded or len(sets) > 1 or compare_to):
+        comparison = compare_seeds(scores, compare_to)
+        markdown = comparison_markdown(comparison, compare_to)
+        print(f"\nStudents over seeds (mean ± std), paired against {compare_to}:\n{markdown}\n", flush=True)
+        result.update({"comparison": comparison, "comparison_table": markdown})
+        if out_dir is not None:
+            write_csv(out_dir / "comparison.csv", comparison)
+            atomic_write_text(out_dir / "comparison.md", markdown + "\n")
+            comparison_plot(comparison, out_dir / "comparison.png")
+            write_csv(out_dir / "per_prompt.csv", per_prompt_rows(scores))
+    return result
+
+
+OWN_HELDOUT = "heldout"
+"""The name of the corpus's own held-out records among the sets a pipeline scores students on."""
+
+
+def heldout_sets(ctx: StageContext, extra: Mapping[str, CorpusSpec]) -> dict[str, Corpus]:
+    """The corpus's own held-out records, then each of ``extra``'s (another corpus under the student's
+    tokenizer; its training split is never read)."""
+    sets = {OWN_HELDOUT: ctx.corpus()}
+    for name, spec in extra.items():
+        if name == OWN_HELDOUT:
+            raise ValueError(
+                f"evaluation_sets.{OWN_HELDOUT} names the corpus's own held-out set; use another name"
+            )
+        sets[name] = build_corpus(ctx.workspace, spec, ctx.tokenizer_path, ctx.code.get("corpus"))
+    return sets
+
+
+def reads_any(variants: Sequence[Variant]) -> set[str]:
+    return {label for v in variants for term in v.run.loss_terms.values() for label in term.soft_labels}
+
+
+def ctx_reads_posterior(ctx: StageContext, variants: Sequence[Variant]) -> bool:
+    """Whether a variant reads the posterior of the context's own proxy (its store is then summarised)."""
+    return any(
+        v.proxy is None
+        and "posterior" in {label for t in v.run.loss_terms.values() for label in t.soft_labels}
+        for v in variants
+    )
+
+
+def per_prompt_rows(scores: Sequence[StudentScores]) -> list[dict[str, Any]]:
+    """One row per (student, held-out set, record): the per-record figures, for analyses of one's own."""
+    rows = []
+    for score in scores:
+        count = max((len(v) for v in score.per_record.values()), default=0)
+        for index in range(count):
+            row: dict[str, Any] = {
+                "variant": score.variant,
+                "seed": score.seed,
+                "heldout": score.heldout,
+                "record": index,
+            }
+            for key, values in score.per_record.items():
+                if index < len(values):
+                    row[key] = values[index]
+            rows.append(row)
+    return rows
 
 
 def training_order(variants: Sequence[Variant]) -> list[Variant]:

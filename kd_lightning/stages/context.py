@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lightning import Trainer
 
@@ -59,6 +59,14 @@ class StageContext:
                 self.workspace, self.corpus_spec, self.tokenizer_path, self.code.get("corpus")
             )
         return self._corpus
+
+    def with_proxy(self, path: str, own_tokenizer: bool) -> StageContext:
+        """This context with another proxy (a pipeline variant's), sharing the tokenised corpus."""
+        if (path, own_tokenizer) == (self.proxy_path, self.proxy_own_tokenizer):
+            return self
+        other = replace(self, proxy_path=path, proxy_own_tokenizer=own_tokenizer)
+        other._corpus = self._corpus
+        return other
 
     def proxy_tokenizer(self) -> ForeignTokenizer | None:
         """The proxy's own tokenizer when it reads the records through it, else None.

@@ -126,7 +126,20 @@ def run_plan(
     n_rows = round(int(train.target_offsets()[-1]) * scale)
     n_seqs = round(len(train) * scale)
     n_tokens = round(len(train.tokens) * scale)
+    counted = corpus.counts
+    counted_targets = int(counted.target_offsets()[-1])
     rows: list[PlanRow] = [
+        PlanRow(
+            "teacher text counted by the prior",
+            counted_targets,
+            "tokens",
+            "response tokens of the whole training split"
+            + (
+                f", up to data.count_max_seq_len={ctx.corpus_spec.count_max_seq_len}"
+                if counted is not full
+                else ""
+            ),
+        ),
         PlanRow("training records", n_seqs, "", "after data.train_limit" + scaled),
         PlanRow("training tokens (T)", n_tokens, "", "prompt + response tokens" + scaled),
         PlanRow("target positions (N)", n_rows, "", "response tokens: one store row each" + scaled),
@@ -183,7 +196,12 @@ def run_plan(
     return {
         "table": table,
         "rows": [r.__dict__ for r in rows],
-        "corpus": {"records": n_seqs, "tokens": n_tokens, "target_positions": n_rows},
+        "corpus": {
+            "records": n_seqs,
+            "tokens": n_tokens,
+            "target_positions": n_rows,
+            "prior_counted_tokens": counted_targets,
+        },
         "store_bytes": sizes,
         "flops": flops,
         "loss_peak_bytes": peak,
