@@ -27,13 +27,14 @@ BATCH, SEQ, PROMPT, TOPK = 8, 256, 64, 32
 
 
 def student_model():
-    from kd_lightning.models.loading import AssetError, layer_selected_student
+    from kd_lightning.models.builders import layer_selected_student
+    from kd_lightning.models.shipped import AssetError
 
     try:
         return layer_selected_student("smollm2", [0, 10, 20, 29]), "smollm2_layers"
     except AssetError:
         pass
-    from kd_lightning.models.loading import tiny_llama
+    from kd_lightning.models.builders import tiny_llama
 
     model = tiny_llama(49152, hidden_size=576, num_layers=4, num_heads=9, intermediate_size=1536)
     return model, "random (SmolLM2 shape)"

@@ -25,8 +25,9 @@ from kd_lightning.data.datamodule import SoftLabelDataset, TeacherTextDataModule
 from kd_lightning.data.records import load_records, split_records
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import HardCrossEntropy
+from kd_lightning.models.builders import layer_selected_student
 from kd_lightning.models.forward import target_position_logits
-from kd_lightning.models.loading import freeze, layer_selected_student, load_causal_lm, load_tokenizer
+from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
 
 

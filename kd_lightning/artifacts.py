@@ -10,11 +10,14 @@ that artifact's lock: the second waits, then finds the first one's result and re
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from filelock import FileLock, Timeout
 from kd_lightning.atomic import atomic_json
 from kd_lightning.distributed import ProcessGroup, process_group
 from kd_lightning.environment import env_setting
-from kd_lightning.models.loading import resolve_model_path
+from kd_lightning.models.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,56 @@ def training_artifact(path: Path) -> Iterator[None]:
             os.environ[TRAINING_ARTIFACT_ENV] = previous
 
 
+BUILD_LOG = ".builds.jsonl"
+"""Suffix of the file beside an artifact that records, one JSON line each, every time it was built and
+what its build did (``train`` events with the steps a student took): the evidence that a cached artifact
+was reused, built once by concurrent runs, or finished without retraining."""
+
+
+def build_log(path: Path) -> Path:
+    """The build record beside the artifact at ``path`` (``<key>.builds.jsonl``)."""
+    return path.with_name(path.name + BUILD_LOG)
+
+
+def record_build_event(path: Path, event: str, **fields: Any) -> None:
+    """Append one event (``build``, ``train`` ...) to the artifact's build record."""
+    line = json.dumps({"event": event, "pid": os.getpid(), "at": round(time.time(), 3), **fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_log(path).open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
+def build_events(path: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The recorded events of the artifact at ``path`` (all of them, or those named ``event``)."""
+    log_file = build_log(path)
+    if not log_file.is_file():
+        return []
+    events = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    return [e for e in events if event is None or e["event"] == event]
+
+
+class DiskFullError(RuntimeError):
+    """The artifacts' disk filled up while an artifact was written; the message names the folder, the
+    size it needs and the fix. Nothing half-written is left looking complete."""
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an error is a full disk: ``ENOSPC``/``EDQUOT``, or numpy's short write on one."""
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or bool(
+        _SHORT_WRITE.search(str(err))
+    )
+
+
+def size_text(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
 def settings_key(settings: Mapping[str, Any]) -> str:
     """12-hex hash of a JSON-able settings mapping (key order does not matter)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -111,6 +164,7 @@ class Workspace:
         suffix: str = "",
         siblings: tuple[str, ...] = (),
         collective: bool = False,
+        size_hint: Callable[[], float] | None = None,
     ) -> T:
         """The artifact of ``kind`` for ``provenance``: loaded when complete, else built, under its lock.
 
@@ -122,6 +176,10 @@ class Workspace:
 
         ``collective``: under ``torchrun`` (:mod:`kd_lightning.distributed`) every rank calls ``build``
         together (a sharded store); rank 0 holds the lock and tells the others whether to load or build.
+
+        Each build is recorded in the artifact's build log (:func:`record_build_event`). A disk that fills
+        up during the build stops it with one :class:`DiskFullError` line naming the folder and
+        ``size_hint()`` (the plan's estimate of the artifact's bytes, where one exists).
         """
         path = self.path(kind, settings_key(provenance) + suffix)
         marker = path / done if done else path
@@ -129,12 +187,34 @@ class Workspace:
             return build(path)
         group = process_group() if collective else ProcessGroup()
         if group.active and not group.is_main:  # rank 0 holds the lock and decides for the group
-            return load(path) if group.main_decides(False) else build(path)
+            return load(path) if group.main_decides(False) else self._build(kind, path, build, size_hint)
         with artifact_lock(path):
             extra = tuple(path.with_name(path.name + s) for s in siblings)
             discard_for_rebuild(kind, self.rebuild, path, *extra)
             complete = group.main_decides(marker.exists())
-            return load(path) if complete else build(path)
+            return load(path) if complete else self._build(kind, path, build, size_hint)
+
+    def _build(
+        self, kind: str, path: Path, build: Callable[[Path], T], size_hint: Callable[[], float] | None
+    ) -> T:
+        record_build_event(path, "build", kind=kind)
+        try:
+            return build(path)
+        except OSError as err:
+            if not disk_full(err):
+                raise
+            needs = ""
+            if size_hint is not None:
+                with contextlib.suppress(Exception):
+                    needs = f" (this {kind} artifact needs about {size_text(size_hint())})"
+            free = ""
+            with contextlib.suppress(OSError):
+                free = f"; {size_text(shutil.disk_usage(self.root).free)} free now"
+            raise DiskFullError(
+                f"the disk holding the artifacts folder {self.root} is full: writing {kind} {path} "
+                f"failed{needs}{free}; free space there or point KDL_ARTIFACTS at a folder on a disk with "
+                "room, then rerun the same command (finished artifacts and shards are kept)"
+            ) from None
 
 
 _LOCKS: dict[str, FileLock] = {}  # one instance per path, so a process can re-enter its own lock

@@ -22,7 +22,7 @@ from kd_lightning.data.records import fetch_alpaca_gpt35
 from kd_lightning.data.sharegpt import sharegpt_path, sharegpt_rows
 from kd_lightning.evaluation.question_sets import fetch_evals_sets
 from kd_lightning.evaluation.similarity import encoder_folder
-from kd_lightning.models.loading import AssetError, shipped_folder, smollm2_folder
+from kd_lightning.models.shipped import AssetError, shipped_folder, smollm2_folder
 
 
 def main() -> None:

@@ -12,15 +12,24 @@ import pytest
 
 from kd_lightning.cli.help import STAGE_PAGES, STAGES, main_help, stage_help
 from kd_lightning.environment import package_version
+from tests.helpers.cli import Completed
+from tests.helpers.cli import kdl as run_kdl
 
 ROOT = Path(__file__).resolve().parents[1]
 KDL = [sys.executable, "-m", "kd_lightning.cli.kdl"]
 
 
 def kdl(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The console script's module as a real process: what it answers before any heavy import is the
+    subject here."""
     return subprocess.run(
         [*KDL, *args], cwd=cwd, env=env or os.environ, capture_output=True, text=True, timeout=300
     )
+
+
+def kdl_stage(*args: str, cwd: Path, env: dict | None = None) -> Completed:
+    """A stage's answer (its help, shell completion), computed in this interpreter."""
+    return run_kdl(*args, env_dir=cwd, env=env, check=False)
 
 
 @pytest.mark.parametrize("form", [["--help"], ["-h"], ["help"], []], ids=["--help", "-h", "help", "bare"])
@@ -51,7 +60,7 @@ def test_an_unknown_stage_is_a_one_line_error_with_a_suggestion():
 
 
 def test_stage_help_shows_current_values_groups_and_where_results_go(kdl_env):
-    done = kdl("distill", "prior_kl_weight=0.25", "loss=[hard_ce,prior_kl]", "--help", cwd=kdl_env)
+    done = kdl_stage("distill", "prior_kl_weight=0.25", "loss=[hard_ce,prior_kl]", "--help", cwd=kdl_env)
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stdout
     assert text.startswith(f"kdl distill — {STAGE_PAGES['distill'].summary}.")
@@ -60,13 +69,13 @@ def test_stage_help_shows_current_values_groups_and_where_results_go(kdl_env):
     assert re.search(r"^loss: .*hard_ce.*prior_kl", text, flags=re.M)  # groups with their options
     assert "kdl distill --cfg job" in text and "--hydra-help" in text
     assert "main is powered by Hydra" not in text
-    hydra_help = kdl("distill", "--hydra-help", cwd=kdl_env)
+    hydra_help = kdl_stage("distill", "--hydra-help", cwd=kdl_env)
     assert hydra_help.returncode == 0 and "Hydra" in hydra_help.stdout
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_has_its_own_page(stage, kdl_env):
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     cfg = compose_cfg([] if stage == "generate" else ["experiment=tiny"], stage)
     page = stage_help(cfg)
@@ -77,19 +86,19 @@ def test_every_stage_has_its_own_page(stage, kdl_env):
 
 
 def test_generate_help_runs_from_the_cli(kdl_env):
-    done = kdl("generate", "--help", cwd=kdl_env)
+    done = kdl_stage("generate", "--help", cwd=kdl_env)
     assert done.returncode == 0 and "teacher_backend=local" in done.stdout
 
 
 def test_shell_completion_completes_stages_then_hands_over_to_hydra(kdl_env):
-    script = kdl("-sc", "install=bash", cwd=kdl_env)
+    script = kdl_stage("-sc", "install=bash", cwd=kdl_env)
     assert (
         script.returncode == 0
         and "complete -o nospace -o default -F hydra_bash_completion kdl" in script.stdout
     )
-    stages = kdl("-sc", "query=bash", cwd=kdl_env, env={**os.environ, "COMP_LINE": "kdl p"})
+    stages = kdl_stage("-sc", "query=bash", cwd=kdl_env, env={"COMP_LINE": "kdl p"})
     assert stages.stdout.split() == ["prior", "posterior", "pipeline", "plan"]
-    keys = kdl("-sc", "query=bash", cwd=kdl_env, env={**os.environ, "COMP_LINE": "kdl distill loss="})
+    keys = kdl_stage("-sc", "query=bash", cwd=kdl_env, env={"COMP_LINE": "kdl distill loss="})
     assert "loss=prior_kl" in keys.stdout.split()
 
 

@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-import kd_lightning.cli.resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
 from kd_lightning.cli.build import loss_terms
 from kd_lightning.cli.help import STAGES
-from kd_lightning.environment import conf_dir
+from tests.helpers.assets import real_assets_available
+from tests.helpers.configs import CONF, compose_cfg
 
-CONF = conf_dir()
 GROUPS = sorted(
     str(p.relative_to(CONF))
     for p in CONF.rglob("*")
@@ -50,18 +46,6 @@ NEEDS_VALUE_GENERATE = {
         "generation_task.task_instruction=Classify.",
     ],
 }
-
-
-def compose_cfg(overrides: list[str], stage: str = "pipeline"):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(
-            Path.cwd() / "outputs"
-        )  # set by Hydra's runtime when launched from the CLI
-    return cfg
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -140,8 +124,6 @@ def test_every_option_composes_and_instantiates(group, option, kdl_env):
         return  # plain values, checked by the pipeline tests
     if (group, option) in NEEDS_REAL_ASSETS:
         pytest.importorskip("gguf")
-        from tests.conftest import real_assets_available
-
         if not real_assets_available() and not os.environ.get("CI"):  # in CI a missing asset fails below
             pytest.skip("needs `make setup` (shipped SmolLM2)")
     obj = instantiate(node)

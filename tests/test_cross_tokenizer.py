@@ -5,73 +5,24 @@ folded into the next token) and a Llama/Gemma-style BPE with ``▁`` word marker
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from kd_lightning.data.token_alignment import align_spans, align_tokenizations, token_spans
 from kd_lightning.losses import uld, uld_per_position
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Distillation trains a small student to imitate a large teacher.",
-    "Tokenizers of different families split the same words differently, e.g. 'unbelievable'.",
-    "Numbers like 12345 and 3.14159 and code like x = f(y) + 2 appear too.",
-] * 20
-SPECIAL = "<|im_end|>"
-
-
-def byte_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[SPECIAL]
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL)
-
-
-def byte_fallback_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
-    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL, *bytes_])
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL)
+from tests.helpers.tokenizers import (
+    CORPUS,
+    SPECIAL,
+    byte_fallback_tokenizer,
+    byte_level_tokenizer,
+    random_texts,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizers_pair():
     return byte_level_tokenizer(400), byte_fallback_tokenizer(450)
-
-
-def random_texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    pieces = [
-        "the",
-        " fox",
-        "  ",
-        "\n",
-        "distil",
-        "lation",
-        "é",
-        "ü",
-        "😀",
-        "日本",
-        "12",
-        ".",
-        ",",
-        " ",
-        "'",
-        "x=1",
-    ]
-    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(n)]
 
 
 def test_spans_tile_the_text_exactly_once(tokenizers_pair):
@@ -179,7 +130,7 @@ def padded_copy(tiny_dir, folder, extra: int = 13):
 
 
 def test_a_teachers_padded_vocabulary_is_trimmed_not_refused(kdl_env, tiny_dir):
-    from tests.test_pipeline import artifacts, kdl
+    from tests.helpers.cli import artifacts, kdl
 
     padded = padded_copy(tiny_dir, kdl_env / "padded")
     stores = {}
@@ -193,7 +144,8 @@ def test_a_teachers_padded_vocabulary_is_trimmed_not_refused(kdl_env, tiny_dir):
 
 def test_an_online_teacher_with_padded_rows_is_trimmed_to_the_student(tiny_dir):
     from kd_lightning.losses import HardCrossEntropy
-    from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
+    from kd_lightning.models.builders import tiny_llama
+    from kd_lightning.models.loading import load_causal_lm, load_tokenizer
     from kd_lightning.modules.distill import DistillModule
 
     tok = load_tokenizer(tiny_dir)

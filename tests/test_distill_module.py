@@ -12,8 +12,9 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
 from kd_lightning.losses.divergences import sparse_target_kl
 from kd_lightning.losses.functional import IGNORE_INDEX, hard_cross_entropy
+from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.forward import target_position_logits
-from kd_lightning.models.loading import load_tokenizer, tiny_llama
+from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.distill import DistillModule
 
 

@@ -76,21 +76,21 @@ def test_ranks_split_every_global_batch_between_them():
 def test_kdl_distill_trains_under_lightning_ddp_from_the_command_line(kdl_env):
     """Lightning's launcher re-runs `kdl distill` for rank 1; that rank joins the training instead of
     waiting on the student artifact's lock, and only rank 0 saves and evaluates the student."""
-    from tests.test_pipeline import artifacts, kdl
+    from tests.helpers.cli import artifacts, kdl_process
 
     args = ["experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     args += ["+data.keep_duplicate_heldout=true", "loss=[hard_ce,prior_kl,posterior_kl]"]
-    done = kdl("distill", *args, env_dir=kdl_env)
+    done = kdl_process("distill", *args, env_dir=kdl_env)  # the launcher re-runs the process's command
     assert "training process 1 of" in done.stderr + done.stdout  # rank 1 trained along, then left
     (student,) = artifacts(kdl_env, "distill")
     result = json.loads((student / "result.json").read_text())
     assert result["nll"] > 0 and (student / "student" / "config.json").is_file()
-    again = kdl("distill", *args, env_dir=kdl_env)  # served from the cache: no processes started
+    again = kdl_process("distill", *args, env_dir=kdl_env)  # served from the cache: no processes started
     assert "Initializing distributed" not in again.stderr + again.stdout
 
 
 def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):
-    from tests.test_pipeline import kdl
+    from tests.helpers.cli import kdl
 
     done = kdl(
         "pipeline", "experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu", env_dir=kdl_env, check=False

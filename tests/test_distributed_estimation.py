@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_pipeline import artifacts, kdl
+from tests.helpers.cli import artifacts, kdl
 
 
 def torchrun(*args: str, env_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.evaluation.evaluate import EvaluationSpec, evaluate_model, greedy_generations
 from kd_lightning.evaluation.nll import heldout_nll
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
-from tests.test_pipeline import kdl
+from tests.helpers.cli import kdl
 
 
 def tiny(tiny_dir):

@@ -20,12 +20,13 @@ from kd_lightning.losses import (
     hidden_mse,
 )
 from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
+from kd_lightning.models.builders import tiny_llama
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
-from tests.helpers import fit_one_batch
-from tests.test_configs import compose_cfg
-from tests.test_loss_properties import FEATURE_FILES, configured_term
+from tests.helpers.configs import compose_cfg
+from tests.helpers.losses import FEATURE_FILES, configured_term
+from tests.helpers.training import fit_one_batch
 
 B, T, LAYERS = 2, 5, 3
 

@@ -14,7 +14,7 @@ from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.evaluation.fidelity import Estimate, FidelitySpec, score_estimates
 from kd_lightning.models.forward import target_position_logits
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
-from tests.test_pipeline import kdl
+from tests.helpers.cli import kdl
 
 
 def teacher_rows(model, corpus, pad_id):

@@ -12,9 +12,8 @@ from kd_lightning.data.soft_labels import SparseRows
 from kd_lightning.data.token_alignment import first_token_map, token_strings
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.posterior import ExpectedCountsUpdate, ProxyPosteriorEstimator
-from kd_lightning.models.loading import tiny_llama
-from tests.test_cross_tokenizer import byte_fallback_tokenizer, byte_level_tokenizer
-from tests.test_foreign_teacher import RECORDS
+from kd_lightning.models.builders import tiny_llama
+from tests.helpers.tokenizers import RECORDS, byte_fallback_tokenizer, byte_level_tokenizer
 
 V = 23
 
@@ -105,7 +104,7 @@ def test_kdl_posterior_with_a_proxy_of_another_tokenizer(kdl_env, tiny_dir):
     characters differently; with the student's own tokenizer the setting changes nothing (same store)."""
     from kd_lightning.data.soft_labels import SoftLabelStore
     from kd_lightning.models.tiny_assets import char_tokenizer
-    from tests.test_pipeline import artifacts, kdl
+    from tests.helpers.cli import artifacts, kdl
 
     kdl("posterior", "experiment=tiny", env_dir=kdl_env)
     kdl("posterior", "experiment=tiny", "proxy.own_tokenizer=true", env_dir=kdl_env)

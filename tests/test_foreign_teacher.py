@@ -12,7 +12,6 @@ import torch
 
 from kd_lightning.data.cross_tokenizer import teacher_view
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
-from kd_lightning.data.records import Record
 from kd_lightning.data.token_alignment import (
     VocabularyMatch,
     aligned_positions,
@@ -23,15 +22,10 @@ from kd_lightning.data.token_alignment import (
 )
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import ForwardKL, GoldHybrid, HardCrossEntropy, UniversalLogitDistillation
-from kd_lightning.models.loading import tiny_llama
+from kd_lightning.models.builders import tiny_llama
 from kd_lightning.modules.foreign_teacher import ForeignTeacherDistillModule
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
-from tests.test_cross_tokenizer import CORPUS, byte_fallback_tokenizer, byte_level_tokenizer, random_texts
-
-RECORDS = [
-    Record(instruction=f"Say something about item {i}.", response=text)
-    for i, text in enumerate([*CORPUS[:4], "Emoji 😀 and ünïcödé, then 12345.", "short"])
-]
+from tests.helpers.tokenizers import RECORDS, byte_fallback_tokenizer, byte_level_tokenizer, random_texts
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +213,7 @@ def test_kdl_distill_with_a_teacher_of_another_vocabulary(kdl_env, tiny_dir):
     """From the command line: a teacher whose vocabulary orders the characters differently (every id moves)
     is refused by the same-vocabulary module and trains the student through module=foreign_teacher."""
     from kd_lightning.models.tiny_assets import char_tokenizer
-    from tests.test_pipeline import artifacts, kdl
+    from tests.helpers.cli import artifacts, kdl
 
     tokenizer = char_tokenizer(specials_first=False)
     folder = kdl_env / "foreign_teacher"
@@ -266,7 +260,7 @@ def test_offline_store_of_a_foreign_teacher_holds_its_rows_at_aligned_positions(
 
 def test_kdl_teacher_logits_and_distill_from_a_foreign_teacher_store(kdl_env, tiny_dir):
     from kd_lightning.models.tiny_assets import char_tokenizer
-    from tests.test_pipeline import artifacts, kdl
+    from tests.helpers.cli import artifacts, kdl
 
     tokenizer = char_tokenizer(specials_first=False)
     folder = kdl_env / "foreign_teacher"

@@ -13,9 +13,10 @@ from kd_lightning.data.records import load_records
 from kd_lightning.data.token_alignment import first_token_map, match_vocabularies
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import GoldHybrid, HardCrossEntropy, UniversalLogitDistillation
-from kd_lightning.models.loading import layer_selected_student, load_causal_lm, load_tokenizer
+from kd_lightning.models.builders import layer_selected_student
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.foreign_teacher import ForeignTeacherDistillModule
-from tests.conftest import requires_real_assets
+from tests.helpers.assets import requires_real_assets
 
 pytestmark = [pytest.mark.slow, requires_real_assets]
 

@@ -18,6 +18,8 @@ from kd_lightning.generation.chat import ChatGenerator
 from kd_lightning.generation.runner import ReplyCache
 from kd_lightning.generation.server import OpenAICompatibleServer
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from tests.helpers.cli import Completed
+from tests.helpers.cli import kdl as run_kdl
 
 KDL = [sys.executable, "-m", "kd_lightning.cli.main", "generate"]
 KEY_ENV = "KDL_TEST_API_KEY"
@@ -61,13 +63,9 @@ def args(server: OpenAICompatibleServer, *extra: str) -> list[str]:
     ]
 
 
-def kdl(cwd: Path, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [*KDL, *argv], cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ}
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"kdl generate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
+def kdl(cwd: Path, argv: list[str], check: bool = True) -> Completed:
+    """``kdl`` in this interpreter (the loopback server runs in a thread of it)."""
+    return run_kdl("generate", *argv, env_dir=cwd, check=check)
 
 
 def check_corpus(workdir: Path, server: OpenAICompatibleServer) -> list:

@@ -13,7 +13,7 @@ from kd_lightning.data.soft_labels import id_dtype_for
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.generation.logprobs import aligned_rows, build_logprob_store, ids_by_text
 from kd_lightning.models.loading import load_tokenizer
-from tests.test_pipeline import artifacts, kdl
+from tests.helpers.cli import artifacts, kdl
 
 
 def entry(token: str, p: float, *top: tuple[str, float]) -> dict:

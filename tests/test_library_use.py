@@ -22,7 +22,9 @@ from kd_lightning.losses.divergences import kl_buckets
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
 from kd_lightning.losses.terms import DivergenceTerm
-from kd_lightning.models.loading import AssetError, load_causal_lm, load_tokenizer, resolve_model_path
+from kd_lightning.models.hub import resolve_model_path
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from kd_lightning.models.shipped import AssetError
 from kd_lightning.modules.distill import DistillModule
 
 N, V, K = 12, 30, 5
@@ -142,7 +144,7 @@ def test_blank_environment_settings_mean_unset(monkeypatch):
 
 def test_blank_wandb_mode_runs_a_stage(kdl_env, monkeypatch):
     """``WANDB_MODE=`` used to crash every stage inside wandb; it now means offline-unless-keyed."""
-    from tests.test_pipeline import kdl
+    from tests.helpers.cli import kdl
 
     monkeypatch.setenv("WANDB_MODE", "")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -187,7 +189,7 @@ def test_hub_ids_resolve_offline_from_the_cache(tiny_dir, tmp_path, monkeypatch)
 
 def test_kdl_runs_with_models_named_by_hub_id_offline(kdl_env, tiny_dir, tmp_path, monkeypatch):
     """The tokenizer and the proxy (aligned, then sampled for the posterior) by hub id, from the cache."""
-    from tests.test_pipeline import kdl
+    from tests.helpers.cli import kdl
 
     hub_cache(tmp_path / "hf", "kdl-test/tiny-char", tiny_dir)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -259,7 +261,7 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
     from kd_lightning.evaluation.fidelity import store_estimate
     from kd_lightning.models.tiny_assets import build_tiny_assets, char_tokenizer
     from kd_lightning.stages.estimate import posterior, prior
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     tokenizer = char_tokenizer(specials_first=False)
     assert tokenizer.convert_ids_to_tokens(0) == "a"

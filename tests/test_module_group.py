@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.test_pipeline import kdl
+from tests.helpers.cli import kdl
 
 USER_MODULES = '''
 from kd_lightning.modules.distill import DistillModule
@@ -77,7 +77,7 @@ def test_a_users_subclass_trains_by_target_from_the_cli(kdl_env, user_package):
 def test_a_module_that_cannot_take_the_uniform_call_is_a_one_line_error(kdl_env, user_package, name, message):
     from kd_lightning.cli.build import build_context, student_run
     from kd_lightning.stages.train import run_distill
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     cfg = compose_cfg(
         ["experiment=tiny", "loss=[hard_ce]", f"module._target_={user_package}.{name}"], "distill"

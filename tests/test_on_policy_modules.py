@@ -15,7 +15,8 @@ from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.losses import GeneralizedJSD, HardCrossEntropy, SkewForwardKL
-from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
+from kd_lightning.models.builders import tiny_llama
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.minillm import MiniLLMModule
 from kd_lightning.modules.on_policy import AdaptiveStudentData, FixedStudentData, OnPolicyDistillModule
 
@@ -213,7 +214,7 @@ def test_adaptive_schedule_grows_on_rising_loss_and_replays_later():
 def test_pipeline_variants_seqkd_then_minillm_and_gkd_from_the_cli(kdl_env):
     """`kdl pipeline` with dict variants: MiniLLM and GKD start from the SeqKD student; the table has
     ROUGE-L, the reverse KL to the teacher and rollout/update seconds per step."""
-    from tests.test_pipeline import kdl
+    from tests.helpers.cli import kdl
 
     tiny = os.environ["KDL_TINY"]
     done = kdl(

@@ -10,9 +10,10 @@ from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import ForwardKL, GeneralizedJSD, HardCrossEntropy
-from kd_lightning.models.loading import load_causal_lm, load_tokenizer, tiny_llama
+from kd_lightning.models.builders import tiny_llama
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
-from tests.helpers import fit_one_batch
+from tests.helpers.training import fit_one_batch
 
 
 def build(tiny_dir, terms=None):

@@ -21,10 +21,11 @@ from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.generation.rollout import prompts_from_batch
 from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.forward import check_packing
-from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer, tiny_llama
+from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
-from tests.test_pipeline import kdl
+from tests.helpers.cli import kdl
 
 
 def corpus_and_prior(tiny_dir, tmp_path, n: int = 20):

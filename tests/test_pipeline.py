@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from kd_lightning.data.datamodule import collate
-
-KDL = [sys.executable, "-m", "kd_lightning.cli.main"]
-
-
-def kdl(*args: str, env_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([*KDL, *args], cwd=env_dir, env=env, capture_output=True, text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"kdl {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
-
-
-def artifacts(env_dir: Path, stage: str) -> list[Path]:
-    return sorted(p for p in (env_dir / "artifacts" / stage).glob("*") if p.is_dir())
+from tests.helpers.cli import artifacts, kdl
 
 
 def test_tiny_pipeline_end_to_end_under_two_minutes(kdl_env):
@@ -71,7 +54,7 @@ def test_killed_distill_resumes_from_its_last_checkpoint(kdl_env):
 
     from kd_lightning.cli.build import build_context, student_run
     from kd_lightning.stages.train import run_distill
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"], "distill")
     seen: dict[str, int] = {}
@@ -208,7 +191,7 @@ def test_student_with_too_small_vocabulary_is_refused_at_start_up(kdl_env):
         "distill",
         "experiment=tiny",
         "loss=[hard_ce]",
-        "student._target_=kd_lightning.models.loading.tiny_llama",
+        "student._target_=kd_lightning.models.builders.tiny_llama",
         "~student.tokenizer_path",
         "+student.vocab_size=10",
         env_dir=kdl_env,

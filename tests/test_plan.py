@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_pipeline import artifacts, kdl
+from tests.helpers.cli import artifacts, kdl
 
 
 def folder_bytes(folder) -> int:
@@ -62,8 +62,8 @@ def test_what_ifs_scale_the_corpus_and_stand_for_absent_models(kdl_env):
 
 
 def test_parameter_count_from_config_alone_equals_the_weights(tmp_path):
-    from kd_lightning.models.loading import tiny_llama
-    from kd_lightning.stages.plan import parameter_count
+    from kd_lightning.models.builders import tiny_llama
+    from kd_lightning.models.size import parameter_count
 
     model = tiny_llama(300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     model.save_pretrained(tmp_path / "full")

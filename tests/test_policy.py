@@ -11,7 +11,7 @@ import torch
 from kd_lightning.generation.rollout import Rollout, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.models.loading import tiny_llama
+from kd_lightning.models.builders import tiny_llama
 
 V = 24
 

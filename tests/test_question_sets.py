@@ -18,7 +18,7 @@ from kd_lightning.evaluation.question_sets import (
     score_question_set,
 )
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
-from tests.conftest import requires_real_assets
+from tests.helpers.assets import requires_real_assets
 
 
 def test_answer_match_by_hand():

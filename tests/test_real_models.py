@@ -17,10 +17,11 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.evaluation.nll import heldout_nll
 from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
-from kd_lightning.models.loading import freeze, layer_selected_student, load_causal_lm, load_tokenizer
+from kd_lightning.models.builders import layer_selected_student
+from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
-from tests.conftest import requires_real_assets
-from tests.helpers import fit_one_batch
+from tests.helpers.assets import requires_real_assets
+from tests.helpers.training import fit_one_batch
 
 pytestmark = [pytest.mark.slow, requires_real_assets]
 

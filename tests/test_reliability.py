@@ -21,18 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.cli import Completed, kdl_process
+from tests.helpers.cli import kdl as kdl_here
+
 KDL = [sys.executable, "-m", "kd_lightning.cli.main"]
 
 
-def kdl(cwd: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*KDL, *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def kdl(cwd: Path, *args: str, env: dict | None = None) -> Completed | subprocess.CompletedProcess:
+    """``kdl`` in this interpreter, or as a real process where a fault is injected (it ends the process)."""
+    if env and "KDL_FAULT" in env:
+        return kdl_process(*args, env_dir=cwd, env=env, check=False)
+    return kdl_here(*args, env_dir=cwd, env=env, check=False)
 
 
 def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -192,9 +191,8 @@ def test_a_second_process_waits_for_the_lock_and_says_who_holds_it(tmp_path, cap
 def test_a_parallel_multirun_shares_upstream_artifacts(kdl_env):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     env = {"KDL_ARTIFACTS": str(kdl_env / "artifacts")}
-    ok(
-        kdl(
-            kdl_env,
+    ok(  # the launcher starts worker processes: a real process launches them
+        kdl_process(
             "distill",
             "-m",
             "experiment=tiny",
@@ -202,7 +200,9 @@ def test_a_parallel_multirun_shares_upstream_artifacts(kdl_env):
             "prior_kl_weight=0.5,1.0",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
+            env_dir=kdl_env,
             env=env,
+            check=False,
         )
     )
     root = kdl_env / "artifacts"
@@ -371,7 +371,7 @@ def test_corpus_encoding_errors_name_file_and_line(tmp_path):
 
 def test_duplicate_prompts_across_the_split_leave_the_held_out_side(kdl_env, tiny_dir, caplog):
     from kd_lightning.cli.build import build_context
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     rows = [json.loads(line) for line in (tiny_dir / "corpus.jsonl").read_text().splitlines()]
     corpus = kdl_env / "dupes.jsonl"
@@ -561,7 +561,7 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
         return f"{key}={value.split(',')[0]}" if "," in value and "[" not in value else arg
 
     from kd_lightning.cli.overrides import check_group_choices
-    from tests.test_configs import compose_cfg
+    from tests.helpers.configs import compose_cfg
 
     for argv in commands:
         stage, rest = argv[1], argv[2:]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.report import ANY, collect_runs, markdown_table, write_report
+from tests.helpers.cli import kdl
 
 NLL = {  # (variant, n, R) -> nll; SFT depends on neither, +prior only on n
     ("sft_only", None, None): 6.4,
@@ -91,18 +92,12 @@ def test_table_and_plots(sweep, tmp_path):
 
 
 def test_cli_and_its_errors(sweep, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "kd_lightning.cli.main", "report", str(sweep), "--metric", "nll"],
-        capture_output=True,
-        text=True,
-    )
+    done = kdl("report", str(sweep), "--metric", "nll", env_dir=tmp_path, check=False)
     assert done.returncode == 0, done.stderr
     assert "| sft_only | * | * |" in done.stdout and (sweep / "report" / "report.md").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "kd_lightning.cli.main", "report", str(empty)], capture_output=True, text=True
-    )
+    done = kdl("report", str(empty), env_dir=tmp_path, check=False)
     assert done.returncode == 1 and "no runs found" in done.stderr and "Traceback" not in done.stderr
 
 

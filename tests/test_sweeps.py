@@ -9,8 +9,8 @@ import yaml
 
 from kd_lightning.cli.main import objective
 from kd_lightning.cli.resolvers import short_run_name
-from tests.test_configs import compose_cfg
-from tests.test_pipeline import kdl
+from tests.helpers.cli import kdl
+from tests.helpers.configs import compose_cfg
 
 
 @pytest.mark.parametrize(

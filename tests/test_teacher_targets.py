@@ -14,7 +14,7 @@ from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.forward import target_position_logits
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
-from tests.test_pipeline import artifacts, kdl
+from tests.helpers.cli import artifacts, kdl
 
 
 def corpus_and_teacher(tiny_dir):

@@ -6,6 +6,7 @@ config: every config group the student is built from, whole, except what cannot 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.utils import instantiate
@@ -31,6 +32,8 @@ BUILDERS: dict[str, tuple[str, ...]] = {
     "eval": ("kd_lightning.evaluation.results",),
 }
 """Per artifact kind, the modules whose code builds it (their import closure joins its code fingerprint)."""
+
+log = logging.getLogger(__name__)
 
 STUDENT_GROUPS = ("student", "module", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size")
 """Config entries a trained student is built from (with its loss terms, the trainer and, if it runs one,
@@ -102,7 +105,36 @@ def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, Los
         raise KeyError(
             f"loss term {missing[0]!r} is not selected; add it, e.g. loss=[{','.join([*available, missing[0]])}]"
         )
-    return {name: instantiate(available[name]) for name in names}
+    return {name: instantiate(renamed_term_keys(name, available[name])) for name in names}
+
+
+RENAMED_TERM_KEYS = {"target": "kd_target"}
+"""Keys of a loss term's config in earlier releases and the keys that replaced them (kept for one release)."""
+
+
+def renamed_term_keys(name: str, node: Any) -> Any:
+    """A term's config with its old keys renamed (``target: prior`` → ``kd_target: prior``), one line each."""
+    old = [key for key in RENAMED_TERM_KEYS if OmegaConf.is_dict(node) and key in node]
+    if not old:
+        return node
+    node = node.copy()
+    with open_dict(node):
+        for key in old:
+            new = RENAMED_TERM_KEYS[key]
+            log.warning(
+                "loss.%s.%s is now %s (%s: %s → %s: %s); the old name is accepted until the next release",
+                name,
+                key,
+                new,
+                key,
+                node[key],
+                new,
+                node[key],
+            )
+            if new not in node or OmegaConf.is_interpolation(node, new):
+                node[new] = node[key]
+            del node[key]
+    return node
 
 
 def student_settings(cfg: DictConfig, terms: list[str], module: Any, runs_teacher: bool) -> dict[str, Any]:

@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,13 @@ from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli import resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
 from kd_lightning.cli.build import build_context, loss_terms, student_run, variants
 from kd_lightning.cli.help import STAGES, answer_without_hydra
-from kd_lightning.cli.overrides import check_group_choices, renamed_groups
+from kd_lightning.cli.overrides import (
+    check_group_choices,
+    check_plugins,
+    renamed_groups,
+    search_folders,
+    switched_option_hint,
+)
 from kd_lightning.cli.trainer import launches_processes, log_rows
 from kd_lightning.environment import (
     conf_dir,
@@ -44,7 +52,7 @@ from kd_lightning.environment import (
 )
 from kd_lightning.evaluation.tables import evaluation_table
 from kd_lightning.generation.job import run_generation
-from kd_lightning.models.loading import set_trust_remote_code
+from kd_lightning.models.hub import set_trust_remote_code
 from kd_lightning.modules.training import finish_wandb, trained_students
 from kd_lightning.report import main as report_main
 from kd_lightning.stages import estimate
@@ -215,9 +223,31 @@ def redact_run_records() -> None:
 _RELAUNCH: list[str] = []
 """The command line that re-runs this stage (``kdl <stage> <overrides>``), see :func:`main`."""
 
+_STOP: dict[str, str] = {}
+"""What stopped this run early (``signal``: SIGTERM or Ctrl-C) and where its artifacts are, see :func:`main`."""
+
+STOP_CODES = {"SIGTERM": 128 + signal.SIGTERM, "Ctrl-C": 128 + signal.SIGINT}
+
+
+def _stop_on(signum: int, frame: object) -> None:
+    """SIGTERM and Ctrl-C end the run through KeyboardInterrupt (Lightning stops training cleanly on it)."""
+    _STOP["signal"] = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    raise KeyboardInterrupt
+
+
+def stopped_line(stage: str) -> str:
+    """The one line a stopped run leaves: what is kept, and that the same command resumes."""
+    where = _STOP.get("artifacts", "the artifacts folder")
+    return (
+        f"kdl {stage}: stopped by {_STOP['signal']}; finished artifacts under {where} are kept and nothing "
+        "unfinished is marked complete (a student keeps its last checkpoint, a store its finished shards); "
+        "rerun the same command to resume"
+    )
+
 
 def _task(cfg: DictConfig) -> Any:
     install_log_redaction()  # Hydra has set up its handlers by now; no credential reaches a log file
+    _STOP["artifacts"] = str(cfg.paths.artifacts_dir)
     redact_run_records()
     if _RELAUNCH:  # Hydra has parsed its arguments; Lightning's DDP launcher re-runs sys.argv for its ranks
         sys.argv = list(_RELAUNCH)
@@ -231,13 +261,26 @@ def _task(cfg: DictConfig) -> Any:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         key = re.search(r"full_key: (\S+)", str(err)) if isinstance(err, InstantiationException) else None
         where = f" (in {key.group(1)})" if key else ""
-        message = redact(str(cause).strip().strip("'\""))
+        if key and isinstance(cause, TypeError):  # an option switched on the command line, with stale keys?
+            where += option_hint(cfg, key.group(1).split(".")[0])
+        message = str(cause).strip()
+        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
+            message = message[1:-1]
+        message = redact(message)
         log.error("%s: %s%s", type(cause).__name__, message, where)
         print(
             f"kdl {cfg.stage}: error: {message}{where}  (set KDL_TRACEBACK=1 for the traceback)",
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+
+
+def option_hint(cfg: DictConfig, group: str) -> str:
+    """:func:`switched_option_hint` for a top-level config group of this run."""
+    if not HydraConfig.initialized() or not OmegaConf.is_dict(cfg.get(group)):
+        return ""
+    choice = HydraConfig.get().runtime.choices.get(group)
+    return switched_option_hint(group, choice, [str(k) for k in cfg[group]], search_folders(_RELAUNCH[2:]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,11 +301,26 @@ def main(argv: list[str] | None = None) -> None:
     stage = argv.pop(0)
     argv = renamed_groups(argv)
     check_group_choices(stage, argv)
+    check_plugins(stage, argv)
     # Lightning's DDP launcher starts its other ranks by re-running sys.argv[0] (or `-m <module>`) with
     # sys.argv[1:]; _task restores this form of the command once Hydra has parsed its own
     _RELAUNCH[:] = [sys.argv[0], stage, *argv]
     sys.argv = [f"kdl-{stage}", *argv]
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
+    _STOP.clear()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _stop_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)(_task)()
+    except (KeyboardInterrupt, SystemExit):
+        if "signal" not in _STOP:
+            raise
+        log.warning(stopped_line(stage))
+        print(stopped_line(stage), file=sys.stderr, flush=True)
+        raise SystemExit(STOP_CODES[_STOP["signal"]]) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def shell_completion(args: list[str]) -> None:

@@ -6,12 +6,14 @@ options nor the fix; this check answers in one line with both, looking in every 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from omegaconf import OmegaConf
 
 from kd_lightning.environment import conf_dir
 
@@ -62,6 +64,74 @@ def check_group_choices(stage: str, argv: list[str]) -> None:
                     file=sys.stderr,
                 )
                 raise SystemExit(2)
+
+
+OPTIONAL_PLUGINS = {
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    ("sweep", "optuna_loss_weights"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+}
+"""(group, option) → (the Hydra plugin module it needs, the kd_lightning extra that installs it)."""
+
+
+def check_plugins(stage: str, argv: list[str]) -> None:
+    """Refuse, in one line naming the extra to install, an option whose Hydra plugin is not installed
+    (Hydra's own answer is its generic list of the options it has)."""
+    for arg in argv:
+        group, _, value = arg.lstrip("+").partition("=")
+        needs = OPTIONAL_PLUGINS.get((group, value))
+        if needs is None:
+            continue
+        module, extra = needs
+        if importlib.util.find_spec(module.split(".")[0]) is None or _missing(module):
+            print(
+                f"kdl {stage}: {group}={value} needs a Hydra plugin that is not installed; "
+                f'run `pip install "kd_lightning[{extra}]"`',
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
+
+
+def switched_option_hint(group: str, choice: str | None, keys: list[str], folders: list[Path]) -> str:
+    """For a config group whose option failed to build: the keys its node holds that the option's own file
+    does not set (an experiment set them for the option it chose), as removals that work when typed."""
+    if not choice:
+        return ""
+    files = [folder / group / f"{choice}.yaml" for folder in folders]
+    file = next((f for f in files if f.is_file()), None)
+    if file is None:
+        return ""
+    own = set(_option_keys(file, folders, group))
+    extra = [k for k in keys if k not in own and not k.startswith("_")]
+    if not extra:
+        return ""
+    drops = " ".join(f"~{group}.{k}" for k in extra)
+    return (
+        f"; {group}={choice} does not set {', '.join(extra)} (set for another {group} option, e.g. by an "
+        f"experiment): drop them with {drops}"
+    )
+
+
+def _option_keys(file: Path, folders: list[Path], group: str) -> list[str]:
+    """The keys an option file sets, with those of the options it lists in its own defaults."""
+    node = OmegaConf.load(file)
+    keys = [str(k) for k in node if k != "defaults"]
+    for entry in node.get("defaults") or []:
+        name = entry if isinstance(entry, str) else None
+        if name and name != "_self_":
+            parent = next(
+                (f / group / f"{name}.yaml" for f in folders if (f / group / f"{name}.yaml").is_file()), None
+            )
+            if parent is not None:
+                keys += _option_keys(parent, folders, group)
+    return keys
 
 
 RENAMED_GROUPS = {"method": "module"}

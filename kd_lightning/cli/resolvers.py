@@ -51,9 +51,27 @@ def short_run_name(override_dirname: str, limit: int = 80) -> str:
     return name
 
 
+def job_name(stage: str, mode: Any, override_dirname: str | None) -> str:
+    """A run's name: the stage, or in a multirun the stage and the job's own overrides
+    (``distill-prior_kl_weight=0.5``), so a sweep's runs are told apart on a dashboard."""
+    if "MULTIRUN" not in str(mode):
+        return stage
+    return f"{stage}-{short_run_name(override_dirname or '')}"
+
+
+def job_group(stage: str, mode: Any, sweep_dir: str | None) -> str:
+    """A run's group: the stage, or in a multirun one group per sweep, named after its folder
+    (``distill-sweep-2026-12-04_10-00-00-123``), so its jobs land together on a dashboard."""
+    if "MULTIRUN" not in str(mode):
+        return stage
+    return f"{stage}-sweep-{Path(str(sweep_dir or 'multirun')).name}"
+
+
 RESOLVERS = {
     "kdl_wandb_mode": wandb_mode,
     "kdl_run_name": short_run_name,
+    "kdl_job_name": job_name,
+    "kdl_job_group": job_group,
     "kdl_tags": run_tags,
     "kdl_pid": os.getpid,  # output folders: two runs in the same second never share one
     "kdl_stage_help": stage_help_resolver,  # kdl <stage> --help renders hydra.help.template

@@ -17,7 +17,8 @@ from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.records import CorpusError, Record, load_records, split_records
 from kd_lightning.data.sharegpt import sharegpt_path
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
-from kd_lightning.models.loading import load_tokenizer, tokenizer_fingerprint, trim_padded_vocabulary
+from kd_lightning.models.loading import load_tokenizer
+from kd_lightning.models.vocabulary import tokenizer_fingerprint, trim_padded_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,14 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
         log.warning("corpus: %d held-out record(s) repeat a training prompt; %s", len(straddling), action)
         if not spec.keep_duplicate_heldout:
             heldout_records = [r for r in heldout_records if r.key not in seen]
+    if not heldout_records:
+        raise CorpusError(
+            f"data.heldout_size={spec.heldout_size} held out {len(straddling)} record(s), and every one "
+            "repeats a training prompt, so all were dropped and none is left to evaluate on; set "
+            "data.keep_duplicate_heldout=true to evaluate on them anyway, or a larger data.heldout_size"
+        )
     if spec.heldout_limit is not None:
         heldout_records = heldout_records[: spec.heldout_limit]
-    if not heldout_records:
-        raise ValueError("data.heldout_size is 0: the pipeline needs held-out records to evaluate on")
     train = tokenize_records(train_records, tokenizer, spec.max_seq_len)
     heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len)
     log.info("corpus train: %s", train.report.summary())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kd_lightning.atomic import atomic_write_text
 from kd_lightning.data.sharegpt import SHAREGPT_FILE, ShareGPTError, sharegpt_rows
-from kd_lightning.models.loading import AssetError, assets_dir
+from kd_lightning.models.shipped import AssetError, assets_dir
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,14 @@ from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
+from kd_lightning.data.store_size import store_bytes
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
-from kd_lightning.models.loading import freeze, load_causal_lm, tokenizer_fingerprint
+from kd_lightning.models.loading import freeze, load_causal_lm
+from kd_lightning.models.vocabulary import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,13 @@ def stats_path(folder: Path) -> Path:
 
 def _open(corpus: Corpus, provenance: dict[str, Any]) -> Callable[[Path], SoftLabelStore]:
     return lambda folder: SoftLabelStore(folder, expect=provenance, vocab_size=corpus.vocab_size)
+
+
+def _size(corpus: Corpus, top_k: int, vocab_size: int | None = None) -> Callable[[], float]:
+    """The plan's estimate of a store's bytes over the training rows (for the disk-full message)."""
+    train = corpus.train
+    rows = int(train.target_offsets()[-1])
+    return lambda: store_bytes(rows, len(train), top_k, vocab_size or corpus.vocab_size)
 
 
 def prior_provenance(corpus: Corpus, estimator: NGramPriorEstimator, code: str | None) -> dict[str, Any]:
@@ -69,7 +78,14 @@ def prior_store(
         log.info("prior written to %s (%s)", folder, stats)
         return store
 
-    return workspace.cached("prior", provenance, build, _open(corpus, provenance), siblings=(".stats.json",))
+    return workspace.cached(
+        "prior",
+        provenance,
+        build,
+        _open(corpus, provenance),
+        siblings=(".stats.json",),
+        size_hint=_size(corpus, estimator.top_k),
+    )
 
 
 def posterior_provenance(
@@ -125,7 +141,13 @@ def posterior_store(
         return store
 
     return workspace.cached(
-        "posterior", provenance, build, _open(corpus, provenance), siblings=RESUMABLE, collective=True
+        "posterior",
+        provenance,
+        build,
+        _open(corpus, provenance),
+        siblings=RESUMABLE,
+        collective=True,
+        size_hint=_size(corpus, estimator.top_k),
     )
 
 
@@ -176,7 +198,13 @@ def offline_teacher_store(
         return SoftLabelStore(folder, expect=provenance, vocab_size=vocab)
 
     return workspace.cached(
-        "teacher_logits", provenance, build, open_store, siblings=RESUMABLE, collective=True
+        "teacher_logits",
+        provenance,
+        build,
+        open_store,
+        siblings=RESUMABLE,
+        collective=True,
+        size_hint=_size(corpus, targets.k, vocab),
     )
 
 

@@ -34,7 +34,7 @@ from kd_lightning.data.records import Record, jsonl_objects
 from kd_lightning.data.tokenized import prompt_and_response_ids
 from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import answer_match, exact_match, multiple_choice_accuracy
-from kd_lightning.models.loading import AssetError, assets_dir
+from kd_lightning.models.shipped import AssetError, assets_dir
 
 EVALS_VERSION = "3.0.1.post1"
 EVALS_SETS: dict[str, tuple[str, tuple[str, ...]]] = {

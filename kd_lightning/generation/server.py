@@ -7,7 +7,9 @@ tools that speak the OpenAI API::
     python -m kd_lightning.generation.server --model smollm2 --port 8000
 
 Concurrent requests are micro-batched (requests arriving within ``batch_wait_s`` share one ``generate``
-call). ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
+call). Under load it queues up to ``max_pending`` requests and answers any beyond that ``503`` with
+``Retry-After`` at once (a client backs off and asks again), so every request gets an HTTP answer and memory
+stays bounded; its listen backlog holds a burst of connections instead of resetting them. ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
 ``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"sleep:<seconds>"`` (answer late, to trip a client
 timeout), ``"malformed"`` (a 200 whose body is not JSON), ``"no_choices"`` (valid JSON without choices).
 """
@@ -20,13 +22,13 @@ import logging
 import queue
 import threading
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kd_lightning.generation.chat import ChatGenerator, Completion
+from kd_lightning.generation.protocol import RequestError, completion_body, parse_chat_request
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class _Job:
     error: str | None = None
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: a burst of connections waits instead of being reset
+
+
 class OpenAICompatibleServer:
     """Serves ``generator`` as model ``model_name`` at ``http://host:port/v1`` (port 0: pick a free one)."""
 
@@ -55,6 +62,7 @@ class OpenAICompatibleServer:
         batch_wait_s: float = 0.02,
         api_key: str | None = None,
         faults: Sequence[str] = (),
+        max_pending: int = 256,
     ) -> None:
         self.generator = generator
         self.model_name = model_name
@@ -65,8 +73,12 @@ class OpenAICompatibleServer:
         self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
         self.lock = threading.Lock()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
+        self.pending = threading.BoundedSemaphore(max_pending)
+        self.refused_busy = 0  # requests answered 503 because max_pending were already waiting
+        self.httpd = _HTTPServer((host, port), self._handler_class())
         self._threads: list[threading.Thread] = []
 
     @property
@@ -229,9 +241,22 @@ class OpenAICompatibleServer:
                     )
                     return
                 top = settings[3]
-                job = _Job(messages=messages, settings=settings, seed=seed)
-                server.jobs.put(job)
-                job.done.wait()
+                if not server.pending.acquire(blocking=False):
+                    with server.lock:
+                        server.refused_busy += 1
+                    self._error(
+                        503,
+                        f"server busy: {server.max_pending} requests are waiting; retry after 1 s",
+                        "server_busy",
+                        {"Retry-After": "1"},
+                    )
+                    return
+                try:
+                    job = _Job(messages=messages, settings=settings, seed=seed)
+                    server.jobs.put(job)
+                    job.done.wait()
+                finally:
+                    server.pending.release()
                 if job.error is not None:
                     kind = "invalid_request_error" if job.status == 400 else "server_error"
                     self._error(job.status, job.error, kind)
@@ -243,105 +268,6 @@ class OpenAICompatibleServer:
         return Handler
 
 
-class RequestError(ValueError):
-    """A chat request the server refuses with 400; the message says what is wrong."""
-
-
-ROLES = ("system", "user", "assistant", "developer")
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-
-
-def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RequestError(f"{key!r} must be a number in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(f"{key!r} must be an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def parse_chat_request(body: Any) -> tuple[list[dict[str, str]], tuple[int, float, float, int], int | None]:
-    """(messages, (max_tokens, temperature, top_p, top_logprobs), seed) of a valid request, else RequestError.
-
-    Every field the batch loop relies on is checked here, so a malformed request is answered 400 and
-    never reaches (or stops) generation.
-    """
-    if not isinstance(body, dict):
-        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
-        if message.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {ROLES}, got {message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
-            raise RequestError(f"messages[{i}].content must be a string")
-    if not isinstance(body.get("model"), str):
-        raise RequestError("'model' must be a string naming the served model")
-    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    max_tokens = _integer(body, key, 256, 1, 1 << 16)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        raise RequestError("'top_p' must be > 0")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise RequestError(f"'logprobs' must be true or false, got {logprobs!r}")
-    top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if logprobs else 0
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"'seed' must be an integer, got {seed!r}")
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return clean, (max_tokens, temperature, top_p, top), seed
-
-
-def completion_body(result: Completion, model_name: str, with_logprobs: bool) -> dict[str, Any]:
-    """A chat.completion object as the OpenAI API returns it."""
-    logprobs = None
-    if with_logprobs and result.logprobs is not None:
-        logprobs = {
-            "content": [
-                {
-                    "token": t.token,
-                    "logprob": t.logprob,
-                    "bytes": list(t.token.encode()),
-                    "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in t.top],
-                }
-                for t in result.logprobs
-            ]
-        }
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-                "logprobs": logprobs,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a local chat model with an OpenAI-compatible API.")
     parser.add_argument(
@@ -351,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=256,
+        help="requests queued before more are answered 503 (Retry-After)",
+    )
     parser.add_argument("--api-key-env", default=None, help="require the key in this environment variable")
     parser.add_argument(
         "--no-auth", action="store_true", help="serve without a key (only sensible on a loopback address)"
@@ -373,7 +305,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     generator = ChatGenerator(load_causal_lm(args.model), load_tokenizer(args.model))
     server = OpenAICompatibleServer(
-        generator, args.name or args.model, args.host, args.port, args.max_batch_size, api_key=key
+        generator,
+        args.name or args.model,
+        args.host,
+        args.port,
+        args.max_batch_size,
+        api_key=key,
+        max_pending=args.max_pending,
     ).start()
     print(f"serving {args.model} as {server.model_name!r} at {server.url}", flush=True)
     try:

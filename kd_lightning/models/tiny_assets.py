@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.environment import env_setting
-from kd_lightning.models.loading import assets_dir, tiny_llama
+from kd_lightning.models.builders import tiny_llama
+from kd_lightning.models.shipped import assets_dir
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = list(string.ascii_lowercase + string.digits + " .,?!:'\n")

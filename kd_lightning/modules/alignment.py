@@ -25,6 +25,7 @@ from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.losses.terms import HardCrossEntropy
 from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.models.size import parameter_count
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.training import close_loggers, last_checkpoint
 
@@ -122,7 +123,12 @@ def aligned_proxy(
 
     provenance = aligned_proxy_provenance(corpus, proxy_path, alignment, code, own is not None)
     return workspace.cached(
-        "align", provenance, build, lambda folder: folder / "model", done="model/config.json"
+        "align",
+        provenance,
+        build,
+        lambda folder: folder / "model",
+        done="model/config.json",
+        size_hint=lambda: 4.0 * parameter_count(proxy_path),  # fp32 safetensors
     )
 
 

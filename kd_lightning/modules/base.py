@@ -32,7 +32,8 @@ from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.generation.rollout import left_pad, prompts_from_batch
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
-from kd_lightning.models.loading import check_same_vocabulary, freeze, trim_padded_vocabulary
+from kd_lightning.models.loading import freeze
+from kd_lightning.models.vocabulary import check_same_vocabulary, trim_padded_vocabulary
 
 SEED_STREAMS: dict[str, tuple[int, int]] = {
     "batch_source": (1, 0),

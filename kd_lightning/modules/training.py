@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 from torch import nn
 
 from kd_lightning.artifacts import (
     Workspace,
     fault_point,
+    record_build_event,
     remove_leftovers,
     training_artifact,
     training_replica,
@@ -68,10 +69,13 @@ def train_student(
         module = build_module()
         overrides = {**module.trainer_overrides, **(trainer_overrides or {})}
         trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
+        steps = StepRecord()
+        trainer.callbacks.append(steps)
         start = time.perf_counter()
         with training_artifact(folder):  # Lightning's DDP processes re-run the command and join here
             trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
         seconds = time.perf_counter() - start
+        record_build_event(folder, "train", start_step=steps.start, end_step=trainer.global_step)
         best = restore_best_checkpoint(module, trainer) if module.restores_best_checkpoint else None
         training = {
             "name": name,
@@ -104,6 +108,15 @@ def train_student(
         return json.loads((folder / "result.json").read_text())
 
     return workspace.cached("distill", provenance, build, load, done="result.json")
+
+
+class StepRecord(Callback):
+    """The optimizer step a fit started from (0, or a resumed checkpoint's), for the build record."""
+
+    start: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.start = int(trainer.global_step)
 
 
 def finish_student(

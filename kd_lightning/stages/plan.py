@@ -22,23 +22,16 @@ lengths, ``plan.proxy_parameters`` / ``plan.teacher_parameters`` stand for model
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from kd_lightning.data.soft_labels import id_dtype_for
-from kd_lightning.models.loading import resolve_model_path, trust_remote_code
+from kd_lightning.data.store_size import store_bytes
+from kd_lightning.models.size import parameter_count
 from kd_lightning.stages.context import StageContext
-
-NPY_HEADER_BYTES = 128
-"""Header of a version-1 ``.npy`` file with a short dtype/shape description."""
-META_BYTES = 1024
-"""A store's ``meta.json`` (provenance), about a kilobyte."""
 
 
 @dataclass(frozen=True)
@@ -65,40 +58,6 @@ def human(value: float, unit: str) -> str:
                 return f"{value / scale:.2f} {prefix}"
         return f"{value:.0f} FLOP"
     return f"{value:,.0f}{' ' + unit if unit else ''}"
-
-
-def parameter_count(path: str) -> int:
-    """Parameters of a model folder, from its safetensors headers, else built from its ``config.json`` on
-    the meta device (no weights are read or allocated)."""
-    folder = resolve_model_path(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files and (folder / "config.json").is_file():
-        config = AutoConfig.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust_remote_code()
-        )
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code())
-        return sum(p.numel() for p in model.parameters())
-    if not files:
-        raise ValueError(
-            f"{folder} has neither .safetensors files nor a config.json; kdl plan reads parameter counts from "
-            "them (or set plan.proxy_parameters / plan.teacher_parameters)"
-        )
-    total = 0
-    for file in files:
-        with file.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                total += int(np.prod(entry["shape"], dtype=np.int64))
-    return total
-
-
-def store_bytes(rows: int, sequences: int, top_k: int, vocab_size: int) -> float:
-    id_bytes = id_dtype_for(vocab_size).itemsize
-    arrays = rows * top_k * (id_bytes + 2) + rows * 4 + (sequences + 1) * 8
-    return float(arrays + 4 * NPY_HEADER_BYTES + META_BYTES)
 
 
 def run_plan(

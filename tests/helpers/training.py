@@ -1,4 +1,4 @@
-"""Small helpers shared by tests."""
+"""Training a module outside a Trainer, for tests that check what a few steps do."""
 
 from __future__ import annotations
 

@@ -1,0 +1,59 @@
+"""Vocabulary facts and surgery: what decides token ids, padded rows trimmed, one vocabulary checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def trim_padded_vocabulary(model: nn.Module, vocab_size: int) -> nn.Module:
+    """Drop the output rows (and embeddings) of ids beyond ``vocab_size``, in place.
+
+    Many models pad ``config.vocab_size`` past their tokenizer for matrix-shape efficiency (Qwen: 151,936
+    rows for 151,665 ids). No tokenizer ever produces those ids, but a softmax over padded logits gives them
+    mass, so distributions of two models (or of a model and a store over the tokenizer's ids) only compare
+    once the padding is gone. A model already at ``vocab_size`` is returned unchanged.
+    """
+    current = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if current > vocab_size:
+        log.info(
+            "trimming %d padded vocabulary rows (config.vocab_size %d → %d)",
+            current - vocab_size,
+            current,
+            vocab_size,
+        )
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def check_same_vocabulary(student: nn.Module, teacher: nn.Module, why: str) -> None:
+    """Refuse a teacher whose ``config.vocab_size`` differs from the student's (logit-level KD needs one)."""
+    s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
+    t_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise ValueError(
+            f"teacher config.vocab_size={t_vocab} but student config.vocab_size={s_vocab}; {why}, so both need "
+            "one vocabulary (pick a student built on the teacher's tokenizer)"
+        )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of what decides token ids: vocabulary, special tokens and chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """The number of logits the model emits (``config.vocab_size``, not ``len(tokenizer)``)."""
+    return int(model.config.vocab_size)
