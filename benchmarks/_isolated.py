@@ -1,17 +1,31 @@
-"""Shared by the loss benchmarks: time a loss step and the peak memory it adds, one variant per process.
+"""Shared by the benchmarks: the smoke size every script takes, and (for the loss benchmarks) a loss step's
+time and the peak memory it adds, one variant per process.
 
 Peak RSS only grows within a process, so each variant runs in a fresh child (the script re-invoked with
-``--variant``) and reports one JSON line back.
+``--variant``) and reports one JSON line back. ``--smoke`` runs a script at a size that takes seconds, with
+the same JSON keys (``JSON_KEYS`` in each script): the test suite runs every script so.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse the command line; with ``--smoke``, the ``smoke`` sizes replace the defaults (not what was given)."""
+    parser.add_argument("--smoke", action="store_true", help="a size that runs in seconds (the test suite's)")
+    args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args()
+    return args
 
 
 def measure(step: Callable[[], float], repeats: int = 2) -> dict:

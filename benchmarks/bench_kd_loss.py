@@ -13,15 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from _isolated import measure, run_variants
+from _isolated import measure, parse_args, run_variants
 
 VOCAB, HIDDEN, TOPK = 49152, 576, 32
+JSON_KEYS = (
+    "bench", "vocab", "rows", "chunk", "naive_seconds", "naive_peak_added_mib", "chunked_seconds",
+    "chunked_peak_added_mib", "fused_seconds", "fused_peak_added_mib", "chunked_memory_vs_naive",
+    "chunked_time_vs_naive", "fused_memory_vs_naive", "fused_time_vs_naive", "target_memory_vs_naive",
+    "target_time_vs_naive",
+)  # fmt: skip
 
 
 def run_variant(variant: str, rows: int, chunk: int) -> dict:
     import torch
     from torch import nn
 
+    from kd_lightning.data.batch import PositionBatch, SoftLabels
     from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
     from kd_lightning.losses.chunked import chunked_terms
 
@@ -30,12 +37,8 @@ def run_variant(variant: str, rows: int, chunk: int) -> dict:
     hidden = torch.randn(rows, HIDDEN, requires_grad=True)
     probs = torch.rand(1, rows, TOPK)
     probs = probs / probs.sum(-1, keepdim=True) * 0.9
-    batch = {
-        "target_ids": torch.randint(0, VOCAB, (1, rows)),
-        "prior_ids": torch.randint(0, VOCAB, (1, rows, TOPK)),
-        "prior_probs": probs,
-        "prior_tail": torch.full((1, rows), 0.1),
-    }
+    prior = SoftLabels(torch.randint(0, VOCAB, (1, rows, TOPK)), probs, torch.full((1, rows), 0.1))
+    batch = PositionBatch(torch.randint(0, VOCAB, (1, rows)), {"prior": prior})
     terms = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")}
 
     def step() -> float:
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4 * 2048)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, {"rows": 512, "chunk": 128})
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.rows, args.chunk)))
         return

@@ -6,7 +6,7 @@ KL terms against top-32 stores (one: prior; two: prior + posterior, the closed-s
 forward + backward + AdamW step through ``DistillModule.training_step``; variants are interleaved and the
 median of the timed repeats is reported. Ends with one JSON line.
 
-    python benchmarks/bench_kd_step.py [--repeats 9] [--chunk 0]
+    python benchmarks/bench_kd_step.py [--repeats 9] [--chunk 0] [--batch 8] [--seq 256]
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ import time
 import warnings
 
 import torch
+from _isolated import parse_args
 
+from kd_lightning.data.batch import SoftLabels, TextBatch
 from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.modules.distill import DistillModule
 
-BATCH, SEQ, PROMPT, TOPK = 8, 256, 64, 32
+TOPK = 32
+JSON_KEYS = (
+    "bench", "student", "batch", "target_tokens", "loss_chunk_size", "sft_seconds", "kd_prior_seconds",
+    "kd_prior_posterior_seconds", "kd_prior_vs_sft", "kd_prior_posterior_vs_sft", "target_vs_sft",
+)  # fmt: skip
 
 
 def student_model():
@@ -40,30 +46,38 @@ def student_model():
     return model, "random (SmolLM2 shape)"
 
 
-def make_batch(vocab: int) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, rows: int, seq: int) -> TextBatch:
+    """``rows`` sequences of ``seq`` tokens, the first quarter prompt, with top-32 prior and posterior rows."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
-    target = torch.full((BATCH, SEQ), IGNORE_INDEX)
-    target[:, PROMPT - 1 : -1] = ids[:, PROMPT:]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_ids": target}
+    prompt = seq // 4
+    ids = torch.randint(0, vocab, (rows, seq), generator=g)
+    target = torch.full((rows, seq), IGNORE_INDEX)
+    target[:, prompt - 1 : -1] = ids[:, prompt:]
+    stores = {}
     for name in ("prior", "posterior"):
-        probs = torch.rand(BATCH, SEQ, TOPK, generator=g)
-        batch[f"{name}_probs"] = probs / probs.sum(-1, keepdim=True) * 0.9
-        batch[f"{name}_ids"] = torch.randint(0, vocab, (BATCH, SEQ, TOPK), generator=g)
-        batch[f"{name}_tail"] = torch.full((BATCH, SEQ), 0.1)
-    return batch
+        probs = torch.rand(rows, seq, TOPK, generator=g)
+        stores[name] = SoftLabels(
+            torch.randint(0, vocab, (rows, seq, TOPK), generator=g),
+            probs / probs.sum(-1, keepdim=True) * 0.9,
+            torch.full((rows, seq), 0.1),
+        )
+    return TextBatch(
+        input_ids=ids, attention_mask=torch.ones_like(ids), target_ids=target, soft_labels=stores
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--chunk", type=int, default=0, help="loss_chunk_size (0: plain path)")
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (a quarter of them prompt)")
+    args = parse_args(parser, {"repeats": 1, "batch": 2, "seq": 64})
     warnings.filterwarnings("ignore", message=".*self.trainer.*")
     warnings.filterwarnings("ignore", message=".*self.log.*")
     torch.manual_seed(0)
     student, student_name = student_model()
-    batch = make_batch(int(student.config.vocab_size))
+    batch = make_batch(int(student.config.vocab_size), args.batch, args.seq)
     variants = {
         "sft": {"hard_ce": HardCrossEntropy()},
         "kd_prior": {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
@@ -100,7 +114,7 @@ def main() -> None:
         for name in variants:
             times[name].append(step(name))
     median = {name: statistics.median(t) for name, t in times.items()}
-    tokens = int((batch["target_ids"] != IGNORE_INDEX).sum())
+    tokens = int(batch.target_mask.sum())
     for name, seconds in median.items():
         print(f"{name:20s} {seconds:.2f} s/step  {tokens / seconds:.0f} target tok/s", flush=True)
     print(
@@ -108,7 +122,7 @@ def main() -> None:
             {
                 "bench": "kd_step_vs_sft_step",
                 "student": student_name,
-                "batch": [BATCH, SEQ],
+                "batch": [args.batch, args.seq],
                 "target_tokens": tokens,
                 "loss_chunk_size": args.chunk or None,
                 "sft_seconds": round(median["sft"], 3),

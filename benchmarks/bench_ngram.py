@@ -29,12 +29,18 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from _isolated import parse_args
 
 from kd_lightning.data.soft_labels import SparseRows  # noqa: F401  (import cost outside the timings)
 from kd_lightning.estimation.ngram import NGramModel
 from kd_lightning.estimation.ngram_external import parse_bytes
 
 VOCAB = 49152
+JSON_KEYS = (
+    "bench", "order", "tokens", "ours_tokens_per_s", "counter_tokens_per_s", "speedup_vs_counter",
+    "target_tokens_per_s", "target_speedup", "big_tokens", "big_seconds", "big_peak_rss_gib", "big_fits_24gib",
+    "budget_gib", "budgeted", "rss_this_process_gib",
+)  # fmt: skip
 
 
 def zipf_corpus(n_tokens: int, seq_len: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +74,8 @@ def counter_baseline(tokens: np.ndarray, offsets: np.ndarray, order: int) -> tup
 
 def peak_memory_child(n_tokens: int, order: int) -> dict:
     code = (
-        "import sys, time, resource, json; sys.path.insert(0, '.');"
-        "from benchmarks.bench_ngram import zipf_corpus, ours;"
+        f"import sys, time, resource, json; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r});"
+        "from bench_ngram import zipf_corpus, ours;"
         f"t, o = zipf_corpus({n_tokens});"
         f"s, u = ours(t, o, {order});"
         "print(json.dumps({'seconds': s, 'distinct_pairs': u, "
@@ -183,7 +189,13 @@ def main() -> None:
     parser.add_argument("--spill-dir", default=None, help="where the token files and parts go")
     parser.add_argument("--child-file", help=argparse.SUPPRESS)
     parser.add_argument("--child-budget", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    smoke = {
+        "tokens": 200_000,
+        "baseline_tokens": 20_000,
+        "big_tokens": 300_000,
+        "budget_tokens": "200000,400000",
+    }
+    args = parse_args(parser, smoke)
     if args.child_file:
         count_file_child(args.child_file, args.order, args.child_budget, args.workers)
         return

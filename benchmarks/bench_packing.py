@@ -20,6 +20,7 @@ import json
 import time
 
 import torch
+from _isolated import parse_args
 
 from kd_lightning.data.datamodule import SoftLabelDataset, TeacherTextDataModule, collate
 from kd_lightning.data.records import load_records, split_records
@@ -29,6 +30,15 @@ from kd_lightning.models.builders import layer_selected_student
 from kd_lightning.models.forward import target_position_logits
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
+
+JSON_KEYS = (
+    "bench",
+    "records",
+    "batches",
+    "distill_batch4",
+    "distill_batch16",
+    "estimation_by_length_batch8",
+)
 
 
 def padding_fraction(batch) -> float:
@@ -94,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=256, help="training records (the demo's train_limit)")
     parser.add_argument("--batches", type=int, default=24, help="batches timed per pass")
-    args = parser.parse_args()
+    args = parse_args(parser, {"records": 40, "batches": 2})
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2")
     train, _ = split_records(load_records("alpaca_gpt35"), 100)

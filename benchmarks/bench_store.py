@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _isolated import parse_args
+
 from kd_lightning.data.records import load_records, split_records
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.data.tokenized import tokenize_records
@@ -21,14 +23,20 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.models.loading import load_tokenizer
 
 VOCAB = 49152
+JSON_KEYS = (
+    "bench", "positions", "top_k", "bytes_per_token", "dense_fp16_bytes_per_token", "fraction_of_dense",
+    "dense_over_store", "target_fraction", "read_all_sequences_s",
+)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--top-k", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--records", type=int, default=None, help="training records counted (default: all)")
+    args = parse_args(parser, {"records": 40})
     tokenizer = load_tokenizer("smollm2")
     train, _ = split_records(load_records("alpaca_gpt35"), 100)
+    train = train[: args.records]
     corpus = tokenize_records(train, tokenizer, 512)
     rows, _ = NGramPriorEstimator(ngram_order=5, gamma=2.0, min_context_count=2, top_k=args.top_k).estimate(
         corpus, VOCAB

@@ -20,9 +20,15 @@ import importlib.util
 import json
 import os
 
-from _isolated import measure, run_variants
+from _isolated import measure, parse_args, run_variants
 
 VOCAB, HIDDEN, BETA, CHUNK = 49152, 576, 0.5, 512
+JSON_KEYS = (
+    "bench", "vocab", "rows", "beta", "ours_abs_diff_vs_trl", "ours_fused_abs_diff_vs_trl", "trl_seconds",
+    "trl_peak_added_mib", "ours_seconds", "ours_peak_added_mib", "ours_fused_seconds",
+    "ours_fused_peak_added_mib", "ours_time_vs_trl", "ours_memory_vs_trl", "ours_fused_time_vs_trl",
+    "ours_fused_memory_vs_trl",
+)  # fmt: skip
 
 
 def run_variant(variant: str, batch: int, seq: int) -> dict:
@@ -48,10 +54,13 @@ def run_variant(variant: str, batch: int, seq: int) -> dict:
         def loss_fn():
             return generalized_jsd(head(hidden), teacher, mask, beta=BETA)
     else:
+        from kd_lightning.data.batch import PositionBatch
         from kd_lightning.losses import GeneralizedJSD
         from kd_lightning.losses.chunked import chunked_terms
 
-        packed = {"target_ids": labels[mask].unsqueeze(0), "teacher_logits": teacher[mask].unsqueeze(0)}
+        packed = PositionBatch(
+            labels[mask].unsqueeze(0), dense_logits={"teacher": teacher[mask].unsqueeze(0)}
+        )
         term = {"jsd": GeneralizedJSD("teacher", beta=BETA)}
 
         def loss_fn():
@@ -72,14 +81,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, {"batch": 1, "seq": 128})
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.batch, args.seq)))
         return
     if importlib.util.find_spec("trl") is None:
-        print("trl is not installed (pip install trl); nothing to compare against")
-        print(json.dumps({"bench": "trl_generalized_jsd", "skipped": "trl not installed"}))
-        return
+        raise SystemExit('bench_trl_jsd: trl is not installed; pip install "kd_lightning[bench]" (or trl)')
     results = run_variants(
         __file__, ("trl", "ours", "ours_fused"), ["--batch", str(args.batch), "--seq", str(args.seq)]
     )

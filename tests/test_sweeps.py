@@ -24,6 +24,7 @@ def test_sweeps_group_and_tag_their_runs(sweep, kdl_env):
 
 
 def test_short_run_names():
+    assert short_run_name("experiment=tiny,logger=[csv,wandb],loss=[a,b],w=0.5") == "loss=[a,b],w=0.5"
     assert short_run_name("estimator.prior.ngram_order=3,experiment=demo,estimator/posterior=x") == (
         "ngram_order=3,estimator_posterior=x"
     )
@@ -49,3 +50,20 @@ def test_optuna_sweep_minimises_held_out_nll(kdl_env):
     assert len(trials) == 3
     assert best["best_value"] == pytest.approx(min(t["nll"] for t in trials))
     assert set(best["best_params"]) == {"prior_kl_weight", "posterior_kl_weight", "distill_temperature"}
+
+
+def test_an_ad_hoc_multirun_names_each_job_by_its_overrides_and_groups_the_sweep(kdl_env):
+    from kd_lightning.report.runs import read_wandb_run
+
+    args = ["distill", "-m", "experiment=tiny", "loss=[hard_ce,prior_kl]", "prior_kl_weight=0.5,1.0"]
+    kdl(*args, "logger=[csv,wandb]", env_dir=kdl_env)
+    runs = [read_wandb_run(p) for p in sorted((kdl_env / "multirun").rglob("run-*.wandb"))]
+    students = sorted(r["name"] for r in runs)
+    assert students == [
+        "distill-loss=[hard_ce,prior_kl],prior_kl_weight=0.5",
+        "distill-loss=[hard_ce,prior_kl],prior_kl_weight=1.0",
+    ], students
+    (sweep_dir,) = (kdl_env / "multirun" / "distill").iterdir()
+    assert {r["group"] for r in runs} == {f"distill-sweep-{sweep_dir.name}"}
+    single = compose_cfg(["experiment=tiny"], "distill")  # a plain run keeps the stage's name and group
+    assert single.run_name == single.run_group == "distill"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,28 @@ def run_tags(stage: str, extra: Any = None) -> list[str]:
     return list(dict.fromkeys([stage, *(str(tag) for tag in extra)]))
 
 
+def split_overrides(text: str) -> list[str]:
+    """``a=1,b=[x,y],c={k: v}`` → ``["a=1", "b=[x,y]", "c={k: v}"]``: commas inside brackets or escaped stay."""
+    items, depth, current, escaped = [], 0, "", False
+    for char in text:
+        if escaped:
+            current, escaped = current + char, False
+            continue
+        if char == "\\":
+            current, escaped = current + char, True
+            continue
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(depth - 1, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [*items, current] if current else items
+
+
 def short_run_name(override_dirname: str, limit: int = 80) -> str:
     """A sweep job's run name from its overrides: ``ngram_order=3,sampling_rounds=16``.
 
@@ -39,7 +60,7 @@ def short_run_name(override_dirname: str, limit: int = 80) -> str:
     ``hydra.*`` overrides are dropped; long names end in a hash, so folder names stay legal.
     """
     kept = []
-    for item in re.split(r"(?<!\\),", override_dirname):
+    for item in split_overrides(override_dirname):
         key, _, value = item.partition("=")
         key = key.lstrip("+~")
         if not key or key.split(".")[0] in ("experiment", "sweep", "logger", "run_name", "hydra"):

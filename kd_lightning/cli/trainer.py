@@ -85,9 +85,8 @@ def trainer_factory(cfg: DictConfig):
         validate: bool = True,
         overrides: Mapping[str, Any] | None = None,
     ) -> Trainer:
-        loggers = [
-            instantiate(lg, name=f"{cfg.run_name}-{name}") for lg in (cfg.get("logger") or {}).values()
-        ]
+        label = name if name == cfg.run_name else f"{cfg.run_name}-{name}"
+        loggers = [instantiate(lg, name=label) for lg in (cfg.get("logger") or {}).values()]
         if loggers:
             settings = resolved_settings(cfg)
             for logger in loggers:
