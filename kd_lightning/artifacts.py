@@ -347,8 +347,16 @@ def fault_point(name: str) -> None:
 
     Placed between the steps of every artifact write (before a rename, between a saved student and its
     result, after a shard). ``tests/test_reliability.py`` kills each stage at each point and checks that
-    the rerun completes with the same artifact as a clean run. Without the variable it does nothing.
+    the rerun completes with the same artifact as a clean run. ``KDL_HOLD=<name>=<file>`` instead pauses
+    here until ``<file>`` exists (a test's deterministic race: another process meets the held lock). Without
+    either variable it does nothing.
     """
+    hold = os.environ.get("KDL_HOLD")
+    if hold and hold.partition("=")[0] == name:  # KDL_HOLD=<name>=<file>: wait here until <file> exists
+        release = Path(hold.partition("=")[2])
+        Path(f"{release}.held").touch()  # tells the test this process has reached the point
+        while not release.exists():
+            time.sleep(0.05)
     spec = os.environ.get("KDL_FAULT")
     if not spec:
         return

@@ -76,17 +76,20 @@ def test_ranks_split_every_global_batch_between_them():
 def test_kdl_distill_trains_under_lightning_ddp_from_the_command_line(kdl_env):
     """Lightning's launcher re-runs `kdl distill` for rank 1; that rank joins the training instead of
     waiting on the student artifact's lock, and only rank 0 saves and evaluates the student."""
+    from kd_lightning.artifacts import build_events
     from tests.helpers.cli import artifacts, kdl_process
 
     args = ["experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    args += ["+data.keep_duplicate_heldout=true", "loss=[hard_ce,prior_kl,posterior_kl]"]
+    args += ["data.keep_duplicate_heldout=true", "loss=[hard_ce,prior_kl,posterior_kl]"]
     done = kdl_process("distill", *args, env_dir=kdl_env)  # the launcher re-runs the process's command
     assert "training process 1 of" in done.stderr + done.stdout  # rank 1 trained along, then left
     (student,) = artifacts(kdl_env, "distill")
     result = json.loads((student / "result.json").read_text())
     assert result["nll"] > 0 and (student / "student" / "config.json").is_file()
+    assert [len(build_events(student, e)) for e in ("build", "train")] == [1, 1]
     again = kdl_process("distill", *args, env_dir=kdl_env)  # served from the cache: no processes started
     assert "Initializing distributed" not in again.stderr + again.stdout
+    assert [len(build_events(student, e)) for e in ("build", "train")] == [1, 1]
 
 
 def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kd_lightning.artifacts import build_events
 from kd_lightning.environment import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,9 +169,12 @@ def test_the_guide_runs_literally_against_the_installed_wheel(installed, kdl_env
     assert set(first["terms"]) == {"hard_ce", "jeffreys"}
     metrics = next((project / "outputs").rglob("metrics.csv")).read_text()
     assert "train/jeffreys" in metrics
-    # unchanged code: the cached student is reused
-    again = run(loss_command.split(), project, env)
-    assert len(results()) == 1 and "Epoch 0" not in again.stderr
+    # unchanged code: the cached student is reused (its build record shows one build, one training)
+    (student,) = [p for p in distill.iterdir() if p.is_dir()]
+    assert (len(build_events(student, "build")), len(build_events(student, "train"))) == (1, 1)
+    run(loss_command.split(), project, env)
+    assert len(results()) == 1
+    assert (len(build_events(student, "build")), len(build_events(student, "train"))) == (1, 1)
     # an edited loss file: a new key, the student is trained again
     loss_file = project / "my_losses" / "jeffreys.py"
     loss_file.write_text(

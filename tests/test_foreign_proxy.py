@@ -101,8 +101,17 @@ def test_mapped_estimate_writes_student_layout_rows(tmp_path):
 
 def test_kdl_posterior_with_a_proxy_of_another_tokenizer(kdl_env, tiny_dir):
     """From the command line: proxy.own_tokenizer=true aligns and samples a proxy whose vocabulary orders the
-    characters differently; with the student's own tokenizer the setting changes nothing (same store)."""
+    characters differently (every id moves), and the stored rows are the hand-built posterior: the aligned
+    proxy's distribution at each position, moved back to the student's ids character by character, mixed
+    with the prior (expected counts: no sampling noise). With the student's own tokenizer the setting
+    changes nothing (the same store)."""
+    import json
+
+    from kd_lightning.data.datamodule import SoftLabelDataset, collate
     from kd_lightning.data.soft_labels import SoftLabelStore
+    from kd_lightning.data.tokenized import TokenizedCorpus
+    from kd_lightning.models.forward import target_position_logits
+    from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
     from kd_lightning.models.tiny_assets import char_tokenizer
     from tests.helpers.cli import artifacts, kdl
 
@@ -113,11 +122,47 @@ def test_kdl_posterior_with_a_proxy_of_another_tokenizer(kdl_env, tiny_dir):
     folder = kdl_env / "foreign_proxy"
     tiny_llama(len(tokenizer), seed=5).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    foreign = ["proxy=local", f"proxy.path={folder}"]
+    foreign = ["proxy=local", f"proxy.path={folder}", "estimator/posterior=expected_counts"]
+    foreign += ["estimator.posterior.sampling_rounds=4", "estimator.posterior.top_k=8"]
     refused = kdl("posterior", "experiment=tiny", *foreign, env_dir=kdl_env, check=False)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "uses a different tokenizer" in refused.stderr and "proxy.own_tokenizer=true" in refused.stderr
     kdl("posterior", "experiment=tiny", *foreign, "proxy.own_tokenizer=true", env_dir=kdl_env)
     (mapped,) = [f for f in artifacts(kdl_env, "posterior") if f != shared]
     store = SoftLabelStore(mapped)
-    assert np.array_equal(store.offsets, SoftLabelStore(shared).offsets)
+    # the hand-built expectation
+    student_tok = load_tokenizer(tiny_dir)
+    to_proxy = {i: tokenizer.get_vocab()[t] for t, i in student_tok.get_vocab().items()}
+    to_student = torch.tensor(
+        [student_tok.get_vocab()[t] for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda x: x[1])]
+    )
+    (corpus_dir,) = artifacts(kdl_env, "corpus")
+    train = TokenizedCorpus.load(corpus_dir / "train")
+    meta = json.loads((mapped / "meta.json").read_text())["provenance"]
+    (proxy_dir,) = [a for a in artifacts(kdl_env, "align") if a.name == meta["proxy"]]
+    proxy = freeze(load_causal_lm(proxy_dir / "model"))
+    prior = SoftLabelStore(next(a for a in artifacts(kdl_env, "prior")))
+    kappa, rounds, vocab = 8.0, 4, len(student_tok)
+    no_text = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]  # EOS ends: it maps
+    for seq in range(len(train)):
+        ids = torch.tensor([to_proxy[int(i)] for i in train.sequence(seq)])
+        proxied = TokenizedCorpus(
+            ids.numpy().astype(np.int32), np.array([0, len(ids)]), train.prompt_lens[seq : seq + 1]
+        )
+        batch = collate([SoftLabelDataset(proxied)[0]], pad_id=0)
+        with torch.no_grad():
+            logits = target_position_logits(proxy, batch.input_ids, batch.attention_mask, batch.target_mask)
+        p_proxy = torch.softmax(logits.float(), -1)
+        p_proxy[:, no_text] = 0.0  # special tokens spell no text: their draws are dropped
+        counts = rounds * torch.zeros(len(p_proxy), vocab).index_add_(1, to_student, p_proxy)
+        rows = prior.rows(seq)
+        expected = kappa * SparseRows(rows.ids, rows.probs, rows.tail).to_dense(vocab) + counts
+        expected /= kappa + counts.sum(-1, keepdim=True)
+        got = store.rows(seq)
+        stored = torch.from_numpy(got.ids.astype(np.int64))
+        np.testing.assert_allclose(
+            got.probs.astype(np.float32), expected.gather(1, stored).numpy(), atol=2e-3
+        )
+        top = expected.topk(8, -1).values
+        np.testing.assert_allclose(np.sort(got.probs.astype(np.float32), -1)[:, ::-1], top.numpy(), atol=2e-3)
     assert len(artifacts(kdl_env, "align")) == 2

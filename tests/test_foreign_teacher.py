@@ -6,10 +6,14 @@ Two tiny tokenizers with different merges (byte-level BPE vs ``▁`` + byte fall
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from kd_lightning.artifacts import build_events
 from kd_lightning.data.cross_tokenizer import teacher_view
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.token_alignment import (
@@ -181,6 +185,18 @@ def test_foreign_teacher_trains_the_student_and_leaves_the_teacher(tokenizers_pa
     assert all(p.grad is None for p in module.teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
     assert "teacher" not in "".join(module.state_dict())
+    # a few optimizer steps on this batch lower the term: the gradients train the student
+    optimizer = module.configure_optimizers()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        logits, packed = module.student_logits(batch)
+        term_value = module.compute_terms(logits, packed)[loss][1]
+        term_value.backward()
+        optimizer.step()
+        losses.append(float(term_value.detach()))
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses  # every step lowers it
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
 
 
 def test_same_tokenizer_through_the_foreign_path_equals_the_online_teacher(tokenizers_pair):
@@ -224,14 +240,24 @@ def test_kdl_distill_with_a_teacher_of_another_vocabulary(kdl_env, tiny_dir):
         "distill", "experiment=tiny", *teacher, "module=online_teacher", "loss=[hard_ce,forward_kl]",
         "kd_target=teacher", env_dir=kdl_env, check=False,
     )  # fmt: skip
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "maps tokens to ids differently from the student's" in refused.stderr.strip().splitlines()[-1]
+    assert "module=foreign_teacher" in refused.stderr
     for loss in ("uld", "gold_hybrid"):
         done = kdl(
             "distill", "experiment=tiny", *teacher, "module=foreign_teacher", f"loss=[hard_ce,{loss}]",
             env_dir=kdl_env,
         )  # fmt: skip
         assert "100.0% of the student's target positions aligned" in done.stderr + done.stdout
-    assert len(artifacts(kdl_env, "distill")) == 2
+    students = artifacts(kdl_env, "distill")
+    assert len(students) == 2
+    kdl("distill", "experiment=tiny", "loss=[hard_ce]", "trainer.max_steps=0", env_dir=kdl_env)  # the start
+    (untrained,) = [s for s in artifacts(kdl_env, "distill") if s not in students]
+    start_nll = json.loads((untrained / "result.json").read_text())["nll"]
+    for student in students:  # each trained: optimizer steps taken, and its held-out NLL below the start
+        (train,) = build_events(student, "train")
+        assert train["end_step"] > train["start_step"] == 0
+        assert json.loads((student / "result.json").read_text())["nll"] < start_nll
 
 
 def test_offline_store_of_a_foreign_teacher_holds_its_rows_at_aligned_positions(tokenizers_pair, tmp_path):

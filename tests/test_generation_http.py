@@ -103,12 +103,18 @@ def test_generate_through_the_openai_client(workdir, generator):
 
 
 def test_a_burst_of_429s_timeouts_and_malformed_replies_are_retried(workdir, generator):
-    faults = ["429"] * 6 + ["sleep:3", "malformed", "no_choices", "500"]
+    faults = ["429"] * 6 + ["hang", "malformed", "no_choices", "500"]  # "hang": answered only after a retry
     with OpenAICompatibleServer(generator, "tiny", faults=faults) as server:
         kdl(workdir, args(server))
         check_corpus(workdir, server)
         usage = json.loads((workdir / "corpus" / "generation.json").read_text())["usage"]
-        assert usage["retries"] == {"rate_limited": 6, "timeout": 1, "malformed": 2, "server_error": 1}
+        retries = usage["retries"]
+        assert {k: v for k, v in retries.items() if k != "timeout"} == {
+            "rate_limited": 6, "malformed": 2, "server_error": 1,
+        }  # fmt: skip
+        assert retries["timeout"] >= 1  # the hung request (a slow reply on a loaded machine may add one)
+        # every retry the client counts is a request the server received again: the count is exact
+        assert sum(retries.values()) == len(server.chat_requests) - 24
         assert usage["failed"] == {} and usage["answered"] == 24
 
 

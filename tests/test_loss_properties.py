@@ -11,11 +11,13 @@ Terms over hidden states (``reads_logits = False``) get their own properties in 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.data.batch import PositionBatch
 from kd_lightning.losses import (
     AdaptiveKL,
     ForwardKL,
@@ -273,17 +275,50 @@ def test_endpoints_of_jsd_and_skew_are_the_kls():
         torch.testing.assert_close(SkewReverseKL(form, alpha=0.0)(s, batch), rkl)
 
 
-def test_adaptive_kl_is_a_convex_mix_of_forward_and_reverse():
-    batch = make_batch()
-    s, t = torch.randn(B, T, V), batch["teacher_logits"]
-    akl = adaptive_kl(s, t)
-    per_pos = AdaptiveKL("teacher")(s, {**batch, "target_ids": torch.zeros(B, T, dtype=torch.long)})
-    assert akl.item() == pytest.approx(per_pos.item(), rel=1e-5)
-    # convex per position: between that position's forward and reverse KL (the means need not bound it)
-    q, p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    fkl, rkl = (p.exp() * (p - q)).sum(-1), (q.exp() * (q - p)).sum(-1)
-    lo, hi = torch.minimum(fkl, rkl).mean().item(), torch.maximum(fkl, rkl).mean().item()
-    assert lo * 0.9999 - 1e-6 <= akl.item() <= hi * 1.0001 + 1e-6
+def akl_reference(student_logits, teacher_logits, head_mass=0.5, weights="paper") -> float:
+    """AKL from its definition (Wu et al. 2024), in float64, one position at a time, with none of the code
+    under test: the head is the fewest most likely teacher tokens whose mass reaches ``head_mass``; with
+    gaps g = Σ|p − q| over head and tail, AKL = g_head/(g_head+g_tail)·FKL + g_tail/(g_head+g_tail)·RKL.
+    ``weights`` = "swapped" or "half" gives the two wrong formulas the test must tell apart."""
+    s = student_logits.double().reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.double().reshape(-1, teacher_logits.shape[-1])
+    values = []
+    for row_s, row_t in zip(s, t):
+        q = [float(x) for x in torch.softmax(row_s, 0)]
+        p = [float(x) for x in torch.softmax(row_t, 0)]
+        order = sorted(range(len(p)), key=lambda i: -p[i])
+        head, mass = set(), 0.0
+        for i in order:
+            if mass >= head_mass:
+                break
+            head.add(i)
+            mass += p[i]
+        g_head = sum(abs(p[i] - q[i]) for i in head)
+        g_tail = sum(abs(p[i] - q[i]) for i in range(len(p)) if i not in head)
+        fkl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        rkl = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+        w_head = {"paper": g_head, "swapped": g_tail, "half": 0.5 * (g_head + g_tail)}[weights] / (
+            g_head + g_tail
+        )
+        values.append(w_head * fkl + (1 - w_head) * rkl)
+    return sum(values) / len(values)
+
+
+def test_adaptive_kl_equals_its_definition_and_not_the_wrong_weightings():
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(B, T, V, generator=g) * 3  # peaked: head and tail gaps differ
+    student = torch.randn(B, T, V, generator=g)
+    ours = adaptive_kl(student, teacher).item()
+    assert ours == pytest.approx(akl_reference(student, teacher), rel=1e-5)
+    for wrong in ("swapped", "half"):  # the test has the power to catch either mistake
+        assert abs(akl_reference(student, teacher, weights=wrong) - ours) > 1e-2 * ours, wrong
+    term = AdaptiveKL("teacher", head_mass=0.3)
+    batch = PositionBatch(
+        torch.zeros(1, B * T, dtype=torch.long), dense_logits={"teacher": teacher.reshape(1, B * T, V)}
+    )
+    assert term(student.reshape(1, B * T, V), batch).item() == pytest.approx(
+        akl_reference(student, teacher, head_mass=0.3), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("cls", [GeneralizedJSD, SkewForwardKL, SkewReverseKL, AdaptiveKL])

@@ -155,10 +155,29 @@ def test_smollm2_teacher_mixed_rollouts_and_a_minillm_update(real):
         P.gather_log_probs(logits, rollout.response_ids), rollout.student_logprobs, atol=2e-3, rtol=1e-3
     )
     torch.testing.assert_close(teacher_logits, rollout.teacher_logits, atol=2e-3, rtol=1e-3)
-    for row in range(3):  # a row that ended keeps its EOS as the last target
-        ended = rollout.response_ids[row][rollout.response_mask[row]]
-        if int(rollout.lengths[row]) < 12:
-            assert ended[-1].item() == tokenizer.eos_token_id
+    # a row that ends keeps its EOS as the last target, although EOS is also the pad id: a student that
+    # ends every answer (EOS logit +1e4) makes every row end, so the check always runs
+    import copy
+
+    ending = copy.deepcopy(student)
+    head = torch.nn.Linear(ending.lm_head.in_features, ending.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(ending.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 1e4
+    ending.lm_head = head
+    ended = sample_rollouts(
+        ending,
+        ids,
+        max_new_tokens=12,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (ended.lengths < 12).all()
+    for row in range(3):
+        targets = ended.response_ids[row][ended.response_mask[row]]
+        assert len(targets) == int(ended.lengths[row]) and targets[-1].item() == tokenizer.eos_token_id
     module = MiniLLMModule(
         student, teacher, tokenizer, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5)
     )

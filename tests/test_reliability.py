@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.cli import Completed, kdl_process
+from kd_lightning.artifacts import build_events
+from tests.helpers.cli import KDL, Completed, artifacts, kdl_process
 from tests.helpers.cli import kdl as kdl_here
-
-KDL = [sys.executable, "-m", "kd_lightning.cli.main"]
 
 
 def kdl(cwd: Path, *args: str, env: dict | None = None) -> Completed | subprocess.CompletedProcess:
@@ -101,6 +100,11 @@ def test_a_kill_at_any_write_step_is_survived(stage, point, clean_runs, kdl_env)
         (mine,) = [json.loads(p.read_text()) for p in root.glob("distill/*/result.json")]
         (ref,) = [json.loads(p.read_text()) for p in clean.glob("distill/*/result.json")]
         assert mine["nll"] == ref["nll"] and mine["tokens"] == ref["tokens"]
+        (student,) = [p for p in (root / "distill").iterdir() if p.is_dir()]
+        trained = build_events(student, "train")
+        if point in ("distill:student-saved", "stage:before-result"):  # saved: finished without retraining
+            assert len(trained) == 1, trained
+            assert len(build_events(student, "build")) == (2 if point == "distill:student-saved" else 1)
     assert not list(root.rglob(".*")), list(root.rglob(".*"))  # no temp folder or file left behind
     assert not list(root.rglob("*.partial"))
 
@@ -123,67 +127,100 @@ def test_posterior_resumed_with_another_shard_size_then_the_first(kdl_env, clean
 # ------------------------------------------------------------------------------------ concurrent runs
 
 
-def run_together(cwd: Path, args: list[str], env: dict, n: int = 2) -> list[subprocess.CompletedProcess]:
-    procs = [
-        subprocess.Popen(
-            [*KDL, *args],
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(n)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+HOLD_AT = {
+    "prior": "store:before-rename",
+    "posterior": "align:before-rename",
+    "distill": "distill:student-saved",
+}
+"""Where the first of two identical commands holds its artifact's lock while the second one arrives."""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["prior", "posterior", "distill"])
 def test_identical_commands_started_together_build_once(stage, kdl_env):
-    env = {"KDL_ARTIFACTS": str(kdl_env / "artifacts")}
-    runs = run_together(kdl_env, STAGE_ARGS[stage], env)
-    for run in runs:
-        ok(run)
-    root = kdl_env / "artifacts"
+    """The first process is held inside a build (KDL_HOLD) until the second has said it waits for it; then
+    both finish. Every artifact records exactly one build, and the second read the first's result."""
+    root, go = kdl_env / "artifacts", kdl_env / "go"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KDL_ARTIFACTS": str(root)}
+
+    def start(extra: dict) -> tuple[subprocess.Popen, list[str]]:
+        process = subprocess.Popen([*KDL, *STAGE_ARGS[stage]], cwd=kdl_env, env={**env, **extra},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        return process, lines
+
+    first, first_out = start({"KDL_HOLD": f"{HOLD_AT[stage]}={go}"})
+    wait_until(lambda: Path(f"{go}.held").exists() or first.poll() is not None)
+    second, second_out = start({})
+    wait_until(
+        lambda: any("is being built by process" in line for line in second_out) or second.poll() is not None
+    )
+    go.touch()
+    assert first.wait(timeout=600) == 0 and second.wait(timeout=600) == 0, "".join(first_out + second_out)[
+        -4000:
+    ]
+    waited = [line for line in second_out if "is being built by process" in line]
+    assert waited and f"process {first.pid} on" in waited[0], "".join(second_out)[-2000:]
     kinds = {
-        "prior": ["prior"],
+        "prior": ["corpus", "prior"],
         "posterior": ["prior", "posterior", "align"],
         "distill": ["prior", "distill"],
     }
     for kind in kinds[stage]:
-        assert len([p for p in (root / kind).iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1
+        (folder,) = [p for p in (root / kind).iterdir() if p.is_dir() and not p.name.startswith(".")]
+        assert len(build_events(folder, "build")) == 1, (kind, build_events(folder))
     assert not list(root.rglob("*.partial"))
     if stage == "distill":  # trained once: the second process waited and read the first one's result
+        (student,) = [p for p in (root / "distill").iterdir() if p.is_dir()]
+        assert len(build_events(student, "train")) == 1
         results = [json.loads(p.read_text()) for p in kdl_env.glob("outputs/distill/*/distill_result.json")]
-        # equal train_seconds: one training, whose result both returned (two would differ in timing)
         assert len(results) == 2 and results[0] == results[1]
     outputs = sorted(kdl_env.glob(f"outputs/{stage}/*"))
     assert len(outputs) == 2  # each run its own output folder, even when started in the same second
 
 
+def wait_until(condition, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a process"
+        time.sleep(0.05)
+
+
 def test_a_second_process_waits_for_the_lock_and_says_who_holds_it(tmp_path, caplog):
+    """The holder keeps the lock until a file appears, so the wait is certain: this process says who holds
+    it, and gets the lock only after the holder let go."""
     from kd_lightning.artifacts import artifact_lock
 
-    target = tmp_path / "prior" / "abc"
+    target, release = tmp_path / "prior" / "abc", tmp_path / "release"
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from kd_lightning.artifacts import artifact_lock\n"
+            "import time; from pathlib import Path; from kd_lightning.artifacts import artifact_lock\n"
             f"with artifact_lock(Path({str(target)!r})):\n"
-            "    print('held', flush=True); time.sleep(3)",
+            f"    print('held', flush=True)\n"
+            f"    while not Path({str(release)!r}).exists(): time.sleep(0.02)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout.readline().strip() == "held"
-    started = time.perf_counter()
-    with caplog.at_level("WARNING"), artifact_lock(target):
-        waited = time.perf_counter() - started
+    acquired: dict[str, bool] = {}
+
+    def take() -> None:
+        with artifact_lock(target):
+            acquired["after_release"] = release.exists()
+
+    with caplog.at_level("WARNING"):
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        wait_until(lambda: "is being built by" in caplog.text)
+        assert not acquired  # still waiting while the holder holds the lock
+        release.touch()
+        waiter.join(timeout=60)
     holder.wait(timeout=30)
-    assert waited > 1.0
+    assert acquired == {"after_release": True}
     assert f"{target} is being built by process {holder.pid}" in caplog.text
 
 
@@ -290,12 +327,32 @@ def test_an_estimator_that_writes_bad_rows_caches_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_non_finite_nll_is_never_cached():
-    from kd_lightning.evaluation.nll import require_finite
+def test_non_finite_nll_is_never_cached(kdl_env, tiny_dir):
+    """A student whose training diverges, and a model whose weights are NaN: one line each, and neither
+    a result.json nor an evaluation is cached (the next run would otherwise serve it)."""
+    diverged = kdl(kdl_env, "distill", "experiment=tiny", "loss=[hard_ce]", "optimizer.lr=1e30")
+    assert diverged.returncode == 1 and "Traceback" not in diverged.stderr
+    last = diverged.stderr.strip().splitlines()[-1]
+    assert "has a non-finite held-out NLL" in last and "training diverged, so nothing was cached" in last, (
+        last
+    )
+    (student,) = artifacts(kdl_env, "distill")
+    assert not (student / "result.json").exists()
+    import shutil
 
-    with pytest.raises(ValueError, match="non-finite held-out NLL"):
-        require_finite({"nll": float("nan")}, "student x", "nothing cached")
-    require_finite({"nll": 1.5, "ppl": float("inf")}, "student x", "fine")
+    from safetensors.torch import load_file, save_file
+
+    broken = kdl_env / "nan_model"
+    shutil.copytree(tiny_dir, broken)
+    (weights,) = broken.glob("*.safetensors")
+    tensors = {name: t.fill_(float("nan")) for name, t in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    done = kdl(kdl_env, "evaluate", "experiment=tiny", f"models_to_evaluate=[{broken}]")
+    assert done.returncode == 1 and "non-finite held-out NLL" in done.stderr.strip().splitlines()[-1]
+    assert "not cached; check the model's weights" in done.stderr
+    assert not [
+        p for p in (kdl_env / "artifacts" / "eval").glob("*.json") if not p.name.endswith(".builds.jsonl")
+    ]
 
 
 def test_model_identity_covers_weight_contents(tiny_dir, tmp_path, monkeypatch):
@@ -554,7 +611,6 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
             if line.startswith("kdl ") and not line.startswith("kdl report"):
                 commands.append(shlex.split(line.replace("<SFT student>", str(kdl_env))))
     assert len(commands) >= 15
-    started = time.perf_counter()
 
     def first_of_sweep(arg: str) -> str:  # `-m key=a,b,c` composes as its first job, key=a
         key, _, value = arg.partition("=")
@@ -570,4 +626,3 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
         check_group_choices(stage, rest)  # what `kdl` checks before Hydra composes
         cfg = compose_cfg(rest, stage)  # what Hydra composes: groups, keys, struct (trainer.max_steps)
         assert cfg.stage == stage, argv
-    assert time.perf_counter() - started < 120

@@ -201,12 +201,16 @@ def token_strings(tokenizer: Any) -> list[str | None]:
     """The text each id spells, decoded after an anchor so leading spaces survive; None for special
     tokens and pieces of a character (byte tokens that are not a whole character)."""
     size = int(max(len(tokenizer), tokenizer.vocab_size))
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is None:  # no decoder (WordLevel): decode joins with spaces,
+        tokens = tokenizer.convert_ids_to_tokens(list(range(size)))  # so a token's text is the token itself
+        return [None if i in special or not t else t for i, t in enumerate(tokens)]
     anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
     base = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
     texts = tokenizer.batch_decode(
         [[*anchor, i] for i in range(size)], skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
-    special = set(tokenizer.all_special_ids)
     found: list[str | None] = []
     for i, text in enumerate(texts):
         piece = text[len(base) :] if text.startswith(base) else None

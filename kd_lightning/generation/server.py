@@ -10,7 +10,8 @@ Concurrent requests are micro-batched (requests arriving within ``batch_wait_s``
 call). Under load it queues up to ``max_pending`` requests and answers any beyond that ``503`` with
 ``Retry-After`` at once (a client backs off and asks again), so every request gets an HTTP answer and memory
 stays bounded; its listen backlog holds a burst of connections instead of resetting them. ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
-``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"sleep:<seconds>"`` (answer late, to trip a client
+``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"hang"`` (answer only once the same request arrives
+again: the client's timeout, then its retry, always happen), ``"sleep:<seconds>"`` (answer late, to trip a client
 timeout), ``"malformed"`` (a 200 whose body is not JSON), ``"no_choices"`` (valid JSON without choices).
 """
 
@@ -71,6 +72,7 @@ class OpenAICompatibleServer:
         self.api_key = api_key
         self.faults: list[str] = list(faults)
         self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
+        self.hung: dict[str, threading.Event] = {}  # "hang" faults waiting for their request to come again
         self.lock = threading.Lock()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         if max_pending < 1:
@@ -211,6 +213,9 @@ class OpenAICompatibleServer:
                     return
                 with server.lock:
                     server.chat_requests.append(body)
+                    waiting = server.hung.pop(json.dumps(body, sort_keys=True), None)
+                if waiting is not None:  # the retry of a hung request: let the hung handler go
+                    waiting.set()
                 if body.get("model") != server.model_name:
                     self._error(404, f"model {body.get('model')!r} not found", "not_found_error")
                     return
@@ -220,6 +225,13 @@ class OpenAICompatibleServer:
                     return
                 if fault == "500":
                     self._error(500, "internal error", "server_error")
+                    return
+                if fault == "hang":
+                    release = threading.Event()
+                    with server.lock:
+                        server.hung[json.dumps(body, sort_keys=True)] = release
+                    release.wait(timeout=600)
+                    self._error(503, "hung request released by its retry", "server_error")
                     return
                 if fault and fault.startswith("sleep:"):
                     time.sleep(float(fault.split(":", 1)[1]))

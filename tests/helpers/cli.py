@@ -159,3 +159,16 @@ def _finish_wandb() -> None:
 def artifacts(env_dir: Path, stage: str) -> list[Path]:
     """The artifact folders of one kind under ``env_dir/artifacts``."""
     return sorted(p for p in (env_dir / "artifacts" / stage).glob("*") if p.is_dir())
+
+
+def build_counts(env_dir: Path) -> dict[str, tuple[int, int]]:
+    """``kind/key`` → (builds, training runs) of every artifact under ``env_dir/artifacts``, from the build
+    records Workspace.cached keeps: the evidence that a rerun reused what it found."""
+    from kd_lightning.artifacts import BUILD_LOG, build_events
+
+    counts = {}
+    for log in sorted((env_dir / "artifacts").glob(f"*/*{BUILD_LOG}")):
+        artifact = log.with_name(log.name[: -len(BUILD_LOG)])
+        key = f"{log.parent.name}/{artifact.name}"
+        counts[key] = (len(build_events(artifact, "build")), len(build_events(artifact, "train")))
+    return counts
