@@ -1,4 +1,5 @@
-"""KD loss peak memory and time: naive full-vocabulary vs chunked (over logits) vs fused (hidden + head).
+"""KD loss peak memory and time: naive full-vocabulary vs chunked (over logits) vs hidden + head in chunks,
+checkpointed per term (``fuse=False``) and fused with closed-form gradients (the default).
 
 Setting: V = 49,152 (SmolLM2), H = 576, N = 4 × 2048 target positions, terms hard CE + forward KL against
 sparse top-32 targets (the soft-label store's format). Each variant runs forward + backward in its own
@@ -18,8 +19,9 @@ from _isolated import measure, parse_args, run_variants
 VOCAB, HIDDEN, TOPK = 49152, 576, 32
 JSON_KEYS = (
     "bench", "vocab", "rows", "chunk", "naive_seconds", "naive_peak_added_mib", "chunked_seconds",
-    "chunked_peak_added_mib", "fused_seconds", "fused_peak_added_mib", "chunked_memory_vs_naive",
-    "chunked_time_vs_naive", "fused_memory_vs_naive", "fused_time_vs_naive", "target_memory_vs_naive",
+    "chunked_peak_added_mib", "checkpointed_seconds", "checkpointed_peak_added_mib", "fused_seconds",
+    "fused_peak_added_mib", "chunked_memory_vs_naive", "chunked_time_vs_naive", "checkpointed_memory_vs_naive",
+    "checkpointed_time_vs_naive", "fused_memory_vs_naive", "fused_time_vs_naive", "target_memory_vs_naive",
     "target_time_vs_naive",
 )  # fmt: skip
 
@@ -50,8 +52,10 @@ def run_variant(variant: str, rows: int, chunk: int) -> dict:
         elif variant == "chunked":  # logits given, the terms computed chunk by chunk
             logits = head(hidden)
             loss = sum(chunked_terms(logits, nn.Identity(), terms, batch, chunk).values())
-        else:  # fused: logits never exist for all rows at once
-            loss = sum(chunked_terms(hidden, head, terms, batch, chunk).values())
+        elif variant == "checkpointed":  # hidden + head in chunks under activation checkpointing, per term
+            loss = sum(chunked_terms(hidden, head, terms, batch, chunk, fuse=False).values())
+        else:  # fused (the default): gradients in closed form in the same pass, logits never all at once
+            loss = sum(chunked_terms(hidden, head, terms, batch, chunk, fuse=True).values())
         loss.backward()
         return float(loss.detach())
 
@@ -68,16 +72,18 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.rows, args.chunk)))
         return
     results = run_variants(
-        __file__, ("naive", "chunked", "fused"), ["--rows", str(args.rows), "--chunk", str(args.chunk)]
+        __file__,
+        ("naive", "chunked", "checkpointed", "fused"),
+        ["--rows", str(args.rows), "--chunk", str(args.chunk)],
     )
     naive = results["naive"]
-    for variant in ("chunked", "fused"):
+    for variant in ("chunked", "checkpointed", "fused"):
         assert abs(results[variant]["loss"] - naive["loss"]) < 1e-3 * abs(naive["loss"]), "paths disagree"
     figures = {"bench": "kd_loss_memory", "vocab": VOCAB, "rows": args.rows, "chunk": args.chunk}
-    for variant in ("naive", "chunked", "fused"):
+    for variant in ("naive", "chunked", "checkpointed", "fused"):
         figures[f"{variant}_seconds"] = round(results[variant]["seconds"], 2)
         figures[f"{variant}_peak_added_mib"] = round(results[variant]["peak_added_mib"])
-    for variant in ("chunked", "fused"):
+    for variant in ("chunked", "checkpointed", "fused"):
         figures[f"{variant}_memory_vs_naive"] = round(
             results[variant]["peak_added_mib"] / naive["peak_added_mib"], 3
         )

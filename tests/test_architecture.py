@@ -141,3 +141,20 @@ def test_modules_are_built_without_signature_inspection_or_class_switches():
         text = (PACKAGE / name).read_text()
         assert "inspect.signature" not in text, name
         assert "select_best_checkpoint" not in text and "manual_optimization" not in text, name
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through tests/helpers/ only: a test module importing another runs its collection
+    side effects and ties the two together."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith(("tests.test_", "test_"))]
+            if isinstance(node, ast.ImportFrom) and node.module == "tests":
+                offenders += [
+                    f"{path.name}: tests.{a.name}" for a in node.names if a.name.startswith("test_")
+                ]
+    assert not offenders, offenders

@@ -96,3 +96,43 @@ def test_chunked_fused_equals_plain():
     g_chunk = torch.autograd.grad(total(chunked, terms), [hidden, head.weight])
     for a, b in zip(g_chunk, g_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("combine", ["weights", "other"])
+def test_fused_linear_path_gradients_for_any_combination_of_the_values(bias, combine):
+    """The fused linear path takes the gradients of the terms' weighted sum in forward; backward scales them
+    for that sum (times any factor) and computes them afresh for any other combination: exact either way."""
+    from kd_lightning.losses import chunked
+
+    terms, batch = COMBOS["ce+prior+posterior"], make_batch(seed=3)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, V, bias=bias)
+    hidden = torch.randn(N, 8, requires_grad=True)
+    params = [hidden, head.weight, *([head.bias] if bias else [])]
+    coef = {
+        n: (3.0 * t.weight if combine == "weights" else float(i + 1) ** 2)
+        for i, (n, t) in enumerate(terms.items())
+    }
+    plain = {n: t(head(hidden).unsqueeze(0), batch) for n, t in terms.items()}
+    g_plain = torch.autograd.grad(sum(coef[n] * v for n, v in plain.items()), params)
+    calls = {"passes": 0}
+    original = chunked._linear_sparse_pass
+
+    def counted(*args, **kwargs):
+        calls["passes"] += 1
+        return original(*args, **kwargs)
+
+    chunked._linear_sparse_pass = counted
+    try:
+        values = chunked_terms(hidden, head, terms, batch, chunk_size=4, fuse=True)
+        g_fused = torch.autograd.grad(sum(coef[n] * v for n, v in values.items()), params)
+    finally:
+        chunked._linear_sparse_pass = original
+    assert calls["passes"] == (
+        1 if combine == "weights" else 2
+    )  # the fused path ran; recomputed only if needed
+    for n in terms:
+        torch.testing.assert_close(values[n], plain[n], atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -158,3 +158,35 @@ def test_token_out_of_vocab_is_a_clear_error():
 def test_offsets_that_do_not_match_the_tokens_are_a_clear_error():
     with pytest.raises(ValueError, match="offsets must rise from 0 to len"):
         NGramModel(2, vocab_size=5).fit(np.array([1, 2, 3]), np.array([0, 2]))
+
+
+def test_prior_quality_scores_held_out_text_by_hand():
+    """Counted: prompt p, answer a b a b a c. Held out: prompt p, answer a b. A bigram (order 2) says
+    p→a with 1, a→b with 2/3: top-1 right on both, mass (1 + 2/3)/2, NLL with the 1% unigram floor."""
+    from kd_lightning.data.tokenized import TokenizedCorpus
+    from kd_lightning.evaluation.prior_quality import (
+        UNIGRAM_FLOOR,
+        PriorQualitySpec,
+        first_tokens,
+        score_prior,
+    )
+
+    p, a, b, c = 0, 1, 2, 3
+    counted = TokenizedCorpus(
+        np.array([p, a, b, a, b, a, c], np.int32), np.array([0, 7]), np.array([1], np.int32)
+    )
+    heldout = TokenizedCorpus(np.array([p, a, b], np.int32), np.array([0, 3]), np.array([1], np.int32))
+    spec = PriorQualitySpec(ngram_orders=[2], counted_tokens=[None], min_context_count=1, memory_budget=None)
+    row = score_prior(counted, heldout, 4, 2, spec)
+    unigram = np.array([0, 3, 2, 1]) + 1.0
+    unigram /= unigram.sum()
+    nll = -np.mean(np.log((1 - UNIGRAM_FLOOR) * np.array([1.0, 2 / 3]) + UNIGRAM_FLOOR * unigram[[a, b]]))
+    assert row["top1_agreement"] == 1.0 and row["coverage"] == 1.0 and row["heldout_tokens"] == 2
+    assert row["mass_on_observed"] == pytest.approx((1 + 2 / 3) / 2)
+    assert row["nll"] == pytest.approx(nll) and row["counted_tokens"] == 6
+    two = TokenizedCorpus(
+        np.concatenate([counted.tokens, counted.tokens]), np.array([0, 7, 14]), np.array([1, 1], np.int32)
+    )
+    assert (
+        len(first_tokens(two, 6)) == 1 and len(first_tokens(two, 7)) == 2 and first_tokens(two, None) is two
+    )

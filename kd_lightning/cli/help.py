@@ -164,6 +164,18 @@ STAGE_PAGES: dict[str, StagePage] = {
         ),
         "kdl fidelity fidelity.sampling_rounds=[1,16]",
     ),
+    "prior-quality": StagePage(
+        "how well the n-gram prior predicts held-out teacher text, per n and amount counted",
+        "teacher corpus, tokenizer",
+        "the teacher text (data: its training split counted, its held-out records scored)",
+        "outputs/prior-quality/<time>/prior_quality.csv (and the table); cached under artifacts/eval/",
+        (
+            ("data", "teacher text, e.g. data=sharegpt"),
+            ("prior_quality.ngram_orders", "n of each model"),
+            ("prior_quality.counted_tokens", "response tokens counted (null: the whole training split)"),
+        ),
+        "kdl prior-quality data=sharegpt",
+    ),
     "plan": StagePage(
         "a cost plan: corpus tokens, store sizes, proxy FLOPs, KD-loss memory",
         "teacher corpus, model headers",

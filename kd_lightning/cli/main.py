@@ -11,7 +11,6 @@ stores, and a multirun over sampling rounds reuses the prior and the aligned pro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -50,26 +49,21 @@ from kd_lightning.environment import (
     install_log_redaction,
     redact,
 )
-from kd_lightning.evaluation.tables import evaluation_table
 from kd_lightning.generation.job import run_generation
 from kd_lightning.models.hub import set_trust_remote_code
-from kd_lightning.modules.training import finish_wandb, trained_students
+from kd_lightning.modules.training import ReplicaFinished
 from kd_lightning.report import main as report_main
 from kd_lightning.stages import estimate
-from kd_lightning.stages.compare import evaluate, run_fidelity, run_pipeline, write_csv
+from kd_lightning.stages.compare import (
+    run_evaluate,
+    run_fidelity,
+    run_pipeline,
+    run_prior_quality,
+)
 from kd_lightning.stages.plan import run_plan
 from kd_lightning.stages.train import run_distill
 
 log = logging.getLogger("kdl")
-
-
-def model_label(path: str) -> str:
-    """A table label for a model folder: a trained student's run name, else the folder's name."""
-    folder = Path(path)
-    result = folder.parent / "result.json"
-    if folder.name == "student" and result.is_file():
-        return f"{json.loads(result.read_text()).get('name', 'student')} ({folder.parent.name})"
-    return folder.name or path
 
 
 def stage_distill(cfg: DictConfig) -> dict[str, Any]:
@@ -97,42 +91,28 @@ def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``models_to_evaluate`` (or every trained student); log each row to the configured loggers."""
-    ctx = build_context(cfg)
-    spec = instantiate(cfg.evaluation)
-    models = [(model_label(str(p)), str(p)) for p in cfg.get("models_to_evaluate") or []]
-    models = models or [(name, str(folder)) for name, folder in trained_students(ctx.workspace)]
-    if not models:
-        raise ValueError(
-            "nothing to evaluate: train students first (kdl distill / kdl pipeline) or set models_to_evaluate=[<HF folder>,...]"
-        )
-    rows = [evaluate(ctx, name, path, spec) for name, path in models]
-    log_rows(cfg, rows, "eval", "name", {"evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True)})
-    write_csv(Path(cfg.paths.output_dir) / "evaluate.csv", rows)
-    table = evaluation_table(rows)
-    print(f"\nHeld-out teacher responses ({len(ctx.corpus().heldout)} records):\n{table}\n", flush=True)
-    return {"rows": rows, "table": table}
+    models = [str(p) for p in cfg.get("models_to_evaluate") or []]
+    result = run_evaluate(build_context(cfg), instantiate(cfg.evaluation), models, Path(cfg.paths.output_dir))
+    log_rows(
+        cfg,
+        result["rows"],
+        "eval",
+        "name",
+        {"evaluation": OmegaConf.to_container(cfg.evaluation, resolve=True)},
+    )
+    return result
 
 
 def stage_fidelity(cfg: DictConfig) -> dict[str, Any]:
     result = run_fidelity(build_context(cfg), instantiate(cfg.fidelity), Path(cfg.paths.output_dir))
-    for node in (cfg.get("logger") or {}).values():
-        logger = instantiate(node, name=f"{cfg.run_name}-fidelity")
-        for step, row in enumerate(result["rows"]):
-            logger.log_metrics(
-                {f"fidelity/{k}": row[k] for k in ("kl", "kl_median", "tv", "topk_recall")}, step=step
-            )
-        logger.finalize("success")
-        finish_wandb()
+    log_rows(cfg, result["rows"], "fidelity", "fidelity", keys=("kl", "kl_median", "tv", "topk_recall"))
     return result
 
 
 def stage_plan(cfg: DictConfig) -> dict[str, Any]:
     """``kdl plan``: the stores the configured terms (and variants) read, their sizes, FLOPs, memory."""
-    names = set(cfg.get("loss") or {})
-    for spec in (cfg.get("variants") or {}).values():
-        if spec is not None:
-            names |= set(spec.get("loss") or []) if OmegaConf.is_dict(spec) else set(spec)
-    stores = sorted({label for term in loss_terms(cfg, sorted(names)).values() for label in term.soft_labels})
+    terms = [*loss_terms(cfg).values(), *(t for v in variants(cfg) for t in v.run.loss_terms.values())]
+    stores = sorted({label for term in terms for label in term.soft_labels})
     what_if = cfg.get("plan") or {}
     return run_plan(
         build_context(cfg),
@@ -169,6 +149,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "fidelity": stage_fidelity,
     "generate": stage_generate,
     "plan": stage_plan,
+    "prior-quality": lambda cfg: run_prior_quality(
+        build_context(cfg), instantiate(cfg.prior_quality), Path(cfg.paths.output_dir)
+    ),
 }
 """Stage name → the function that runs it (every name of :data:`kd_lightning.cli.help.STAGES`)."""
 
@@ -255,6 +238,8 @@ def _task(cfg: DictConfig) -> Any:
         result = run_stage(cfg)
         # Optuna and other optimising sweepers read the job's return value
         return objective(result, cfg.sweep_objective) if cfg.get("sweep_objective") else result
+    except ReplicaFinished:  # an extra DDP training process: rank 0 saves and evaluates the student
+        raise SystemExit(0) from None
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, InstantiationException) as err:
         if env_setting("KDL_TRACEBACK"):
             raise

@@ -122,14 +122,32 @@ def trainer_factory(cfg: DictConfig):
 
 
 def log_rows(
-    cfg: DictConfig, rows: list[dict[str, Any]], prefix: str, run: str, hyperparams: Mapping | None = None
+    cfg: DictConfig,
+    rows: list[dict[str, Any]],
+    prefix: str,
+    run: str,
+    hyperparams: Mapping | None = None,
+    keys: tuple[str, ...] | None = None,
 ):
-    """Log result rows to every configured logger (one run per row when ``run`` names a field)."""
-    for row in rows:
-        for node in (cfg.get("logger") or {}).values():
-            logger = instantiate(node, name=f"{cfg.run_name}-{row.get(run, run)}")
-            if hyperparams:
-                logger.log_hyperparams({**hyperparams, "model": row.get("model")})
-            logger.log_metrics({f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    """Log result rows to every configured logger: one run per row when ``run`` names a field of the rows,
+    else all rows into one run named ``run``, a step each. ``keys`` limits the figures logged."""
+    per_row = any(run in row for row in rows)
+    for node in (cfg.get("logger") or {}).values():
+        logger = None
+        for step, row in enumerate(rows):
+            if logger is None or per_row:
+                logger = instantiate(node, name=f"{cfg.run_name}-{row.get(run, run)}")
+                if hyperparams:
+                    logger.log_hyperparams({**hyperparams, "model": row.get("model")})
+            figures = {
+                k: v for k, v in row.items() if isinstance(v, (int, float)) and (keys is None or k in keys)
+            }
+            logger.log_metrics(
+                {f"{prefix}/{k}": v for k, v in figures.items()}, step=None if per_row else step
+            )
+            if per_row:
+                logger.finalize("success")
+                finish_wandb()
+        if logger is not None and not per_row:
             logger.finalize("success")
-        finish_wandb()
+            finish_wandb()

@@ -282,6 +282,19 @@ class NGramPriorEstimator:
         self.count_workers = count_workers
         self.spill_dir = spill_dir
 
+    def with_changes(self, **changes) -> NGramPriorEstimator:
+        """A new estimator with these settings changed, checked like any other (e.g. another n or γ)."""
+        arguments = {
+            "ngram_order": self.ngram_order,
+            "gamma": self.gamma,
+            "min_context_count": self.min_context_count,
+            "top_k": self.top_k,
+            "memory_budget": self.memory_budget,
+            "count_workers": self.count_workers,
+            "spill_dir": self.spill_dir,
+        }
+        return type(self)(**{**arguments, **changes})
+
     def settings(self) -> dict:
         return {
             "kind": "ngram_prior",

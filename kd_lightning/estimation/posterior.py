@@ -134,6 +134,22 @@ class ProxyPosteriorEstimator:
         self.packing, self.pack_length = packing, pack_length
         self.proxy_dtype = proxy_dtype
 
+    def with_changes(self, **changes) -> ProxyPosteriorEstimator:
+        """A new estimator with these settings changed, checked like any other (e.g. another R)."""
+        arguments = {
+            "update": self.update,
+            "sampling_rounds": self.sampling_rounds,
+            "proxy_sampling_temperature": self.proxy_sampling_temperature,
+            "top_k": self.top_k,
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "packing": self.packing,
+            "pack_length": self.pack_length,
+            "proxy_dtype": self.proxy_dtype,
+        }
+        return type(self)(**{**arguments, **changes})
+
     def settings(self) -> dict:
         return {
             "kind": "proxy_posterior",

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kd_lightning.models.forward import left_pad
+
 
 @torch.inference_mode()
 def generate_greedy(
@@ -23,14 +25,10 @@ def generate_greedy(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, prompt in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            attention[row, width - len(prompt) :] = 1
+        input_ids, attention = left_pad(chunk, pad_id, device)  # every prompt ends where generation starts
         output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
+            input_ids=input_ids,
+            attention_mask=attention,
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,

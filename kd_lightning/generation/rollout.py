@@ -17,6 +17,7 @@ from torch import nn
 
 from kd_lightning.data.batch import IGNORE_INDEX, TextBatch
 from kd_lightning.losses.policy import finite_log_softmax, teacher_mixed_log_probs
+from kd_lightning.models.forward import left_pad
 
 
 @dataclass
@@ -70,21 +71,6 @@ class Rollout:
             tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
             for ids, mask in zip(self.response_ids.cpu(), self.response_mask.cpu())
         ]
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) (B, P) with every prompt ending in the last column."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (the chat template's generation prompt)")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention[row, width - len(prompt) :] = 1
-    return ids.to(device), attention.to(device)
 
 
 def prompts_from_batch(batch: TextBatch) -> list[list[int]]:

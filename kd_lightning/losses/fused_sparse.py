@@ -57,19 +57,20 @@ class _FusedSparse(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
-def fused_sparse_terms(
-    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Values of ``terms`` (all :func:`fusable`) on logits (1, N, V) and a packed batch; one dense pass.
+def fused_sparse_parts(
+    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch | Mapping[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values of ``terms`` (all :func:`fusable`) on logits (1, N, V), and their gradients in closed form.
 
-    Raises ``ValueError`` for a term that is not :func:`fusable` (its own code must run instead).
-
-    Each value equals ``term(logits, batch)`` (masked mean over target positions), with the same gradient.
+    Returns ``(values, probs, row_coef, ids, coef)``: per term its value (a detached scalar), the (N, V)
+    float32 softmax, and the gradient of term t as ``probs · row_coef[t] (per row) + Σ coef[t] at ids``
+    (row_coef (T, N), ids (N, M), coef (T, N, M)). The softmax buffer may be turned into a gradient in
+    place by the caller.
     """
     refused = [name for name, term in terms.items() if not fusable(term, batch, logits.shape[-1])]
     if refused:
         raise ValueError(f"terms {refused} do not declare a fused form; compute them with their own forward")
-    z = logits[0]
+    z = logits[0].detach()
     n = z.shape[0]
     batch = PositionBatch.from_fields(batch)
     target = batch.target_ids[0]
@@ -131,5 +132,18 @@ def fused_sparse_terms(
     for t, block in enumerate(coef_blocks):
         coef[t, :, start : start + block.shape[-1]] = block
         start += block.shape[-1]
-    carrier = _FusedSparse.apply(z, probs, torch.stack(row_coefs), all_ids, coef)
-    return {name: values[t] + carrier[t] for t, name in enumerate(names)}
+    return values, probs, torch.stack(row_coefs), all_ids, coef
+
+
+def fused_sparse_terms(
+    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch | Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Values of ``terms`` (all :func:`fusable`) on logits (1, N, V) and a packed batch; one dense pass.
+
+    Raises ``ValueError`` for a term that is not :func:`fusable` (its own code must run instead).
+
+    Each value equals ``term(logits, batch)`` (masked mean over target positions), with the same gradient.
+    """
+    values, probs, row_coef, ids, coef = fused_sparse_parts(logits, terms, batch)
+    carrier = _FusedSparse.apply(logits[0], probs, row_coef, ids, coef)
+    return {name: values[t] + carrier[t] for t, name in enumerate(terms)}

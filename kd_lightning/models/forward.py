@@ -157,3 +157,18 @@ def _check_head_shortcut(model: nn.Module, input_ids: torch.Tensor, attention_ma
             return bool(torch.allclose(head(hidden), full, atol=1e-4, rtol=1e-4))
     except Exception:  # any architecture that does not fit the pattern keeps the plain path
         return False
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, P) with every prompt ending in the last column."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the chat template's generation prompt)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention[row, width - len(prompt) :] = 1
+    return ids.to(device), attention.to(device)

@@ -27,9 +27,10 @@ from lightning import LightningModule
 from torch import nn
 
 from kd_lightning.data.batch import TextBatch
+from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
-from kd_lightning.generation.rollout import left_pad, prompts_from_batch
+from kd_lightning.generation.rollout import prompts_from_batch
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
 from kd_lightning.models.loading import freeze
@@ -198,20 +199,9 @@ class StudentModule(LightningModule):
         room = self.eval_generation_limit - len(self._val_predictions)
         rows = batch.rows(slice(0, room))
         prompts = prompts_from_batch(rows)
-        input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
-        greedy = self.student.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=self.eval_max_new_tokens,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+        self._val_predictions += generate_greedy(  # the one greedy generation kdl evaluate uses too
+            self.student, self.tokenizer, prompts, self.eval_max_new_tokens, batch_size=len(prompts)
         )
-        width = max(len(p) for p in prompts)
-        decode = self.tokenizer.batch_decode
-        self._val_predictions += [
-            t.strip() for t in decode(greedy[:, width:].cpu(), skip_special_tokens=True)
-        ]
         mask = rows.target_ids != IGNORE_INDEX
         for row in range(len(prompts)):
             response = rows.target_ids[row][mask[row]]

@@ -102,7 +102,7 @@ def train_student(
         trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
         log.info("training process %d of %s is done; rank 0 saves the student", trainer.global_rank, folder)
-        raise SystemExit(0)
+        raise ReplicaFinished(folder)
 
     def load(folder: Path) -> dict[str, Any]:
         return json.loads((folder / "result.json").read_text())
@@ -117,6 +117,11 @@ class StepRecord(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.start = int(trainer.global_step)
+
+
+class ReplicaFinished(Exception):
+    """One of Lightning's extra DDP training processes finished its part: rank 0 saves and evaluates, so
+    this process has nothing left to do (the CLI ends it with status 0)."""
 
 
 def finish_student(

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kd_lightning.artifacts import model_identity
-from kd_lightning.atomic import atomic_write_text
+from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus
 from kd_lightning.evaluation.comparison import (
     StudentScores,
@@ -32,9 +32,11 @@ from kd_lightning.evaluation.fidelity import (
     score_estimates,
     store_estimate,
 )
+from kd_lightning.evaluation.prior_quality import PriorQualitySpec, prior_quality, prior_quality_table
 from kd_lightning.evaluation.results import evaluation_result, proxy_heldout
-from kd_lightning.evaluation.tables import results_table, summarize_store
+from kd_lightning.evaluation.tables import evaluation_table, results_table, summarize_store
 from kd_lightning.models.loading import freeze, load_causal_lm
+from kd_lightning.modules.training import trained_students
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.estimate import align, posterior, prior, proxy_key
 from kd_lightning.stages.train import StudentRun, run_distill
@@ -264,8 +266,7 @@ def fidelity_estimates(ctx: StageContext, spec: FidelitySpec) -> list[Estimate]:
         )
     for n in spec.ngram_orders:
         for gamma in spec.gammas:
-            estimator = copy.copy(ctx.prior_estimator)
-            estimator.ngram_order, estimator.gamma = n, gamma
+            estimator = ctx.prior_estimator.with_changes(ngram_order=n, gamma=gamma)
             estimates.append(
                 Estimate(
                     f"prior n={n} γ={gamma:g}",
@@ -276,8 +277,7 @@ def fidelity_estimates(ctx: StageContext, spec: FidelitySpec) -> list[Estimate]:
             )
     base = ctx.prior_estimator
     for rounds in spec.sampling_rounds:
-        estimator = copy.copy(ctx.posterior_estimator)
-        estimator.sampling_rounds = rounds
+        estimator = ctx.posterior_estimator.with_changes(sampling_rounds=rounds)
         estimates.append(
             Estimate(
                 f"posterior R={rounds} (prior n={base.ngram_order} γ={base.gamma:g})",
@@ -319,6 +319,63 @@ def run_fidelity(ctx: StageContext, spec: FidelitySpec, out_dir: Path) -> dict[s
         flush=True,
     )
     return {"rows": rows, "table": table, "teacher": str(ctx.teacher_path)}
+
+
+def run_evaluate(
+    ctx: StageContext, spec: EvaluationSpec, models: Sequence[str], out_dir: Path
+) -> dict[str, Any]:
+    """``kdl evaluate``: every metric of ``spec`` for ``models`` (HF folders or model names; by default
+    every student this workspace has trained), one row each; writes ``evaluate.csv``."""
+    named = [(model_label(path), path) for path in models]
+    named = named or [(name, str(folder)) for name, folder in trained_students(ctx.workspace)]
+    if not named:
+        raise ValueError(
+            "nothing to evaluate: train students first (kdl distill / kdl pipeline) or set "
+            "models_to_evaluate=[<HF folder>,...]"
+        )
+    rows = [evaluate(ctx, name, path, spec) for name, path in named]
+    write_csv(out_dir / "evaluate.csv", rows)
+    table = evaluation_table(rows)
+    print(f"\nHeld-out teacher responses ({len(ctx.corpus().heldout)} records):\n{table}\n", flush=True)
+    return {"rows": rows, "table": table}
+
+
+def model_label(path: str) -> str:
+    """A table label for a model folder: a trained student's run name, else the folder's name."""
+    folder = Path(path)
+    result = folder.parent / "result.json"
+    if folder.name == "student" and result.is_file():
+        return f"{json.loads(result.read_text()).get('name', 'student')} ({folder.parent.name})"
+    return folder.name or path
+
+
+def run_prior_quality(ctx: StageContext, spec: PriorQualitySpec, out_dir: Path) -> dict[str, Any]:
+    """``kdl prior-quality``: the n-gram prior on held-out teacher text, per order and amount counted
+    (cached as an evaluation); writes ``prior_quality.csv``."""
+    corpus = ctx.corpus()
+    provenance = {
+        "kind": "prior_quality",
+        "counted": corpus.counts.fingerprint,
+        "heldout": corpus.heldout.fingerprint,
+        "spec": asdict(spec),
+        "code": ctx.code.get("eval"),
+    }
+
+    def build(path: Path) -> dict[str, Any]:
+        result = {"rows": prior_quality(corpus.counts, corpus.heldout, corpus.vocab_size, spec)}
+        atomic_json(path, result)
+        return result
+
+    result = ctx.workspace.cached(
+        "eval", provenance, build, lambda path: json.loads(path.read_text()), done=None, suffix=".json"
+    )
+    rows = result["rows"]
+    write_csv(out_dir / "prior_quality.csv", rows)
+    table = prior_quality_table(rows)
+    print(
+        f"\nThe n-gram prior on {rows[0]['heldout_tokens']:,} held-out teacher tokens:\n{table}\n", flush=True
+    )
+    return {"rows": rows, "table": table}
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
