@@ -74,10 +74,16 @@ SWAPS = {
 }
 
 
+STAGE_NEEDS = {
+    "fidelity": ["teacher=local", "teacher.path=${kdl_tiny:}", "proxy=local", "proxy.path=${kdl_tiny:}"],
+}
+"""Stages whose config picks a shipped model by default: the tiny one instead."""
+
+
 def tiny(argv: list[str], tiny_dir: Path) -> list[str]:
     """A README command at the tiny size: the tiny experiment and models, a sweep's first job, two steps."""
     stage, rest = argv[1], argv[2:]
-    out = ["experiment=tiny"]
+    out = ["experiment=tiny", *STAGE_NEEDS.get(stage, [])]
     sweeping = "-m" in rest or any(a.startswith("sweep=") for a in rest)
     for arg in rest:
         key, _, value = arg.partition("=")
@@ -85,6 +91,8 @@ def tiny(argv: list[str], tiny_dir: Path) -> list[str]:
             continue
         if arg in SWAPS:
             out += SWAPS[arg]
+        elif key == "recipe":  # a recipe picks the shipped teacher (the tiny one instead) and its own steps
+            out += [arg, "teacher=local", "teacher.path=${kdl_tiny:}", "trainer.max_steps=2"]
         elif key.endswith(".path") and value.startswith("<"):
             out.append(f"{key}={tiny_dir}")
         elif key in ("trainer.max_steps", "trainer.val_check_interval"):
@@ -98,21 +106,28 @@ def tiny(argv: list[str], tiny_dir: Path) -> list[str]:
     return [stage, *out]
 
 
-def runnable() -> list[tuple[str, list[str]]]:
+def runnable() -> list[tuple[str, list[list[str]]]]:
+    """Per unmarked block, its kdl commands in order (a block is one session, run in one folder)."""
     found = []
     for line, marker, body in blocks():
         if marker:
             continue
+        session = []
         for command in commands(body):
             text, _, comment = command.partition("  #")
             if LINE_MARK.search(comment) or not text.startswith("kdl "):
                 continue
-            found.append((f"README.md:{line} {text.strip()}", shlex.split(text)))
+            session.append(shlex.split(re.sub(r"=<([^>]*)>", "=<placeholder>", text)))
+        if session:
+            found.append((f"README.md:{line}", session))
     return found
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("where", "argv"), runnable(), ids=[w for w, _ in runnable()])
-def test_readme_commands_run_at_a_tiny_size(where, argv, kdl_env, tiny_dir):
-    done = kdl(*tiny(argv, tiny_dir), env_dir=kdl_env, check=False)
-    assert done.returncode == 0, f"{where}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+@pytest.mark.parametrize(("where", "session"), runnable(), ids=[w for w, _ in runnable()])
+def test_readme_commands_run_at_a_tiny_size(where, session, kdl_env, tiny_dir):
+    for argv in session:
+        done = kdl(*tiny(argv, tiny_dir), env_dir=kdl_env, check=False)
+        assert done.returncode == 0, (
+            f"{where} `{' '.join(argv)}`:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        )

@@ -218,9 +218,6 @@ evaluation_sets:
               heldout_size: 5, max_seq_len: 96}}
 trainer: {{precision: bf16-mixed}}
 variants:
-  sft_only: null
-  plus_prior: null
-  plus_prior_posterior: null
   untrained: {{loss: [hard_ce], trainer: {{max_steps: 0}}, seeds: [0]}}
   sft: [hard_ce]
   prior_posterior: [hard_ce, prior_kl, posterior_kl]

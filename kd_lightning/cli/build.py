@@ -202,7 +202,9 @@ def variants(cfg: DictConfig) -> list[Variant]:
     terms read; ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student).
     A null entry is dropped.
     """
-    specs = {name: spec for name, spec in cfg.variants.items() if spec is not None}
+    listed = cfg.get("variants")
+    node = "variants" if listed is not None else "default_variants"
+    specs = {name: spec for name, spec in (cfg.get(node) or {}).items() if spec is not None}
     for name, spec in specs.items():
         if not OmegaConf.is_dict(spec):
             continue
@@ -237,7 +239,7 @@ def variants(cfg: DictConfig) -> list[Variant]:
             if not OmegaConf.is_dict(spec):
                 found.append(Variant(name, student_run(seeded, label, list(spec)), seed=seed))
                 continue
-            spec = seeded.variants[name]
+            spec = seeded[node][name]
             trainer = resolved(spec.trainer) if spec.get("trainer") else None
             run = student_run(
                 seeded, label, list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
