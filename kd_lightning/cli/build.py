@@ -89,11 +89,17 @@ def build_context(cfg: DictConfig) -> StageContext:
         proxy_path=model_path(cfg.proxy.path),
         alignment=instantiate(cfg.alignment),
         trainer_factory=trainer_factory(cfg),
-        teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") else None,
+        teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") and "path" in cfg.teacher else None,
         teacher_targets=instantiate(cfg.estimator.teacher_targets),
         code=stage_code(cfg),
         proxy_own_tokenizer=bool(cfg.proxy.get("own_tokenizer", False)),
+        served_teacher=(lambda: instantiate(cfg.teacher)) if served(cfg.get("teacher")) else None,
     )
+
+
+def served(teacher: Any) -> bool:
+    """Whether a teacher config is a teacher behind a server (``teacher=served``)."""
+    return OmegaConf.is_dict(teacher) and "base_url" in teacher
 
 
 def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, LossTerm]:
@@ -170,10 +176,17 @@ def student_run(
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         teacher=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
-        teacher_tokenizer=(lambda: load_tokenizer(model_path(teacher_cfg.path))) if teacher_cfg else None,
+        teacher_tokenizer=(lambda: load_tokenizer(model_path(teacher_cfg.path)))
+        if teacher_cfg and "path" in teacher_cfg
+        else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
         trainer_overrides=trainer_overrides or None,
     )
+    if served(teacher_cfg) and run.reads_teacher():
+        raise ValueError(
+            "teacher=served gives a store of the teacher's top-k log-probs, not a model in the training step: "
+            "build it with `kdl teacher-logits teacher=served ...` and train with kd_target=offline_teacher"
+        )
     run.settings = student_settings(cfg, terms, module, runs_teacher=run.reads_teacher())
     return run
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def _unpacked_row_order(
 
 
 def estimate_by_shard(
-    model: nn.Module,
+    model: nn.Module | None,
     corpus: TokenizedCorpus,
     pad_id: int,
     out: str,
@@ -93,15 +94,18 @@ def estimate_by_shard(
     packing: bool = False,
     pack_length: int | None = None,
     model_corpus: TokenizedCorpus | None = None,
+    batches: Callable[[range], Iterator[tuple[Any, list[int]]]] | None = None,
 ) -> SoftLabelStore:
     """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
 
     ``rows_for`` gets the model's logits (rows, V) at the target positions of ``sequences`` and returns
     their rows in the same order. Every rank of a ``torchrun`` group calls this together. A model of
     another tokenizer reads ``model_corpus`` (the same sequences in its own tokenization); ``rows_for``
-    then returns rows in ``corpus``'s layout.
+    then returns rows in ``corpus``'s layout. ``batches(sequences)`` replaces the model's pass (a teacher
+    behind a server): it yields ``(what rows_for reads, the sequences it covers)``.
     """
-    model.eval()
+    if model is not None:
+        model.eval()
     group = process_group()
     if group.is_main:  # rank 0 checks (or discards) the finished shards before anyone adds to them
         writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size)
@@ -125,15 +129,20 @@ def estimate_by_shard(
         for shard in pending:
             generator = torch.Generator(device="cpu").manual_seed(seed + shard)
             parts: dict[int, SparseRows] = {}
-            for logits, seqs in target_position_batches(
-                model,
-                corpus if model_corpus is None else model_corpus,
-                writer.shard_sequences(shard),
-                pad_id,
-                batch_size,
-                packing,
-                pack_length,
-            ):
+            source = (
+                batches(writer.shard_sequences(shard))
+                if batches is not None
+                else target_position_batches(
+                    model,
+                    corpus if model_corpus is None else model_corpus,
+                    writer.shard_sequences(shard),
+                    pad_id,
+                    batch_size,
+                    packing,
+                    pack_length,
+                )
+            )
+            for logits, seqs in source:
                 rows = rows_for(logits, seqs, generator)
                 bounds = np.cumsum([0, *(int(offsets[i + 1] - offsets[i]) for i in seqs)])
                 for i, lo, hi in zip(seqs, bounds[:-1], bounds[1:]):

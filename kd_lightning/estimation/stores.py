@@ -25,8 +25,9 @@ from kd_lightning.data.store_size import store_bytes
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
-from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder, served_teacher_store
 from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
+from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import freeze, load_causal_lm
 from kd_lightning.models.vocabulary import tokenizer_fingerprint
 
@@ -205,6 +206,40 @@ def offline_teacher_store(
         siblings=RESUMABLE,
         collective=True,
         size_hint=_size(corpus, targets.k, vocab),
+    )
+
+
+def served_teacher_artifact(
+    workspace: Workspace,
+    corpus: Corpus,
+    served: ServedTeacher,
+    targets: TeacherTargetBuilder,
+    code: str | None = None,
+) -> SoftLabelStore:
+    """A served teacher's top-k rows at every training target position (resumable): the offline store of
+    ``teacher=served``, keyed by the server, the model and the wire form."""
+    provenance = {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": corpus.train.fingerprint,
+        "teacher": served.identity(),
+        "targets": targets.settings(),
+        "code": code,
+    }
+
+    def build(folder: Path) -> SoftLabelStore:
+        start = time.perf_counter()
+        store = served_teacher_store(served, corpus.train, corpus.tokenizer, targets, str(folder), provenance)
+        stats = {"seconds": time.perf_counter() - start, "rows": len(store.tail), **served.report()}
+        atomic_json(stats_path(folder), stats)
+        return store
+
+    return workspace.cached(
+        "teacher_logits",
+        provenance,
+        build,
+        _open(corpus, provenance),
+        siblings=RESUMABLE,
+        size_hint=_size(corpus, targets.k),
     )
 
 

@@ -20,6 +20,9 @@ position holds no entry and its whole mass in the tail; only cross-vocabulary te
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,7 +31,10 @@ from kd_lightning.data.cross_tokenizer import TeacherView
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
+from kd_lightning.generation.served import ServedTeacher, rows_of_sequence
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
+
+log = logging.getLogger(__name__)
 
 KINDS = ("topk", "sampled")
 
@@ -155,3 +161,60 @@ class TeacherTargetBuilder:
             self.pack_length,
             model_corpus=view.corpus,
         )
+
+
+def served_teacher_store(
+    served: ServedTeacher,
+    corpus: TokenizedCorpus,
+    tokenizer: Any,
+    targets: TeacherTargetBuilder,
+    out: str,
+    provenance: dict,
+) -> SoftLabelStore:
+    """The top-k store of a teacher behind a server (``teacher=served``): the same rows as an in-process
+    teacher's, read from its prompt log-probs, shard by shard (a killed run resumes)."""
+    if targets.kind != "topk" or targets.own_tokenizer:
+        raise ValueError(
+            "a served teacher gives top-k log-probs in the student's vocabulary: use "
+            "estimator/teacher_targets=topk (sampled rows need the whole distribution)"
+        )
+    texts = text_of(tokenizer)
+    to_id = None
+    if served.api == "openai_completions":
+        to_id = {}
+        for i in range(len(tokenizer)):
+            to_id.setdefault(tokenizer.decode([i], skip_special_tokens=False), i)
+    served.check_tokenizer(corpus.sequence(0).tolist(), texts, tokenizer)
+    vocab = int(max(len(tokenizer), tokenizer.vocab_size))
+
+    def batches(sequences: range):
+        for start in range(0, len(sequences), targets.batch_size):
+            seqs = list(sequences[start : start + targets.batch_size])
+            token_lists = [corpus.sequence(i).tolist() for i in seqs]
+            scored = served.score(token_lists, [texts(ids) for ids in token_lists], targets.k)
+            parts = [
+                rows_of_sequence(s, int(corpus.prompt_lens[i]), targets.k, to_id)
+                for i, s in zip(seqs, scored)
+            ]
+            rows = SparseRows(
+                np.concatenate([p[0] for p in parts]).astype(id_dtype_for(vocab)),
+                np.concatenate([p[1] for p in parts]).astype(np.float16),
+                np.concatenate([p[2] for p in parts]).astype(np.float32),
+            )
+            yield rows, seqs
+
+    store = estimate_by_shard(
+        None, corpus, 0, out, provenance, targets.shard_size, targets.batch_size, targets.seed,
+        f"served teacher top-{targets.k}", lambda rows, seqs, generator: rows, batches=batches,
+    )  # fmt: skip
+    log.info("served teacher: %s", served.report())
+    return store
+
+
+def text_of(tokenizer: Any):
+    """Token ids → their text as the openai_completions form sends it (special tokens written out). A
+    tokenizer without a decoder (WordLevel) would join tokens with spaces: its text is its tokens side by side."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is None:
+        return lambda ids: "".join(tokenizer.convert_ids_to_tokens(list(ids)))
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -11,23 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import random
-import threading
-import time
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from kd_lightning.generation.openai_client import (
+    BackendStats,
+    GenerationError,
+    MalformedReply,
+    OpenAIClient,
+    RequestFailure,
+    public_url,
+)
 
 log = logging.getLogger(__name__)
 
-
-class GenerationError(RuntimeError):
-    """An error no retry can fix (authentication, unknown model, bad settings); the message says the fix."""
+__all__ = [
+    "BackendStats",
+    "GenerationError",
+    "MalformedReply",
+    "OpenAIClient",
+    "RequestFailure",
+    "public_url",
+]
 
 
 @dataclass(frozen=True)
@@ -100,26 +108,6 @@ class TeacherReply:
         return cls(
             **{k: row[k] for k in ("text", "prompt_tokens", "completion_tokens", "finish_reason", "logprobs")}
         )
-
-
-@dataclass
-class RequestFailure:
-    """A request that failed after its retries; it is not cached, so a rerun tries it again."""
-
-    reason: str  # short category: rate_limited, server_error, timeout, connection, malformed, bad_request
-    detail: str
-
-
-@dataclass
-class BackendStats:
-    """Retries by reason, counted across threads."""
-
-    retries: Counter = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def retried(self, reason: str) -> None:
-        with self.lock:
-            self.retries[reason] += 1
 
 
 class TeacherBackend(ABC):
@@ -209,27 +197,9 @@ class LocalTeacher(TeacherBackend):
                     )
 
 
-def public_url(url: str) -> str:
-    """The URL without credentials, query or fragment (safe to record)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-class MalformedReply(ValueError):
-    """The server answered 200 with something that is not a usable chat completion."""
-
-
-class OpenAITeacher(TeacherBackend):
-    """Any OpenAI-compatible chat-completions API, through the official ``openai`` client.
-
-    The key is read from the environment variable named by ``api_key_env`` and never stored in configs,
-    logs, caches or corpus records. Retries (429, 5xx, timeouts, dropped connections, malformed replies)
-    use exponential backoff with jitter and honour ``Retry-After``; the client's own retries are off so
-    that every retry is counted here.
-    """
+class OpenAITeacher(OpenAIClient, TeacherBackend):
+    """Any OpenAI-compatible chat-completions API as the teacher (see :class:`OpenAIClient` for the key,
+    the retries and the failures that stop a run)."""
 
     def __init__(
         self,
@@ -244,79 +214,14 @@ class OpenAITeacher(TeacherBackend):
         price_per_million_prompt_tokens: float | None = None,
         price_per_million_completion_tokens: float | None = None,
     ) -> None:
-        try:
-            import openai
-        except ImportError as err:  # pragma: no cover - depends on extras
-            raise GenerationError(
-                "the API teacher needs the openai client: pip install 'kd_lightning[api]'"
-            ) from err
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError(
-                f"teacher.concurrency={concurrency} must be ≥ 1, max_retries={max_retries} ≥ 0, timeout_s={timeout_s} > 0"
-            )
-        key = os.environ.get(api_key_env or "")
-        if not key:
-            raise GenerationError(
-                f"environment variable {api_key_env} is not set; export it with the API key "
-                "(any non-empty value for a local server without authentication). "
-                "Keys are read from the environment only, never from configs"
-            )
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        self.openai = openai
-        self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
-        self.model = model
-        self.api_key_env = api_key_env
-        self.base_url = public_url(base_url)
-        self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        super().__init__(
+            model, base_url, api_key_env, concurrency, max_retries, timeout_s, backoff_s, max_backoff_s
+        )
         self.price_per_million_prompt_tokens = price_per_million_prompt_tokens
         self.price_per_million_completion_tokens = price_per_million_completion_tokens
-        self.stats = BackendStats()
-        self._fatal: GenerationError | None = None
 
     def identity(self) -> dict[str, str]:
         return {"backend": "openai", "model": self.model, "base_url": self.base_url}
-
-    def _classify(self, err: Exception) -> tuple[str, bool]:
-        """(reason, retryable) for an exception raised by one call."""
-        o = self.openai
-        if isinstance(err, o.RateLimitError):
-            return "rate_limited", True
-        if isinstance(err, o.APITimeoutError):
-            return "timeout", True
-        if isinstance(err, o.APIConnectionError):
-            return "connection", True
-        if isinstance(err, o.APIStatusError):
-            if err.status_code >= 500 or err.status_code in (408, 409):
-                return "server_error", True
-            if err.status_code in (401, 403):
-                self._fatal = GenerationError(
-                    f"the API refused the key ({err.status_code}); check the key in ${self.api_key_env}"
-                    f" and the base URL {self.base_url}"
-                )
-                return "auth", False
-            if err.status_code == 404:
-                self._fatal = GenerationError(
-                    f"the API at {self.base_url} answered 404 for model {self.model!r}; check teacher.model "
-                    "and teacher.base_url (it usually ends in /v1)"
-                )
-                return "not_found", False
-            return "bad_request", False
-        if isinstance(err, MalformedReply | o.APIResponseValidationError | json.JSONDecodeError):
-            return "malformed", True
-        raise err
-
-    def _delay(self, attempt: int, err: Exception) -> float:
-        response = getattr(err, "response", None)
-        header = response.headers.get("retry-after") if response is not None else None
-        if header:
-            try:
-                return min(float(header), self.max_backoff_s)
-            except ValueError:
-                pass
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
 
     def _call(self, request: ChatRequest) -> TeacherReply:
         s = request.sampling
@@ -360,18 +265,7 @@ class OpenAITeacher(TeacherBackend):
         )
 
     def _answer(self, request: ChatRequest) -> TeacherReply | RequestFailure:
-        for attempt in range(self.max_retries + 1):
-            if self._fatal is not None:
-                return RequestFailure("aborted", str(self._fatal))
-            try:
-                return self._call(request)
-            except Exception as err:  # classified below; unknown errors re-raise from _classify
-                reason, retryable = self._classify(err)
-                if not retryable or attempt == self.max_retries:
-                    return RequestFailure(reason, f"{type(err).__name__}: {str(err)[:200]}")
-                self.stats.retried(reason)
-                time.sleep(self._delay(attempt, err))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._retrying(lambda: self._call(request))
 
     def stream(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[int, TeacherReply | RequestFailure]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

@@ -1,5 +1,8 @@
 """A small OpenAI-compatible chat-completions server for a local model, on loopback.
 
+It also scores prompts on ``/v1/completions`` in vLLM's form (token ids, ``prompt_logprobs``) and the OpenAI
+completions API's form (text, ``echo`` with ``logprobs``), so ``teacher=served`` runs end to end too.
+
 It lets ``kdl generate``'s API path run end to end with no network: the tests serve a tiny model
 through it and drive it with the real ``openai`` client, and users can serve any local chat model to
 tools that speak the OpenAI API::
@@ -29,7 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kd_lightning.generation.chat import ChatGenerator, Completion
-from kd_lightning.generation.protocol import RequestError, completion_body, parse_chat_request
+from kd_lightning.generation.protocol import (
+    RequestError,
+    completion_body,
+    completion_reply,
+    parse_chat_request,
+    parse_completion_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ class OpenAICompatibleServer:
         api_key: str | None = None,
         faults: Sequence[str] = (),
         max_pending: int = 256,
+        max_logprobs: int = 20,
     ) -> None:
         self.generator = generator
         self.model_name = model_name
@@ -72,6 +82,9 @@ class OpenAICompatibleServer:
         self.api_key = api_key
         self.faults: list[str] = list(faults)
         self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
+        self.completion_requests: list[dict[str, Any]] = []  # every /v1/completions body received
+        self.max_logprobs = max_logprobs
+        self.score_lock = threading.Lock()
         self.hung: dict[str, threading.Event] = {}  # "hang" faults waiting for their request to come again
         self.lock = threading.Lock()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -196,11 +209,15 @@ class OpenAICompatibleServer:
                     self._error(400, "Content-Length must be an integer", "invalid_request_error")
                     return
                 raw = self.rfile.read(length)
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                route = self.path.rstrip("/")
+                if route not in ("/v1/chat/completions", "/v1/completions"):
                     self._error(404, f"no route {self.path}", "not_found")
                     return
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     self._error(401, "invalid API key", "invalid_request_error")
+                    return
+                if route == "/v1/completions":
+                    self._completions(raw)
                     return
                 try:
                     body = json.loads(raw)
@@ -277,7 +294,49 @@ class OpenAICompatibleServer:
                     200, json.dumps(completion_body(job.result, server.model_name, bool(top))).encode()
                 )
 
+            def _completions(self, raw: bytes) -> None:
+                """Prompt scoring, in vLLM's or the OpenAI completions API's wire form."""
+                try:
+                    body = json.loads(raw)
+                    api, prompt, k = parse_completion_request(body, server.max_logprobs)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self._error(400, "the body is not JSON", "invalid_request_error")
+                    return
+                except RequestError as err:
+                    self._error(400, str(err), "invalid_request_error")
+                    return
+                with server.lock:
+                    server.completion_requests.append(body)
+                if body.get("model") != server.model_name:
+                    self._error(404, f"model {body.get('model')!r} not found", "not_found_error")
+                    return
+                fault = server._next_fault()
+                if fault in ("429", "500"):
+                    self._error(int(fault), "scripted fault", "server_error", {"Retry-After": "0"})
+                    return
+                if fault == "malformed":
+                    self._send(200, b"this is not JSON")
+                    return
+                try:
+                    reply = completion_reply(api, prompt, k, server, fault)
+                except RequestError as err:
+                    self._error(400, str(err), "invalid_request_error")
+                    return
+                self._send(200, json.dumps(reply).encode())
+
         return Handler
+
+    def score(self, ids: list[int]):
+        """(T − 1, V) log-probabilities of each next token of ``ids`` (one forward, serialised)."""
+        import torch  # the server module stays importable without torch until it scores
+
+        with self.score_lock, torch.inference_mode():
+            logits = self.generator.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            return torch.log_softmax(logits, dim=-1)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text as an API reports it (decoded alone, special tokens kept)."""
+        return self.generator.tokenizer.decode([int(token_id)], skip_special_tokens=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -324,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.max_batch_size,
         api_key=key,
         max_pending=args.max_pending,
+        max_logprobs=args.max_logprobs,
     ).start()
     print(f"serving {args.model} as {server.model_name!r} at {server.url}", flush=True)
     try:

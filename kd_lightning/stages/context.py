@@ -13,6 +13,7 @@ from kd_lightning.data.cross_tokenizer import ForeignTokenizer
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
+from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import ProxyAlignment
 
@@ -35,6 +36,7 @@ class StageContext:
         code: per artifact kind, a fingerprint of the code that builds it (part of every cache key).
         proxy_own_tokenizer: the proxy reads the records through its own tokenizer and template, and its
             draws are mapped to the student's tokens by text (``proxy.own_tokenizer``).
+        served_teacher: builds the teacher behind a server (``teacher=served``), if that is the teacher.
     """
 
     workspace: Workspace
@@ -49,6 +51,7 @@ class StageContext:
     teacher_targets: TeacherTargetBuilder = field(default_factory=TeacherTargetBuilder)
     code: Mapping[str, str] = field(default_factory=dict)
     proxy_own_tokenizer: bool = False
+    served_teacher: Callable[[], ServedTeacher] | None = None
     _corpus: Corpus | None = field(default=None, init=False, repr=False)
     _proxy_tokenizer: list[ForeignTokenizer | None] = field(default_factory=list, init=False, repr=False)
 

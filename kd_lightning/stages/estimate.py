@@ -20,6 +20,7 @@ from kd_lightning.estimation.stores import (
     posterior_store,
     prior_provenance,
     prior_store,
+    served_teacher_artifact,
     teacher_logprobs_store,
 )
 from kd_lightning.evaluation.tables import summarize_store
@@ -99,6 +100,14 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
 
 
 def offline_teacher(ctx: StageContext) -> SoftLabelStore:
+    if ctx.served_teacher is not None:
+        return served_teacher_artifact(
+            ctx.workspace,
+            ctx.corpus(),
+            ctx.served_teacher(),
+            ctx.teacher_targets,
+            ctx.code.get("teacher_logits"),
+        )
     own = None
     if ctx.teacher_targets.own_tokenizer and ctx.teacher_path is not None:
         own = ForeignTokenizer(
@@ -151,9 +160,10 @@ def run_posterior(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_teacher_logits(ctx: StageContext) -> dict[str, Any]:
-    if ctx.teacher_path is None:
+    if ctx.teacher_path is None and ctx.served_teacher is None:
         raise ValueError(
-            "kdl teacher-logits needs an open teacher: add teacher=smollm2 (or teacher=local teacher.path=...)"
+            "kdl teacher-logits needs an open teacher: add teacher=smollm2 (or teacher=local teacher.path=..., "
+            "or teacher=served teacher.base_url=... for one behind a server)"
         )
     store = offline_teacher(ctx)
     return {"offline_teacher": str(store.folder), **summarize_store(store)}

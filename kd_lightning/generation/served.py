@@ -1,0 +1,243 @@
+"""A white-box teacher that lives in its own server: any OpenAI-compatible server that scores prompts.
+
+``teacher=served`` reads the teacher's distributions over the student's corpus from ``/v1/completions``
+instead of running the teacher in the training process, so the teacher need not fit beside the student
+(vLLM, TGI or the loopback server on one machine; the student on another). Two wire forms
+(``teacher.api``):
+
+* ``vllm``: the prompt as token ids, ``max_tokens: 1, prompt_logprobs: k``; the answer's
+  ``choices[0].prompt_logprobs`` is None for the first token, then per token a map from token id to
+  ``{logprob, rank, decoded_token}`` (the top k, and the prompt's own token even outside them);
+* ``openai_completions``: the prompt as text, ``echo: true, logprobs: k, max_tokens: 0``; the answer's
+  ``logprobs`` holds ``tokens``, ``token_logprobs``, ``top_logprobs`` (token text → log-prob) and
+  ``text_offset``. Token texts become the student's ids through its tokenizer.
+
+Rows are the store's: the top k and a tail of ``1 − Σp``. The server must tokenize as the student does:
+one probe request per run checks that, and a mismatch is refused in one line (a teacher of another
+tokenizer runs in process: ``module=foreign_teacher``). Requests run ``max_concurrency`` at a time with the
+retries, backoff and one-line failures of :class:`~kd_lightning.generation.openai_client.OpenAIClient`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from kd_lightning.generation.openai_client import (
+    GenerationError,
+    MalformedReply,
+    OpenAIClient,
+    RequestFailure,
+)
+from kd_lightning.generation.protocol import PROMPT_SCORING_APIS
+
+
+class ServedTeacherError(GenerationError):
+    """The served teacher cannot be used as configured; the message names the setting and the fix."""
+
+
+class ServedTeacher(OpenAIClient):
+    """A teacher reached over HTTP (``conf/teacher/served.yaml``); see the module docstring.
+
+    Args:
+        base_url: the server's OpenAI-compatible root, ending in ``/v1``.
+        model: the model name the server serves.
+        api: ``vllm`` or ``openai_completions`` (the wire form).
+        api_key_env: the environment variable holding the key (any non-empty value for a local server).
+        max_logprobs: the most log-probs per position the server returns (vLLM's and OpenAI's cap: 20).
+        max_concurrency: requests in flight at once.
+        timeout_s, max_retries, backoff_s: per request (retries on 429, 5xx, timeouts, resets, malformed).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api: str = "vllm",
+        api_key_env: str = "KDL_TEACHER_API_KEY",
+        max_logprobs: int = 20,
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+    ) -> None:
+        if api not in PROMPT_SCORING_APIS:
+            raise ValueError(f"teacher.api={api!r} must be one of {', '.join(PROMPT_SCORING_APIS)}")
+        if max_logprobs < 1:
+            raise ValueError(f"teacher.max_logprobs={max_logprobs} must be >= 1")
+        super().__init__(model, base_url, api_key_env, max_concurrency, max_retries, timeout_s, backoff_s)
+        self.api = api
+        self.max_logprobs = max_logprobs
+        self.requests = 0
+        self.prompt_tokens = 0
+        self._count = threading.Lock()
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the teacher in a store's key: server, model and wire form (never the key)."""
+        return {"served": self.base_url, "model": self.model, "api": self.api}
+
+    def report(self) -> dict[str, Any]:
+        """Requests, prompt tokens and retries so far (for the run's stats)."""
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "retries": dict(self.stats.retries),
+        }
+
+    def check_tokenizer(self, ids: Sequence[int], text_of: Any, tokenizer: Any) -> None:
+        """One probe request on the first 32 tokens of ``ids`` (``text_of(ids)``: their text): the server must
+        tokenize as the student does (its ids, or its token texts), else the run is refused in one line
+        before anything is scored."""
+        probe = list(ids)[:32]
+        if self.api == "vllm":
+            result = self._retrying(lambda: self._probe_vllm(probe))
+        else:
+            result = self._retrying(
+                lambda: self._probe_openai(text_of(probe))
+            )
+        if isinstance(result, RequestFailure):
+            raise ServedTeacherError(self._explain(result))
+        theirs = result
+        ours = [tokenizer.decode([i], skip_special_tokens=False) for i in probe]
+        if theirs != (ours[1:] if self.api == "vllm" else ours):
+            raise ServedTeacherError(
+                f"the served teacher at {self.base_url} ({self.model}) tokenizes differently from the student "
+                f"({theirs[:6]} vs {ours[:6]}); serve a model with the student's tokenizer, or run a teacher of "
+                "another tokenizer in process (module=foreign_teacher, teacher=local teacher.path=...)"
+            )
+
+    def _probe_vllm(self, ids: list[int]) -> list[str]:
+        reply = self.client.completions.create(
+            model=self.model, prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 1}
+        )
+        choice = _first_choice(reply)
+        rows = (getattr(choice, "model_extra", None) or {}).get("prompt_logprobs")
+        if not isinstance(rows, list) or len(rows) != len(ids):
+            raise MalformedReply("the probe's reply has no prompt_logprobs for every prompt token")
+        return [str(rows[t][str(ids[t])]["decoded_token"]) for t in range(1, len(ids))]
+
+    def _probe_openai(self, text: str) -> list[str]:
+        reply = self.client.completions.create(
+            model=self.model, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0.0
+        )
+        tokens = getattr(getattr(_first_choice(reply), "logprobs", None), "tokens", None)
+        if not isinstance(tokens, list):
+            raise MalformedReply("the probe's reply has no logprobs.tokens")
+        return [str(t) for t in tokens]
+
+    # ------------------------------------------------------------------------------------ requests
+    def _request(self, ids: Sequence[int], text: str, k: int) -> list[dict[str, float] | None]:
+        """One prompt scored: per token, a map from student token id to log-prob (None for the first)."""
+        if self.api == "vllm":
+            reply = self.client.completions.create(
+                model=self.model,
+                prompt=list(ids),
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={"prompt_logprobs": k},
+            )
+            choice = _first_choice(reply)
+            extra = getattr(choice, "model_extra", None) or {}
+            rows = extra.get("prompt_logprobs", getattr(choice, "prompt_logprobs", None))
+            if not isinstance(rows, list):
+                raise MalformedReply("the reply has no choices[0].prompt_logprobs (is the server vLLM?)")
+            found = [None if row is None else _vllm_row(row, k) for row in rows]
+        else:
+            reply = self.client.completions.create(
+                model=self.model, prompt=text, max_tokens=0, echo=True, logprobs=k, temperature=0.0
+            )
+            logprobs = getattr(_first_choice(reply), "logprobs", None)
+            top = getattr(logprobs, "top_logprobs", None)
+            if not isinstance(top, list):
+                raise MalformedReply("the reply has no choices[0].logprobs.top_logprobs")
+            found = [None if row is None else {str(t): float(v) for t, v in dict(row).items()} for row in top]
+        with self._count:
+            self.requests += 1
+            self.prompt_tokens += len(ids)
+        return found
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], texts: Sequence[str], k: int
+    ) -> list[list[dict | None]]:
+        """Each sequence scored (``texts``: the same sequences as text, for ``openai_completions``), in
+        order, ``max_concurrency`` at a time. A failure after the retries is one :class:`ServedTeacherError`."""
+        if k > self.max_logprobs:
+            raise ServedTeacherError(
+                f"estimator.teacher_targets.k={k} is above teacher.max_logprobs={self.max_logprobs}, the most a "
+                f"server returns per position; set estimator.teacher_targets.k={self.max_logprobs} or lower"
+            )
+
+        def one(i: int):
+            return self._retrying(lambda: self._request(sequences[i], texts[i], k))
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            results = list(pool.map(one, range(len(sequences))))
+        for i, result in enumerate(results):
+            if isinstance(result, RequestFailure):
+                raise ServedTeacherError(self._explain(result))
+            if len(result) != len(sequences[i]):
+                raise ServedTeacherError(
+                    f"the served teacher at {self.base_url} scored {len(result)} positions of a prompt of "
+                    f"{len(sequences[i])} tokens; it must tokenize as the student does (teacher.api={self.api})"
+                )
+        return results
+
+    def _explain(self, failure: RequestFailure) -> str:
+        if self._fatal is not None:
+            return str(self._fatal)
+        what = {
+            "connection": "cannot be reached",
+            "timeout": "did not answer in time",
+            "malformed": "answered with something that is not a scoring reply",
+            "bad_request": "refused the request",
+            "server_error": "kept failing (5xx)",
+            "rate_limited": "kept refusing (429)",
+        }.get(failure.reason, failure.reason)
+        return (
+            f"the served teacher at {self.base_url} {what} after {self.max_retries} retries ({failure.detail}); "
+            "check teacher.base_url, teacher.model and that the server scores prompts (teacher.api); a rerun "
+            "resumes from the finished shards"
+        )
+
+
+def _first_choice(reply: Any) -> Any:
+    choices = getattr(reply, "choices", None)
+    if not choices:
+        raise MalformedReply("the reply has no choices")
+    return choices[0]
+
+
+def _vllm_row(row: Mapping[str, Any], k: int) -> dict[str, float]:
+    """vLLM's entry for one position → ``{str(id): logprob}`` of its top k (rank ≤ k)."""
+    entries = []
+    for token, value in row.items():
+        if not isinstance(value, Mapping) or "logprob" not in value:
+            raise MalformedReply("a prompt_logprobs entry has no logprob")
+        entries.append((int(value.get("rank", 0) or 0), str(token), float(value["logprob"])))
+    entries.sort(key=lambda e: (e[0] if e[0] > 0 else math.inf, -e[2]))
+    return {token: lp for rank, token, lp in entries[:k] if rank <= k or rank == 0}
+
+
+def rows_of_sequence(
+    scored: list[dict[str, float] | None], prompt_len: int, k: int, to_id: Mapping[str, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The store rows of one sequence's target positions (``prompt_len − 1`` … ``len − 2``), from its
+    scored tokens: position t is described by the scores of token t + 1. ``to_id`` maps token texts to
+    ids (``openai_completions``); vLLM's keys are ids already. Returns ids (n, k), probs (n, k), tail (n,)."""
+    targets = scored[prompt_len:]
+    ids = np.zeros((len(targets), k), dtype=np.int64)
+    probs = np.zeros((len(targets), k), dtype=np.float64)
+    for row, entry in enumerate(targets):
+        if entry is None:
+            raise MalformedReply("a scored target position has no log-probs")
+        items = sorted(entry.items(), key=lambda e: -e[1])[:k]
+        for slot, (token, lp) in enumerate(items):
+            ids[row, slot] = int(token) if to_id is None else to_id[token]
+            probs[row, slot] = math.exp(lp)
+    tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
+    return ids, probs, tail
