@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from kd_lightning.data.records import Record, write_jsonl
 from kd_lightning.data.soft_labels import id_dtype_for
@@ -36,7 +37,7 @@ def test_aligned_positions_carry_the_teacher_distribution(tokenizer):
         entry("d", 0.4, ("d", 0.4), ("c", 0.35)),  # the student's text says "c": no alignment here
     ]
     rows, aligned = aligned_rows(ids, teacher, tokenizer, table, 3, id_dtype_for(len(tokenizer)))
-    assert aligned == 3
+    assert aligned.tolist() == [True, True, True, False]  # the last position did not align: no evidence
     dense = rows.to_dense(len(tokenizer)).numpy()
     assert dense[0, table["a"]] == pytest.approx(0.6, abs=1e-3) and dense[0, table["b"]] == pytest.approx(
         0.3, abs=1e-3
@@ -95,3 +96,50 @@ def test_distill_on_teacher_logprobs_from_the_cli(kdl_env, tiny_dir):
         check=False,
     )
     assert done.returncode == 1 and "need data.logprobs" in done.stderr
+
+
+def test_a_posterior_counts_the_apis_log_probs_where_they_aligned(kdl_env, tiny_dir):
+    """kdl posterior with api_evidence_weight: the rows of records with API log-probs change (toward the
+    API's answer), every other row stays the posterior without evidence."""
+    records = [Record(f"say something about item {i}.", f"item {i} is nice") for i in range(24)]
+    write_jsonl(records, kdl_env / "corpus.jsonl")
+    with (kdl_env / "logprobs.jsonl").open("w") as handle:
+        for r in records[:12]:
+            tokens = [entry(c, 0.7, (c, 0.7), ("e", 0.2)) for c in r.response]
+            handle.write(json.dumps({"key": r.key, "tokens": tokens}) + "\n")
+    common = [
+        "experiment=tiny",
+        "data.path=corpus.jsonl",
+        "data.logprobs=logprobs.jsonl",
+        "estimator/posterior=expected_counts",
+    ]
+    kdl("posterior", *common, env_dir=kdl_env)
+    kdl("posterior", *common, "estimator.posterior.api_evidence_weight=50", env_dir=kdl_env)
+    from kd_lightning.data.soft_labels import SoftLabelStore
+
+    stores = {
+        json.loads((f / "meta.json").read_text())["provenance"]["estimator"].get(
+            "api_evidence_weight", 0
+        ): SoftLabelStore(f)
+        for f in artifacts(kdl_env, "posterior")
+    }
+    (evidence,) = artifacts(kdl_env, "teacher_logprobs")
+    api = SoftLabelStore(evidence)
+    vocab = len(load_tokenizer(tiny_dir))
+    changed = unchanged = closer_rows = 0
+    for seq in range(len(api)):
+        present = api.evidence(seq)
+        plain, counted = stores[0].rows(seq), stores[50.0].rows(seq)
+        dense_plain, dense_counted = plain.to_dense(vocab), counted.to_dense(vocab)
+        dense_api = api.rows(seq).to_dense(vocab)
+        for row in range(len(present)):
+            if present[row]:
+                changed += 1  # pulled toward the API's answer
+                closer = (dense_counted[row] - dense_api[row]).abs().sum()
+                before = (dense_plain[row] - dense_api[row]).abs().sum()
+                assert closer <= before + 1e-3
+                closer_rows += bool(closer < 0.5 * before)  # λ = 50 pseudo-counts against κ + R = 12
+            else:
+                unchanged += 1
+                torch.testing.assert_close(dense_counted[row], dense_plain[row], atol=2e-3, rtol=0)
+    assert changed and unchanged and closer_rows == changed

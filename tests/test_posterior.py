@@ -115,3 +115,36 @@ def test_to_dense_and_back_round_trip():
     probs = random_dist(6, 20, 3)
     rows = SparseRows.from_dense(probs, top_k=20, id_dtype=np.dtype(np.uint16))
     torch.testing.assert_close(rows.to_dense(20), probs, atol=1e-3, rtol=0)
+
+
+def test_api_evidence_adds_lambda_pseudo_counts_where_it_aligned_and_nothing_elsewhere():
+    """p_post = (κ·prior + R·p_proxy + λ·p_api) / (κ + R + λ) at rows with evidence (expected counts:
+    no sampling noise); rows without evidence keep (κ·prior + R·p_proxy) / (κ + R)."""
+    from kd_lightning.estimation.posterior import ExpectedCountsUpdate
+
+    vocab, k, kappa, rounds, lam = 12, 12, 4.0, 8, 6.0
+    g = torch.Generator().manual_seed(0)
+    prior = SparseRows.from_dense(
+        torch.softmax(torch.randn(3, vocab, generator=g), -1), k, np.dtype(np.uint16)
+    )
+    proxy = torch.softmax(torch.randn(3, vocab, generator=g), -1)
+    api_dense = torch.softmax(torch.randn(3, vocab, generator=g) * 2, -1)
+    api = SparseRows.from_dense(api_dense, 5, np.dtype(np.uint16))  # top-5 + a tail, as an API gives
+    present = torch.tensor([True, False, True])
+    estimator = ProxyPosteriorEstimator(
+        update=ExpectedCountsUpdate(kappa), sampling_rounds=rounds, top_k=k, api_evidence_weight=lam
+    )
+    rows = estimator.posterior_rows(prior, proxy, torch.Generator().manual_seed(0), (api, present))
+    dense_prior, api_as_stored = prior.to_dense(vocab), api.to_dense(vocab)
+    with_evidence = (kappa * dense_prior + rounds * proxy + lam * api_as_stored) / (kappa + rounds + lam)
+    without = (kappa * dense_prior + rounds * proxy) / (kappa + rounds)
+    got = rows.to_dense(vocab)
+    torch.testing.assert_close(got[0], with_evidence[0], atol=2e-3, rtol=0)
+    torch.testing.assert_close(got[2], with_evidence[2], atol=2e-3, rtol=0)
+    torch.testing.assert_close(got[1], without[1], atol=2e-3, rtol=0)
+    plain = ProxyPosteriorEstimator(update=ExpectedCountsUpdate(kappa), sampling_rounds=rounds, top_k=k)
+    same = plain.posterior_rows(prior, proxy, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(rows.probs[1].astype(np.float32), same.probs[1].astype(np.float32), atol=1e-3)
+    assert "api_evidence_weight" in estimator.settings() and "api_evidence_weight" not in plain.settings()
+    with pytest.raises(ValueError, match="api_evidence_weight must be >= 0"):
+        ProxyPosteriorEstimator(api_evidence_weight=-1.0)

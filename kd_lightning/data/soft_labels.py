@@ -257,6 +257,15 @@ class SoftLabelStore:
     def all_rows(self) -> SparseRows:
         return SparseRows(np.asarray(self.ids), np.asarray(self.probs), np.asarray(self.tail))
 
+    def evidence(self, seq: int) -> np.ndarray:
+        """(rows of ``seq``,) bool: the rows that carry a teacher's distribution (all of them, for a store
+        written without an ``evidence`` mask)."""
+        start, stop = int(self.offsets[seq]), int(self.offsets[seq + 1])
+        path = self.folder / "evidence.npy"
+        if not path.is_file():
+            return np.ones(stop - start, dtype=bool)
+        return np.load(path, mmap_mode="r")[start:stop].astype(bool)
+
     def nbytes_per_row(self) -> float:
         total = sum((self.folder / f"{n}.npy").stat().st_size for n in ("ids", "probs", "tail", "offsets"))
         return total / max(len(self.tail), 1)
@@ -268,11 +277,13 @@ def write_store(
     offsets: np.ndarray,
     provenance: Mapping[str, Any],
     vocab_size: int | None = None,
+    evidence: np.ndarray | None = None,
 ) -> SoftLabelStore:
     """Validate rows (:func:`validate_rows`), write a complete store atomically and return it opened.
 
     An estimator that produced non-finite, negative or unnormalised rows fails here, before anything is
-    cached, with a one-line error naming the store.
+    cached, with a one-line error naming the store. ``evidence`` (rows,) bool marks the rows that carry a
+    teacher's distribution (an API's log-probs that aligned); the others only restate the observed token.
     """
     if len(rows.ids) != int(offsets[-1]):
         raise ValueError(f"{len(rows.ids)} rows but offsets end at {int(offsets[-1])}")
@@ -299,6 +310,7 @@ def write_store(
             "probs": rows.probs,
             "tail": rows.tail,
             "offsets": np.asarray(offsets, dtype=np.int64),
+            **({} if evidence is None else {"evidence": np.asarray(evidence, dtype=bool)}),
         },
         meta,
         fault="store:before-rename",

@@ -9,6 +9,18 @@ because the paper's exact form is not public. The default is the Dirichlet–mul
 
 R = 0 gives the prior; R → ∞ gives ``p_proxy``. :class:`ExpectedCountsUpdate` uses ``N = R · p_proxy``
 (the mean of the sampled rule, without its noise).
+
+**A closed API's top-K log-probs as evidence** (``api_evidence_weight`` λ > 0, with ``data.logprobs``). The
+Dirichlet prior is conjugate to any observation that adds pseudo-counts, and the API's answer at a position
+is an observation of the teacher itself: its top-K probabilities and the rest of the mass (the tail, spread
+evenly over the ids the API did not list, the store's tail rule), ``p_api``. Taken as λ pseudo-counts
+distributed as ``p_api`` next to the proxy's R draws, the posterior mean is::
+
+    p_post = (κ · p_prior + N_proxy + λ · p_api) / (κ + R + λ)
+
+at the positions where the API's tokens aligned with the student's; every other position keeps the rule
+above exactly. λ says how many proxy draws one API answer is worth: the API is the teacher, the proxy only
+resembles it, so λ ≥ R is a natural start.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,6 +125,7 @@ class ProxyPosteriorEstimator:
         packing: bool = False,
         pack_length: int | None = None,
         proxy_dtype: str = "float32",
+        api_evidence_weight: float = 0.0,
     ) -> None:
         if proxy_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
@@ -133,6 +147,11 @@ class ProxyPosteriorEstimator:
         self.seed = seed
         self.packing, self.pack_length = packing, pack_length
         self.proxy_dtype = proxy_dtype
+        if api_evidence_weight < 0:
+            raise ValueError(
+                f"estimator.posterior.api_evidence_weight must be >= 0, got {api_evidence_weight}"
+            )
+        self.api_evidence_weight = float(api_evidence_weight)
 
     def with_changes(self, **changes) -> ProxyPosteriorEstimator:
         """A new estimator with these settings changed, checked like any other (e.g. another R)."""
@@ -147,6 +166,7 @@ class ProxyPosteriorEstimator:
             "packing": self.packing,
             "pack_length": self.pack_length,
             "proxy_dtype": self.proxy_dtype,
+            "api_evidence_weight": self.api_evidence_weight,
         }
         return type(self)(**{**arguments, **changes})
 
@@ -163,6 +183,7 @@ class ProxyPosteriorEstimator:
             "shard_size": self.shard_size,
             **packing_settings(self.packing, self.pack_length),  # float rounding differs when packed
             **({"proxy_dtype": self.proxy_dtype} if self.proxy_dtype != "float32" else {}),
+            **({"api_evidence_weight": self.api_evidence_weight} if self.api_evidence_weight else {}),
         }
 
     def proxy_distributions(
@@ -176,11 +197,26 @@ class ProxyPosteriorEstimator:
             yield torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1), batch_seqs
 
     def posterior_rows(
-        self, prior: SparseRows, proxy_probs: torch.Tensor, generator: torch.Generator
+        self,
+        prior: SparseRows,
+        proxy_probs: torch.Tensor,
+        generator: torch.Generator,
+        evidence: tuple[SparseRows, torch.Tensor] | None = None,
     ) -> SparseRows:
+        """Posterior rows from the prior rows and the proxy's distributions (N, V); ``evidence``: an API's
+        rows and (N,) bool, where they carry its distribution (weighted by ``api_evidence_weight``)."""
         vocab = proxy_probs.shape[-1]
         dense_prior = prior.to_dense(vocab).to(proxy_probs.device)
-        posterior = self.update(dense_prior, proxy_probs, self.sampling_rounds, generator)
+        if evidence is None or self.api_evidence_weight == 0:
+            posterior = self.update(dense_prior, proxy_probs, self.sampling_rounds, generator)
+        else:
+            api_rows, present = evidence
+            counts = self.update.counts(proxy_probs, self.sampling_rounds, generator)
+            api = api_rows.to_dense(vocab).to(counts.device)
+            counts += (self.api_evidence_weight * present.to(counts.dtype)).unsqueeze(-1) * api
+            posterior = self.update.from_counts(
+                dense_prior, counts
+            )  # rows without evidence: (κ·prior + N)/(κ + R)
         return SparseRows.from_dense(posterior, self.top_k, id_dtype_for(vocab))
 
     def estimate(
@@ -192,13 +228,25 @@ class ProxyPosteriorEstimator:
         out: str,
         provenance: dict,
         mapped: MappedProxy | None = None,
+        api_evidence: SoftLabelStore | None = None,
     ) -> SoftLabelStore:
         """Compute and write the posterior store at ``out``; resumes a killed run's finished shards.
 
         A proxy of another tokenizer (``mapped``) reads its own tokenization of ``corpus``; its draws are
-        mapped into the student's vocabulary (:meth:`mapped_posterior_rows`).
+        mapped into the student's vocabulary (:meth:`mapped_posterior_rows`). ``api_evidence``: a closed
+        API's log-prob store over ``corpus``, counted with weight ``api_evidence_weight`` where it aligned.
         """
+        if self.api_evidence_weight and api_evidence is None:
+            raise ValueError(
+                "estimator.posterior.api_evidence_weight > 0 counts a closed API's log-probs: set "
+                "data.logprobs=<corpus folder>/logprobs.jsonl (kdl generate sampling.top_logprobs=K writes it)"
+            )
         if mapped is not None:
+            if self.api_evidence_weight:
+                raise ValueError(
+                    "api_evidence_weight with a proxy of another tokenizer is not supported; use a proxy of the "
+                    "student's tokenizer, or estimator.posterior.api_evidence_weight=0"
+                )
             return self._estimate_mapped(proxy, corpus, prior, out, provenance, mapped)
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
@@ -208,7 +256,12 @@ class ProxyPosteriorEstimator:
                     f"prior has {len(prior_rows.ids)} rows for sequences {seqs}, proxy {logits.shape[0]}"
                 )
             probs = torch.softmax(logits.float() / self.proxy_sampling_temperature, dim=-1)
-            return self.posterior_rows(prior_rows, probs.cpu(), generator)
+            evidence = None
+            if self.api_evidence_weight:
+                rows = SparseRows.concat([api_evidence.rows(i) for i in seqs])
+                present = torch.from_numpy(np.concatenate([api_evidence.evidence(i) for i in seqs]))
+                evidence = (rows, present)
+            return self.posterior_rows(prior_rows, probs.cpu(), generator, evidence)
 
         return estimate_by_shard(
             proxy,

@@ -115,6 +115,7 @@ def posterior_store(
     prior: Callable[[], SoftLabelStore],
     aligned_proxy: Callable[[], Path],
     mapped: Callable[[], MappedProxy] | None = None,
+    api_evidence: Callable[[], SoftLabelStore] | None = None,
 ) -> SoftLabelStore:
     """The prior updated with R proxy draws per position (resumable shard by shard; under ``torchrun``
     every rank builds its shards of it, see :mod:`kd_lightning.distributed`).
@@ -137,6 +138,7 @@ def posterior_store(
             str(folder),
             provenance,
             mapped=None if mapped is None else mapped(),
+            api_evidence=None if api_evidence is None else api_evidence(),
         )
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
         return store

@@ -58,8 +58,8 @@ def aligned_rows(
     text_to_id: Mapping[str, int],
     width: int,
     id_dtype: np.dtype,
-) -> tuple[SparseRows, int]:
-    """Rows for each response position and how many carry the teacher's distribution (see module doc)."""
+) -> tuple[SparseRows, np.ndarray]:
+    """Rows for each response position, and which of them carry the teacher's distribution (see module doc)."""
     starts: dict[tuple[int, str], int] = {}
     text = "".join(t["token"] for t in teacher_tokens)
     position = -(len(text) - len(text.lstrip()))  # the corpus keeps the stripped response
@@ -69,7 +69,7 @@ def aligned_rows(
     ids = np.zeros((len(response_ids), width), dtype=id_dtype)
     probs = np.zeros((len(response_ids), width), dtype=np.float16)
     tail = np.zeros(len(response_ids), dtype=np.float32)
-    aligned = 0
+    aligned = np.zeros(len(response_ids), dtype=bool)
     position = 0
     for row, token_id in enumerate(response_ids):
         piece = tokenizer.decode([int(token_id)])
@@ -78,7 +78,7 @@ def aligned_rows(
         if match is None:
             ids[row, 0], probs[row, 0] = token_id, 1.0
             continue
-        aligned += 1
+        aligned[row] = True
         entry = teacher_tokens[match]
         dist = {int(token_id): math.exp(float(entry["logprob"]))}
         for alternative, logprob in entry.get("top") or []:
@@ -110,16 +110,18 @@ def build_logprob_store(
     width = 1 + max((len(t.get("top") or []) for tokens in logprobs.values() for t in tokens), default=0)
     text_to_id = ids_by_text(tokenizer)
     id_dtype = id_dtype_for(vocab_size)
-    parts, aligned, with_evidence = [], 0, 0
+    parts, masks, with_evidence = [], [], 0
     for seq, key in enumerate(corpus.record_keys):
         sequence = corpus.sequence(seq)
         targets = sequence[int(corpus.prompt_lens[seq]) :].tolist()
-        rows, count = aligned_rows(targets, logprobs.get(key, []), tokenizer, text_to_id, width, id_dtype)
+        rows, mask = aligned_rows(targets, logprobs.get(key, []), tokenizer, text_to_id, width, id_dtype)
         parts.append(rows)
-        aligned += count
+        masks.append(mask)
         with_evidence += key in logprobs
     rows = SparseRows.concat(parts)
-    store = write_store(folder, rows, corpus.target_offsets(), provenance)
+    evidence = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    aligned = int(evidence.sum())
+    store = write_store(folder, rows, corpus.target_offsets(), provenance, evidence=evidence)
     stats = {
         "sequences": len(corpus),
         "sequences_with_logprobs": with_evidence,

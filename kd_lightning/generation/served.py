@@ -97,9 +97,7 @@ class ServedTeacher(OpenAIClient):
         if self.api == "vllm":
             result = self._retrying(lambda: self._probe_vllm(probe))
         else:
-            result = self._retrying(
-                lambda: self._probe_openai(text_of(probe))
-            )
+            result = self._retrying(lambda: self._probe_openai(text_of(probe)))
         if isinstance(result, RequestFailure):
             raise ServedTeacherError(self._explain(result))
         theirs = result

@@ -88,6 +88,11 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
         estimator,
         ctx.code.get("posterior"),
     )
+    evidence = None
+    if estimator.api_evidence_weight:
+        evidence_store = teacher_logprobs(ctx)  # built (or checked) before the proxy pass
+        provenance["api_evidence"] = evidence_store.folder.name
+        evidence = lambda: evidence_store  # noqa: E731
     return posterior_store(
         ctx.workspace,
         corpus,
@@ -96,6 +101,7 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
         prior=lambda: prior(ctx),
         aligned_proxy=lambda: align(ctx),
         mapped=mapped_proxy(ctx),
+        api_evidence=evidence,
     )
 
 
