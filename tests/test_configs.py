@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from kd_lightning.cli.build import loss_terms
 from kd_lightning.cli.help import STAGES
+from kd_lightning.cli.trainer import trainer_factory
 from tests.helpers.assets import real_assets_available
 from tests.helpers.configs import CONF, compose_cfg
 
@@ -122,6 +127,15 @@ def test_every_option_composes_and_instantiates(group, option, kdl_env):
         return
     if group in ("tokenizer", "proxy", "paths"):
         return  # plain values, checked by the pipeline tests
+    if (group, option) == ("teacher", "served"):  # the user must say which server and model
+        assert all(OmegaConf.is_missing(node, k) for k in ("base_url", "model"))
+        cfg = compose_cfg([*overrides, "teacher.base_url=http://127.0.0.1:9/v1", "teacher.model=m"])
+        os.environ["KDL_TEACHER_API_KEY"] = "EMPTY"
+        try:  # built without a request: the server is asked only when the store is built
+            assert instantiate(cfg.teacher).identity()["model"] == "m"
+        finally:
+            del os.environ["KDL_TEACHER_API_KEY"]
+        return
     if (group, option) in NEEDS_REAL_ASSETS:
         pytest.importorskip("gguf")
         if not real_assets_available() and not os.environ.get("CI"):  # in CI a missing asset fails below
@@ -156,3 +170,20 @@ def test_loss_weight_names_say_what_they_weight(kdl_env):
         terms = loss_terms(cfg)
     assert terms["prior_kl"].weight == 0.25 and terms["posterior_kl"].weight == 1.0
     assert Path(CONF / "kdl.yaml").read_text().count("_weight:") == 3
+
+
+def test_a_config_composed_in_a_notebook_builds_trainers_with_loggers(kdl_env, tmp_path):
+    """``hydra.compose`` sets no runtime config, so ``run_name`` (which interpolates it) cannot resolve there;
+    the trainer's logger is named after the stage instead of failing (the quickstart notebook's path)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "pipeline", overrides=["experiment=tiny", "logger=[csv]", f"paths.output_dir={tmp_path}"]
+        )
+    HydraConfig.instance().cfg = None  # as in a fresh notebook kernel
+    with pytest.raises(InterpolationResolutionError):
+        _ = cfg.run_name
+    trainer = trainer_factory(cfg)(tmp_path, "student sft")
+    assert trainer.logger.name == "pipeline-student sft"
+    recorded = (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()
+    assert "${kdl_job_name:" in recorded and "prior_kl_weight" in recorded  # as written; the rest resolved

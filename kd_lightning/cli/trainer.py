@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kd_lightning.modules.training import finish_wandb
 
@@ -30,12 +31,20 @@ class FinishWandb(Callback):
 
 
 def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The run's whole resolved config (without ``hydra``), as loggers record it."""
-    return {
-        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        for key in cfg
-        if key != "hydra"
-    }
+    """The run's whole resolved config (without ``hydra``), as loggers record it.
+
+    A value that interpolates Hydra's runtime config, which a config composed in a notebook lacks, is
+    recorded as written (``${hydra:...}``) rather than failing the run."""
+    settings: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            value = cfg[key]
+            settings[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except InterpolationResolutionError:
+            settings[key] = OmegaConf.to_container(cfg, resolve=False)[key]
+    return settings
 
 
 def cpu_has_bf16_units() -> bool:
@@ -75,6 +84,16 @@ def launches_processes(cfg: DictConfig) -> bool:
     return str(cfg.trainer.get("devices", 1)) not in ("1", "[0]")
 
 
+def run_label(cfg: DictConfig, name: str) -> str:
+    """The logger's name for one trainer of a run: ``<run_name>-<name>``.
+
+    ``run_name`` interpolates Hydra's runtime config, which a config composed in a notebook
+    (``hydra.compose``) lacks; there the stage's name stands in for it."""
+    run_name = OmegaConf.select(cfg, "run_name", throw_on_resolution_failure=False)
+    run_name = str(run_name or cfg.get("stage") or "kdl")
+    return name if name == run_name else f"{run_name}-{name}"
+
+
 def trainer_factory(cfg: DictConfig):
     """``(run_dir, run_name, max_epochs=None, validate=True, overrides=None) -> Trainer`` with loggers and callbacks."""
 
@@ -85,8 +104,7 @@ def trainer_factory(cfg: DictConfig):
         validate: bool = True,
         overrides: Mapping[str, Any] | None = None,
     ) -> Trainer:
-        label = name if name == cfg.run_name else f"{cfg.run_name}-{name}"
-        loggers = [instantiate(lg, name=label) for lg in (cfg.get("logger") or {}).values()]
+        loggers = [instantiate(lg, name=run_label(cfg, name)) for lg in (cfg.get("logger") or {}).values()]
         if loggers:
             settings = resolved_settings(cfg)
             for logger in loggers:
