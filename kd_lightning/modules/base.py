@@ -10,9 +10,10 @@
 * the tokenizer's EOS / pad ids, checked once; per-step seeds from one formula; step timing.
 
 Subclasses declare, as class attributes, what the stage that builds them must know: ``needs_teacher``
-(load the online teacher), ``restores_best_checkpoint`` (reload the best monitored checkpoint after fit)
-and ``trainer_overrides`` (settings the module needs from the Trainer). Every module is built with the
-same keywords (see :func:`kd_lightning.stages.train.build_student_module`).
+(load the online teacher), ``teacher_shares_vocabulary``, ``takes_loss_terms``, ``restores_best_checkpoint``
+(reload the best monitored checkpoint after fit) and ``trainer_overrides`` (settings the module needs from
+the Trainer). Every module is built with the
+same keywords, which the run's :class:`~kd_lightning.stages.teacher_plan.TeacherPlan` decides.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class StudentModule(LightningModule):
     teacher_shares_vocabulary: ClassVar[bool] = True
     """False for a teacher of another tokenizer: the stage gives the module ``teacher_tokenizer`` and the
     DataModule the teacher's view of the corpus; the vocabularies are not required to match."""
+    takes_loss_terms: ClassVar[bool] = True
+    """False for a module with its own objective (MiniLLM): the stage refuses loss terms other than
+    ``hard_ce`` and builds it without ``loss_terms`` and ``loss_chunk_size``."""
 
     def __init__(
         self,

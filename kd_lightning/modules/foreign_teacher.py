@@ -30,8 +30,8 @@ class ForeignTeacherDistillModule(DistillModule):
     Args:
         student, loss_terms, optimizer, scheduler, loss_chunk_size: as for :class:`DistillModule`.
         teacher: a causal LM of any vocabulary (frozen, outside the module tree, as for every teacher).
-        teacher_tokenizer: the teacher's tokenizer (the stage loads it from the teacher's folder); the
-            GOLD hybrid's vocabulary match is built from it and the student's ``tokenizer``.
+        teacher_tokenizer: the teacher's tokenizer (the run's teacher plan loads it once); a GOLD hybrid
+            term without a vocabulary match gets one built from it and the student's ``tokenizer``.
         **settings: the other :class:`DistillModule` settings.
     """
 
@@ -66,7 +66,10 @@ class ForeignTeacherDistillModule(DistillModule):
         if teacher_tokenizer is None:
             raise ValueError(f"{type(self).__name__} needs teacher_tokenizer (the teacher's own tokenizer)")
         object.__setattr__(self, "teacher_tokenizer", teacher_tokenizer)  # not state: never checkpointed
-        hybrid = [t for t in self.loss_terms.values() if hasattr(t, "set_vocabulary_match")]
+        # the CLI's TeacherPlan has matched the vocabularies already; a module built in Python matches them here
+        hybrid = [
+            t for t in self.loss_terms.values() if hasattr(t, "set_vocabulary_match") and t.match is None
+        ]
         if hybrid:
             if self.tokenizer is None:
                 raise ValueError("the GOLD hybrid's vocabulary match needs the student's tokenizer")

@@ -36,7 +36,6 @@ from kd_lightning.data.batch import TextBatch
 from kd_lightning.generation.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
-from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.forward import target_position_logits
 from kd_lightning.modules.base import StudentModule
 
@@ -68,12 +67,10 @@ class MiniLLMModule(StudentModule):
         whiten_advantages: normalise returns over the batch (reference).
         single_step_weight, long_term_weight, pt_loss_weight: weights of L_single, L_long and L_PT.
         max_grad_norm: gradient-norm clip of each update (None: off).
-        loss_terms: MiniLLM has its own objective; only ``hard_ce`` (ignored) is accepted, so that the
-            uniform module call of the ``module`` config group works.
-        loss_chunk_size: must be None (the policy losses run on rollouts, not on chunked text positions).
     """
 
     needs_teacher = True
+    takes_loss_terms = False  # its own objective: the stage refuses loss terms other than hard_ce
     restores_best_checkpoint = True
     trainer_overrides: ClassVar[Mapping[str, Any]] = {
         "gradient_clip_val": None
@@ -106,8 +103,6 @@ class MiniLLMModule(StudentModule):
         eval_generation_limit: int = 16,
         eval_max_new_tokens: int = 64,
         seed: int = 0,
-        loss_terms: Mapping[str, LossTerm] | None = None,
-        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__(
             student,
@@ -119,13 +114,6 @@ class MiniLLMModule(StudentModule):
             eval_generation_limit=eval_generation_limit,
             eval_max_new_tokens=eval_max_new_tokens,
         )
-        if set(loss_terms or {}) - {"hard_ce"}:
-            raise ValueError(
-                f"MiniLLMModule has its own objective and takes no loss terms, but loss={list(loss_terms)}; "
-                "use loss=[hard_ce] (ignored) with module=minillm, or a word-level method (gkd, distillm)"
-            )
-        if loss_chunk_size is not None:
-            raise ValueError("MiniLLMModule does not chunk its losses; set loss_chunk_size=null")
         self.require_special_ids("sampling rollouts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -128,6 +128,8 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         seed: of the per-step batch-source draws and samples (a resumed run makes the same choices).
         eval_generation_limit, eval_max_new_tokens: held-out generation at validation (``val/rouge_l``,
             ``val/reverse_kl``), as for every module (:class:`~kd_lightning.modules.base.StudentModule`).
+        **settings: the other :class:`~kd_lightning.modules.distill.DistillModule` settings
+            (``shard_teacher``, ``fuse_sparse_terms``, ...).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         loss_chunk_size: int | None = None,
         eval_generation_limit: int = 16,
         eval_max_new_tokens: int = 64,
+        **settings: Any,
     ) -> None:
         super().__init__(
             student,
@@ -157,6 +160,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
             seed=seed,
             eval_generation_limit=eval_generation_limit,
             eval_max_new_tokens=eval_max_new_tokens,
+            **settings,
         )
         if generation_temperature <= 0 or max_new_tokens < 1:
             raise ValueError("generation_temperature must be > 0 and max_new_tokens >= 1")

@@ -14,14 +14,14 @@ from kd_lightning.data.corpus import records_by_key
 from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.soft_labels import SoftLabelStore
-from kd_lightning.data.token_alignment import match_vocabularies
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
-from kd_lightning.models.loading import load_causal_lm, load_tokenizer
-from kd_lightning.modules.base import StudentModule, module_class
+from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.modules.base import StudentModule
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.estimate import stores_for
+from kd_lightning.stages.teacher_plan import TeacherPlan
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +62,32 @@ class StudentRun:
     trainer_overrides: Mapping[str, Any] | None = None
     teacher_tokenizer: Callable[[], Any] | None = None
 
+    @property
+    def teacher_plan(self) -> TeacherPlan:
+        """What this run's teacher is (resolved once, then shared by the stage and the module's keywords)."""
+        plan = self.__dict__.get("_teacher_plan")
+        if plan is None:
+            plan = TeacherPlan.of(self.module, self.loss_terms, self.teacher, self.teacher_tokenizer)
+            self.__dict__["_teacher_plan"] = plan
+        return plan
+
     def reads_teacher(self) -> bool:
         """Whether the student's step runs the online teacher: a term compares with it, or the module needs it."""
-        wants = any(getattr(t, "kd_target", None) == "teacher" for t in self.loss_terms.values())
-        return wants or module_class(self.module).needs_teacher
+        return self.teacher_plan.online
 
 
 def check_run(run: StudentRun) -> None:
     """Refuse, before any store is built, a run that cannot start: a missing teacher, a bad optimizer."""
-    cls = module_class(run.module)
-    if run.reads_teacher() and run.teacher is None:
-        wants = [n for n, t in run.loss_terms.items() if getattr(t, "kd_target", None) == "teacher"]
-        what = f"loss term {wants[0]!r} compares" if wants else f"{cls.__name__} compares"
-        raise ValueError(
-            f"{what} the student with the teacher, but no teacher is configured; "
-            "add teacher=smollm2 (or teacher=local teacher.path=<HF folder>), or set kd_target=prior|posterior"
-        )
+    run.teacher_plan.check()
     try:  # bad optimizer settings (lr < 0, betas out of range) fail now, not after the stores are built
         run.optimizer(params=[torch.zeros(1, requires_grad=True)])
     except (ValueError, TypeError) as err:
         raise ValueError(f"optimizer settings: {err}") from None
 
 
-def build_student_module(
-    run: StudentRun, tokenizer: Any, vocab_size: int, teacher_tokenizer: Any = None
-) -> StudentModule:
-    """The LightningModule of ``run``: every module is called with the same keywords (and
-    ``teacher_tokenizer`` for a module whose teacher has its own vocabulary)."""
+def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> StudentModule:
+    """The LightningModule of ``run``, built with the keywords its teacher plan gives."""
+    plan = run.teacher_plan
     student = load_causal_lm(run.init_from) if run.init_from else run.student()
     student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
     if student_vocab and student_vocab < vocab_size:
@@ -96,38 +95,31 @@ def build_student_module(
             f"the student has config.vocab_size={student_vocab} but the tokenizer has {vocab_size} ids; "
             "use a student built for this tokenizer"
         )
-    teacher = run.teacher() if run.teacher is not None and run.reads_teacher() else None
-    if teacher is not None and module_class(run.module).teacher_shares_vocabulary:
-        refuse_another_vocabulary(run, tokenizer)
-    arguments = {
-        "student": student,
-        "loss_terms": run.loss_terms,
-        "optimizer": run.optimizer,
-        "scheduler": run.scheduler,
-        "loss_chunk_size": run.loss_chunk_size,
-        "teacher": teacher,
-        "tokenizer": tokenizer,
-    }
-    if not module_class(run.module).teacher_shares_vocabulary:
-        arguments["teacher_tokenizer"] = teacher_tokenizer
-    try:
-        return run.module(**arguments)
-    except TypeError as err:
-        if "argument" not in str(err):  # a TypeError from inside the module's own code
-            raise
-        name = module_class(run.module).__qualname__
-        raise ValueError(
-            f"module {name} cannot be built with the standard keywords ({err}); its __init__ must accept "
-            f"{', '.join(arguments)} (take your own settings as keywords and pass **settings to the base class)"
-        ) from err
+    keywords = plan.keywords(
+        student=student,
+        loss_terms=run.loss_terms,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        loss_chunk_size=run.loss_chunk_size,
+        teacher=None,
+        tokenizer=tokenizer,
+    )
+    if plan.online and plan.build is not None:
+        if plan.shares_vocabulary:
+            refuse_another_vocabulary(plan, tokenizer)
+        keywords["teacher"] = plan.build()
+    return run.module(**keywords)
 
 
 def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
     """Train one student on its terms (reusing every store it reads), evaluate it, return its result row."""
     check_run(run)
+    plan = run.teacher_plan
     corpus = ctx.corpus()
     stores = stores_for(ctx, soft_label_names(run.loss_terms.values()))
-    check_foreign_stores(ctx, run, stores)
+    check_foreign_stores(run, stores)
+    if plan.load_tokenizer is not None and (not plan.shares_vocabulary or foreign_store_names(stores)):
+        plan.match_terms(run.loss_terms, corpus.tokenizer)
     provenance = {
         "settings": {
             **run.settings,
@@ -137,49 +129,45 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         "corpus": corpus.train.fingerprint,
         "stores": {name: store.folder.name for name, store in stores.items()},
     }
-    teacher_tokenizer, view = None, None
-    if not module_class(run.module).teacher_shares_vocabulary:
-        teacher_tokenizer, view = foreign_teacher_view(ctx, run)
+    view = None if plan.shares_vocabulary else foreign_teacher_view(ctx, plan)
     datamodule = run.datamodule.connect(corpus.pad_id, corpus.train, corpus.heldout, stores, view)
     return train_student(
         ctx.workspace,
         corpus,
         run.name,
         provenance,
-        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size, teacher_tokenizer),
+        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size),
         datamodule,
         ctx.trainer_factory,
         trainer_overrides=run.trainer_overrides,
     )
 
 
-def check_foreign_stores(ctx: StageContext, run: StudentRun, stores: Mapping[str, SoftLabelStore]) -> None:
-    """A store over a foreign teacher's vocabulary (``teacher_vocabulary`` in its provenance) is read only
-    by cross-vocabulary terms; the GOLD hybrid gets the vocabulary match of the two tokenizers."""
-    foreign = {name for name, store in stores.items() if "teacher_vocabulary" in store.provenance}
+def foreign_store_names(stores: Mapping[str, SoftLabelStore]) -> set[str]:
+    """The stores over a foreign teacher's vocabulary (``teacher_vocabulary`` in their provenance)."""
+    return {name for name, store in stores.items() if "teacher_vocabulary" in store.provenance}
+
+
+def check_foreign_stores(run: StudentRun, stores: Mapping[str, SoftLabelStore]) -> None:
+    """A store over a foreign teacher's vocabulary is read only by cross-vocabulary terms."""
+    foreign = foreign_store_names(stores)
     for name, term in run.loss_terms.items():
-        if not foreign.intersection(term.soft_labels):
-            continue
-        if not isinstance(term, CrossVocabularyTerm):
+        if foreign.intersection(term.soft_labels) and not isinstance(term, CrossVocabularyTerm):
             raise ValueError(
                 f"loss term {name!r} reads a store over the teacher's own vocabulary "
                 f"({', '.join(sorted(foreign))}); use loss=[hard_ce,uld] or [hard_ce,gold_hybrid] with "
                 f"loss.<term>.kd_target={term.kd_target}"
             )
-        if hasattr(term, "set_vocabulary_match") and ctx.teacher_path is not None:
-            term.set_vocabulary_match(
-                match_vocabularies(ctx.corpus().tokenizer, load_tokenizer(ctx.teacher_path))
-            )
 
 
-def refuse_another_vocabulary(run: StudentRun, tokenizer: Any) -> None:
+def refuse_another_vocabulary(plan: TeacherPlan, tokenizer: Any) -> None:
     """A teacher read on the student's token ids must give the same ids the same strings: one whose
     tokenizer maps them differently (even at an equal vocabulary size) would be compared token by token
     with the wrong tokens, silently. A teacher folder without a tokenizer is taken to share the student's."""
-    if run.teacher_tokenizer is None or tokenizer is None:
+    if plan.load_tokenizer is None or tokenizer is None:
         return
     try:
-        teacher_tokenizer = run.teacher_tokenizer()
+        teacher_tokenizer = plan.tokenizer()
     except (OSError, ValueError):
         return
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -190,18 +178,15 @@ def refuse_another_vocabulary(run: StudentRun, tokenizer: Any) -> None:
         )
 
 
-def foreign_teacher_view(ctx: StageContext, run: StudentRun) -> tuple[Any, TeacherView]:
-    """The teacher's tokenizer and its view of the training corpus (its template, the position map)."""
-    if run.teacher_tokenizer is None:
-        raise ValueError(f"{module_class(run.module).__name__} needs a teacher: add teacher=<name or folder>")
-    tokenizer = run.teacher_tokenizer()
+def foreign_teacher_view(ctx: StageContext, plan: TeacherPlan) -> TeacherView:
+    """The teacher's view of the training corpus (its template, the position map)."""
     corpus = ctx.corpus()
     view = teacher_view(
         corpus.train,
         records_by_key(ctx.corpus_spec),
         corpus.tokenizer,
-        tokenizer,
+        plan.tokenizer(),
         ctx.corpus_spec.max_seq_len,
     )
     log.info("teacher tokenization: %.1f%% of the student's target positions aligned", 100 * view.coverage)
-    return tokenizer, view
+    return view
