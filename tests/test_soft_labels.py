@@ -7,12 +7,12 @@ import pytest
 
 from kd_lightning.data import soft_labels as sl
 from kd_lightning.data.soft_labels import (
-    ShardedStoreWriter,
     SoftLabelStore,
     SparseRows,
     StoreMismatchError,
     write_store,
 )
+from kd_lightning.data.store_shards import ShardedStoreWriter
 
 
 def rows(n: int, k: int = 4, seed: int = 0) -> SparseRows:

@@ -10,7 +10,8 @@ Layout of a store folder (one row per target position of a tokenised corpus, in 
 
 Writes are atomic: a store is built in a hidden sibling folder and renamed into place, so a killed
 writer leaves either nothing or a complete store. Long stages write shards into ``<store>.partial/``
-(each shard atomic too) so a rerun continues where the killed one stopped.
+(each shard atomic too, :mod:`kd_lightning.data.store_shards`) so a rerun continues where the killed one
+stopped.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,12 @@ import numpy as np
 import torch
 
 from kd_lightning.artifacts import fault_point, remove_leftovers
-from kd_lightning.atomic import atomic_folder, atomic_write_text
+from kd_lightning.atomic import atomic_folder
+from kd_lightning.data.store_format import StoreFormat, check_arrays, decode, encode
 
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
+"""Format 1: K float16 slots per row (the default). Format 2: :mod:`kd_lightning.data.store_format`."""
 log = logging.getLogger(__name__)
 
 
@@ -150,7 +153,7 @@ class SparseRows:
         return dense
 
 
-def _write_arrays(
+def write_arrays(
     folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fault: str | None = None
 ) -> None:
     """Write arrays + meta.json into ``folder`` atomically (hidden temp sibling, then rename).
@@ -181,8 +184,10 @@ class SoftLabelStore:
     """Read side: memory-mapped sparse soft labels for each sequence of a tokenised corpus.
 
     Opening checks the files against ``meta.json`` (present, readable, of the shapes it records) and, with
-    ``validate=True`` (the default), the contents (:func:`validate_rows`); ``vocab_size`` adds the id range.
-    Every failure is one line naming the store folder and the fix.
+    ``validate=True`` (the default), the contents (:func:`validate_rows`, on the decoded rows of a format-2
+    store); ``vocab_size`` adds the id range. Every failure is one line naming the store folder and the fix.
+    Format-1 stores (K float16 slots per row) and format-2 stores (:mod:`kd_lightning.data.store_format`)
+    read the same: :meth:`rows` gives K slots per row.
     """
 
     def __init__(
@@ -200,40 +205,72 @@ class SoftLabelStore:
             self.meta = json.loads((self.folder / "meta.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreCorruptError(f"{self.folder}/meta.json is cut or corrupted ({err}); {fix}") from None
-        if not isinstance(self.meta, dict) or self.meta.get("format_version") != FORMAT_VERSION:
-            found = self.meta.get("format_version") if isinstance(self.meta, dict) else self.meta
-            raise StoreMismatchError(f"{self.folder}: format_version {found} != {FORMAT_VERSION}; {fix}")
+        version = self.meta.get("format_version") if isinstance(self.meta, dict) else self.meta
+        if version not in FORMAT_VERSIONS:
+            raise StoreMismatchError(
+                f"{self.folder}: format_version {version} is not one this kd_lightning reads "
+                f"({', '.join(map(str, FORMAT_VERSIONS))}); {fix}"
+            )
         if expect:
             check_provenance(self.meta["provenance"], expect, self.folder)
+        self.encoding: dict[str, Any] | None = self.meta.get("encoding") if version == 2 else None
+        names = ("ids", "probs", "tail", "offsets") if self.encoding is None else self._format2_names()
         arrays = {}
-        for name in ("ids", "probs", "tail", "offsets"):
+        for name in names:
             path = self.folder / f"{name}.npy"
             try:
                 arrays[name] = np.load(path, mmap_mode=None if name == "offsets" else "r")
             except (OSError, ValueError, EOFError) as err:
                 raise StoreCorruptError(f"{path} is missing, cut or corrupted ({err}); {fix}") from None
-        self.ids, self.probs, self.tail, self.offsets = (
-            arrays["ids"],
-            arrays["probs"],
-            arrays["tail"],
-            arrays["offsets"],
-        )
+        self.offsets = arrays.pop("offsets")
+        self._arrays = arrays
         rows, k = int(self.meta.get("rows", -1)), int(self.meta.get("top_k", -1))
-        shapes_ok = (
-            self.ids.shape == (rows, k)
-            and self.probs.shape == (rows, k)
-            and self.tail.shape == (rows,)
-            and len(self.offsets) >= 1
-            and int(self.offsets[-1]) == rows
-        )
-        if not shapes_ok:
+        self.num_rows = rows
+        if not (len(self.offsets) >= 1 and int(self.offsets[-1]) == rows):
             raise StoreCorruptError(
-                f"{self.folder}: files hold ids {self.ids.shape}, probs {self.probs.shape}, tail "
-                f"{self.tail.shape}, offsets ending at {int(self.offsets[-1]) if len(self.offsets) else None}, "
-                f"but meta.json says {rows} rows of top-{k}; {fix}"
+                f"{self.folder}: offsets end at {int(self.offsets[-1]) if len(self.offsets) else None}, "
+                f"but meta.json says {rows} rows; {fix}"
             )
+        if self.encoding is None:
+            ids, probs, tail = arrays["ids"], arrays["probs"], arrays["tail"]
+            if not (ids.shape == (rows, k) and probs.shape == (rows, k) and tail.shape == (rows,)):
+                raise StoreCorruptError(
+                    f"{self.folder}: files hold ids {ids.shape}, probs {probs.shape}, tail {tail.shape}, "
+                    f"but meta.json says {rows} rows of top-{k}; {fix}"
+                )
+        else:
+            wrong = check_arrays(arrays, self.encoding, rows, len(self.offsets) - 1)
+            if wrong:
+                raise StoreCorruptError(f"{self.folder}: {wrong}; {fix}")
         if validate:
-            validate_rows(self.ids, self.probs, self.tail, self.folder, vocab_size, fix)
+            self.validate(vocab_size, fix)
+
+    def _format2_names(self) -> tuple[str, ...]:
+        assert self.encoding is not None
+        names = ["ids", "values", "offsets"]
+        names += ["entries", "entry_offsets"] if self.encoding.get("ragged") else []
+        names += [] if self.encoding.get("probabilities") == "counts" else ["tail"]
+        return tuple(names)
+
+    def validate(self, vocab_size: int | None = None, fix: str = "") -> None:
+        """:func:`validate_rows` over every row, in chunks of sequences (decoded, for format 2)."""
+        if self.encoding is None:
+            a = self._arrays
+            validate_rows(a["ids"], a["probs"], a["tail"], self.folder, vocab_size, fix)
+            return
+        first = 0
+        while first < len(self):
+            last = first + 1
+            while (
+                last < len(self) and int(self.offsets[last + 1] - self.offsets[first]) <= VALIDATE_CHUNK_ROWS
+            ):
+                last += 1
+            rows = self._read(first, last)
+            try:
+                validate_rows(rows.ids, rows.probs, rows.tail, self.folder, vocab_size, fix)
+            except StoreCorruptError as err:  # name the row in the whole store, not in the chunk
+                raise StoreCorruptError(f"{err} (sequences {first}..{last - 1})") from None
+            first = last
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -241,21 +278,42 @@ class SoftLabelStore:
 
     @property
     def top_k(self) -> int:
-        return int(self.ids.shape[1])
+        return int(self.meta["top_k"])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(rows, K) ids of every row (memory-mapped for format 1, decoded for format 2)."""
+        return self._arrays["ids"] if self.encoding is None else self.all_rows().ids
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self._arrays["probs"] if self.encoding is None else self.all_rows().probs
+
+    @property
+    def tail(self) -> np.ndarray:
+        return self._arrays["tail"] if self.encoding is None else self.all_rows().tail
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def _read(self, first: int, last: int) -> SparseRows:
+        """The rows of sequences ``[first, last)``."""
+        start, stop = int(self.offsets[first]), int(self.offsets[last])
+        if self.encoding is None:
+            a = self._arrays
+            return SparseRows(
+                np.asarray(a["ids"][start:stop]),
+                np.asarray(a["probs"][start:stop]),
+                np.asarray(a["tail"][start:stop]),
+            )
+        entry = int(self._arrays["entry_offsets"][first]) if self.encoding.get("ragged") else 0
+        return SparseRows(*decode(self._arrays, self.encoding, start, stop, entry))
+
     def rows(self, seq: int) -> SparseRows:
-        start, stop = int(self.offsets[seq]), int(self.offsets[seq + 1])
-        return SparseRows(
-            np.asarray(self.ids[start:stop]),
-            np.asarray(self.probs[start:stop]),
-            np.asarray(self.tail[start:stop]),
-        )
+        return self._read(seq, seq + 1)
 
     def all_rows(self) -> SparseRows:
-        return SparseRows(np.asarray(self.ids), np.asarray(self.probs), np.asarray(self.tail))
+        return self._read(0, len(self))
 
     def evidence(self, seq: int) -> np.ndarray:
         """(rows of ``seq``,) bool: the rows that carry a teacher's distribution (all of them, for a store
@@ -266,9 +324,12 @@ class SoftLabelStore:
             return np.ones(stop - start, dtype=bool)
         return np.load(path, mmap_mode="r")[start:stop].astype(bool)
 
+    def nbytes(self) -> int:
+        """Bytes of the store's files (arrays and meta.json)."""
+        return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
+
     def nbytes_per_row(self) -> float:
-        total = sum((self.folder / f"{n}.npy").stat().st_size for n in ("ids", "probs", "tail", "offsets"))
-        return total / max(len(self.tail), 1)
+        return self.nbytes() / max(self.num_rows, 1)
 
 
 def write_store(
@@ -284,6 +345,8 @@ def write_store(
     An estimator that produced non-finite, negative or unnormalised rows fails here, before anything is
     cached, with a one-line error naming the store. ``evidence`` (rows,) bool marks the rows that carry a
     teacher's distribution (an API's log-probs that aligned); the others only restate the observed token.
+    The provenance's ``format`` (:meth:`StoreFormat.settings`, plus ``draws`` for a sampled store) decides
+    how the rows are written: absent, format 1.
     """
     if len(rows.ids) != int(offsets[-1]):
         raise ValueError(f"{len(rows.ids)} rows but offsets end at {int(offsets[-1])}")
@@ -295,115 +358,29 @@ def write_store(
         vocab_size,
         "the estimator produced it; check its settings (nothing was cached)",
     )
-    meta = {
-        "format_version": FORMAT_VERSION,
+    fmt = StoreFormat.from_settings(provenance.get("format"))
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION if fmt.is_legacy else 2,
         "provenance": dict(provenance),
         "rows": len(rows.ids),
         "top_k": int(rows.ids.shape[1]),
         "id_dtype": str(rows.ids.dtype),
     }
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if fmt.is_legacy:
+        arrays = {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail}
+    else:
+        draws = (provenance.get("format") or {}).get("draws")
+        arrays, meta["encoding"] = encode(rows.ids, rows.probs, rows.tail, offsets, fmt, draws)
     remove_leftovers(Path(folder).parent, f".{Path(folder).name}.tmp-*")  # a write cut short by a kill
-    _write_arrays(
+    write_arrays(
         Path(folder),
         {
-            "ids": rows.ids,
-            "probs": rows.probs,
-            "tail": rows.tail,
-            "offsets": np.asarray(offsets, dtype=np.int64),
+            **arrays,
+            "offsets": offsets,
             **({} if evidence is None else {"evidence": np.asarray(evidence, dtype=bool)}),
         },
         meta,
         fault="store:before-rename",
     )
     return SoftLabelStore(folder, validate=False)  # just validated
-
-
-class ShardedStoreWriter:
-    """Resumable writer: shard ``j`` covers sequences ``[j·S, (j+1)·S)``; finished shards survive a kill.
-
-    Usage::
-
-        writer = ShardedStoreWriter(folder, offsets, provenance, shard_size=64)
-        for shard in writer.pending():          # skips shards a killed run already wrote
-            writer.write(shard, compute(shard))  # rows for those sequences, in order
-        store = writer.finish()                  # concatenates, renames into place, removes .partial
-
-    ``clean=False`` (the other ranks of a ``torchrun`` group, which rank 0 has already checked the folder
-    for) neither discards a ``.partial`` folder of another layout nor removes half-written shards.
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike,
-        offsets: np.ndarray,
-        provenance: Mapping[str, Any],
-        shard_size: int,
-        clean: bool = True,
-    ) -> None:
-        self.folder = Path(folder)
-        self.partial = self.folder.with_name(self.folder.name + ".partial")
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.provenance = dict(provenance)
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.shard_size = shard_size
-        self.num_shards = -(-(len(self.offsets) - 1) // shard_size)
-        marker = self.partial / "provenance.json"
-        # what decides which sequences a shard file holds, beside the store's own provenance
-        layout = {"provenance": self.provenance, "shard_size": shard_size, "rows": int(self.offsets[-1])}
-        expected = json.loads(json.dumps(layout, sort_keys=True, default=str))
-        if self.partial.exists() and clean:
-            try:
-                found = json.loads(marker.read_text()) if marker.is_file() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                found = None
-            if found != expected:  # leftovers of another run or layout: they cannot be reused
-                log.warning("%s: discarding finished shards of a different run or shard size", self.partial)
-                shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        if clean:  # (not while other ranks of a torchrun group may be writing shards)
-            remove_leftovers(self.partial, ".shard-*.tmp-*")  # a shard write cut short by a kill
-        if not marker.is_file():
-            atomic_write_text(marker, json.dumps(expected, sort_keys=True))
-
-    def shard_sequences(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.offsets) - 1))
-
-    def _shard_path(self, shard: int) -> Path:
-        return self.partial / f"shard-{shard:06d}"
-
-    def pending(self) -> Iterator[int]:
-        for shard in range(self.num_shards):
-            if not (self._shard_path(shard) / "meta.json").is_file():
-                yield shard
-
-    def done_count(self) -> int:
-        return self.num_shards - sum(1 for _ in self.pending())
-
-    def write(self, shard: int, rows: SparseRows) -> None:
-        seqs = self.shard_sequences(shard)
-        expected = int(self.offsets[seqs.stop] - self.offsets[seqs.start])
-        if len(rows.ids) != expected:
-            raise ValueError(f"shard {shard}: {len(rows.ids)} rows, expected {expected}")
-        _write_arrays(
-            self._shard_path(shard),
-            {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail},
-            {"shard": shard},
-        )
-        fault_point("shard:written")
-
-    def finish(self) -> SoftLabelStore:
-        missing = list(self.pending())
-        if missing:
-            raise RuntimeError(f"{len(missing)} shards not written yet (first: {missing[0]})")
-        rows = SparseRows.concat(
-            [
-                SparseRows(
-                    *(np.load(self._shard_path(s) / f"{name}.npy") for name in ("ids", "probs", "tail"))
-                )
-                for s in range(self.num_shards)
-            ]
-        )
-        store = write_store(self.folder, rows, self.offsets, self.provenance)
-        shutil.rmtree(self.partial, ignore_errors=True)
-        return store

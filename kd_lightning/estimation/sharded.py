@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
-from kd_lightning.data.soft_labels import ShardedStoreWriter, SoftLabelStore, SparseRows
+from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows
+from kd_lightning.data.store_shards import ShardedStoreWriter
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.distributed import process_group
 from kd_lightning.models.forward import target_position_logits
