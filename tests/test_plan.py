@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from tests.helpers.cli import artifacts, kdl
 
@@ -71,3 +72,28 @@ def test_parameter_count_from_config_alone_equals_the_weights(tmp_path):
     expected = sum(p.numel() for p in model.parameters())
     assert parameter_count(str(tmp_path / "config_only")) == expected
     assert parameter_count(str(tmp_path / "full")) == expected
+
+
+def test_store_formats_are_planned_written_and_trained_from(kdl_env):
+    """store_format=log8: the plan's size is exact within 5%; topk_floor (ragged): the plan is an upper bound
+    and the store is smaller than log8's; a student trains from each (the distill stage reads format 2)."""
+    sizes = {}
+    for fmt in ("log8", "topk_floor"):
+        settings = ["experiment=tiny", f"store_format={fmt}"]
+        kdl("plan", *settings, env_dir=kdl_env)
+        plan = json.loads(sorted((kdl_env / "outputs").rglob("plan_result.json"))[-1].read_text())
+        kdl("prior", *settings, env_dir=kdl_env)
+        (folder,) = artifacts(kdl_env, "prior")
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["format_version"] == 2 and meta["provenance"]["format"]["ragged"] == (fmt == "topk_floor")
+        sizes[fmt] = actual = folder_bytes(folder)
+        if fmt == "log8":
+            assert abs(plan["store_bytes"]["prior"] - actual) / actual < 0.05, (plan["store_bytes"], actual)
+            shutil.rmtree(folder)  # the next format's store is the only prior
+        else:
+            assert actual <= plan["store_bytes"]["prior"]
+    assert sizes["topk_floor"] < sizes["log8"]
+    kdl("distill", *settings, "loss=[hard_ce,prior_kl]", "trainer.max_steps=2", env_dir=kdl_env)
+    (student,) = artifacts(kdl_env, "distill")
+    result = json.loads((student / "result.json").read_text())
+    assert result["nll"] > 0 and result["nll"] < 20

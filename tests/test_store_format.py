@@ -103,7 +103,9 @@ def test_quantised_topk_rows_read_back_as_distributions_close_to_the_written_one
     assert got.ids.shape == rows.ids.shape and got.probs.dtype == np.float32
     total = got.probs.sum(1, dtype=np.float64) + got.tail
     np.testing.assert_allclose(total, 1.0, atol=1e-5)  # rescaled against the exact tail
-    assert kl(dense(floored(rows, fmt["floor"])), dense(got)) < 2e-3  # only quantisation error beyond the floor
+    assert (
+        kl(dense(floored(rows, fmt["floor"])), dense(got)) < 2e-3
+    )  # only quantisation error beyond the floor
     if fmt["floor"]:
         kept = got.probs > 0
         assert (got.probs[kept] >= fmt["floor"] * 0.9).all()  # entries under the floor went to the tail

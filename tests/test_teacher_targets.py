@@ -9,7 +9,9 @@ import torch
 
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.records import read_jsonl
+from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.data.tokenized import tokenize_records
+from kd_lightning.estimation.stores import formatted
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.forward import target_position_logits
@@ -57,6 +59,19 @@ def test_sampled_store_is_normalised_reproducible_and_follows_the_teacher(tiny_d
     np.testing.assert_allclose(rows.probs.astype(np.float32).sum(-1), 1.0, atol=1e-3)
     assert (rows.tail == 0).all()
     np.testing.assert_array_equal(rows.ids, b.rows(1).ids)  # same seed → same draws
+    fewer = TeacherTargetBuilder("sampled", k=48, shard_size=4, seed=3)  # compact: exact counts, no K slots
+    fixed = fewer.estimate(teacher, corpus, pad_id, str(tmp_path / "c"), {"test": 1})
+    compact = fewer.estimate(
+        teacher,
+        corpus,
+        pad_id,
+        str(tmp_path / "d"),
+        formatted({"test": 1}, StoreFormat("counts", 1e-3, True), 48),
+    )
+    assert compact.encoding["probabilities"] == "counts" and compact.nbytes() < fixed.nbytes() / 2
+    want, got = fixed.all_rows(), compact.all_rows()
+    np.testing.assert_array_equal(got.ids[got.probs > 0], want.ids[want.probs > 0])
+    np.testing.assert_array_equal(got.probs[got.probs > 0] * 48, np.rint(want.probs[want.probs > 0] * 48.0))
     probs = torch.softmax(teacher_rows(teacher, corpus, pad_id, 1), -1)
     assert probs.max(-1).values.mean() > 0.5  # peaked indeed
     dense = torch.zeros_like(probs).scatter_add_(

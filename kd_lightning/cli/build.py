@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kd_lightning.artifacts import Workspace
 from kd_lightning.cli.trainer import trainer_factory
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
+from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.stages.compare import Variant
@@ -69,10 +70,10 @@ def stage_code(cfg: DictConfig) -> dict[str, str]:
 
     return {
         "corpus": of("corpus", cfg.data),
-        "prior": of("prior", cfg.estimator.prior),
+        "prior": of("prior", cfg.estimator.prior, cfg.get("store_format")),
         "align": of("align", cfg.alignment),
-        "posterior": of("posterior", cfg.estimator.prior, cfg.estimator.posterior),
-        "teacher_logits": of("teacher_logits", cfg.estimator.teacher_targets),
+        "posterior": of("posterior", cfg.estimator.prior, cfg.estimator.posterior, cfg.get("store_format")),
+        "teacher_logits": of("teacher_logits", cfg.estimator.teacher_targets, cfg.get("store_format")),
         "teacher_logprobs": of("teacher_logprobs"),
         "eval": of("eval", cfg.evaluation),
     }
@@ -94,6 +95,7 @@ def build_context(cfg: DictConfig) -> StageContext:
         code=stage_code(cfg),
         proxy_own_tokenizer=bool(cfg.proxy.get("own_tokenizer", False)),
         served_teacher=(lambda: instantiate(cfg.teacher)) if served(cfg.get("teacher")) else None,
+        store_format=instantiate(cfg.store_format) if cfg.get("store_format") else StoreFormat(),
     )
 
 

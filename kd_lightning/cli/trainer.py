@@ -41,7 +41,9 @@ def resolved_settings(cfg: DictConfig) -> dict[str, Any]:
             continue
         try:
             value = cfg[key]
-            settings[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            settings[key] = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
         except InterpolationResolutionError:
             settings[key] = OmegaConf.to_container(cfg, resolve=False)[key]
     return settings

@@ -21,6 +21,7 @@ from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
+from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.data.store_size import store_bytes
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
@@ -46,28 +47,50 @@ def _open(corpus: Corpus, provenance: dict[str, Any]) -> Callable[[Path], SoftLa
     return lambda folder: SoftLabelStore(folder, expect=provenance, vocab_size=corpus.vocab_size)
 
 
-def _size(corpus: Corpus, top_k: int, vocab_size: int | None = None) -> Callable[[], float]:
+def _size(
+    corpus: Corpus, top_k: int, vocab_size: int | None = None, provenance: dict[str, Any] | None = None
+) -> Callable[[], float]:
     """The plan's estimate of a store's bytes over the training rows (for the disk-full message)."""
     train = corpus.train
     rows = int(train.target_offsets()[-1])
-    return lambda: store_bytes(rows, len(train), top_k, vocab_size or corpus.vocab_size)
+    written = (provenance or {}).get("format") or {}
+    fmt = StoreFormat.from_settings(written)
+    vocab = vocab_size or corpus.vocab_size
+    return lambda: store_bytes(rows, len(train), top_k, vocab, fmt, counts="draws" in written)
 
 
-def prior_provenance(corpus: Corpus, estimator: NGramPriorEstimator, code: str | None) -> dict[str, Any]:
-    return {
+def formatted(provenance: dict[str, Any], fmt: StoreFormat, draws: int | None = None) -> dict[str, Any]:
+    """``provenance`` with the store format it is written in (nothing added for format 1, so its keys stay).
+
+    ``draws``: the rows are that many samples each (a sampled teacher store), which ``counts`` keeps exactly.
+    """
+    if fmt.is_legacy:
+        return provenance
+    return {**provenance, "format": {**fmt.settings(), **({"draws": int(draws)} if draws else {})}}
+
+
+def prior_provenance(
+    corpus: Corpus, estimator: NGramPriorEstimator, code: str | None, fmt: StoreFormat | None = None
+) -> dict[str, Any]:
+    provenance = {
         "tokenizer": corpus.tokenizer_fp,
         "corpus": corpus.train.fingerprint,
         "counts": corpus.counts.fingerprint,
         "estimator": estimator.settings(),
         "code": code,
     }
+    return formatted(provenance, fmt or StoreFormat())
 
 
 def prior_store(
-    workspace: Workspace, corpus: Corpus, estimator: NGramPriorEstimator, code: str | None = None
+    workspace: Workspace,
+    corpus: Corpus,
+    estimator: NGramPriorEstimator,
+    code: str | None = None,
+    fmt: StoreFormat | None = None,
 ) -> SoftLabelStore:
     """The n-gram prior at every training target position (counts over the whole training split)."""
-    provenance = prior_provenance(corpus, estimator, code)
+    provenance = prior_provenance(corpus, estimator, code, fmt)
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
@@ -85,7 +108,7 @@ def prior_store(
         build,
         _open(corpus, provenance),
         siblings=(".stats.json",),
-        size_hint=_size(corpus, estimator.top_k),
+        size_hint=_size(corpus, estimator.top_k, provenance=provenance),
     )
 
 
@@ -95,9 +118,10 @@ def posterior_provenance(
     proxy_key: str,
     estimator: ProxyPosteriorEstimator,
     code: str | None,
+    fmt: StoreFormat | None = None,
 ) -> dict[str, Any]:
     """``prior`` is the prior's provenance; ``proxy_key`` the aligned proxy's key."""
-    return {
+    provenance = {
         "tokenizer": corpus.tokenizer_fp,
         "corpus": prior["corpus"],
         "prior": settings_key(prior),
@@ -105,6 +129,7 @@ def posterior_provenance(
         "estimator": estimator.settings(),
         "code": code,
     }
+    return formatted(provenance, fmt or StoreFormat())
 
 
 def posterior_store(
@@ -140,7 +165,7 @@ def posterior_store(
             mapped=None if mapped is None else mapped(),
             api_evidence=None if api_evidence is None else api_evidence(),
         )
-        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": store.num_rows})
         return store
 
     return workspace.cached(
@@ -150,7 +175,7 @@ def posterior_store(
         _open(corpus, provenance),
         siblings=RESUMABLE,
         collective=True,
-        size_hint=_size(corpus, estimator.top_k),
+        size_hint=_size(corpus, estimator.top_k, provenance=provenance),
     )
 
 
@@ -161,6 +186,7 @@ def offline_teacher_store(
     targets: TeacherTargetBuilder,
     code: str | None = None,
     own: ForeignTokenizer | None = None,
+    fmt: StoreFormat | None = None,
 ) -> SoftLabelStore:
     """An open teacher's sparse distributions at every training target position (resumable).
 
@@ -179,6 +205,7 @@ def offline_teacher_store(
         "targets": targets.settings(),
         "code": code,
     }
+    provenance = formatted(provenance, fmt or StoreFormat(), targets.k if targets.kind == "sampled" else None)
     if targets.own_tokenizer and own is None:
         raise ValueError("estimator.teacher_targets.own_tokenizer=true needs the teacher's tokenizer")
     vocab = corpus.vocab_size
@@ -194,7 +221,7 @@ def offline_teacher_store(
         start = time.perf_counter()
         view = None if own is None else own.view(corpus.train, corpus.tokenizer)
         store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance, view)
-        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": len(store.tail)})
+        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": store.num_rows})
         return store
 
     def open_store(folder: Path) -> SoftLabelStore:
@@ -207,7 +234,7 @@ def offline_teacher_store(
         open_store,
         siblings=RESUMABLE,
         collective=True,
-        size_hint=_size(corpus, targets.k, vocab),
+        size_hint=_size(corpus, targets.k, vocab, provenance),
     )
 
 
@@ -217,6 +244,7 @@ def served_teacher_artifact(
     served: ServedTeacher,
     targets: TeacherTargetBuilder,
     code: str | None = None,
+    fmt: StoreFormat | None = None,
 ) -> SoftLabelStore:
     """A served teacher's top-k rows at every training target position (resumable): the offline store of
     ``teacher=served``, keyed by the server, the model and the wire form."""
@@ -227,11 +255,12 @@ def served_teacher_artifact(
         "targets": targets.settings(),
         "code": code,
     }
+    provenance = formatted(provenance, fmt or StoreFormat())  # a server's rows are top-k, never draws
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
         store = served_teacher_store(served, corpus.train, corpus.tokenizer, targets, str(folder), provenance)
-        stats = {"seconds": time.perf_counter() - start, "rows": len(store.tail), **served.report()}
+        stats = {"seconds": time.perf_counter() - start, "rows": store.num_rows, **served.report()}
         atomic_json(stats_path(folder), stats)
         return store
 
@@ -241,7 +270,7 @@ def served_teacher_artifact(
         build,
         _open(corpus, provenance),
         siblings=RESUMABLE,
-        size_hint=_size(corpus, targets.k),
+        size_hint=_size(corpus, targets.k, provenance=provenance),
     )
 
 

@@ -10,6 +10,7 @@ from lightning import Trainer
 from kd_lightning.artifacts import Workspace
 from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus, records_by_key
 from kd_lightning.data.cross_tokenizer import ForeignTokenizer
+from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
@@ -37,6 +38,7 @@ class StageContext:
         proxy_own_tokenizer: the proxy reads the records through its own tokenizer and template, and its
             draws are mapped to the student's tokens by text (``proxy.own_tokenizer``).
         served_teacher: builds the teacher behind a server (``teacher=served``), if that is the teacher.
+        store_format: how the prior, posterior and offline-teacher stores are written (``store_format``).
     """
 
     workspace: Workspace
@@ -52,6 +54,7 @@ class StageContext:
     code: Mapping[str, str] = field(default_factory=dict)
     proxy_own_tokenizer: bool = False
     served_teacher: Callable[[], ServedTeacher] | None = None
+    store_format: StoreFormat = field(default_factory=StoreFormat)
     _corpus: Corpus | None = field(default=None, init=False, repr=False)
     _proxy_tokenizer: list[ForeignTokenizer | None] = field(default_factory=list, init=False, repr=False)
 

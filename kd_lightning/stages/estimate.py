@@ -31,7 +31,9 @@ from kd_lightning.stages.context import StageContext
 
 def prior(ctx: StageContext, estimator: NGramPriorEstimator | None = None) -> SoftLabelStore:
     """The n-gram prior store (``estimator`` overrides the context's, e.g. for a fidelity sweep)."""
-    return prior_store(ctx.workspace, ctx.corpus(), estimator or ctx.prior_estimator, ctx.code.get("prior"))
+    return prior_store(
+        ctx.workspace, ctx.corpus(), estimator or ctx.prior_estimator, ctx.code.get("prior"), ctx.store_format
+    )
 
 
 def proxy_key(ctx: StageContext) -> str:
@@ -83,10 +85,11 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
     estimator = estimator or ctx.posterior_estimator
     provenance = posterior_provenance(
         corpus,
-        prior_provenance(corpus, ctx.prior_estimator, ctx.code.get("prior")),
+        prior_provenance(corpus, ctx.prior_estimator, ctx.code.get("prior"), ctx.store_format),
         proxy_key(ctx),
         estimator,
         ctx.code.get("posterior"),
+        ctx.store_format,
     )
     evidence = None
     if estimator.api_evidence_weight:
@@ -113,6 +116,7 @@ def offline_teacher(ctx: StageContext) -> SoftLabelStore:
             ctx.served_teacher(),
             ctx.teacher_targets,
             ctx.code.get("teacher_logits"),
+            ctx.store_format,
         )
     own = None
     if ctx.teacher_targets.own_tokenizer and ctx.teacher_path is not None:
@@ -126,6 +130,7 @@ def offline_teacher(ctx: StageContext) -> SoftLabelStore:
         ctx.teacher_targets,
         ctx.code.get("teacher_logits"),
         own,
+        ctx.store_format,
     )
 
 

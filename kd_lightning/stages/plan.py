@@ -108,7 +108,13 @@ def run_plan(
         ),
     ]
     id_bytes = id_dtype_for(vocab).itemsize
-    formula = f"N·K·({id_bytes}+2) + N·4 + (S+1)·8 + headers"
+    fmt = ctx.store_format
+    value_bytes = 2 if fmt.probabilities == "fp16" else 1
+    formula = f"N·K·({id_bytes}+{value_bytes}) + N·4 + (S+1)·8 + headers"
+    if fmt.ragged:
+        formula = (
+            f"at most N·K·({id_bytes}+1) + N·(1+4) + 2·(S+1)·8 + headers (ragged: K entries a row at most)"
+        )
     top_k = {
         "prior": ctx.prior_estimator.top_k,
         "posterior": ctx.posterior_estimator.top_k,
@@ -117,8 +123,10 @@ def run_plan(
     sizes = {}
     for name in stores:
         if name in top_k:
-            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab)
-            rows.append(PlanRow(f"{name} store (K={top_k[name]})", sizes[name], "B", formula))
+            draws = name == "offline_teacher" and ctx.teacher_targets.kind == "sampled"
+            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab, fmt, counts=draws)
+            label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
+            rows.append(PlanRow(label, sizes[name], "B", formula))
     flops: dict[str, float] = {}
     if "posterior" in stores:
         proxy = float(proxy_parameters) if proxy_parameters else parameter_count(ctx.proxy_path)
