@@ -19,7 +19,7 @@ from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.stages.compare import Variant
-from kd_lightning.stages.context import StageContext
+from kd_lightning.stages.context import NamedTeacher, StageContext
 from kd_lightning.stages.train import StudentRun
 
 BUILDERS: dict[str, tuple[str, ...]] = {
@@ -96,7 +96,34 @@ def build_context(cfg: DictConfig) -> StageContext:
         proxy_own_tokenizer=bool(cfg.proxy.get("own_tokenizer", False)),
         served_teacher=(lambda: instantiate(cfg.teacher)) if served(cfg.get("teacher")) else None,
         store_format=instantiate(cfg.store_format) if cfg.get("store_format") else StoreFormat(),
+        teachers=named_teachers(cfg.get("teachers")),
+        teacher_routing=cfg.get("teacher_routing"),
     )
+
+
+def named_teachers(node: Any) -> dict[str, NamedTeacher]:
+    """``teachers:`` → name → :class:`NamedTeacher`. Each entry is a teacher config (``path``, or a served
+    teacher's ``base_url``/``model``/...) plus ``weight``."""
+    found: dict[str, NamedTeacher] = {}
+    for name, entry in (node or {}).items():
+        if not OmegaConf.is_dict(entry):
+            raise ValueError(
+                f"teachers.{name} must be a teacher config (path: ..., weight: ...), got {entry!r}"
+            )
+        settings = OmegaConf.to_container(entry, resolve=True)
+        weight = float(settings.pop("weight", 1.0))
+        if "base_url" in settings:
+            settings.setdefault("_target_", "kd_lightning.generation.served.ServedTeacher")
+            served_node = OmegaConf.create(settings)
+            found[str(name)] = NamedTeacher(
+                str(name), served=lambda n=served_node: instantiate(n), weight=weight
+            )
+        else:
+            path = settings.get("path")
+            found[str(name)] = NamedTeacher(
+                str(name), path=None if path is None else str(path), weight=weight
+            )
+    return found
 
 
 def served(teacher: Any) -> bool:

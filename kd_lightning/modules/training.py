@@ -83,6 +83,8 @@ def train_student(
             "terms": {n: t.weight for n, t in getattr(module, "loss_terms", {}).items()},
             "module": type(module).__name__,
             "train_seconds": seconds,
+            "stores": dict(provenance.get("stores") or {}),  # the soft-label stores it was trained from
+            **({"teachers": provenance["teachers"]} if "teachers" in provenance else {}),
             **({"best_checkpoint": best} if best else {}),
             **timing_summary(module),
         }

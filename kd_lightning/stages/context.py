@@ -19,6 +19,26 @@ from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import ProxyAlignment
 
 
+@dataclass(frozen=True)
+class NamedTeacher:
+    """One of several teachers (``teachers.<name>``): an open model's path or a served teacher, and its
+    weight in ``kd_target=teacher_mixture``."""
+
+    name: str
+    path: str | None = None
+    served: Callable[[], ServedTeacher] | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.served is None):
+            raise ValueError(
+                f"teachers.{self.name} needs either a path (an open model: teachers.{self.name}.path=<folder "
+                f"or hub id>) or a served teacher (teachers.{self.name}.base_url=... and .model=...)"
+            )
+        if not self.weight >= 0:
+            raise ValueError(f"teachers.{self.name}.weight must be >= 0, got {self.weight}")
+
+
 @dataclass
 class StageContext:
     """What the stages share.
@@ -39,6 +59,8 @@ class StageContext:
             draws are mapped to the student's tokens by text (``proxy.own_tokenizer``).
         served_teacher: builds the teacher behind a server (``teacher=served``), if that is the teacher.
         store_format: how the prior, posterior and offline-teacher stores are written (``store_format``).
+        teachers: several named teachers (``teachers:``), each read through its own offline store.
+        teacher_routing: a record field naming the teacher each training record is distilled from.
     """
 
     workspace: Workspace
@@ -55,6 +77,8 @@ class StageContext:
     proxy_own_tokenizer: bool = False
     served_teacher: Callable[[], ServedTeacher] | None = None
     store_format: StoreFormat = field(default_factory=StoreFormat)
+    teachers: Mapping[str, NamedTeacher] = field(default_factory=dict)
+    teacher_routing: str | None = None
     _corpus: Corpus | None = field(default=None, init=False, repr=False)
     _proxy_tokenizer: list[ForeignTokenizer | None] = field(default_factory=list, init=False, repr=False)
 

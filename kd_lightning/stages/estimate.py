@@ -10,6 +10,7 @@ from typing import Any
 from kd_lightning.data.corpus import records_by_key
 from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.store_mixture import MixedStore
 from kd_lightning.data.token_alignment import first_token_map
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.ngram import NGramPriorEstimator
@@ -134,6 +135,68 @@ def offline_teacher(ctx: StageContext) -> SoftLabelStore:
     )
 
 
+def named_teacher(ctx: StageContext, name: str) -> SoftLabelStore:
+    """The offline store of ``teachers.<name>`` (``kd_target=teacher:<name>``), built like ``kdl teacher-logits``
+    with that teacher; its key names the teacher, so each has its own."""
+    if name not in ctx.teachers:
+        known = ", ".join(sorted(ctx.teachers)) or "none"
+        raise ValueError(f"kd_target=teacher:{name}: teachers: has no {name!r} (it has: {known})")
+    spec = ctx.teachers[name]
+    if spec.served is not None:
+        return served_teacher_artifact(
+            ctx.workspace, ctx.corpus(), spec.served(), ctx.teacher_targets, ctx.code.get("teacher_logits"),
+            ctx.store_format,
+        )  # fmt: skip
+    if ctx.teacher_targets.own_tokenizer:
+        raise ValueError(
+            "teachers: mixes rows over the student's vocabulary; a teacher of another tokenizer "
+            "(estimator.teacher_targets.own_tokenizer=true) cannot be one of several teachers"
+        )
+    return offline_teacher_store(
+        ctx.workspace,
+        ctx.corpus(),
+        spec.path,
+        ctx.teacher_targets,
+        ctx.code.get("teacher_logits"),
+        None,
+        ctx.store_format,
+    )
+
+
+def teacher_mixture(ctx: StageContext) -> MixedStore:
+    """All of ``teachers:`` as one store: their weighted mixture, or each record's routed teacher."""
+    if not ctx.teachers:
+        raise ValueError(
+            "kd_target=teacher_mixture needs teachers: (name → a teacher config with a weight), e.g. "
+            "+teachers.a.path=smollm2 +teachers.a.weight=0.7 +teachers.b.path=<folder> +teachers.b.weight=0.3"
+        )
+    stores = {name: named_teacher(ctx, name) for name in ctx.teachers}
+    routes = None
+    if ctx.teacher_routing:
+        routes = record_routes(ctx, ctx.teacher_routing)
+    return MixedStore(stores, {n: t.weight for n, t in ctx.teachers.items()}, routes)
+
+
+def record_routes(ctx: StageContext, field_name: str) -> list[str]:
+    """The value of each training record's ``field_name``: the teacher it is routed to."""
+    train = ctx.corpus().train
+    if train.record_keys is None:
+        raise ValueError(
+            "teacher_routing needs a corpus that records its records' keys; rebuild it (rebuild=[corpus])"
+        )
+    records = records_by_key(ctx.corpus_spec)
+    routes = []
+    for key in train.record_keys:
+        fields = records[key][0].meta
+        if field_name not in fields:
+            raise ValueError(
+                f"teacher_routing={field_name}: a training record has no field {field_name!r} (its fields: "
+                f"{sorted(fields) or 'none besides the prompt and response'}); add it to every record"
+            )
+        routes.append(str(fields[field_name]))
+    return routes
+
+
 def teacher_logprobs(ctx: StageContext) -> SoftLabelStore:
     return teacher_logprobs_store(
         ctx.workspace, ctx.corpus(), ctx.corpus_spec.logprobs, ctx.code.get("teacher_logprobs")
@@ -149,11 +212,24 @@ STORES = {
 """Soft-label store name (what a loss term's ``soft_labels`` says) → the stage that builds it."""
 
 
-def stores_for(ctx: StageContext, names: tuple[str, ...]) -> dict[str, SoftLabelStore]:
-    unknown = [n for n in names if n not in STORES]
+def stores_for(ctx: StageContext, names: tuple[str, ...]) -> dict[str, SoftLabelStore | MixedStore]:
+    """The store each soft-label name reads: a stage's (``prior`` ...), ``teacher:<name>`` (one of several
+    teachers) or ``teacher_mixture`` (all of them)."""
+    unknown = [
+        n for n in names if n not in STORES and n != "teacher_mixture" and not n.startswith("teacher:")
+    ]
     if unknown:
-        raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {sorted(STORES)}")
-    return {name: STORES[name](ctx) for name in names}
+        known = [*sorted(STORES), "teacher:<name>", "teacher_mixture"]
+        raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {known}")
+    found: dict[str, SoftLabelStore | MixedStore] = {}
+    for name in names:
+        if name == "teacher_mixture":
+            found[name] = teacher_mixture(ctx)
+        elif name.startswith("teacher:"):
+            found[name] = named_teacher(ctx, name.removeprefix("teacher:"))
+        else:
+            found[name] = STORES[name](ctx)
+    return found
 
 
 def run_prior(ctx: StageContext) -> dict[str, Any]:

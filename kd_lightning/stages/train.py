@@ -14,6 +14,7 @@ from kd_lightning.data.corpus import records_by_key
 from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.store_mixture import MixedStore
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import load_causal_lm
@@ -129,6 +130,9 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         "corpus": corpus.train.fingerprint,
         "stores": {name: store.folder.name for name, store in stores.items()},
     }
+    mixtures = {name: store.provenance for name, store in stores.items() if isinstance(store, MixedStore)}
+    if mixtures:  # which teachers' stores, at which weights or routing
+        provenance["teachers"] = mixtures
     view = None if plan.shares_vocabulary else foreign_teacher_view(ctx, plan)
     datamodule = run.datamodule.connect(corpus.pad_id, corpus.train, corpus.heldout, stores, view)
     return train_student(
