@@ -25,6 +25,7 @@ from kd_lightning.estimation.stores import (
     teacher_logprobs_store,
 )
 from kd_lightning.evaluation.tables import summarize_store
+from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import aligned_proxy, aligned_proxy_key
 from kd_lightning.stages.context import StageContext
@@ -109,30 +110,31 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
     )
 
 
-def offline_teacher(ctx: StageContext) -> SoftLabelStore:
-    if ctx.served_teacher is not None:
+def teacher_store(
+    ctx: StageContext,
+    path: str | None,
+    served: Callable[[], ServedTeacher] | None,
+    own: ForeignTokenizer | None = None,
+) -> SoftLabelStore:
+    """The offline store of one teacher: a served one's, or an open model's (``own``: its own tokenizer)."""
+    if served is not None:
         return served_teacher_artifact(
-            ctx.workspace,
-            ctx.corpus(),
-            ctx.served_teacher(),
-            ctx.teacher_targets,
-            ctx.code.get("teacher_logits"),
+            ctx.workspace, ctx.corpus(), served(), ctx.teacher_targets, ctx.code.get("teacher_logits"),
             ctx.store_format,
-        )
+        )  # fmt: skip
+    return offline_teacher_store(
+        ctx.workspace, ctx.corpus(), path, ctx.teacher_targets, ctx.code.get("teacher_logits"), own,
+        ctx.store_format,
+    )  # fmt: skip
+
+
+def offline_teacher(ctx: StageContext) -> SoftLabelStore:
     own = None
-    if ctx.teacher_targets.own_tokenizer and ctx.teacher_path is not None:
+    if ctx.served_teacher is None and ctx.teacher_targets.own_tokenizer and ctx.teacher_path is not None:
         own = ForeignTokenizer(
             load_tokenizer(ctx.teacher_path), records_by_key(ctx.corpus_spec), ctx.corpus_spec.max_seq_len
         )
-    return offline_teacher_store(
-        ctx.workspace,
-        ctx.corpus(),
-        ctx.teacher_path,
-        ctx.teacher_targets,
-        ctx.code.get("teacher_logits"),
-        own,
-        ctx.store_format,
-    )
+    return teacher_store(ctx, ctx.teacher_path, ctx.served_teacher, own)
 
 
 def named_teacher(ctx: StageContext, name: str) -> SoftLabelStore:
@@ -142,25 +144,12 @@ def named_teacher(ctx: StageContext, name: str) -> SoftLabelStore:
         known = ", ".join(sorted(ctx.teachers)) or "none"
         raise ValueError(f"kd_target=teacher:{name}: teachers: has no {name!r} (it has: {known})")
     spec = ctx.teachers[name]
-    if spec.served is not None:
-        return served_teacher_artifact(
-            ctx.workspace, ctx.corpus(), spec.served(), ctx.teacher_targets, ctx.code.get("teacher_logits"),
-            ctx.store_format,
-        )  # fmt: skip
-    if ctx.teacher_targets.own_tokenizer:
+    if spec.served is None and ctx.teacher_targets.own_tokenizer:
         raise ValueError(
             "teachers: mixes rows over the student's vocabulary; a teacher of another tokenizer "
             "(estimator.teacher_targets.own_tokenizer=true) cannot be one of several teachers"
         )
-    return offline_teacher_store(
-        ctx.workspace,
-        ctx.corpus(),
-        spec.path,
-        ctx.teacher_targets,
-        ctx.code.get("teacher_logits"),
-        None,
-        ctx.store_format,
-    )
+    return teacher_store(ctx, spec.path, spec.served)
 
 
 def teacher_mixture(ctx: StageContext) -> MixedStore:
