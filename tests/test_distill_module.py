@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kd_lightning.data.datamodule import TeacherTextDataModule
@@ -118,3 +119,78 @@ def test_training_step_with_loss_chunks_equals_plain(tiny_dir, tmp_path):
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_plain, g_chunked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_clipping_by_norm_under_fsdp_goes_through_the_sharded_root(monkeypatch):
+    """Lightning's FSDP precision refuses clipping by norm (trainer=fsdp stopped at its first optimizer step
+    on an H200); the module clips through the sharded root, whose norm covers every rank's shard."""
+    student = tiny_llama(32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    module = DistillModule(
+        student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.SGD(params)
+    )
+    assert module._fsdp_root() is None  # no trainer, no FSDP: Lightning's own clipping
+
+    clipped: list[float] = []
+
+    class ShardedRoot:
+        def clip_grad_norm_(self, max_norm: float) -> None:
+            clipped.append(max_norm)
+
+    monkeypatch.setattr(DistillModule, "_fsdp_root", lambda self: ShardedRoot())
+    optimizer = module.configure_optimizers()
+    module.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    module.clip_gradients(optimizer, gradient_clip_val=0.5)  # Lightning's default algorithm is norm
+    assert clipped == [1.0, 0.5]
+
+
+def test_after_fsdp_training_the_gathered_state_is_loaded_into_a_fresh_plain_student(monkeypatch):
+    """FSDP leaves the student wrapped, its parameters views into flat shards (an H200 run failed its held-out
+    evaluation on a bf16 view): the state gathered at the end of training goes into a freshly built module."""
+    from types import SimpleNamespace
+
+    from kd_lightning.modules.training import unwrapped_module
+
+    def build() -> DistillModule:
+        student = tiny_llama(32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+        return DistillModule(student, {"hard_ce": HardCrossEntropy()}, optimizer=torch.optim.SGD)
+
+    trained = build()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert unwrapped_module(trained, trainer, build) is trained  # no FSDP: the module itself
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    trained.gathered_state = {k: v.clone() for k, v in trained.state_dict().items()}
+    monkeypatch.setattr(DistillModule, "_fsdp_root", lambda self: object())
+    plain = unwrapped_module(trained, trainer, build)
+    assert plain is not trained and plain.student is not trained.student
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[key])
+    trained.gathered_state = None
+    with pytest.raises(RuntimeError, match="without gathering"):
+        unwrapped_module(trained, trainer, build)
+
+
+def test_a_module_with_several_backward_passes_per_step_refuses_fsdp_in_one_line():
+    """MiniLLM's PPO updates tripped FSDP's one-backward-per-forward assertion on an H200."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from kd_lightning.modules.minillm import MiniLLMModule
+
+    class SeveralBackwardPasses(DistillModule):
+        runs_under_fsdp = False
+
+    student = tiny_llama(32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    for cls, refuses in ((DistillModule, False), (SeveralBackwardPasses, True)):
+        module = cls(student, {"hard_ce": HardCrossEntropy()}, optimizer=torch.optim.SGD)
+        module._trainer = SimpleNamespace(strategy=DDPStrategy())
+        module.setup("fit")
+        module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+        if refuses:
+            with pytest.raises(ValueError, match=r"does not train under trainer=fsdp.*use trainer=gpu"):
+                module.setup("fit")
+        else:
+            module.setup("fit")
+    assert MiniLLMModule.runs_under_fsdp is False

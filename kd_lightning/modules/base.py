@@ -74,6 +74,9 @@ class StudentModule(LightningModule):
     takes_loss_terms: ClassVar[bool] = True
     """False for a module with its own objective (MiniLLM): the stage refuses loss terms other than
     ``hard_ce`` and builds it without ``loss_terms`` and ``loss_chunk_size``."""
+    runs_under_fsdp: ClassVar[bool] = True
+    """False for a module whose training step runs several backward passes (MiniLLM's PPO updates): FSDP
+    allows one per forward of its root, so such a module refuses ``trainer=fsdp`` when fitting starts."""
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class StudentModule(LightningModule):
         if self.eval_generation_limit:
             self.require_special_ids("held-out generation (eval_generation_limit > 0)")
         self.step_seconds: dict[str, list[float]] = {}
+        self.gathered_state: dict[str, torch.Tensor] | None = None  # the full student after FSDP training
         """Wall time of each training step's phases (``rollout_seconds``, ``update_seconds``)."""
 
     # ---------------------------------------------------------------- set-up
@@ -123,6 +127,14 @@ class StudentModule(LightningModule):
         if tok is None or tok.eos_token_id is None or tok.pad_token_id is None:
             raise ValueError(f"{why} needs a tokenizer with eos_token_id and pad_token_id")
         self.eos_token_id, self.pad_token_id = int(tok.eos_token_id), int(tok.pad_token_id)
+
+    def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__
+        if strategy == "FSDPStrategy" and not self.runs_under_fsdp:
+            raise ValueError(
+                f"{type(self).__name__} does not train under trainer=fsdp: its step runs several backward passes, "
+                "and FSDP allows one per forward; use trainer=gpu or trainer=ddp"
+            )
 
     def on_fit_start(self) -> None:
         self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
@@ -154,6 +166,39 @@ class StudentModule(LightningModule):
     def trainer_world_size(self) -> int:
         trainer = self._trainer
         return int(trainer.world_size) if trainer is not None else 1
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except by norm under FSDP: Lightning's FSDP precision refuses it, and the
+        norm must be taken over every rank's shard, which the sharded root's ``clip_grad_norm_`` does. Both
+        ``trainer.gradient_clip_val`` (automatic optimization) and MiniLLM's ``max_grad_norm`` come here."""
+        root = self._fsdp_root()
+        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_end(self) -> None:
+        # Under FSDP, gather the full student while its shards are still on the devices and the process
+        # group is up (every rank takes part; rank 0 receives it): what is saved and evaluated after fit.
+        if self._fsdp_root() is not None:
+            self.gathered_state = self.trainer.strategy.lightning_module_state_dict()
+
+    def _fsdp_root(self) -> Any:
+        """The FullyShardedDataParallel module that wraps this one under FSDPStrategy, else None."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:  # a torch built without distributed
+            return None
+        model = trainer.strategy.model
+        return model if isinstance(model, FullyShardedDataParallel) else None
 
     def configure_optimizers(self):
         # the student and any trainable term parameters; the teacher is not a submodule

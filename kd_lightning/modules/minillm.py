@@ -72,6 +72,7 @@ class MiniLLMModule(StudentModule):
     needs_teacher = True
     takes_loss_terms = False  # its own objective: the stage refuses loss terms other than hard_ce
     restores_best_checkpoint = True
+    runs_under_fsdp = False  # several PPO updates per rollout (FSDP1 asserted on an H200)
     trainer_overrides: ClassVar[Mapping[str, Any]] = {
         "gradient_clip_val": None
     }  # clipped here (max_grad_norm)

@@ -76,7 +76,8 @@ def train_student(
             trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(folder))
         seconds = time.perf_counter() - start
         record_build_event(folder, "train", start_step=steps.start, end_step=trainer.global_step)
-        best = restore_best_checkpoint(module, trainer) if module.restores_best_checkpoint else None
+        trained = unwrapped_module(module, trainer, build_module)
+        best = restore_best_checkpoint(trained, trainer) if module.restores_best_checkpoint else None
         training = {
             "name": name,
             "loss_chunk_size": getattr(module, "loss_chunk_size", None),
@@ -90,12 +91,12 @@ def train_student(
         }
         # the student and what its result needs from training land in one rename
         with atomic_folder(folder / "student", lambda: fault_point("distill:before-student-rename")) as tmp:
-            if hasattr(module.student, "save_pretrained"):
-                module.student.save_pretrained(tmp)
+            if hasattr(trained.student, "save_pretrained"):
+                trained.student.save_pretrained(tmp)
                 corpus.tokenizer.save_pretrained(tmp)
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
-        return finish_student(folder, corpus, name, module.student, trainer)
+        return finish_student(folder, corpus, name, trained.student, trainer)
 
     def train_as_replica(folder: Path) -> dict[str, Any]:
         """One of Lightning's extra DDP processes: train along, then leave; rank 0 saves and evaluates."""
@@ -174,6 +175,28 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+def unwrapped_module(
+    module: StudentModule, trainer: Trainer, build: Callable[[], StudentModule]
+) -> StudentModule:
+    """The trained module with a plain student: ``module`` itself, except under FSDP.
+
+    FSDP wraps the module in place: the student's layers become FSDP units and its parameters views into flat
+    shards (mixed precision leaves some in bf16), which can be neither saved nor evaluated as they are. The
+    full state dict, gathered as training ended (:meth:`StudentModule.on_train_end`: every rank takes part,
+    rank 0 receives it on the CPU), is loaded into a freshly built module on the training device.
+    """
+    if module._fsdp_root() is None:
+        return module
+    state = module.gathered_state
+    if not state:
+        raise RuntimeError("FSDP training ended without gathering the student's full state (on_train_end)")
+    fresh = build()
+    fresh.load_state_dict(state)
+    fresh.to(trainer.strategy.root_device)
+    log.info("gathered the FSDP-trained student (%d tensors) into a plain model", len(state))
+    return fresh
 
 
 def restore_best_checkpoint(module: nn.Module, trainer: Trainer) -> str | None:
