@@ -28,16 +28,28 @@ def parse_args(parser: argparse.ArgumentParser, smoke: Mapping[str, Any]) -> arg
     return args
 
 
-def measure(step: Callable[[], float], repeats: int = 2) -> dict:
-    """Best time of ``repeats`` calls of ``step`` (returning the loss) and the peak RSS they added (MiB)."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def measure(step: Callable[[], float], repeats: int = 2, device: str = "cpu") -> dict:
+    """Best time of ``repeats`` calls of ``step`` (returning the loss) and the peak memory they added (MiB):
+    the process's peak RSS on a CPU, the allocator's peak on a GPU (timed after a device sync)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, value = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        value = step()
+        value = step()  # float(loss) syncs the device
         times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"loss": value, "seconds": min(times), "peak_added_mib": (after - before) / 1024}
+    if cuda:
+        after = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"loss": value, "seconds": min(times), "peak_added_mib": after - before}
 
 
 def run_variants(script: str, variants: tuple[str, ...], args: list[str]) -> dict[str, dict]:

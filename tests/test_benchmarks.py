@@ -40,3 +40,35 @@ def test_benchmark_smoke_size_ends_with_its_json(script, tmp_path):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert tuple(figures) == documented_keys(ROOT / "benchmarks" / script)
     assert figures["bench"]
+
+
+def test_every_kdl_command_of_the_gpu_checks_composes(tiny_dir, tmp_path, monkeypatch):
+    """benchmarks/gpu_checks.sh runs only where a GPU is lent, so its kdl commands are composed here (the
+    trainer=gpu/fsdp settings build without CUDA): a renamed option or group fails here, not on the GPU."""
+    import re
+
+    from tests.helpers.configs import compose_cfg
+
+    script = (ROOT / "benchmarks" / "gpu_checks.sh").read_text()
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    experiment = re.search(r"gpu_small\.yaml\" <<'EOF'\n(.*?)\nEOF\n", script, re.S)[1]
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "gpu_small.yaml").write_text(experiment)
+    monkeypatch.setenv("KDL_TINY", str(tiny_dir))
+    monkeypatch.chdir(tmp_path)
+    steps = re.findall(
+        r'^step (\w+) "\$PY" -m kd_lightning\.cli\.kdl (.*)$', script.replace("\\\n", " "), re.M
+    )
+    assert {name for name, _ in steps} >= {
+        "pipeline_gpu_5_seeds",
+        "distill_fsdp_1gpu",
+        "fsdp_gkd",
+        "minillm_gpu",
+    }
+    for name, line in steps:
+        line = line.replace("$KDL_TINY", str(tiny_dir)).replace("$WORK", str(tmp_path))
+        stage, *overrides = (word.strip('"') for word in line.split())
+        cfg = compose_cfg(overrides, stage=stage)
+        assert cfg.trainer.accelerator == "gpu", name
+        if "experiment=gpu_small" in overrides:
+            assert list(cfg.seeds) == [0, 1, 2, 3, 4] and set(cfg.variants) >= {"sft", "prior_posterior"}
