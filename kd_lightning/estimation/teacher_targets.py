@@ -187,9 +187,11 @@ def served_teacher_store(
     served.check_tokenizer(corpus.sequence(0).tolist(), texts, tokenizer)
     vocab = int(max(len(tokenizer), tokenizer.vocab_size))
 
+    group = max(targets.batch_size, served.concurrency)  # requests in flight; each sequence is scored alone
+
     def batches(sequences: range):
-        for start in range(0, len(sequences), targets.batch_size):
-            seqs = list(sequences[start : start + targets.batch_size])
+        for start in range(0, len(sequences), group):
+            seqs = list(sequences[start : start + group])
             token_lists = [corpus.sequence(i).tolist() for i in seqs]
             scored = served.score(token_lists, [texts(ids) for ids in token_lists], targets.k)
             parts = [

@@ -10,7 +10,7 @@ tools that speak the OpenAI API::
     python -m kd_lightning.generation.server --model smollm2 --port 8000
 
 Concurrent requests are micro-batched (requests arriving within ``batch_wait_s`` share one ``generate``
-call). Under load it queues up to ``max_pending`` requests and answers any beyond that ``503`` with
+call, and concurrent scoring requests one right-padded forward, as vLLM batches them). Under load it queues up to ``max_pending`` requests and answers any beyond that ``503`` with
 ``Retry-After`` at once (a client backs off and asks again), so every request gets an HTTP answer and memory
 stays bounded; its listen backlog holds a burst of connections instead of resetting them. ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
 ``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"hang"`` (answer only once the same request arrives
@@ -39,6 +39,7 @@ from kd_lightning.generation.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
+from kd_lightning.generation.scoring import ScoringBatcher
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,11 @@ class OpenAICompatibleServer:
         self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
         self.completion_requests: list[dict[str, Any]] = []  # every /v1/completions body received
         self.max_logprobs = max_logprobs
-        self.score_lock = threading.Lock()
         self.hung: dict[str, threading.Event] = {}  # "hang" faults waiting for their request to come again
         self.lock = threading.Lock()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.scorer = ScoringBatcher(generator.model, max_batch_size, batch_wait_s)
+        self.wire_bytes = {"request": 0, "reply": 0}  # /v1/completions bodies received and sent
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.max_pending = max_pending
@@ -102,7 +104,7 @@ class OpenAICompatibleServer:
         return f"http://{host}:{port}/v1"
 
     def start(self) -> OpenAICompatibleServer:
-        for target in (self.httpd.serve_forever, self._batch_loop):
+        for target in (self.httpd.serve_forever, self._batch_loop, self.scorer.loop):
             thread = threading.Thread(target=target, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -112,6 +114,7 @@ class OpenAICompatibleServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.jobs.put(None)
+        self.scorer.stop()
 
     def __enter__(self) -> OpenAICompatibleServer:
         return self.start()
@@ -322,17 +325,17 @@ class OpenAICompatibleServer:
                 except RequestError as err:
                     self._error(400, str(err), "invalid_request_error")
                     return
-                self._send(200, json.dumps(reply).encode())
+                body_out = json.dumps(reply).encode()
+                with server.lock:
+                    server.wire_bytes["request"] += len(raw)
+                    server.wire_bytes["reply"] += len(body_out)
+                self._send(200, body_out)
 
         return Handler
 
     def score(self, ids: list[int]):
-        """(T − 1, V) log-probabilities of each next token of ``ids`` (one forward, serialised)."""
-        import torch  # the server module stays importable without torch until it scores
-
-        with self.score_lock, torch.inference_mode():
-            logits = self.generator.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            return torch.log_softmax(logits, dim=-1)
+        """(T − 1, V) log-probabilities of each next token of ``ids`` (batched with concurrent requests)."""
+        return self.scorer.score(ids)
 
     def token_text(self, token_id: int) -> str:
         """A token's text as an API reports it (decoded alone, special tokens kept)."""
