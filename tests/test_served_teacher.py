@@ -142,16 +142,135 @@ def test_a_killed_run_resumes_from_its_shards_to_the_same_store(env, generator):
         np.testing.assert_array_equal(resumed[name], reference[name])
 
 
-def test_a_student_trains_from_the_served_store_and_an_online_use_is_refused(env, generator):
+def test_a_student_trains_from_the_served_store_and_a_feature_term_is_refused(env, generator):
     with OpenAICompatibleServer(generator, "tiny") as server:
         common = ["experiment=tiny", "teacher=served", f"teacher.base_url={server.url}", "teacher.model=tiny"]
         kdl(*served(server, "vllm", 8), env_dir=env)
         kdl("distill", *common, "estimator.teacher_targets.k=8", "kd_target=offline_teacher",
             "loss=[hard_ce,forward_kl]", env_dir=env)  # fmt: skip
         refused = kdl(
-            "distill", *common, "kd_target=teacher", "loss=[hard_ce,forward_kl]", env_dir=env, check=False
+            "distill", *common, "module=online_teacher", "loss=[hard_ce,hidden_mse]", env_dir=env, check=False
         )
     (student,) = artifacts(env, "distill")
     assert json.loads((student / "result.json").read_text())["nll"] > 0
-    assert refused.returncode == 1 and "kd_target=offline_teacher" in refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and "hidden states" in refused.stderr.strip().splitlines()[-1]
     assert os.environ[KEY_ENV] == "test-key"
+
+
+def test_concurrent_scoring_requests_share_one_forward_and_score_as_if_alone(generator):
+    """The loopback server batches concurrent prompt scoring (right-padded, as vLLM batches), so a served
+    teacher's max_concurrency means something; each prompt's log-probs equal those it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    prompts = [[1 + (i * 7 + j) % 20 for j in range(5 + 3 * i)] for i in range(6)]
+    with OpenAICompatibleServer(generator, "tiny", batch_wait_s=0.5) as server:
+        alone = [server.score(ids) for ids in prompts]
+        assert server.scorer.batches == [1] * len(prompts)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(server.score, prompts))
+        assert max(server.scorer.batches[len(prompts) :]) > 1  # shared forwards
+    for ids, a, b in zip(prompts, alone, together):
+        assert a.shape == b.shape == (len(ids) - 1, len(generator.tokenizer))
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def served_rows(server: OpenAICompatibleServer, tokenizer, api: str = "vllm", k: int = 20):
+    from kd_lightning.generation.served import ServedTeacher
+    from kd_lightning.modules.served_teacher import ServedTeacherRows
+
+    teacher = ServedTeacher(server.url, "tiny", api=api, max_logprobs=k, backoff_s=0.01)
+    return ServedTeacherRows(teacher, tokenizer)
+
+
+@pytest.mark.parametrize("api", ["vllm", "openai_completions"])
+def test_a_gkd_step_with_a_served_teacher_equals_the_in_process_teacher_cut_to_its_top_k(
+    api, env, generator, tiny_dir
+):
+    """GKD's JSD(0.5) on left-padded rows (as rollouts are) with the teacher behind the loopback server equals
+    the same step with the in-process teacher's top-20 + tail: the loss within 1e-5, the gradient within 1e-5."""
+    import torch
+
+    from kd_lightning.data.batch import PositionBatch, SoftLabels, TextBatch
+    from kd_lightning.losses.functional import IGNORE_INDEX
+    from kd_lightning.losses.sparsify import topk_rows
+    from kd_lightning.losses.terms import GeneralizedJSD
+    from kd_lightning.models.builders import tiny_llama
+    from kd_lightning.models.forward import target_position_logits
+    from kd_lightning.modules.distill import DistillModule
+
+    tokenizer = load_tokenizer(tiny_dir)
+    vocab = len(tokenizer)
+    lengths, width = (7, 11, 4), 11
+    input_ids = torch.full((3, width), tokenizer.pad_token_id)
+    attention = torch.zeros_like(input_ids)
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, n in enumerate(lengths):  # left padding; the last n - 2 positions are targets
+        ids = torch.tensor([3 + (row * 5 + j * 3) % (vocab - 3) for j in range(n)])
+        input_ids[row, width - n :], attention[row, width - n :] = ids, 1
+        targets[row, width - n + 1 : width - 1] = ids[2:]
+    batch = TextBatch(input_ids=input_ids, attention_mask=attention, target_ids=targets)
+    mask = batch.target_mask
+    jsd = GeneralizedJSD("teacher", beta=0.5)
+
+    def step(packed: PositionBatch, student) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = target_position_logits(student, input_ids, attention, mask)[None]
+        logits.retain_grad()
+        loss = jsd(logits, packed)
+        loss.backward()
+        return loss.detach(), logits.grad
+
+    student = tiny_llama(vocab, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
+    with OpenAICompatibleServer(generator, "tiny") as server:
+        module = DistillModule(
+            student, {"jsd": jsd}, optimizer=torch.optim.SGD, teacher=served_rows(server, tokenizer, api)
+        )
+        served_loss, served_grad = step(module.pack_positions(batch, mask), student)
+    with torch.no_grad():
+        teacher_logits = target_position_logits(generator.model, input_ids, attention, mask)
+    reference = PositionBatch(batch.target_ids[mask][None])
+    reference.soft_labels["teacher"] = SoftLabels(*(t[None] for t in topk_rows(teacher_logits, 20)))
+    student.zero_grad()
+    local_loss, local_grad = step(reference, student)
+    assert int(mask.sum()) == sum(n - 2 for n in lengths)
+    torch.testing.assert_close(served_loss, local_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(served_grad, local_grad, atol=1e-5, rtol=0)
+
+
+def test_a_packed_row_is_scored_record_by_record(env, generator, tiny_dir):
+    """In a packed row each record is scored alone (position_ids restart at 0): the second record's rows
+    equal its rows when it has a row of its own."""
+    import torch
+
+    tokenizer = load_tokenizer(tiny_dir)
+    first, second = [5, 9, 4, 7, 8], [6, 3, 11, 10]
+    packed_ids = torch.tensor([first + second])
+    positions = torch.tensor([list(range(5)) + list(range(4))])
+    packed_mask = torch.zeros_like(packed_ids, dtype=torch.bool)
+    packed_mask[0, 1:4] = packed_mask[0, 5:8] = True
+    alone_mask = torch.zeros((1, 4), dtype=torch.bool)
+    alone_mask[0, 0:3] = True
+    with OpenAICompatibleServer(generator, "tiny") as server:
+        rows = served_rows(server, tokenizer)
+        packed = rows.rows(packed_ids, torch.ones_like(packed_ids), packed_mask, positions)
+        alone = rows.rows(torch.tensor([second]), torch.ones((1, 4), dtype=torch.long), alone_mask)
+    assert packed.ids.shape == (1, 6, 20)
+    torch.testing.assert_close(packed.ids[:, 3:], alone.ids)
+    torch.testing.assert_close(packed.probs[:, 3:], alone.probs)
+    torch.testing.assert_close(packed.tail[:, 3:], alone.tail)
+
+
+def test_kdl_trains_gkd_and_an_online_teacher_through_a_served_teacher(env, generator):
+    with OpenAICompatibleServer(generator, "tiny") as server:
+        common = ["experiment=tiny", "teacher=served", f"teacher.base_url={server.url}", "teacher.model=tiny"]
+        kdl("distill", *common, "recipe=gkd", "teacher=served", "run_name=gkd", env_dir=env)
+        scored_by_gkd = len(server.completion_requests)
+        kdl("distill", *common, "module=online_teacher", "kd_target=teacher", "loss=[hard_ce,forward_kl]",
+            "run_name=online", env_dir=env)  # fmt: skip
+        refused = kdl("distill", *common, "recipe=minillm", "teacher=served", env_dir=env, check=False)
+    results = [json.loads((s / "result.json").read_text()) for s in artifacts(env, "distill")]
+    assert sorted(r["module"] for r in results) == ["OnPolicyDistillModule", "OnlineTeacherDistillModule"]
+    assert all(np.isfinite(r["nll"]) for r in results)
+    assert scored_by_gkd > 1 and len(server.completion_requests) > scored_by_gkd  # the probe, then steps
+    assert refused.returncode == 1 and "teacher=served gives top-k" in refused.stderr.strip().splitlines()[-1]

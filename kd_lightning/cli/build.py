@@ -16,7 +16,8 @@ from kd_lightning.artifacts import Workspace
 from kd_lightning.cli.trainer import trainer_factory
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
 from kd_lightning.data.store_format import StoreFormat
-from kd_lightning.losses.terms import LossTerm
+from kd_lightning.losses.features import HiddenStateLoss
+from kd_lightning.losses.terms import DivergenceTerm, LossTerm
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.stages.compare import Variant
 from kd_lightning.stages.context import NamedTeacher, StageContext
@@ -212,12 +213,32 @@ def student_run(
         trainer_overrides=trainer_overrides or None,
     )
     if served(teacher_cfg) and run.reads_teacher():
-        raise ValueError(
-            "teacher=served gives a store of the teacher's top-k log-probs, not a model in the training step: "
-            "build it with `kdl teacher-logits teacher=served ...` and train with kd_target=offline_teacher"
-        )
+        refuse_served_online(run)
     run.settings = student_settings(cfg, terms, module, runs_teacher=run.reads_teacher())
     return run
+
+
+def refuse_served_online(run: StudentRun) -> None:
+    """A served teacher in the training step gives top-k rows only: the module must read them as such
+    (its divergence terms), and nothing may ask for the whole distribution or hidden states."""
+    module = run.teacher_plan.module
+    if not module.reads_served_teacher:
+        raise ValueError(
+            f"{module.__name__} needs the teacher model in process (its whole distribution or its own "
+            "tokenization), but teacher=served gives top-k log-probs; use teacher=local teacher.path=<folder>, "
+            "or a word-level module (module=online_teacher, recipe=gkd, recipe=distillm)"
+        )
+    for name, term in run.loss_terms.items():
+        if isinstance(term, HiddenStateLoss):
+            raise ValueError(
+                f"loss term {name!r} reads the teacher's hidden states, which a served teacher does not give; "
+                "use teacher=local teacher.path=<folder>"
+            )
+        if getattr(term, "kd_target", None) == "teacher" and not isinstance(term, DivergenceTerm):
+            raise ValueError(
+                f"loss term {name!r} needs the teacher's whole distribution, but teacher=served gives its "
+                "top-k log-probs; use a divergence term (forward_kl, reverse_kl, generalized_jsd, ...)"
+            )
 
 
 VARIANT_KEYS = ("loss", "module", "init_from", "trainer", "proxy", "seeds")

@@ -225,12 +225,19 @@ def rows_of_sequence(
     scored: list[dict[str, float] | None], prompt_len: int, k: int, to_id: Mapping[str, int] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The store rows of one sequence's target positions (``prompt_len − 1`` … ``len − 2``), from its
-    scored tokens: position t is described by the scores of token t + 1. ``to_id`` maps token texts to
-    ids (``openai_completions``); vLLM's keys are ids already. Returns ids (n, k), probs (n, k), tail (n,)."""
-    targets = scored[prompt_len:]
-    ids = np.zeros((len(targets), k), dtype=np.int64)
-    probs = np.zeros((len(targets), k), dtype=np.float64)
-    for row, entry in enumerate(targets):
+    scored tokens: position t is described by the scores of token t + 1."""
+    return rows_of_entries(scored[prompt_len:], k, to_id)
+
+
+def rows_of_entries(
+    entries: Sequence[Mapping[str, float] | None], k: int, to_id: Mapping[str, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse rows of scored tokens' log-probs (``{token: logprob}`` each): the top k, and the tail 1 − Σp.
+    ``to_id`` maps token texts to ids (``openai_completions``); vLLM's keys are ids already. Returns ids
+    (n, k), probs (n, k), tail (n,)."""
+    ids = np.zeros((len(entries), k), dtype=np.int64)
+    probs = np.zeros((len(entries), k), dtype=np.float64)
+    for row, entry in enumerate(entries):
         if entry is None:
             raise MalformedReply("a scored target position has no log-probs")
         items = sorted(entry.items(), key=lambda e: -e[1])[:k]

@@ -36,6 +36,7 @@ from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
 from kd_lightning.models.loading import freeze
 from kd_lightning.models.vocabulary import check_same_vocabulary, trim_padded_vocabulary
+from kd_lightning.modules.served_teacher import ServedTeacherRows
 
 SEED_STREAMS: dict[str, tuple[int, int]] = {
     "batch_source": (1, 0),
@@ -74,6 +75,9 @@ class StudentModule(LightningModule):
     takes_loss_terms: ClassVar[bool] = True
     """False for a module with its own objective (MiniLLM): the stage refuses loss terms other than
     ``hard_ce`` and builds it without ``loss_terms`` and ``loss_chunk_size``."""
+    reads_served_teacher: ClassVar[bool] = False
+    """True for a module whose online teacher may be a server's top-k rows (``teacher=served``): its terms
+    read the teacher as sparse rows (:class:`~kd_lightning.modules.served_teacher.ServedTeacherRows`)."""
     runs_under_fsdp: ClassVar[bool] = True
     """False for a module whose training step runs several backward passes (MiniLLM's PPO updates): FSDP
     allows one per forward of its root, so such a module refuses ``trainer=fsdp`` when fitting starts."""
@@ -108,10 +112,15 @@ class StudentModule(LightningModule):
         self.eval_generation_limit = int(eval_generation_limit)
         self.eval_max_new_tokens = int(eval_max_new_tokens)
         object.__setattr__(self, "tokenizer", tokenizer)  # not state: never checkpointed
-        if teacher is not None and self.teacher_shares_vocabulary:
-            trim_teacher_padding(student, teacher, tokenizer)
-            check_same_vocabulary(student, teacher, "distillation compares their token distributions")
-        object.__setattr__(self, "teacher", None if teacher is None else freeze(teacher))
+        if isinstance(teacher, ServedTeacherRows):  # a server's top-k rows: no weights here to check or move
+            if not self.reads_served_teacher:
+                raise ValueError(f"{type(self).__name__} cannot read a served teacher (teacher=served)")
+        elif teacher is not None:
+            if self.teacher_shares_vocabulary:
+                trim_teacher_padding(student, teacher, tokenizer)
+                check_same_vocabulary(student, teacher, "distillation compares their token distributions")
+            teacher = freeze(teacher)
+        object.__setattr__(self, "teacher", teacher)
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
         if self.eval_generation_limit:
@@ -143,8 +152,12 @@ class StudentModule(LightningModule):
     def on_validation_start(self) -> None:
         self._place_teacher()
 
+    @property
+    def teacher_is_served(self) -> bool:
+        return isinstance(self.teacher, ServedTeacherRows)
+
     def _place_teacher(self) -> None:
-        if self.teacher is None:
+        if self.teacher is None or self.teacher_is_served:
             return
         if getattr(self.teacher, "_kdl_sharded", False):
             pass
@@ -257,8 +270,8 @@ class StudentModule(LightningModule):
             self._val_references.append(
                 self.tokenizer.decode(response.tolist(), skip_special_tokens=True).strip()
             )
-        if self.teacher is None or not self.teacher_shares_vocabulary:
-            return  # the sampled reverse KL compares per-token probabilities over one vocabulary
+        if self.teacher is None or not self.teacher_shares_vocabulary or self.teacher_is_served:
+            return  # the sampled reverse KL compares per-token probabilities of one vocabulary's whole rows
         measured = sampled_reverse_kl(
             self.student,
             self.teacher,

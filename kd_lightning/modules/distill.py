@@ -46,6 +46,8 @@ class DistillModule(StudentModule):
             :class:`~kd_lightning.modules.base.StudentModule`. A teacher is run online in every step.
     """
 
+    reads_served_teacher = True  # its divergence terms read a server's top-k rows (teacher=served)
+
     def __init__(
         self,
         student: nn.Module,
@@ -131,6 +133,11 @@ class DistillModule(StudentModule):
         """
         packed = PositionBatch.pack(batch, mask)
         if self.teacher is None:
+            return packed
+        if self.teacher_is_served:  # top-k rows over HTTP, read by the divergences as sparse rows
+            packed.soft_labels["teacher"] = self.teacher.rows(
+                batch.input_ids, batch.attention_mask, mask, batch.position_ids
+            )
             return packed
         layers = self.teacher_hidden_layers
         with torch.no_grad():

@@ -37,6 +37,7 @@ class ForeignTeacherDistillModule(DistillModule):
 
     needs_teacher = True
     teacher_shares_vocabulary: ClassVar[bool] = False
+    reads_served_teacher = False  # it runs the teacher on its own tokenization, in process
 
     def __init__(
         self,

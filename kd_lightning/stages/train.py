@@ -15,10 +15,12 @@ from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.store_mixture import MixedStore
+from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import load_causal_lm
 from kd_lightning.modules.base import StudentModule
+from kd_lightning.modules.served_teacher import ServedTeacherRows
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.estimate import stores_for
@@ -86,8 +88,11 @@ def check_run(run: StudentRun) -> None:
         raise ValueError(f"optimizer settings: {err}") from None
 
 
-def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> StudentModule:
-    """The LightningModule of ``run``, built with the keywords its teacher plan gives."""
+def build_student_module(
+    run: StudentRun, tokenizer: Any, vocab_size: int, probe_ids: list[int] | None = None
+) -> StudentModule:
+    """The LightningModule of ``run``, built with the keywords its teacher plan gives. A served teacher
+    (``teacher=served``) becomes its top-k rows, checked against the student's tokenizer on ``probe_ids``."""
     plan = run.teacher_plan
     student = load_causal_lm(run.init_from) if run.init_from else run.student()
     student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
@@ -108,7 +113,12 @@ def build_student_module(run: StudentRun, tokenizer: Any, vocab_size: int) -> St
     if plan.online and plan.build is not None:
         if plan.shares_vocabulary:
             refuse_another_vocabulary(plan, tokenizer)
-        keywords["teacher"] = plan.build()
+        teacher = plan.build()
+        if isinstance(teacher, ServedTeacher):
+            teacher = ServedTeacherRows(teacher, tokenizer)
+            if probe_ids:
+                teacher.check(probe_ids)
+        keywords["teacher"] = teacher
     return run.module(**keywords)
 
 
@@ -140,7 +150,9 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         corpus,
         run.name,
         provenance,
-        lambda: build_student_module(run, corpus.tokenizer, corpus.vocab_size),
+        lambda: build_student_module(
+            run, corpus.tokenizer, corpus.vocab_size, corpus.train.sequence(0).tolist()
+        ),
         datamodule,
         ctx.trainer_factory,
         trainer_overrides=run.trainer_overrides,
