@@ -626,3 +626,38 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
         check_group_choices(stage, rest)  # what `kdl` checks before Hydra composes
         cfg = compose_cfg(rest, stage)  # what Hydra composes: groups, keys, struct (trainer.max_steps)
         assert cfg.stage == stage, argv
+
+
+def test_the_server_command_serves_and_scores_within_its_log_prob_cap(tiny_dir):
+    """`python -m kd_lightning.generation.server` as users start it (it once crashed at start-up on a
+    missing --max-logprobs option, and no test ran the command)."""
+    import json
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    command = [sys.executable, "-m", "kd_lightning.generation.server", "--model", str(tiny_dir),
+               "--name", "tiny", "--port", "0", "--no-auth", "--max-logprobs", "5"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving "), line
+        url = line.split(" at ")[1].strip()
+        models = json.loads(urllib.request.urlopen(f"{url}/models", timeout=30).read())
+        assert models["data"][0]["id"] == "tiny"
+
+        def score(k: int) -> int:
+            body = {"model": "tiny", "prompt": [3, 4, 5, 6], "max_tokens": 1, "prompt_logprobs": k}
+            request = urllib.request.Request(
+                f"{url}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            try:
+                return urllib.request.urlopen(request, timeout=60).status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert score(5) == 200 and score(6) == 400
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

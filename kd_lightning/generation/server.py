@@ -357,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=256,
         help="requests queued before more are answered 503 (Retry-After)",
     )
+    parser.add_argument(
+        "--max-logprobs", type=int, default=20, help="the most log-probs per position a request may ask for"
+    )
     parser.add_argument("--api-key-env", default=None, help="require the key in this environment variable")
     parser.add_argument(
         "--no-auth", action="store_true", help="serve without a key (only sensible on a loopback address)"
