@@ -143,3 +143,53 @@ def test_a_posterior_counts_the_apis_log_probs_where_they_aligned(kdl_env, tiny_
                 unchanged += 1
                 torch.testing.assert_close(dense_counted[row], dense_plain[row], atol=2e-3, rtol=0)
     assert changed and unchanged and closer_rows == changed
+
+
+def test_fidelity_scores_the_apis_top_k_and_the_posterior_that_counts_it(kdl_env, tiny_dir):
+    """An open teacher's own top-5 as the "API" log-probs: kdl fidelity adds the API alone and the posterior
+    per λ; the more the API counts, the closer the posterior comes to the teacher."""
+    import csv
+
+    from kd_lightning.models.loading import load_causal_lm
+
+    tokenizer = load_tokenizer(tiny_dir)
+    teacher = load_causal_lm(tiny_dir)
+    records = [
+        Record(f"say something about item {i}.", f"item {i} is nice and {i % 3} more") for i in range(24)
+    ]
+    write_jsonl(records, kdl_env / "corpus.jsonl")
+    corpus = tokenize_records(records, tokenizer, 96)
+    with (kdl_env / "logprobs.jsonl").open("w") as handle, torch.no_grad():
+        for i, record in enumerate(records):
+            ids, start = torch.as_tensor(corpus.sequence(i)).long(), int(corpus.prompt_lens[i])
+            log_probs = torch.log_softmax(teacher(input_ids=ids[None]).logits[0].float(), -1)
+            tokens = []
+            for j, char in enumerate(record.response):  # one character per token in the tiny vocabulary
+                assert tokenizer.decode([int(ids[start + j])]) == char
+                row = log_probs[start + j - 1]
+                top = row.topk(5)
+                tokens.append(
+                    {
+                        "token": char,
+                        "logprob": float(row[ids[start + j]]),
+                        "top": [
+                            [tokenizer.decode([int(t)]), float(v)] for v, t in zip(top.values, top.indices)
+                        ],
+                    }
+                )
+            handle.write(json.dumps({"key": record.key, "tokens": tokens}) + "\n")
+    kdl("fidelity", "experiment=tiny", "data=jsonl", "data.path=corpus.jsonl", "data.logprobs=logprobs.jsonl",
+        "proxy=local", f"proxy.path={tiny_dir}", "teacher=local", f"teacher.path={tiny_dir}",
+        "fidelity.records=6", "fidelity.ngram_orders=[3]", "fidelity.gammas=[2]", "fidelity.sampling_rounds=[4]",
+        "fidelity.label_smoothing=[]", "fidelity.api_evidence_weights=[1,100]", "fidelity.top_k=3",
+        "estimator.posterior.sampling_rounds=4", env_dir=kdl_env)  # fmt: skip
+    out = next((kdl_env / "outputs").rglob("fidelity.csv"))
+    with out.open() as handle:
+        kl = {row["estimate"]: float(row["kl"]) for row in csv.DictReader(handle)}
+    assert {"API top-K alone", "posterior R=4 + API λ=1", "posterior R=4 + API λ=100"} <= set(kl)
+    plain = next(v for k, v in kl.items() if k.startswith("posterior R=4 (prior"))
+    assert kl["posterior R=4 + API λ=100"] < kl["posterior R=4 + API λ=1"] < plain
+    assert kl["API top-K alone"] < plain
+    refused = kdl("fidelity", "experiment=tiny", "data=jsonl", "data.path=corpus.jsonl", "teacher=local",
+                  f"teacher.path={tiny_dir}", "fidelity.api_evidence_weights=[4]", env_dir=kdl_env, check=False)  # fmt: skip
+    assert refused.returncode == 1 and "data.logprobs" in refused.stderr.strip().splitlines()[-1]

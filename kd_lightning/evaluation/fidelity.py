@@ -114,16 +114,21 @@ class FidelitySpec:
     gammas: list[float] = field(default_factory=lambda: [1.5, 2.0, 4.0])
     sampling_rounds: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     label_smoothing: list[float] = field(default_factory=lambda: [0.1])
+    api_evidence_weights: list[float] = field(default_factory=list)
+    """λ of the posterior that also counts the API's top-K log-probs (``data.logprobs``), one row each, at
+    the R of ``estimator.posterior``; with ``data.logprobs`` the API's top-K alone gets a row too."""
     top_k: int = 10
     """k of the top-k recall."""
     batch_size: int = 4
     """Sequences per teacher forward."""
 
     def __post_init__(self) -> None:
-        for name in ("ngram_orders", "gammas", "sampling_rounds", "label_smoothing"):
+        for name in ("ngram_orders", "gammas", "sampling_rounds", "label_smoothing", "api_evidence_weights"):
             setattr(self, name, list(getattr(self, name)))
         if self.records < 1 or self.top_k < 1 or self.batch_size < 1:
             raise ValueError("fidelity: records, top_k and batch_size must be >= 1")
+        if any(w <= 0 for w in self.api_evidence_weights):
+            raise ValueError(f"fidelity.api_evidence_weights must be > 0, got {self.api_evidence_weights}")
         if any(g < 1 for g in self.gammas):
             raise ValueError(f"fidelity.gammas must be >= 1 (γ = 1 is the pure n-gram), got {self.gammas}")
 

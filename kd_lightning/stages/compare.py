@@ -38,7 +38,7 @@ from kd_lightning.evaluation.tables import evaluation_table, results_table, summ
 from kd_lightning.models.loading import freeze, load_causal_lm
 from kd_lightning.modules.training import trained_students
 from kd_lightning.stages.context import StageContext
-from kd_lightning.stages.estimate import align, posterior, prior, proxy_key
+from kd_lightning.stages.estimate import align, posterior, prior, proxy_key, teacher_logprobs
 from kd_lightning.stages.train import StudentRun, run_distill
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,24 @@ def fidelity_estimates(ctx: StageContext, spec: FidelitySpec) -> list[Estimate]:
                 f"posterior (prior n={base.ngram_order} γ={base.gamma:g})",
             )
         )
+    if spec.api_evidence_weights and not ctx.corpus_spec.logprobs:
+        raise ValueError(
+            "fidelity.api_evidence_weights needs the API's log-probs: set data.logprobs=<logprobs.jsonl from "
+            "kdl generate sampling.top_logprobs=K>"
+        )
+    if ctx.corpus_spec.logprobs:  # the API's top-K alone, and the posterior that counts it at each λ
+        estimates.append(Estimate("API top-K alone", {}, store_estimate(teacher_logprobs(ctx), vocab), "API"))
+        rounds = ctx.posterior_estimator.sampling_rounds
+        for weight in spec.api_evidence_weights:
+            estimator = ctx.posterior_estimator.with_changes(api_evidence_weight=weight)
+            estimates.append(
+                Estimate(
+                    f"posterior R={rounds} + API λ={weight:g}",
+                    {"sampling_rounds": rounds, "api_evidence_weight": weight},
+                    store_estimate(posterior(ctx, estimator), vocab),
+                    f"posterior R={rounds} + API",
+                )
+            )
     return estimates
 
 
