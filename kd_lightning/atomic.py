@@ -7,6 +7,8 @@ current umask (``mkstemp`` alone makes owner-only files).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -47,6 +49,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_json(path: str | os.PathLike, payload: Any) -> None:
     """Write ``payload`` as indented, key-sorted JSON atomically (non-JSON values as ``str``)."""
     atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True, default=str))
+
+
+def atomic_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV, one per line, with every column any row has, written atomically."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 @contextmanager

@@ -351,15 +351,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument(
-        "--max-pending",
-        type=int,
-        default=256,
-        help="requests queued before more are answered 503 (Retry-After)",
-    )
-    parser.add_argument(
-        "--max-logprobs", type=int, default=20, help="the most log-probs per position a request may ask for"
-    )
+    parser.add_argument("--max-pending", type=int, default=256, help="queued requests before 503s")
+    parser.add_argument("--max-logprobs", type=int, default=20, help="most log-probs a position may ask for")
     parser.add_argument("--api-key-env", default=None, help="require the key in this environment variable")
     parser.add_argument(
         "--no-auth", action="store_true", help="serve without a key (only sensible on a loopback address)"

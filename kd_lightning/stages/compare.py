@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -14,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kd_lightning.artifacts import model_identity
-from kd_lightning.atomic import atomic_json, atomic_write_text
+from kd_lightning.atomic import atomic_csv, atomic_json, atomic_write_text
 from kd_lightning.data.corpus import Corpus, CorpusSpec, build_corpus
 from kd_lightning.evaluation.comparison import (
     StudentScores,
@@ -166,10 +164,10 @@ def run_pipeline(
         print(f"\nStudents over seeds (mean ± std), paired against {compare_to}:\n{markdown}\n", flush=True)
         result.update({"comparison": comparison, "comparison_table": markdown})
         if out_dir is not None:
-            write_csv(out_dir / "comparison.csv", comparison)
+            atomic_csv(out_dir / "comparison.csv", comparison)
             atomic_write_text(out_dir / "comparison.md", markdown + "\n")
             comparison_plot(comparison, out_dir / "comparison.png")
-            write_csv(out_dir / "per_prompt.csv", per_prompt_rows(scores))
+            atomic_csv(out_dir / "per_prompt.csv", per_prompt_rows(scores))
     return result
 
 
@@ -330,7 +328,7 @@ def run_fidelity(ctx: StageContext, spec: FidelitySpec, out_dir: Path) -> dict[s
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "fidelity_positions.npz", **arrays)
-    write_csv(out_dir / "fidelity.csv", rows)
+    atomic_csv(out_dir / "fidelity.csv", rows)
     table = fidelity_table(rows, spec.top_k)
     print(
         f"\nEstimate fidelity on {rows[0]['positions']} positions of {len(corpus.train)} records:\n{table}\n",
@@ -352,7 +350,7 @@ def run_evaluate(
             "models_to_evaluate=[<HF folder>,...]"
         )
     rows = [evaluate(ctx, name, path, spec) for name, path in named]
-    write_csv(out_dir / "evaluate.csv", rows)
+    atomic_csv(out_dir / "evaluate.csv", rows)
     table = evaluation_table(rows)
     print(f"\nHeld-out teacher responses ({len(ctx.corpus().heldout)} records):\n{table}\n", flush=True)
     return {"rows": rows, "table": table}
@@ -388,19 +386,9 @@ def run_prior_quality(ctx: StageContext, spec: PriorQualitySpec, out_dir: Path) 
         "eval", provenance, build, lambda path: json.loads(path.read_text()), done=None, suffix=".json"
     )
     rows = result["rows"]
-    write_csv(out_dir / "prior_quality.csv", rows)
+    atomic_csv(out_dir / "prior_quality.csv", rows)
     table = prior_quality_table(rows)
     print(
         f"\nThe n-gram prior on {rows[0]['heldout_tokens']:,} held-out teacher tokens:\n{table}\n", flush=True
     )
     return {"rows": rows, "table": table}
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One row per line, every column any row has (written atomically)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
