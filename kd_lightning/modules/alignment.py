@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ from kd_lightning.losses.terms import HardCrossEntropy
 from kd_lightning.models.loading import load_causal_lm
 from kd_lightning.models.size import parameter_count
 from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.preference import (
+    PreferenceModule,
+    PreferenceStep,
+    pair_loader,
+    preference_pairs,
+    write_report,
+)
 from kd_lightning.modules.training import close_loggers, last_checkpoint
 
 TrainerFactory = Callable[..., Trainer]
@@ -49,6 +56,8 @@ class ProxyAlignment:
     """If set, train LoRA adapters of this rank (needs ``peft``) and merge them after training."""
     lora_alpha: float = 16.0
     seed: int = 0
+    preference: PreferenceStep | None = None
+    """Proxy-KD's second step after SFT (``alignment=proxy_kd``): DPO toward the teacher's answers."""
     packing: bool = False
     """Pack each batch's records into rows (``datamodule.packing``): same records per step, less padding."""
     pack_length: int | None = None
@@ -71,12 +80,17 @@ class ProxyAlignment:
 def aligned_proxy_provenance(
     corpus: Corpus, proxy_path: str, alignment: ProxyAlignment, code: str | None, own_tokenizer: bool = False
 ) -> dict[str, Any]:
+    """What the aligned proxy depends on; with a preference step, its settings too (the SFT artifact's own
+    key leaves them out, so it is shared by every preference setting)."""
+    settings = asdict(alignment)
+    preference = settings.pop("preference")
     return {
         "proxy": model_identity(proxy_path),
         "corpus": corpus.full_train.fingerprint,
-        "alignment": asdict(alignment),
+        "alignment": settings,
         "code": code,
         **({"own_tokenizer": True} if own_tokenizer else {}),
+        **({"preference": preference} if preference is not None else {}),
     }
 
 
@@ -121,14 +135,86 @@ def aligned_proxy(
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return final
 
-    provenance = aligned_proxy_provenance(corpus, proxy_path, alignment, code, own is not None)
-    return workspace.cached(
+    if alignment.preference is not None and own is not None:
+        raise ValueError(
+            "alignment.preference (Proxy-KD) with a proxy of another tokenizer is not supported; use a proxy "
+            "of the student's tokenizer (proxy.own_tokenizer=false), or alignment=sft"
+        )
+    sft_only = replace(alignment, preference=None)
+    provenance = aligned_proxy_provenance(corpus, proxy_path, sft_only, code, own is not None)
+    sft = workspace.cached(
         "align",
         provenance,
         build,
         lambda folder: folder / "model",
         done="model/config.json",
         size_hint=lambda: 4.0 * parameter_count(proxy_path),  # fp32 safetensors
+    )
+    if alignment.preference is None:
+        return sft
+    return preferred_proxy(workspace, corpus, sft, settings_key(provenance), alignment, trainer_factory, code)
+
+
+def preferred_proxy(
+    workspace: Workspace,
+    corpus: Corpus,
+    sft: Path,
+    sft_key: str,
+    alignment: ProxyAlignment,
+    trainer_factory: TrainerFactory,
+    code: str | None,
+) -> Path:
+    """The SFT proxy after Proxy-KD's preference step (:mod:`kd_lightning.modules.preference`), cached."""
+    step = alignment.preference
+    assert step is not None
+
+    def build(folder: Path) -> Path:
+        final = folder / "model"
+        remove_leftovers(folder, ".model.*")
+        tokenizer = corpus.tokenizer
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("alignment.preference samples answers: the tokenizer needs EOS and pad ids")
+        records = corpus.full_train
+        if alignment.max_records is not None:
+            records = first_sequences(records, alignment.max_records)
+        policy = load_causal_lm(sft)
+        pairs, counts = preference_pairs(
+            policy, records, tokenizer.eos_token_id, tokenizer.pad_token_id, step
+        )
+        if not pairs:
+            raise ValueError(
+                f"alignment.preference: no preference pairs left ({counts['prompts']} training prompts, "
+                f"{counts['dropped_equal']} samples equal to the teacher's answer); train on more records "
+                "(alignment.max_records) or raise alignment.preference.samples / generation_temperature"
+            )
+        if alignment.lora_rank:
+            policy = _with_lora(policy, alignment)
+        torch.manual_seed(step.seed)
+        module = PreferenceModule(policy, load_causal_lm(sft), step.beta, step.learning_rate)
+        trainer = trainer_factory(
+            folder, "align-preference", max_epochs=step.max_epochs, validate=False,
+            overrides={"strategy": "auto", "devices": 1},
+        )  # fmt: skip
+        loader = pair_loader(pairs, tokenizer.pad_token_id, step)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=last_checkpoint(folder))
+        close_loggers(trainer)
+        model = module.policy.merge_and_unload() if alignment.lora_rank else module.policy
+        with atomic_folder(final, lambda: fault_point("align:before-rename")) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_report(tmp, counts, {"sft": str(sft)})
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return final
+
+    provenance = {
+        "sft": sft_key,
+        "preference": asdict(step),
+        "records": alignment.max_records,
+        "lora": [alignment.lora_rank, alignment.lora_alpha],
+        "code": code,
+    }
+    return workspace.cached(
+        "align", provenance, build, lambda folder: folder / "model", done="model/config.json"
     )
 
 
