@@ -97,3 +97,12 @@ def test_store_formats_are_planned_written_and_trained_from(kdl_env):
     (student,) = artifacts(kdl_env, "distill")
     result = json.loads((student / "result.json").read_text())
     assert result["nll"] > 0 and result["nll"] < 20
+
+
+def test_plan_of_a_recipe_without_hard_ce_plans_its_one_student(kdl_env, tiny_dir):
+    """recipe=gkd selects generalized_jsd alone; planning once failed on the pipeline's default variants
+    (which need hard_ce), though `kdl distill recipe=gkd` runs."""
+    done = kdl(
+        "plan", "experiment=tiny", "recipe=gkd", "teacher=local", f"teacher.path={tiny_dir}", env_dir=kdl_env
+    )
+    assert "KD loss memory per step" in done.stdout and "posterior store" not in done.stdout

@@ -110,8 +110,16 @@ def stage_fidelity(cfg: DictConfig) -> dict[str, Any]:
 
 
 def stage_plan(cfg: DictConfig) -> dict[str, Any]:
-    """``kdl plan``: the stores the configured terms (and variants) read, their sizes, FLOPs, memory."""
-    terms = [*loss_terms(cfg).values(), *(t for v in variants(cfg) for t in v.run.loss_terms.values())]
+    """``kdl plan``: the stores the configured terms (and the pipeline's variants) read, their sizes, FLOPs,
+    memory. The default variants are planned only where the selected terms include theirs (``recipe=gkd``
+    selects generalized_jsd alone: its plan is the one student's)."""
+    selected = set(cfg.get("loss") or {})
+    defaults = [v for v in (cfg.get("default_variants") or {}).values() if v is not None]
+    usable = cfg.get("variants") is not None or all(
+        set(v) <= selected for v in defaults if not OmegaConf.is_dict(v)
+    )
+    planned = variants(cfg) if usable else []
+    terms = [*loss_terms(cfg).values(), *(t for v in planned for t in v.run.loss_terms.values())]
     stores = sorted({label for term in terms for label in term.soft_labels})
     what_if = cfg.get("plan") or {}
     return run_plan(
