@@ -17,6 +17,26 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+def next_batch(jobs: queue.Queue, max_size: int, wait_s: float) -> list | None:
+    """The next micro-batch: the first job (waiting for it), then those that arrive within ``wait_s`` of it,
+    up to ``max_size``. None once the queue holds the stop signal (None), which stays for the next reader."""
+    first = jobs.get()
+    if first is None:
+        return None
+    batch = [first]
+    deadline = time.monotonic() + wait_s
+    while len(batch) < max_size:
+        try:
+            job = jobs.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            break
+        if job is None:
+            jobs.put(None)
+            break
+        batch.append(job)
+    return batch
+
+
 @dataclass
 class _ScoreJob:
     ids: list[int]
@@ -51,20 +71,9 @@ class ScoringBatcher:
     def loop(self) -> None:
         """Collect the jobs that arrive within ``batch_wait_s`` of the first (up to ``max_batch_size``)."""
         while True:
-            first = self.jobs.get()
-            if first is None:
+            batch = next_batch(self.jobs, self.max_batch_size, self.batch_wait_s)
+            if batch is None:
                 return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(job)
             try:
                 for job, result in zip(batch, self.forward([job.ids for job in batch])):
                     job.result = result

@@ -39,7 +39,7 @@ from kd_lightning.generation.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
-from kd_lightning.generation.scoring import ScoringBatcher
+from kd_lightning.generation.scoring import ScoringBatcher, next_batch
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +124,9 @@ class OpenAICompatibleServer:
 
     def _batch_loop(self) -> None:
         while True:
-            first = self.jobs.get()
-            if first is None:
+            batch = next_batch(self.jobs, self.max_batch_size, self.batch_wait_s)
+            if batch is None:
                 return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(job)
             groups: dict[tuple, list[_Job]] = {}
             for job in batch:
                 groups.setdefault(job.settings, []).append(job)
