@@ -38,6 +38,7 @@ ARTIFACT_KINDS = (
     "prior",
     "align",
     "posterior",
+    "proxy_agreement",
     "teacher_logits",
     "teacher_logprobs",
     "distill",

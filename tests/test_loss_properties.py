@@ -34,11 +34,11 @@ from kd_lightning.losses import (
     total_variation,
 )
 from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.losses.terms import DivergenceTerm
+from kd_lightning.losses.terms import AGREEMENT_STORE, DivergenceTerm
 from tests.helpers.losses import (
+    CASES,
     DIVERGENCE_FILES,
     FORMS,
-    LOGIT_FILES,
     B,
     T,
     V,
@@ -51,6 +51,8 @@ def with_target(term, target: str):
     if isinstance(term, DivergenceTerm):
         term.kd_target = target
         term.soft_labels = () if target == "teacher" else (target,)
+        if term.weighting != "none":
+            term.soft_labels = (*term.soft_labels, AGREEMENT_STORE)
     return term
 
 
@@ -66,18 +68,25 @@ def make_batch(
     for name in ("prior", "posterior"):
         batch[f"{name}_ids"], batch[f"{name}_probs"] = ids, probs
         batch[f"{name}_tail"] = (1 - probs.sum(-1)).clamp_min(0) if k < V else torch.zeros(B, T)
+    # the proxy's probability of each observed token, one entry per position (weighting=proxy_agreement)
+    agreement = torch.rand(B, T, 1, generator=g)
+    batch[f"{AGREEMENT_STORE}_ids"] = target.clamp_min(0).unsqueeze(-1)
+    batch[f"{AGREEMENT_STORE}_probs"] = agreement
+    batch[f"{AGREEMENT_STORE}_tail"] = 1 - agreement[..., 0]
     return batch
 
 
-@pytest.fixture(
-    params=[(name, form) for name in LOGIT_FILES for form in FORMS],
-    ids=lambda p: f"{p[0]}-{p[1]}",
-)
+def case_id(case: tuple[str, str, str]) -> str:
+    name, form, weighting = case
+    return f"{name}-{form}" + ("" if weighting == "none" else f"-{weighting}")
+
+
+@pytest.fixture(params=CASES, ids=case_id)
 def case(request, kdl_env):
     """(term aimed at the form's target, k ids stored per position)."""
-    name, form = request.param
+    name, form, weighting = request.param
     target, k = FORMS[form]
-    return with_target(configured_term(name), target), k
+    return with_target(configured_term(name, weighting), target), k
 
 
 def test_never_negative_finite_with_finite_grads(case):
@@ -333,15 +342,14 @@ def packed_batch(k: int, n: int) -> dict[str, torch.Tensor]:
     return {key: v.reshape(1, B * T, *v.shape[2:])[:, :n] for key, v in make_batch(k=k).items()}
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("name", LOGIT_FILES)
-def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_env):
+@pytest.mark.parametrize(("name", "form", "weighting"), CASES, ids=map(case_id, CASES))
+def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, weighting, kdl_env):
     """The chunked path (with the fused sparse pass inside each chunk, beside hard CE) equals the plain one."""
     from kd_lightning.losses import HardCrossEntropy
     from kd_lightning.losses.chunked import chunked_terms
 
     target, k = FORMS[form]
-    terms = {name: with_target(configured_term(name), target), "ce": HardCrossEntropy()}
+    terms = {name: with_target(configured_term(name, weighting), target), "ce": HardCrossEntropy()}
     hidden_size, n = 8, 11
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden_size, V, bias=False)
@@ -357,9 +365,8 @@ def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, kdl_e
     torch.testing.assert_close(c_head, g_head, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("name", LOGIT_FILES)
-def test_distill_module_equals_the_term_called_directly(name, form, kdl_env):
+@pytest.mark.parametrize(("name", "form", "weighting"), CASES, ids=map(case_id, CASES))
+def test_distill_module_equals_the_term_called_directly(name, form, weighting, kdl_env):
     """Through DistillModule (fused sparse pass on, beside hard CE): each term's value and the total's
     gradient are what the terms give when called one by one; the fused pass runs only where declared."""
     from kd_lightning.losses import HardCrossEntropy
@@ -367,7 +374,7 @@ def test_distill_module_equals_the_term_called_directly(name, form, kdl_env):
     from kd_lightning.modules.distill import DistillModule
 
     target, k = FORMS[form]
-    terms = {"ce_beside": HardCrossEntropy(), name: with_target(configured_term(name), target)}
+    terms = {"ce_beside": HardCrossEntropy(), name: with_target(configured_term(name, weighting), target)}
     module = DistillModule(
         torch.nn.Linear(2, V), terms, optimizer=lambda params: torch.optim.SGD(params, lr=0.1)
     )

@@ -1,4 +1,4 @@
-"""The soft-label store artifacts: prior, posterior, offline teacher and API teacher log-probs.
+"""The soft-label store artifacts: prior, posterior, proxy agreement, offline teacher and API log-probs.
 
 Each builder takes plain objects (a :class:`~kd_lightning.artifacts.Workspace`, a
 :class:`~kd_lightning.data.corpus.Corpus`, an estimator) and returns a
@@ -24,6 +24,7 @@ from kd_lightning.data.soft_labels import SoftLabelStore, write_store
 from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.data.store_size import store_bytes
 from kd_lightning.distributed import process_group
+from kd_lightning.estimation.agreement import ProxyAgreementEstimator
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder, served_teacher_store
@@ -176,6 +177,46 @@ def posterior_store(
         siblings=RESUMABLE,
         collective=True,
         size_hint=_size(corpus, estimator.top_k, provenance=provenance),
+    )
+
+
+def agreement_store(
+    workspace: Workspace,
+    corpus: Corpus,
+    proxy_key: str,
+    estimator: ProxyAgreementEstimator,
+    aligned_proxy: Callable[[], Path],
+    code: str | None = None,
+) -> SoftLabelStore:
+    """The aligned proxy's probability of each observed teacher token (Proxy-KD's position weights), one
+    entry per training target position; keyed by the proxy like the posterior, so a new proxy rebuilds it."""
+    provenance = {
+        "tokenizer": corpus.tokenizer_fp,
+        "corpus": corpus.train.fingerprint,
+        "proxy": proxy_key,
+        "estimator": estimator.settings(),
+        "code": code,
+    }
+
+    def build(folder: Path) -> SoftLabelStore:
+        proxy = freeze(load_causal_lm(aligned_proxy(), dtype=estimator.proxy_dtype)).to(
+            process_group().device()
+        )
+        start = time.perf_counter()
+        store = estimator.estimate(
+            proxy, corpus.train, corpus.pad_id, corpus.vocab_size, str(folder), provenance
+        )
+        atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": store.num_rows})
+        return store
+
+    return workspace.cached(
+        "proxy_agreement",
+        provenance,
+        build,
+        _open(corpus, provenance),
+        siblings=RESUMABLE,
+        collective=True,
+        size_hint=_size(corpus, 1, provenance=provenance),
     )
 
 

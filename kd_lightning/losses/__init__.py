@@ -1,5 +1,6 @@
 """Loss terms and their pure functional forms (see ``divergences`` for the target format)."""
 
+from kd_lightning.losses.atkd import AdaptiveTeachingKD
 from kd_lightning.losses.cross_vocab import (
     CrossVocabularyTerm,
     GoldHybrid,
@@ -21,7 +22,6 @@ from kd_lightning.losses.features import HiddenStateLoss, hidden_cosine_distance
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
 from kd_lightning.losses.terms import (
     AdaptiveKL,
-    AdaptiveTeachingKD,
     DivergenceTerm,
     ForwardKL,
     GeneralizedJSD,

@@ -60,13 +60,13 @@ def chunked_terms(
     n = hidden.shape[0]
     names = list(terms)
     batch = PositionBatch.from_fields(batch)
+    for term in terms.values():  # batch-level statistics (ATKD's split, agreement weights): whole batch
+        batch = batch.with_prepared(term.prepare(batch) if hasattr(term, "prepare") else {})
     if fuse and names and not whole and isinstance(head, nn.Linear):
         vocab = head.out_features
         if all(fusable(term, batch, vocab) for term in terms.values()):
             values = _FusedLinearSparse.apply(hidden, head.weight, head.bias, terms, batch, chunk_size)
             return {name: values[i] for i, name in enumerate(names)}
-    for term in terms.values():  # batch-level statistics (e.g. ATKD's split) from the whole batch
-        batch = batch.with_prepared(term.prepare(batch) if hasattr(term, "prepare") else {})
     valid = batch.target_ids[0] != IGNORE_INDEX
     total_count = valid.sum().clamp_min(1)
     total = hidden.new_zeros(len(names), dtype=torch.float32)

@@ -114,8 +114,11 @@ def fused_sparse_parts(
                 tail > 0, tail.clamp_min(1e-30).log() - log_q_out.clamp_min(LOG_FLOOR), torch.zeros_like(tail)
             )
             kl = kl + tail * tail_log
-            values.append(torch.where(valid, kl, torch.zeros_like(kl)).sum() / count)
+            position_weights = term.position_weights(batch)  # Proxy-KD's agreement weights, or None
             weight = valid.float() / count
+            if position_weights is not None:
+                weight = weight * position_weights[0].float()
+            values.append((weight * torch.where(valid, kl, torch.zeros_like(kl))).sum())
             # as in the separate terms, a bucket whose log q is below LOG_FLOOR (a -inf logit) has no gradient
             p_live = p * (log_q_k > LOG_FLOOR)
             t_live = tail * (log_q_out > LOG_FLOOR)

@@ -19,7 +19,6 @@ Every divergence runs on either form (see :mod:`kd_lightning.losses.divergences`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -136,6 +135,32 @@ def kd_target_log_probs(
     )
 
 
+AGREEMENT_STORE = "proxy_agreement"
+"""The store of the aligned proxy's probability of each observed teacher token (one entry per position)."""
+WEIGHTINGS = ("none", "proxy_agreement")
+"""How a divergence term weights its positions (``weighting``)."""
+
+
+def agreement_weights(batch: PositionBatch) -> torch.Tensor:
+    """Proxy-KD's position weights (..., ): the proxy's probability of the observed teacher token, divided by
+    its mean over the batch's target positions, so the weights average 1 and the term keeps its scale.
+
+    Where the proxy gives the teacher's token little probability it imitates the teacher badly, and its soft
+    labels there are trusted less. A batch where the proxy gives every observed token probability 0 (stored
+    as 0 in float16) falls back to equal weights. 0 off target.
+    """
+    if AGREEMENT_STORE not in batch.soft_labels:
+        raise KeyError(
+            f"weighting=proxy_agreement reads the {AGREEMENT_STORE!r} store (the aligned proxy's probability of "
+            f"each teacher token), which this batch lacks; kdl builds it from the aligned proxy when a term "
+            f"sets weighting=proxy_agreement (or add {AGREEMENT_STORE}_ids/_probs/_tail to the batch)"
+        )
+    valid = (batch.target_ids != LF.IGNORE_INDEX).float()
+    agreement = gold_probability(batch, AGREEMENT_STORE).float() * valid
+    mean = agreement.sum() / valid.sum().clamp_min(1.0)
+    return torch.where(mean > 0, agreement / mean.clamp_min(1e-30), valid)
+
+
 class DivergenceTerm(LossTerm):
     """A divergence between a target distribution and the student, averaged over target positions.
 
@@ -146,26 +171,70 @@ class DivergenceTerm(LossTerm):
             ``posterior``, ``offline_teacher``, ``teacher_logprobs``).
         weight: multiplier of this term in the total.
         distill_temperature: divides both sides' logits; the term is scaled by T².
+        weighting: ``none`` (every target position counts alike) or ``proxy_agreement`` (Proxy-KD: a
+            position counts by the aligned proxy's probability of the teacher's token, normalised over the
+            batch; :func:`agreement_weights`). The weights are a batch statistic, computed once over the
+            whole batch before any chunking.
     """
 
     chunkable = True  # a masked mean of per-position values (as long as ``forward`` is this one)
+    weights_positions: ClassVar[bool] = True
+    """``forward`` applies :meth:`position_weights` (opt-in per code, like the fast paths: a subclass that
+    rewrites ``forward`` must declare it again before ``weighting`` may be set)."""
 
-    def __init__(self, kd_target: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        kd_target: str,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        weighting: str = "none",
+    ) -> None:
         super().__init__(weight)
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        if weighting != "none" and not declared_capability(type(self), "weights_positions", ("forward",)):
+            raise ValueError(
+                f"{type(self).__name__} computes its own forward and does not apply weighting={weighting}; "
+                f"use weighting=none, or declare weights_positions = True once its forward applies "
+                f"position_weights()"
+            )
         self.kd_target = kd_target
         self.distill_temperature = float(distill_temperature)
+        self.weighting = weighting
         # stores only: a dense teacher comes from the module (online) rather than from a soft-label store
         self.soft_labels = () if kd_target == "teacher" else (kd_target,)
+        if weighting == "proxy_agreement":
+            self.soft_labels = (*self.soft_labels, AGREEMENT_STORE)
+            self.uses_batch_statistics = True
 
     def per_position(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    weights_key: ClassVar[str] = f"{AGREEMENT_STORE}_weights"
+
+    def prepare(self, batch: PositionBatch) -> dict[str, torch.Tensor]:
+        return {} if self.weighting == "none" else {self.weights_key: agreement_weights(batch)}
+
+    def position_weights(self, batch: PositionBatch) -> torch.Tensor | None:
+        """(1, N) weights of the target positions, or None when every position counts alike. Read from
+        the batch's prepared fields (the whole batch's, under chunking) or computed from ``batch``."""
+        if self.weighting == "none":
+            return None
+        weights = batch.prepared.get(self.weights_key)
+        return agreement_weights(batch) if weights is None else weights
+
+    def weighted(self, values: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
+        """The masked mean of per-position ``values`` under :meth:`position_weights`."""
+        weights = self.position_weights(batch)
+        if weights is not None:
+            values = values * weights
+        return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
+
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
         log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, self.distill_temperature)
-        values = self.per_position(log_p, log_q) * self.distill_temperature**2
-        return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
+        return self.weighted(self.per_position(log_p, log_q) * self.distill_temperature**2, batch)
 
 
 class ForwardKL(DivergenceTerm):
@@ -188,9 +257,14 @@ class GeneralizedJSD(DivergenceTerm):
     """GKD's generalised JSD; ``beta`` = 0 → KL(target‖student), 1 → KL(student‖target)."""
 
     def __init__(
-        self, kd_target: str, beta: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
+        self,
+        kd_target: str,
+        beta: float = 0.5,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        weighting: str = "none",
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature, weighting)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
@@ -203,9 +277,14 @@ class SkewForwardKL(DivergenceTerm):
     """DistiLLM's skew KL, KL(p ‖ α·p + (1 − α)·q)."""
 
     def __init__(
-        self, kd_target: str, alpha: float = 0.1, weight: float = 1.0, distill_temperature: float = 1.0
+        self,
+        kd_target: str,
+        alpha: float = 0.1,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        weighting: str = "none",
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature, weighting)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.alpha = float(alpha)
@@ -232,32 +311,20 @@ class AdaptiveKL(DivergenceTerm):
     """AKL: forward KL on the teacher's head, reverse KL on its tail, weighted by the gaps."""
 
     def __init__(
-        self, kd_target: str, head_mass: float = 0.5, weight: float = 1.0, distill_temperature: float = 1.0
+        self,
+        kd_target: str,
+        head_mass: float = 0.5,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        weighting: str = "none",
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature)
+        super().__init__(kd_target, weight, distill_temperature, weighting)
         if not 0.0 < head_mass < 1.0:
             raise ValueError(f"head_mass must be in (0, 1), got {head_mass}")
         self.head_mass = float(head_mass)
 
     def per_position(self, log_p, log_q):
         return D.adaptive_kl_buckets(log_p, log_q, self.head_mass)
-
-
-def gold_bucket(batch: PositionBatch, kd_target: str) -> torch.Tensor:
-    """The bucket of the observed token (``target_ids``) among the ``kd_target`` distribution's buckets
-    (see ``kd_target_log_probs``).
-
-    Dense: the token id. Sparse: the slot holding it, or the tail bucket (index K) when it was not stored.
-    Positions that are not targets get bucket 0 (they are masked out anyway).
-    """
-    gold = batch.target_ids.clamp_min(0)
-    if kd_target not in batch.soft_labels:
-        return gold
-    ids, probs = batch.soft_labels[kd_target].ids, batch.soft_labels[kd_target].probs
-    hit = (ids == gold.unsqueeze(-1)) & (probs > 0)
-    k = ids.shape[-1]
-    slot = torch.where(hit, torch.arange(k, device=ids.device), torch.full_like(ids, k)).amin(-1)
-    return slot
 
 
 def gold_probability(batch: PositionBatch, kd_target: str) -> torch.Tensor:
@@ -274,69 +341,6 @@ def gold_probability(batch: PositionBatch, kd_target: str) -> torch.Tensor:
     return (rows.probs.float() * (rows.ids == gold)).amax(-1).detach()
 
 
-class AdaptiveTeachingKD(DivergenceTerm):
-    """ATKD (Zhong et al., "Revisiting Knowledge Distillation for Autoregressive Language Models", 2024).
-
-    Positions are split by the teacher's uncertainty on the observed token, ``1 − p(gold)``: the most
-    uncertain ``hard_fraction`` of the batch's target positions are "hard" (full KL, decomposed), the rest
-    "easy" (diversity part only); see :func:`kd_lightning.losses.divergences.atkd_buckets`. The split is a
-    batch statistic (the median by default), so the value depends on the batch a position is in.
-
-    Args:
-        target, weight, distill_temperature: as for :class:`DivergenceTerm`.
-        easy_weight: λ, the weight of easy positions; hard ones get 1 − λ (paper: 0.2).
-        hard_fraction: share of positions counted hard (0.5 = split at the median uncertainty).
-    """
-
-    uses_batch_statistics = True
-    chunkable = True  # exact because the split comes from ``prepare`` over the whole batch
-
-    def __init__(
-        self,
-        kd_target: str,
-        easy_weight: float = 0.2,
-        hard_fraction: float = 0.5,
-        weight: float = 1.0,
-        distill_temperature: float = 1.0,
-    ) -> None:
-        super().__init__(kd_target, weight, distill_temperature)
-        if not 0.0 <= easy_weight <= 1.0:
-            raise ValueError(f"easy_weight must be in [0, 1], got {easy_weight}")
-        if not 0.0 <= hard_fraction <= 1.0:
-            raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
-        self.easy_weight = float(easy_weight)
-        self.hard_fraction = float(hard_fraction)
-
-    @property
-    def hard_key(self) -> str:
-        return f"atkd_hard_{self.kd_target}"
-
-    def hard_positions(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Bool (..., ) mask: the ``hard_fraction`` most uncertain target positions of the batch."""
-        batch = PositionBatch.from_fields(batch)
-        valid = batch.target_ids != LF.IGNORE_INDEX
-        uncertainty = 1.0 - gold_probability(batch, self.kd_target)
-        n_hard = math.ceil(self.hard_fraction * int(valid.sum()))
-        hard = torch.zeros_like(valid)
-        if n_hard:
-            scores = torch.where(valid, uncertainty, torch.full_like(uncertainty, -1.0)).flatten()
-            # a stable sort breaks ties by position, so padding or re-batching never changes the split
-            order = torch.sort(scores, descending=True, stable=True).indices
-            hard.view(-1)[order[:n_hard]] = True
-        return hard & valid
-
-    def prepare(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.hard_key: self.hard_positions(batch)}
-
-    def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
-        hard = batch.prepared.get(self.hard_key)
-        hard = self.hard_positions(batch) if hard is None else hard
-        log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, self.distill_temperature)
-        gold = gold_bucket(batch, self.kd_target)
-        values = D.atkd_buckets(log_p, log_q, gold, hard, self.easy_weight) * self.distill_temperature**2
-        return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
-
-
 class SoftLabelKL(ForwardKL):
     """KL(soft labels ‖ student) against a soft-label store (``prior`` or ``posterior``).
 
@@ -344,7 +348,16 @@ class SoftLabelKL(ForwardKL):
         soft_labels: which store the batch carries it under.
         weight: multiplier of this term in the total.
         distill_temperature: softens student and target; the term is scaled by T².
+        weighting: ``proxy_agreement`` weights positions as Proxy-KD does (see :class:`DivergenceTerm`).
     """
 
-    def __init__(self, soft_labels: str, weight: float = 1.0, distill_temperature: float = 1.0) -> None:
-        super().__init__(kd_target=soft_labels, weight=weight, distill_temperature=distill_temperature)
+    def __init__(
+        self,
+        soft_labels: str,
+        weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        weighting: str = "none",
+    ) -> None:
+        super().__init__(
+            kd_target=soft_labels, weight=weight, distill_temperature=distill_temperature, weighting=weighting
+        )

@@ -1,5 +1,5 @@
-"""The estimation stages: ``kdl prior``, ``align``, ``posterior`` and ``teacher-logits``, and the stores a
-student reads (``stores_for``)."""
+"""The estimation stages: ``kdl prior``, ``align``, ``posterior`` and ``teacher-logits``, the proxy-agreement
+store Proxy-KD's weighting reads, and the stores a student reads (``stores_for``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.store_mixture import MixedStore
 from kd_lightning.data.token_alignment import first_token_map
 from kd_lightning.distributed import process_group
+from kd_lightning.estimation.agreement import ProxyAgreementEstimator
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.stores import (
+    agreement_store,
     offline_teacher_store,
     posterior_provenance,
     posterior_store,
@@ -110,6 +112,24 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
     )
 
 
+def proxy_agreement(ctx: StageContext) -> SoftLabelStore:
+    """The aligned proxy's probability of each teacher token (``weighting=proxy_agreement``), read from the
+    proxy the posterior uses (Proxy-KD's preferred proxy under ``alignment=proxy_kd``)."""
+    if ctx.proxy_tokenizer() is not None:
+        raise ValueError(
+            "weighting=proxy_agreement reads the proxy's probability of each teacher token, which a proxy of "
+            "another tokenizer does not give; use a proxy of the student's tokenizer, or weighting=none"
+        )
+    return agreement_store(
+        ctx.workspace,
+        ctx.corpus(),
+        proxy_key(ctx),
+        ProxyAgreementEstimator.like(ctx.posterior_estimator),
+        aligned_proxy=lambda: align(ctx),
+        code=ctx.code.get("proxy_agreement"),
+    )
+
+
 def teacher_store(
     ctx: StageContext,
     path: str | None,
@@ -195,6 +215,7 @@ def teacher_logprobs(ctx: StageContext) -> SoftLabelStore:
 STORES = {
     "prior": prior,
     "posterior": posterior,
+    "proxy_agreement": proxy_agreement,
     "offline_teacher": offline_teacher,
     "teacher_logprobs": teacher_logprobs,
 }

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from kd_lightning.data.soft_labels import id_dtype_for
+from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.data.store_size import store_bytes
 from kd_lightning.models.size import parameter_count
 from kd_lightning.stages.context import StageContext
@@ -127,8 +128,12 @@ def run_plan(
             sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab, fmt, counts=draws)
             label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
             rows.append(PlanRow(label, sizes[name], "B", formula))
+    if "proxy_agreement" in stores:  # one entry per position, always in format 1
+        sizes["proxy_agreement"] = store_bytes(n_rows, n_seqs, 1, vocab, StoreFormat())
+        agreement_formula = f"N·({id_bytes}+2+4) + (S+1)·8 + headers"
+        rows.append(PlanRow("proxy_agreement store (K=1)", sizes["proxy_agreement"], "B", agreement_formula))
     flops: dict[str, float] = {}
-    if "posterior" in stores:
+    if "posterior" in stores or "proxy_agreement" in stores:
         proxy = float(proxy_parameters) if proxy_parameters else parameter_count(ctx.proxy_path)
         full_records = float(len(full) if records is None else int(records))
         limit = ctx.alignment.max_records
@@ -138,11 +143,17 @@ def run_plan(
         else:  # what-if: the corpus's mean record length
             aligned_tokens = aligned_records * len(full.tokens) / len(full)
         flops["align"] = 6.0 * proxy * aligned_tokens * ctx.alignment.max_epochs
-        flops["posterior"] = 2.0 * proxy * n_tokens
         source = "plan.proxy_parameters" if proxy_parameters else "safetensors headers or config.json"
         rows.append(PlanRow("proxy parameters (P)", proxy, "", source))
         rows.append(PlanRow("proxy alignment", flops["align"], "FLOP", "6·P·T_aligned·epochs"))
-        rows.append(PlanRow("posterior proxy pass", flops["posterior"], "FLOP", "2·P·T (R draws share it)"))
+        if "posterior" in stores:
+            flops["posterior"] = 2.0 * proxy * n_tokens
+            rows.append(
+                PlanRow("posterior proxy pass", flops["posterior"], "FLOP", "2·P·T (R draws share it)")
+            )
+        if "proxy_agreement" in stores:
+            flops["proxy_agreement"] = 2.0 * proxy * n_tokens
+            rows.append(PlanRow("proxy-agreement pass", flops["proxy_agreement"], "FLOP", "2·P·T"))
     if "offline_teacher" in stores and (ctx.teacher_path or teacher_parameters):
         teacher = float(teacher_parameters) if teacher_parameters else parameter_count(ctx.teacher_path)
         flops["offline_teacher"] = 2.0 * teacher * n_tokens

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from kd_lightning.cli.build import loss_terms
 from kd_lightning.environment import conf_dir
-from kd_lightning.losses.terms import DivergenceTerm
+from kd_lightning.losses.terms import DivergenceTerm, declared_capability
 from tests.helpers.configs import compose_cfg
 
 B, T, V = 2, 6, 17
@@ -27,6 +30,29 @@ LOGIT_FILES = [name for name in LOSS_FILES if loss_class(name).reads_logits]
 FEATURE_FILES = [name for name in LOSS_FILES if not loss_class(name).reads_logits]
 
 
-def configured_term(name: str):
-    cfg = compose_cfg(["experiment=tiny", f"loss=[{name}]"])
+WEIGHTED_FILES = [
+    name
+    for name in DIVERGENCE_FILES
+    if declared_capability(loss_class(name), "weights_positions", ("forward",))
+]
+"""Divergences whose code applies position weights (``weighting=proxy_agreement``)."""
+CASES = [(name, form, "none") for name in LOGIT_FILES for form in FORMS] + [
+    (name, form, "proxy_agreement") for name in WEIGHTED_FILES for form in FORMS
+]
+"""(loss file, target form, weighting): every logit term on every form, and each weightable divergence
+again under Proxy-KD's agreement weighting."""
+
+
+def configured_term(name: str, weighting: str = "none"):
+    """A fresh copy of the term ``conf/loss/<name>.yaml`` builds (composed once per process: composing is
+    most of a property test's time)."""
+    return copy.deepcopy(_composed_term(name, weighting))
+
+
+@functools.cache
+def _composed_term(name: str, weighting: str):
+    overrides = ["experiment=tiny", f"loss=[{name}]"]
+    if weighting != "none":
+        overrides.append(f"++loss.{name}.weighting={weighting}")
+    cfg = compose_cfg(overrides)
     return loss_terms(cfg)[name]
