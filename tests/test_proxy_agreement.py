@@ -129,3 +129,30 @@ def test_kdl_trains_a_student_with_proxy_kd_weights(kdl_env):
     kdl("distill", *settings, env_dir=kdl_env)
     results = [json.loads((s / "result.json").read_text())["nll"] for s in artifacts(kdl_env, "distill")]
     assert len(results) == 2 and results[0] != results[1]
+
+
+def test_pipeline_variants_with_their_own_alignment_read_their_own_proxy(kdl_env):
+    """variants.<name>.alignment (Proxy-KD's SFT + DPO beside v1's SFT): each variant's posterior and agreement
+    stores come from its own aligned proxy, and the proxy table has one row per alignment (plus one before)."""
+    done = kdl(
+        "pipeline",
+        "experiment=tiny",
+        "trainer.max_steps=2",
+        "+variants.sft=[hard_ce]",
+        "+alignment@variants.v1.alignment=sft",
+        "+variants.v1.loss=[hard_ce,posterior_kl]",
+        "+alignment@variants.other.alignment=sft",
+        "variants.other.alignment.learning_rate=1e-2",
+        "+variants.other.loss=[hard_ce,posterior_kl]",
+        "loss.posterior_kl.weighting=proxy_agreement",
+        env_dir=kdl_env,
+    )
+    assert len(artifacts(kdl_env, "align")) == 2 and len(artifacts(kdl_env, "posterior")) == 2
+    assert len(artifacts(kdl_env, "proxy_agreement")) == 2 and len(artifacts(kdl_env, "distill")) == 3
+    result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
+    proxies = [row["name"] for row in result["rows"] if str(row.get("name", "")).startswith("proxy")]
+    assert len(proxies) == 3 and sum("before alignment" in name for name in proxies) == 1, proxies
+    assert (
+        "proxy tiny0 [SFT, v1] (aligned)" in done.stdout
+        and "proxy tiny0 [SFT, other] (aligned)" in done.stdout
+    )

@@ -63,6 +63,11 @@ def model_path(node: Any) -> str:
     return str(instantiate(node) if OmegaConf.is_config(node) else node)
 
 
+def align_code(alignment: Any) -> str:
+    """The code fingerprint of a proxy alignment (its builder and the config's ``_target_``s, e.g. DPO's)."""
+    return code_fingerprint([*BUILDERS["align"], *targets_in(resolved(alignment))])
+
+
 def stage_code(cfg: DictConfig) -> dict[str, str]:
     """Per artifact kind, the fingerprint of the code that builds it: builders + the config's ``_target_``s."""
 
@@ -73,7 +78,7 @@ def stage_code(cfg: DictConfig) -> dict[str, str]:
     return {
         "corpus": of("corpus", cfg.data),
         "prior": of("prior", cfg.estimator.prior, cfg.get("store_format")),
-        "align": of("align", cfg.alignment),
+        "align": align_code(cfg.alignment),
         "posterior": of("posterior", cfg.estimator.prior, cfg.estimator.posterior, cfg.get("store_format")),
         "proxy_agreement": of("proxy_agreement", cfg.estimator.posterior),
         "teacher_logits": of("teacher_logits", cfg.estimator.teacher_targets, cfg.get("store_format")),
@@ -243,7 +248,7 @@ def refuse_served_online(run: StudentRun) -> None:
             )
 
 
-VARIANT_KEYS = ("loss", "module", "init_from", "trainer", "proxy", "seeds")
+VARIANT_KEYS = ("loss", "module", "init_from", "trainer", "proxy", "alignment", "seeds")
 
 
 def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
@@ -258,13 +263,16 @@ def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
 
 def variants(cfg: DictConfig) -> list[Variant]:
     """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
-    proxy, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed first).
+    proxy, alignment, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed
+    first).
 
     ``module`` is a module config node (an experiment composes one with a defaults entry such as
     ``/module@variants.minillm.module: minillm``); ``init_from`` names an earlier variant whose student (of the
     same seed) this one starts from; ``trainer`` overrides trainer settings for this variant only; ``proxy``
     is a proxy config node (``- /proxy@variants.<name>.proxy: gemma3_270m``) whose posterior this variant's
-    terms read; ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student).
+    terms read; ``alignment`` an alignment config node (``- /alignment@variants.<name>.alignment: proxy_kd``)
+    of the proxy its posterior and proxy-agreement stores come from, resolved under the variant's seed;
+    ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student).
     A null entry is dropped.
     """
     listed = cfg.get("variants")
@@ -312,5 +320,8 @@ def variants(cfg: DictConfig) -> list[Variant]:
             proxy = None
             if spec.get("proxy") is not None:
                 proxy = (model_path(spec.proxy.path), bool(spec.proxy.get("own_tokenizer", False)))
-            found.append(Variant(name, run, spec.get("init_from"), seed, proxy))
+            alignment = None
+            if spec.get("alignment") is not None:  # resolved under this seed, like the rest of the variant
+                alignment = (instantiate(spec.alignment), align_code(spec.alignment))
+            found.append(Variant(name, run, spec.get("init_from"), seed, proxy, alignment))
     return found

@@ -33,7 +33,9 @@ from kd_lightning.evaluation.fidelity import (
 from kd_lightning.evaluation.prior_quality import PriorQualitySpec, prior_quality, prior_quality_table
 from kd_lightning.evaluation.results import evaluation_result, proxy_heldout
 from kd_lightning.evaluation.tables import evaluation_table, results_table, summarize_store
+from kd_lightning.losses.terms import AGREEMENT_STORE
 from kd_lightning.models.loading import freeze, load_causal_lm
+from kd_lightning.modules.alignment import ProxyAlignment
 from kd_lightning.modules.training import trained_students
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.estimate import align, posterior, prior, proxy_key, teacher_logprobs
@@ -45,13 +47,37 @@ log = logging.getLogger(__name__)
 @dataclass
 class Variant:
     """One student of ``kdl pipeline``: its run, the earlier variant whose student it starts from, the seed
-    it was built with (``seeds``), and its own proxy ``(path, own_tokenizer)`` if it has one."""
+    it was built with (``seeds``), its own proxy ``(path, own_tokenizer)`` and its own alignment of the proxy
+    ``(ProxyAlignment, code fingerprint)`` if it has them."""
 
     name: str
     run: StudentRun
     init_from: str | None = None
     seed: int | None = None
     proxy: tuple[str, bool] | None = None
+    alignment: tuple[ProxyAlignment, str | None] | None = None
+
+    def context(self, ctx: StageContext) -> StageContext:
+        """The stage context this variant's stores come from (its proxy and alignment, if it has its own)."""
+        if self.proxy is not None:
+            ctx = ctx.with_proxy(*self.proxy)
+        if self.alignment is not None:
+            ctx = ctx.with_alignment(*self.alignment)
+        return ctx
+
+    @property
+    def own_proxy(self) -> bool:
+        return self.proxy is not None or self.alignment is not None
+
+
+def reads_proxy(variant: Variant) -> bool:
+    """Whether the variant's terms read a store the aligned proxy builds (posterior, proxy agreement)."""
+    labels = {label for term in variant.run.loss_terms.values() for label in term.soft_labels}
+    return bool(labels & {"posterior", AGREEMENT_STORE})
+
+
+def alignment_label(alignment: ProxyAlignment) -> str:
+    return "SFT + DPO" if alignment.preference is not None else "SFT"
 
 
 def evaluate(ctx: StageContext, name: str, model_path: str | Path, spec: EvaluationSpec) -> dict[str, Any]:
@@ -63,26 +89,26 @@ def evaluate(ctx: StageContext, name: str, model_path: str | Path, spec: Evaluat
     return {key: value for key, value in result.items() if key != "per_record"}
 
 
-def proxy_rows(ctx: StageContext, label: str = "proxy") -> list[dict[str, Any]]:
-    """Held-out NLL of the proxy before and after alignment (cached)."""
+def proxy_rows(ctx: StageContext, label: str = "proxy", before: str | None = "proxy") -> list[dict[str, Any]]:
+    """Held-out NLL of the proxy before alignment (named ``before``; None: no such row) and after it
+    (named ``label``), cached."""
     code = ctx.code.get("eval")
     corpus = ctx.corpus()
     own = ctx.proxy_tokenizer()
     heldout = None if own is None else own.view(corpus.heldout, corpus.tokenizer).corpus
     suffix = "" if own is None else ", its own tokens"
-    before = proxy_heldout(
-        ctx.workspace,
-        corpus,
-        f"{label} (before alignment{suffix})",
-        model_identity(ctx.proxy_path),
-        lambda: ctx.proxy_path,
-        code,
-        heldout,
+    rows = []
+    if before is not None:
+        identity = model_identity(ctx.proxy_path)
+        name = f"{before} (before alignment{suffix})"
+        rows.append(
+            proxy_heldout(ctx.workspace, corpus, name, identity, lambda: ctx.proxy_path, code, heldout)
+        )
+    aligned = f"{label} (aligned{suffix})"
+    rows.append(
+        proxy_heldout(ctx.workspace, corpus, aligned, proxy_key(ctx), lambda: align(ctx), code, heldout)
     )
-    after = proxy_heldout(
-        ctx.workspace, corpus, f"{label} (aligned{suffix})", proxy_key(ctx), lambda: align(ctx), code, heldout
-    )
-    return [before, after]
+    return rows
 
 
 def run_pipeline(
@@ -109,19 +135,12 @@ def run_pipeline(
         raise KeyError(f"compare_to={compare_to!r} is not one of the variants ({sorted(names)})")
     if (evaluation_sets or compare_to) and spec is None:
         raise ValueError("evaluation_sets and compare_to score students: add evaluate_students=true")
-    rows: list[dict[str, Any]] = []
-    reads = set()
-    for variant in variants:
-        if "posterior" in {label for term in variant.run.loss_terms.values() for label in term.soft_labels}:
-            reads.add(variant.proxy or (ctx.proxy_path, ctx.proxy_own_tokenizer))
-    for path, own in reads:
-        label = "proxy" if len(reads) == 1 else f"proxy {Path(path).name}"
-        rows += proxy_rows(ctx.with_proxy(path, own), label)
+    rows = proxy_table(ctx, variants)
     sets = heldout_sets(ctx, evaluation_sets or {})
     trained: dict[tuple[str, int | None], str] = {}
     scores: list[StudentScores] = []
     for variant in training_order(variants):
-        run, context = variant.run, ctx if variant.proxy is None else ctx.with_proxy(*variant.proxy)
+        run, context = variant.run, variant.context(ctx)
         if variant.init_from:
             source = trained.get((variant.init_from, variant.seed))
             if source is None:
@@ -171,6 +190,37 @@ def run_pipeline(
     return result
 
 
+def proxy_table(ctx: StageContext, variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """The held-out NLL rows of each proxy the students read: once before alignment, then once per
+    alignment of it (v1's SFT, Proxy-KD's SFT + DPO, per seed where they differ by seed), named by the kind
+    of alignment and, where two are of one kind, by the first variant that reads it."""
+    contexts: dict[tuple, tuple[StageContext, str, str]] = {}
+    seeded = len({v.seed for v in variants}) > 1
+    for variant in variants:
+        if not reads_proxy(variant):
+            continue
+        context = variant.context(ctx)
+        key = (context.proxy_path, context.proxy_own_tokenizer, repr(context.alignment))
+        label = f"proxy {Path(context.proxy_path).name}"
+        if variant.alignment is not None:
+            seed = f", seed {context.alignment.seed}" if seeded else ""
+            label += f" [{alignment_label(context.alignment)}{seed}]"
+        contexts.setdefault(key, (context, label, variant.name))
+    if len(contexts) == 1:
+        ((context, _, _),) = contexts.values()
+        return proxy_rows(context)
+    labels = [label for _, label, _ in contexts.values()]
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for key, (context, label, first_reader) in contexts.items():
+        name = f"proxy {Path(context.proxy_path).name}"
+        if labels.count(label) > 1:
+            label = f"{label[:-1]}, {first_reader}]" if label.endswith("]") else f"{label} [{first_reader}]"
+        rows += proxy_rows(context, label, before=None if key[:2] in seen else name)
+        seen.add(key[:2])
+    return rows
+
+
 OWN_HELDOUT = "heldout"
 """The name of the corpus's own held-out records among the sets a pipeline scores students on."""
 
@@ -195,7 +245,7 @@ def reads_any(variants: Sequence[Variant]) -> set[str]:
 def ctx_reads_posterior(ctx: StageContext, variants: Sequence[Variant]) -> bool:
     """Whether a variant reads the posterior of the context's own proxy (its store is then summarised)."""
     return any(
-        v.proxy is None
+        not v.own_proxy
         and "posterior" in {label for t in v.run.loss_terms.values() for label in t.soft_labels}
         for v in variants
     )

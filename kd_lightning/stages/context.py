@@ -98,6 +98,15 @@ class StageContext:
         other._corpus = self._corpus
         return other
 
+    def with_alignment(self, alignment: ProxyAlignment, code: str | None) -> StageContext:
+        """This context with another alignment of the proxy (a pipeline variant's, e.g. Proxy-KD's SFT + DPO
+        beside v1's SFT), whose code fingerprint is ``code``; it shares the tokenised corpus."""
+        other = replace(self, alignment=alignment, code={**self.code, "align": code})
+        other._corpus = self._corpus
+        if other.proxy_path == self.proxy_path:
+            other._proxy_tokenizer = self._proxy_tokenizer
+        return other
+
     def proxy_tokenizer(self) -> ForeignTokenizer | None:
         """The proxy's own tokenizer when it reads the records through it, else None.
 
