@@ -107,13 +107,17 @@ STAGE_PAGES: dict[str, StagePage] = {
         "one student trained on a weighted sum of loss terms",
         "corpus + the stores its terms need",
         "the teacher text and the stores its terms need (built if missing): prior, posterior, "
-        "offline_teacher, teacher_logprobs; an online teacher for kd_target=teacher",
+        "proxy_agreement, offline_teacher, teacher_logprobs; an online teacher for kd_target=teacher",
         "artifacts/distill/<key>/ (student/, result.json with held-out NLL, checkpoints/)",
         (
             ("loss", "loss terms: conf/loss/*.yaml, e.g. loss=[hard_ce,prior_kl,posterior_kl]"),
             ("hard_ce_weight", "weight of CE on the teacher's tokens"),
             ("prior_kl_weight", "weight of KL(prior ‖ student)"),
             ("posterior_kl_weight", "weight of KL(posterior ‖ student)"),
+            (
+                "loss.posterior_kl.weighting",
+                "none | proxy_agreement (Proxy-KD: positions by p_proxy(teacher token))",
+            ),
             ("kd_target", "what generic divergences compare with: posterior | prior | teacher | ..."),
             ("distill_temperature", "softens student and target (terms scaled by T²)"),
             ("student", "smollm2_layers | random_llama | local (student.path=...)"),
