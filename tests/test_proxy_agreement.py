@@ -19,6 +19,7 @@ from kd_lightning.estimation.agreement import ProxyAgreementEstimator, observed_
 from kd_lightning.losses import ForwardKL, SoftLabelKL
 from kd_lightning.losses.terms import AGREEMENT_STORE, agreement_weights
 from kd_lightning.models.builders import tiny_llama
+from kd_lightning.stages.compare import proxies_over_seeds
 from tests.helpers.cli import artifacts, kdl
 
 V = 11
@@ -156,3 +157,18 @@ def test_pipeline_variants_with_their_own_alignment_read_their_own_proxy(kdl_env
         "proxy tiny0 [SFT, v1] (aligned)" in done.stdout
         and "proxy tiny0 [SFT, other] (aligned)" in done.stdout
     )
+
+
+def test_proxies_over_seeds_average_each_alignment_across_its_seeds():
+    rows = [
+        {"name": "proxy m (before alignment)", "nll": 3.0},
+        {"name": "proxy m [SFT, seed 0] (aligned)", "nll": 2.0},
+        {"name": "proxy m [SFT + DPO, seed 0] (aligned)", "nll": 1.0},
+        {"name": "proxy m [SFT, seed 1] (aligned)", "nll": 2.5},
+        {"name": "proxy m [SFT + DPO, seed 1] (aligned)", "nll": 2.0},
+    ]
+    table = proxies_over_seeds(rows)
+    assert "| proxy m [SFT] (aligned) | 2.2500 ± 0.3536 | 2 |" in table
+    assert "| proxy m [SFT + DPO] (aligned) | 1.5000 ± 0.7071 | 2 |" in table
+    assert "| proxy m (before alignment) | 3.0000 ± 0.0000 | 1 |" in table
+    assert proxies_over_seeds(rows[:3]) is None  # one seed: nothing to average

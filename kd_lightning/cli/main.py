@@ -54,12 +54,8 @@ from kd_lightning.models.hub import set_trust_remote_code
 from kd_lightning.modules.training import ReplicaFinished
 from kd_lightning.report import main as report_main
 from kd_lightning.stages import estimate
-from kd_lightning.stages.compare import (
-    run_evaluate,
-    run_fidelity,
-    run_pipeline,
-    run_prior_quality,
-)
+from kd_lightning.stages.compare import run_pipeline
+from kd_lightning.stages.measure import run_evaluate, run_fidelity, run_prior_quality
 from kd_lightning.stages.plan import run_plan
 from kd_lightning.stages.train import run_distill
 
