@@ -72,3 +72,32 @@ def test_every_kdl_command_of_the_gpu_checks_composes(tiny_dir, tmp_path, monkey
         assert cfg.trainer.accelerator == "gpu", name
         if "experiment=gpu_small" in overrides:
             assert list(cfg.seeds) == [0, 1, 2, 3, 4] and set(cfg.variants) >= {"sft", "prior_posterior"}
+
+
+def test_summarise_fidelity_averages_each_group_over_its_seeds(tmp_path, monkeypatch, capsys):
+    """benchmarks/summarise_fidelity.py (the README's v1 against Proxy-KD fidelity table): runs grouped by
+    their overrides other than the seed, each estimate averaged over the group's seeds."""
+    import runpy
+
+    def run(name: str, overrides: list[str], kl: float) -> Path:
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (folder / "fidelity.csv").write_text(
+            "estimate,kind,kl,kl_median,tv,topk_recall,positions\n"
+            f"posterior R=16,posterior,{kl},{kl / 2},0.5,0.25,100\n"
+        )
+        return folder
+
+    folders = [
+        run("a", ["alignment=lora", "seed=0"], 4.0),
+        run("b", ["alignment=lora", "seed=1", "run_group=x"], 6.0),
+        run("c", ["alignment=proxy_kd", "seed=0"], 3.0),
+    ]
+    monkeypatch.setattr(sys, "argv", ["summarise_fidelity.py", *map(str, folders)])
+    runpy.run_path(str(ROOT / "benchmarks" / "summarise_fidelity.py"), run_name="__main__")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "| alignment=lora | posterior R=16 | 2 | 5.000 ± 1.414 | 2.500 ± 0.707 |" in "\n".join(out)
+    assert "| alignment=proxy_kd | posterior R=16 | 1 | 3.000 ± 0.000 |" in "\n".join(out)
+    rows = json.loads(out[-1])["rows"]
+    assert [r["seeds"] for r in rows] == [["0", "1"], ["0"]]
