@@ -206,3 +206,35 @@ def test_bad_format_settings_are_refused_by_name():
         StoreFormat(probabilities="log8", floor=1e-3)
     with pytest.raises(ValueError, match=r"floor must be in \[0, 1\)"):
         StoreFormat(floor=1.5, ragged=True)
+
+
+def test_pipeline_variants_with_their_own_store_format_train_from_their_own_store(kdl_env, tiny_dir):
+    """variants.<name>.store_format / teacher_targets (experiment=store_formats): each variant's offline store
+    is built in its own format and its student reads that one; a sampled store is drawn per seed."""
+    import json
+
+    from tests.helpers.cli import artifacts, kdl
+
+    kdl(
+        "pipeline",
+        "experiment=tiny",
+        "teacher=local",
+        f"teacher.path={tiny_dir}",
+        "kd_target=offline_teacher",
+        "loss=[hard_ce,forward_kl]",
+        "trainer.max_steps=2",
+        "seeds=[0,1]",
+        "+store_format@variants.log8.store_format=log8",
+        "+variants.log8.loss=[hard_ce,forward_kl]",
+        "+estimator/teacher_targets@variants.sampled.teacher_targets=sampled",
+        "+store_format@variants.sampled.store_format=compact",
+        "variants.sampled.teacher_targets.k=4",
+        "+variants.sampled.loss=[hard_ce,forward_kl]",
+        env_dir=kdl_env,
+    )
+    metas = [json.loads((f / "meta.json").read_text()) for f in artifacts(kdl_env, "teacher_logits")]
+    formats = sorted(
+        (m["provenance"]["format"]["probabilities"], m["provenance"]["targets"].get("seed")) for m in metas
+    )
+    assert formats == [("counts", 0), ("counts", 1), ("log8", None)], formats
+    assert len(artifacts(kdl_env, "distill")) == 4

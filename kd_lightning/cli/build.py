@@ -248,7 +248,27 @@ def refuse_served_online(run: StudentRun) -> None:
             )
 
 
-VARIANT_KEYS = ("loss", "module", "init_from", "trainer", "proxy", "alignment", "seeds")
+VARIANT_KEYS = (
+    "loss", "module", "init_from", "trainer", "proxy", "alignment", "store_format", "teacher_targets", "seeds",
+)  # fmt: skip
+
+
+def variant_stores(cfg: DictConfig, spec: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """A variant's own ``store_format`` / ``teacher_targets`` (config nodes) as StageContext fields, with the
+    code fingerprints of the store stages under them (as ``stage_code`` computes them for a whole run)."""
+    settings: dict[str, Any] = {}
+    local = cfg.copy()
+    with open_dict(local):
+        if spec.get("store_format") is not None:
+            settings["store_format"] = instantiate(spec.store_format)
+            local.store_format = spec.store_format
+        if spec.get("teacher_targets") is not None:
+            settings["teacher_targets"] = instantiate(spec.teacher_targets)
+            local.estimator.teacher_targets = spec.teacher_targets
+    if not settings:
+        return {}, {}
+    code = stage_code(local)
+    return settings, {kind: code[kind] for kind in ("prior", "posterior", "teacher_logits")}
 
 
 def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
@@ -263,7 +283,7 @@ def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
 
 def variants(cfg: DictConfig) -> list[Variant]:
     """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
-    proxy, alignment, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed
+    proxy, alignment, store_format, teacher_targets, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed
     first).
 
     ``module`` is a module config node (an experiment composes one with a defaults entry such as
@@ -323,5 +343,9 @@ def variants(cfg: DictConfig) -> list[Variant]:
             alignment = None
             if spec.get("alignment") is not None:  # resolved under this seed, like the rest of the variant
                 alignment = (instantiate(spec.alignment), align_code(spec.alignment))
-            found.append(Variant(name, run, spec.get("init_from"), seed, proxy, alignment))
+            found.append(
+                Variant(
+                    name, run, spec.get("init_from"), seed, proxy, alignment, variant_stores(seeded, spec)
+                )
+            )
     return found

@@ -43,9 +43,13 @@ class Variant:
     seed: int | None = None
     proxy: tuple[str, bool] | None = None
     alignment: tuple[ProxyAlignment, str | None] | None = None
+    stores: tuple[Mapping[str, Any], Mapping[str, str]] = ({}, {})
+    """Stage-context fields this variant sets for its stores (``store_format``, ``teacher_targets``) and the
+    code fingerprints of the stages they change."""
 
     def context(self, ctx: StageContext) -> StageContext:
-        """The stage context this variant's stores come from (its proxy and alignment, if it has its own)."""
+        """The stage context this variant's stores come from (its proxy, alignment and store settings)."""
+        ctx = ctx.with_settings(*self.stores)
         if self.proxy is not None:
             ctx = ctx.with_proxy(*self.proxy)
         if self.alignment is not None:

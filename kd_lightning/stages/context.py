@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lightning import Trainer
 
@@ -96,6 +97,15 @@ class StageContext:
             return self
         other = replace(self, proxy_path=path, proxy_own_tokenizer=own_tokenizer)
         other._corpus = self._corpus
+        return other
+
+    def with_settings(self, settings: Mapping[str, Any], code: Mapping[str, str]) -> StageContext:
+        """This context with some fields replaced (a pipeline variant's ``store_format``, ``teacher_targets``)
+        and the code fingerprints of the stages they change; it shares the tokenised corpus and proxy."""
+        if not settings:
+            return self
+        other = replace(self, **settings, code={**self.code, **code})
+        other._corpus, other._proxy_tokenizer = self._corpus, self._proxy_tokenizer
         return other
 
     def with_alignment(self, alignment: ProxyAlignment, code: str | None) -> StageContext:
