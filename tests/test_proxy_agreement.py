@@ -134,23 +134,28 @@ def test_kdl_trains_a_student_with_proxy_kd_weights(kdl_env):
 
 def test_pipeline_variants_with_their_own_alignment_read_their_own_proxy(kdl_env):
     """variants.<name>.alignment (Proxy-KD's SFT + DPO beside v1's SFT): each variant's posterior and agreement
-    stores come from its own aligned proxy, and the proxy table has one row per alignment (plus one before)."""
+    stores come from its own aligned proxy, and the proxy table has one row per alignment (plus one before),
+    each named for this run even when its figures come from an earlier run's cache."""
+    v1 = [
+        "+alignment@variants.v1.alignment=sft",
+        "+variants.v1.loss=[hard_ce,posterior_kl]",
+        "loss.posterior_kl.weighting=proxy_agreement",
+    ]
+    kdl("pipeline", "experiment=tiny", "trainer.max_steps=2", *v1, env_dir=kdl_env)  # its proxy: "proxy"
     done = kdl(
         "pipeline",
         "experiment=tiny",
         "trainer.max_steps=2",
         "+variants.sft=[hard_ce]",
-        "+alignment@variants.v1.alignment=sft",
-        "+variants.v1.loss=[hard_ce,posterior_kl]",
+        *v1,
         "+alignment@variants.other.alignment=sft",
         "variants.other.alignment.learning_rate=1e-2",
         "+variants.other.loss=[hard_ce,posterior_kl]",
-        "loss.posterior_kl.weighting=proxy_agreement",
         env_dir=kdl_env,
     )
     assert len(artifacts(kdl_env, "align")) == 2 and len(artifacts(kdl_env, "posterior")) == 2
     assert len(artifacts(kdl_env, "proxy_agreement")) == 2 and len(artifacts(kdl_env, "distill")) == 3
-    result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
+    result = json.loads(sorted((kdl_env / "outputs").rglob("pipeline_result.json"))[-1].read_text())
     proxies = [row["name"] for row in result["rows"] if str(row.get("name", "")).startswith("proxy")]
     assert len(proxies) == 3 and sum("before alignment" in name for name in proxies) == 1, proxies
     assert (

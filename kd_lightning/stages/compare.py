@@ -83,13 +83,11 @@ def proxy_rows(ctx: StageContext, label: str = "proxy", before: str | None = "pr
     if before is not None:
         identity = model_identity(ctx.proxy_path)
         name = f"{before} (before alignment{suffix})"
-        rows.append(
-            proxy_heldout(ctx.workspace, corpus, name, identity, lambda: ctx.proxy_path, code, heldout)
-        )
+        row = proxy_heldout(ctx.workspace, corpus, name, identity, lambda: ctx.proxy_path, code, heldout)
+        rows.append({**row, "name": name})  # a cached row keeps the name it was first computed under
     aligned = f"{label} (aligned{suffix})"
-    rows.append(
-        proxy_heldout(ctx.workspace, corpus, aligned, proxy_key(ctx), lambda: align(ctx), code, heldout)
-    )
+    row = proxy_heldout(ctx.workspace, corpus, aligned, proxy_key(ctx), lambda: align(ctx), code, heldout)
+    rows.append({**row, "name": aligned})
     return rows
 
 
