@@ -33,20 +33,6 @@ from kd_lightning.models.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_KINDS = (
-    "corpus",
-    "prior",
-    "align",
-    "posterior",
-    "proxy_agreement",
-    "teacher_logits",
-    "teacher_logprobs",
-    "distill",
-    "eval",
-)
-"""The cached artifact kinds, named as their folders under the artifacts root (``rebuild=[...]`` takes them)."""
-
-
 T = TypeVar("T")
 
 TRAINING_ARTIFACT_ENV = "KDL_TRAINING_ARTIFACT"
@@ -135,7 +121,8 @@ class Workspace:
 
     Args:
         root: the artifacts folder.
-        rebuild: artifact kinds (:data:`ARTIFACT_KINDS`) to build afresh even when cached, once per process.
+        rebuild: artifact kinds to build afresh even when cached, once per process (the CLI checks the names
+            against :data:`kd_lightning.stages.registry.KINDS`).
     """
 
     root: Path
@@ -143,12 +130,6 @@ class Workspace:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        unknown = sorted(set(self.rebuild) - set(ARTIFACT_KINDS))
-        if unknown:
-            raise ValueError(
-                f"rebuild={sorted(self.rebuild)}: unknown artifact kind {unknown[0]!r}; "
-                f"choose from {list(ARTIFACT_KINDS)}"
-            )
         self.rebuild = frozenset(self.rebuild)
 
     def path(self, kind: str, key: str) -> Path:

@@ -4,10 +4,14 @@ modules, one atomic writer, one cached-artifact mechanism, and modules built by 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
 import pytest
+
+from kd_lightning.cli.main import STAGE_FUNCTIONS
+from kd_lightning.stages.registry import ARTIFACTS, KINDS, STORES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kd_lightning"
 
@@ -160,3 +164,23 @@ def test_no_test_module_imports_another():
                     f"{path.name}: tests.{a.name}" for a in node.names if a.name.startswith("test_")
                 ]
     assert not offenders, offenders
+
+
+def test_every_cached_artifact_kind_has_its_one_registry_entry():
+    """Each ``Workspace.cached("<kind>", ...)`` in the package names a kind of stages/registry.py, and each
+    entry is real: its builder modules import, its store is read through ``stores_for``, its stage is a
+    ``kdl`` stage. No other module lists the kinds (the registry is the one place to add one)."""
+    used = set()
+    for name in sources():
+        text = (PACKAGE / name).read_text()
+        used |= set(re.findall(r"\.cached\(\s*\"(\w+)\"", text))
+    assert used and used <= set(KINDS), sorted(used - set(KINDS))
+    for kind in ARTIFACTS:
+        for module in kind.code:
+            importlib.import_module(module)
+        assert kind.cli_stage is None or kind.cli_stage in STAGE_FUNCTIONS, kind
+        assert (kind.store is None) == (kind.build is None), kind
+    assert set(STORES) == {"prior", "posterior", "proxy_agreement", "offline_teacher", "teacher_logprobs"}
+    listing = re.compile(r"\(\s*\"corpus\",\s*\"prior\",|\"teacher_logprobs\":\s*\(")
+    lists = [n for n in sources() if n != "stages/registry.py" and listing.search((PACKAGE / n).read_text())]
+    assert not lists, f"artifact kinds listed outside stages/registry.py: {lists}"

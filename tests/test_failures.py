@@ -220,6 +220,14 @@ def printed_hints() -> list[str]:
     return sorted(found)
 
 
+def test_an_unknown_rebuild_kind_names_the_registered_kinds(kdl_env):
+    done = kdl("prior", *TINY, "rebuild=[priors]", env_dir=kdl_env, check=False)
+    line = last_line(done)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "unknown artifact kind 'priors'; choose from ['corpus', 'prior', 'align'," in line, line
+    assert not artifacts(kdl_env, "prior")  # refused before anything is built
+
+
 def test_every_override_a_message_suggests_composes_as_printed(kdl_env):
     from tests.helpers.configs import compose_cfg
 

@@ -116,7 +116,7 @@ def TeacherTextDataModule_for(cfg):
     from hydra.utils import instantiate
 
     from kd_lightning.cli.build import build_context
-    from kd_lightning.stages.estimate import stores_for
+    from kd_lightning.stages.registry import stores_for
 
     ctx = build_context(cfg)
     corpus = ctx.corpus()

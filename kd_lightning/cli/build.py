@@ -21,20 +21,8 @@ from kd_lightning.losses.terms import DivergenceTerm, LossTerm
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.stages.compare import Variant
 from kd_lightning.stages.context import NamedTeacher, StageContext
+from kd_lightning.stages.registry import ARTIFACTS, KINDS, check_rebuild
 from kd_lightning.stages.train import StudentRun
-
-BUILDERS: dict[str, tuple[str, ...]] = {
-    "corpus": ("kd_lightning.data.corpus",),
-    "prior": ("kd_lightning.estimation.stores",),
-    "align": ("kd_lightning.modules.alignment",),
-    "posterior": ("kd_lightning.estimation.stores",),
-    "proxy_agreement": ("kd_lightning.estimation.stores",),
-    "teacher_logits": ("kd_lightning.estimation.stores",),
-    "teacher_logprobs": ("kd_lightning.estimation.stores", "kd_lightning.generation.logprobs"),
-    "distill": ("kd_lightning.stages.train", "kd_lightning.modules.training"),
-    "eval": ("kd_lightning.evaluation.results",),
-}
-"""Per artifact kind, the modules whose code builds it (their import closure joins its code fingerprint)."""
 
 log = logging.getLogger(__name__)
 
@@ -63,34 +51,31 @@ def model_path(node: Any) -> str:
     return str(instantiate(node) if OmegaConf.is_config(node) else node)
 
 
+def kind_code(kind: str, nodes: list[Any] | tuple[Any, ...] = ()) -> str:
+    """The code fingerprint of an artifact kind: its builder modules plus the ``_target_``s of ``nodes``."""
+    targets = [t for node in nodes for t in targets_in(resolved(node))]
+    return code_fingerprint([*KINDS[kind].code, *targets])
+
+
 def align_code(alignment: Any) -> str:
     """The code fingerprint of a proxy alignment (its builder and the config's ``_target_``s, e.g. DPO's)."""
-    return code_fingerprint([*BUILDERS["align"], *targets_in(resolved(alignment))])
+    return kind_code("align", [alignment])
 
 
 def stage_code(cfg: DictConfig) -> dict[str, str]:
-    """Per artifact kind, the fingerprint of the code that builds it: builders + the config's ``_target_``s."""
-
-    def of(kind: str, *nodes: Any) -> str:
-        targets = [t for node in nodes for t in targets_in(resolved(node))]
-        return code_fingerprint([*BUILDERS[kind], *targets])
-
+    """Per artifact kind built from the run's config (all but trained students, keyed by
+    :func:`student_settings`), its code fingerprint: builders + the ``_target_``s of its config entries."""
     return {
-        "corpus": of("corpus", cfg.data),
-        "prior": of("prior", cfg.estimator.prior, cfg.get("store_format")),
-        "align": align_code(cfg.alignment),
-        "posterior": of("posterior", cfg.estimator.prior, cfg.estimator.posterior, cfg.get("store_format")),
-        "proxy_agreement": of("proxy_agreement", cfg.estimator.posterior),
-        "teacher_logits": of("teacher_logits", cfg.estimator.teacher_targets, cfg.get("store_format")),
-        "teacher_logprobs": of("teacher_logprobs"),
-        "eval": of("eval", cfg.evaluation),
+        kind.name: kind_code(kind.name, [OmegaConf.select(cfg, entry) for entry in kind.config])
+        for kind in ARTIFACTS
+        if kind.name != "distill"
     }
 
 
 def build_context(cfg: DictConfig) -> StageContext:
     """The StageContext of a run: workspace, corpus spec, estimators, model paths, trainer factory, code."""
     return StageContext(
-        workspace=Workspace(cfg.paths.artifacts_dir, rebuild=frozenset(cfg.get("rebuild") or [])),
+        workspace=Workspace(cfg.paths.artifacts_dir, rebuild=check_rebuild(cfg.get("rebuild") or [])),
         tokenizer_path=str(cfg.tokenizer.path),
         corpus_spec=instantiate(cfg.data),
         prior_estimator=instantiate(cfg.estimator.prior),
@@ -190,7 +175,7 @@ def student_settings(cfg: DictConfig, terms: list[str], module: Any, runs_teache
     settings["callbacks"] = {k: v for k, v in callbacks.items() if k not in RESULT_NEUTRAL_CALLBACKS}
     settings["teacher"] = resolved(cfg.get("teacher")) if runs_teacher else None
     # the code that trains the student: builders, the module class and every _target_ it instantiates
-    settings["code"] = code_fingerprint([*BUILDERS["distill"], *targets_in(settings)])
+    settings["code"] = kind_code("distill", [settings])
     return settings
 
 
@@ -268,7 +253,11 @@ def variant_stores(cfg: DictConfig, spec: DictConfig) -> tuple[dict[str, Any], d
     if not settings:
         return {}, {}
     code = stage_code(local)
-    return settings, {kind: code[kind] for kind in ("prior", "posterior", "teacher_logits")}
+    return settings, {
+        kind.name: code[kind.name]
+        for kind in ARTIFACTS
+        if {"store_format", "estimator.teacher_targets"} & set(kind.config)
+    }
 
 
 def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:

@@ -212,36 +212,6 @@ def teacher_logprobs(ctx: StageContext) -> SoftLabelStore:
     )
 
 
-STORES = {
-    "prior": prior,
-    "posterior": posterior,
-    "proxy_agreement": proxy_agreement,
-    "offline_teacher": offline_teacher,
-    "teacher_logprobs": teacher_logprobs,
-}
-"""Soft-label store name (what a loss term's ``soft_labels`` says) → the stage that builds it."""
-
-
-def stores_for(ctx: StageContext, names: tuple[str, ...]) -> dict[str, SoftLabelStore | MixedStore]:
-    """The store each soft-label name reads: a stage's (``prior`` ...), ``teacher:<name>`` (one of several
-    teachers) or ``teacher_mixture`` (all of them)."""
-    unknown = [
-        n for n in names if n not in STORES and n != "teacher_mixture" and not n.startswith("teacher:")
-    ]
-    if unknown:
-        known = [*sorted(STORES), "teacher:<name>", "teacher_mixture"]
-        raise KeyError(f"no estimation stage produces soft labels {unknown[0]!r}; known: {known}")
-    found: dict[str, SoftLabelStore | MixedStore] = {}
-    for name in names:
-        if name == "teacher_mixture":
-            found[name] = teacher_mixture(ctx)
-        elif name.startswith("teacher:"):
-            found[name] = named_teacher(ctx, name.removeprefix("teacher:"))
-        else:
-            found[name] = STORES[name](ctx)
-    return found
-
-
 def run_prior(ctx: StageContext) -> dict[str, Any]:
     store = prior(ctx)
     return {"prior": str(store.folder), **summarize_store(store)}

@@ -23,7 +23,7 @@ from kd_lightning.modules.base import StudentModule
 from kd_lightning.modules.served_teacher import ServedTeacherRows
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
-from kd_lightning.stages.estimate import stores_for
+from kd_lightning.stages.registry import stores_for
 from kd_lightning.stages.teacher_plan import TeacherPlan
 
 log = logging.getLogger(__name__)
