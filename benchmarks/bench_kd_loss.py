@@ -32,7 +32,7 @@ def run_variant(variant: str, rows: int, chunk: int, device: str) -> dict:
     from torch import nn
 
     from kd_lightning.data.batch import PositionBatch, SoftLabels
-    from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+    from kd_lightning.losses import ForwardKL, HardCrossEntropy
     from kd_lightning.losses.chunked import chunked_terms
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def run_variant(variant: str, rows: int, chunk: int, device: str) -> dict:
     ids = torch.randint(0, VOCAB, (1, rows, TOPK), device=device)
     prior = SoftLabels(ids, probs, torch.full((1, rows), 0.1, device=device))
     batch = PositionBatch(torch.randint(0, VOCAB, (1, rows), device=device), {"prior": prior})
-    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")}
+    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior")}
 
     def step() -> float:
         head.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ import torch
 from _isolated import parse_args
 
 from kd_lightning.data.batch import SoftLabels, TextBatch
-from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.modules.distill import DistillModule
 
@@ -80,11 +80,11 @@ def main() -> None:
     batch = make_batch(int(student.config.vocab_size), args.batch, args.seq)
     variants = {
         "sft": {"hard_ce": HardCrossEntropy()},
-        "kd_prior": {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
+        "kd_prior": {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior")},
         "kd_prior_posterior": {
             "hard_ce": HardCrossEntropy(),
-            "prior_kl": SoftLabelKL("prior"),
-            "posterior_kl": SoftLabelKL("posterior"),
+            "prior_kl": ForwardKL("prior"),
+            "posterior_kl": ForwardKL("posterior"),
         },
     }
     modules, optimizers = {}, {}

@@ -10,7 +10,7 @@ from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.soft_labels import write_store
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
-from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.losses.divergences import sparse_target_kl
 from kd_lightning.losses.functional import IGNORE_INDEX, hard_cross_entropy
 from kd_lightning.models.builders import tiny_llama
@@ -33,7 +33,7 @@ def test_packed_target_positions_equal_full_logits(tiny_dir, tmp_path):
     student = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     module = DistillModule(
         student,
-        {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
+        {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior")},
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )
     logits, packed = module.student_logits(batch)
@@ -102,7 +102,7 @@ def test_student_is_put_in_train_mode_and_optimizer_covers_only_trainable_params
 
 def test_training_step_with_loss_chunks_equals_plain(tiny_dir, tmp_path):
     tok, batch = setup(tiny_dir, tmp_path)
-    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior", weight=0.5)}
+    terms = {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior", weight=0.5)}
     grads = []
     for chunk in (None, 5):
         student = tiny_llama(

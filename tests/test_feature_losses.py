@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from kd_lightning.data.batch import PositionBatch
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.tokenized import tokenize_records
@@ -24,6 +25,7 @@ from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
+from tests.helpers.batches import position_batch
 from tests.helpers.configs import compose_cfg
 from tests.helpers.losses import FEATURE_FILES, configured_term
 from tests.helpers.training import fit_one_batch
@@ -65,7 +67,7 @@ def test_non_negative_finite_and_grads_reach_only_the_student(name):
     batch = make_batch(term)
     for t in term.teacher_layers:
         batch[f"teacher_hidden_{t}"].requires_grad_(True)
-    value = term(None, batch)
+    value = term(None, position_batch(batch))
     assert torch.isfinite(value) and value >= 0
     value.backward()
     s, t = term.pairs[0]
@@ -75,7 +77,7 @@ def test_non_negative_finite_and_grads_reach_only_the_student(name):
 
 def test_zero_when_student_equals_teacher(name):
     term = bound(name)
-    assert term(None, make_batch(term, same=True)).abs() < 1e-6
+    assert term(None, position_batch(make_batch(term, same=True))).abs() < 1e-6
 
 
 def test_masked_positions_have_no_effect(name):
@@ -84,14 +86,14 @@ def test_masked_positions_have_no_effect(name):
     changed = {k: v.detach().clone() for k, v in batch.items()}
     for s, _ in term.pairs:
         changed[f"student_hidden_{s}"][0, :2] = 1e3
-    torch.testing.assert_close(term(None, batch), term(None, changed))
+    torch.testing.assert_close(term(None, position_batch(batch)), term(None, position_batch(changed)))
 
 
 def test_all_masked_is_finite_zero(name):
     term = bound(name)
     batch = make_batch(term)
     batch["target_ids"][:] = IGNORE_INDEX
-    value = term(None, batch)
+    value = term(None, position_batch(batch))
     assert value.item() == 0.0
     value.backward()
     s, _ = term.pairs[0]
@@ -102,8 +104,10 @@ def test_micro_batch_split_invariance(name):
     term = bound(name)
     batch = {k: v.detach() for k, v in make_batch(term).items()}
     counts = (batch["target_ids"] != IGNORE_INDEX).sum(1)
-    whole = term(None, batch) * counts.sum()
-    parts = sum(term(None, {k: v[i : i + 1] for k, v in batch.items()}) * counts[i] for i in range(B))
+    whole = term(None, position_batch(batch)) * counts.sum()
+    parts = sum(
+        term(None, position_batch({k: v[i : i + 1] for k, v in batch.items()})) * counts[i] for i in range(B)
+    )
     torch.testing.assert_close(whole, parts, atol=1e-5, rtol=1e-5)
 
 
@@ -112,14 +116,14 @@ def test_bf16_hidden_states_are_upcast(name):
     batch = {k: v.detach() for k, v in make_batch(term).items()}
     low = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
     rounded = {k: v.float() if v.is_floating_point() else v for k, v in low.items()}
-    torch.testing.assert_close(term(None, low), term(None, rounded))
+    torch.testing.assert_close(term(None, position_batch(low)), term(None, position_batch(rounded)))
 
 
 def test_projection_is_learned_when_widths_differ(name):
     term = bound(name, student_width=6, teacher_width=8)
     assert len(term.projections) == len(term.student_layers)
     batch = make_batch(term, student_width=6)
-    term(None, batch).backward()
+    term(None, position_batch(batch)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in term.projections.parameters())
     with pytest.raises(ValueError, match="projection=auto"):
         HiddenStateLoss(projection="never").setup(fake_model(6), fake_model(8))
@@ -132,7 +136,7 @@ def test_layer_indices_are_checked_and_negative_ones_resolved():
     with pytest.raises(ValueError, match="student layer 3 is out of range"):
         HiddenStateLoss(layer_map=[[3, 1]]).setup(fake_model(8, layers=2), fake_model(8))
     with pytest.raises(RuntimeError, match="online teacher"):
-        HiddenStateLoss()(None, {"target_ids": torch.zeros(1, 2, dtype=torch.long)})
+        HiddenStateLoss()(None, PositionBatch(torch.zeros(1, 2, dtype=torch.long)))
 
 
 def test_functional_forms():
@@ -203,7 +207,7 @@ def test_feature_term_without_a_teacher_is_a_clear_error(tiny_dir):
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )
     with pytest.raises(RuntimeError, match="online teacher"):
-        module.loss_terms["feat"](None, {"target_ids": torch.zeros(1, 2, dtype=torch.long)})
+        module.loss_terms["feat"](None, PositionBatch(torch.zeros(1, 2, dtype=torch.long)))
 
 
 def test_distilbert_recipe_sets_the_paper_weights(kdl_env):

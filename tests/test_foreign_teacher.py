@@ -29,6 +29,7 @@ from kd_lightning.losses import ForwardKL, GoldHybrid, HardCrossEntropy, Univers
 from kd_lightning.models.builders import tiny_llama
 from kd_lightning.modules.foreign_teacher import ForeignTeacherDistillModule
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
+from tests.helpers.batches import position_batch
 from tests.helpers.tokenizers import RECORDS, byte_fallback_tokenizer, byte_level_tokenizer, random_texts
 
 
@@ -134,19 +135,19 @@ def test_gold_hybrid_against_a_real_match():
     q_rest = torch.nn.functional.pad(q[:, [1, 4]].sort(-1, descending=True).values, (0, 1))
     uld_part = (q_rest - p[:, [2, 3, 5]].sort(-1, descending=True).values).abs().sum(-1)
     expected = (3 / 6 * kl + 3 / 6 * uld_part).mean()
-    torch.testing.assert_close(term(student, batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(term(student, position_batch(batch)), expected, atol=1e-5, rtol=1e-5)
     fixed = GoldHybrid(beta=0.0, matched_weight=1.0, unmatched_weight=0.0)
     fixed.set_vocabulary_match(match)
-    torch.testing.assert_close(fixed(student, batch), kl.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed(student, position_batch(batch)), kl.mean(), atol=1e-5, rtol=1e-5)
     # a sparse store with every teacher id equals the dense teacher
     probs, ids = torch.softmax(teacher, -1).sort(-1, descending=True)
     sparse = {"target_ids": batch["target_ids"], "teacher_ids": ids, "teacher_probs": probs}
     sparse["teacher_tail"] = torch.zeros(1, 3)
-    torch.testing.assert_close(term(student, sparse), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(term(student, position_batch(sparse)), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="both"):
         GoldHybrid(matched_weight=0.5)
     with pytest.raises(ValueError, match="vocabulary match"):
-        GoldHybrid()(student, batch)
+        GoldHybrid()(student, position_batch(batch))
 
 
 def foreign_setup(student_tok, teacher_tok, terms, **settings):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_lightning.losses import ForwardKL, GeneralizedJSD, HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, GeneralizedJSD, HardCrossEntropy
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
+from tests.helpers.batches import position_batch
 
 N, V, K = 14, 40, 6
 
@@ -30,13 +31,13 @@ def make_batch(seed=0, k=K):
 
 
 COMBOS = {
-    "ce+prior": {"ce": HardCrossEntropy(), "prior": SoftLabelKL("prior", weight=0.5)},
+    "ce+prior": {"ce": HardCrossEntropy(), "prior": ForwardKL("prior", weight=0.5)},
     "ce+prior+posterior": {
         "ce": HardCrossEntropy(weight=1.0),
-        "prior": SoftLabelKL("prior", weight=0.7),
+        "prior": ForwardKL("prior", weight=0.7),
         "post": ForwardKL("posterior", weight=0.3),
     },
-    "prior+posterior": {"prior": SoftLabelKL("prior"), "post": SoftLabelKL("posterior")},
+    "prior+posterior": {"prior": ForwardKL("prior"), "post": ForwardKL("posterior")},
 }
 
 
@@ -51,8 +52,8 @@ def test_values_and_gradients_equal_the_separate_terms(combo, dtype):
     logits = (torch.randn(1, N, V) * 3).to(dtype)
     logits[0, 2:, -2:] = float("-inf")  # a masked vocabulary slice
     logits.requires_grad_(True)
-    plain = {n: t(logits, batch) for n, t in terms.items()}
-    fused = fused_sparse_terms(logits, terms, batch)
+    plain = {n: t(logits, position_batch(batch)) for n, t in terms.items()}
+    fused = fused_sparse_terms(logits, terms, position_batch(batch))
     for n in terms:
         torch.testing.assert_close(fused[n], plain[n], atol=1e-5, rtol=1e-5, msg=n)
     (g_plain,) = torch.autograd.grad(total(plain, terms), logits)
@@ -67,7 +68,7 @@ def test_all_masked_is_finite_zero():
     terms, batch = COMBOS["ce+prior+posterior"], make_batch()
     batch["target_ids"][:] = IGNORE_INDEX
     logits = torch.randn(1, N, V, requires_grad=True)
-    fused = fused_sparse_terms(logits, terms, batch)
+    fused = fused_sparse_terms(logits, terms, position_batch(batch))
     assert all(v.item() == 0.0 for v in fused.values())
     (grad,) = torch.autograd.grad(total(fused, terms), logits)
     assert (grad == 0).all()
@@ -75,12 +76,16 @@ def test_all_masked_is_finite_zero():
 
 def test_only_exact_forward_kls_at_unit_temperature_on_sparse_targets_fuse():
     batch = make_batch()
-    assert fusable(HardCrossEntropy(), batch, V)
-    assert fusable(SoftLabelKL("prior"), batch, V)
-    assert not fusable(SoftLabelKL("prior", distill_temperature=2.0), batch, V)
-    assert not fusable(GeneralizedJSD("prior"), batch, V)
-    assert not fusable(ForwardKL("teacher"), {**batch, "teacher_logits": torch.randn(1, N, V)}, V)
-    assert not fusable(SoftLabelKL("prior"), make_batch(k=V), V)  # every id stored: the plain path
+    assert fusable(HardCrossEntropy(), position_batch(batch), V)
+    assert fusable(ForwardKL("prior"), position_batch(batch), V)
+    assert not fusable(ForwardKL("prior", distill_temperature=2.0), position_batch(batch), V)
+    assert not fusable(GeneralizedJSD("prior"), position_batch(batch), V)
+    assert not fusable(
+        ForwardKL("teacher"), position_batch({**batch, "teacher_logits": torch.randn(1, N, V)}), V
+    )
+    assert not fusable(
+        ForwardKL("prior"), position_batch(make_batch(k=V)), V
+    )  # every id stored: the plain path
 
 
 def test_chunked_fused_equals_plain():
@@ -88,8 +93,8 @@ def test_chunked_fused_equals_plain():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, V, bias=False)
     hidden = torch.randn(N, 8, requires_grad=True)
-    plain = {n: t(head(hidden).unsqueeze(0), batch) for n, t in terms.items()}
-    chunked = chunked_terms(hidden, head, terms, batch, chunk_size=5, fuse=True)
+    plain = {n: t(head(hidden).unsqueeze(0), position_batch(batch)) for n, t in terms.items()}
+    chunked = chunked_terms(hidden, head, terms, position_batch(batch), chunk_size=5, fuse=True)
     for n in terms:
         torch.testing.assert_close(chunked[n], plain[n], atol=1e-5, rtol=1e-5)
     g_plain = torch.autograd.grad(total(plain, terms), [hidden, head.weight])
@@ -114,7 +119,7 @@ def test_fused_linear_path_gradients_for_any_combination_of_the_values(bias, com
         n: (3.0 * t.weight if combine == "weights" else float(i + 1) ** 2)
         for i, (n, t) in enumerate(terms.items())
     }
-    plain = {n: t(head(hidden).unsqueeze(0), batch) for n, t in terms.items()}
+    plain = {n: t(head(hidden).unsqueeze(0), position_batch(batch)) for n, t in terms.items()}
     g_plain = torch.autograd.grad(sum(coef[n] * v for n, v in plain.items()), params)
     calls = {"passes": 0}
     original = chunked._linear_sparse_pass
@@ -125,7 +130,7 @@ def test_fused_linear_path_gradients_for_any_combination_of_the_values(bias, com
 
     chunked._linear_sparse_pass = counted
     try:
-        values = chunked_terms(hidden, head, terms, batch, chunk_size=4, fuse=True)
+        values = chunked_terms(hidden, head, terms, position_batch(batch), chunk_size=4, fuse=True)
         g_fused = torch.autograd.grad(sum(coef[n] * v for n, v in values.items()), params)
     finally:
         chunked._linear_sparse_pass = original

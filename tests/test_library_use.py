@@ -14,18 +14,20 @@ import pytest
 import torch
 
 from kd_lightning.code_fingerprint import code_closure, code_fingerprint, targets_in
+from kd_lightning.data.batch import BatchFormWarning, PositionBatch, SoftLabels
 from kd_lightning.data.soft_labels import SparseRows
 from kd_lightning.environment import drop_blank_environment, env_setting
-from kd_lightning.losses import ForwardKL, HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.divergences import kl_buckets
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
-from kd_lightning.losses.terms import DivergenceTerm
+from kd_lightning.losses.terms import DivergenceTerm, LossTerm
 from kd_lightning.models.hub import resolve_model_path
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.models.shipped import AssetError
 from kd_lightning.modules.distill import DistillModule
+from tests.helpers.batches import position_batch
 
 N, V, K = 12, 30, 5
 
@@ -69,16 +71,50 @@ def sparse_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+class KeyFormPriorKL(LossTerm):
+    """A user's term of an earlier release: it reads the batch in the key form (``batch["prior_ids"]``)."""
+
+    def forward(self, student_logits, batch):
+        rows = PositionBatch(
+            batch["target_ids"],
+            {"prior": SoftLabels(batch["prior_ids"], batch["prior_probs"], batch["prior_tail"])},
+        )
+        return ForwardKL("prior")(student_logits, rows)
+
+
+def test_a_term_of_an_earlier_release_still_runs_for_one_release_and_is_told_the_typed_field():
+    batch, logits = position_batch(sparse_batch()), torch.randn(1, N, V)
+    with pytest.warns(BatchFormWarning) as told:
+        value = KeyFormPriorKL()(logits, batch)
+    assert {str(w.message) for w in told} == {
+        f'batch["{key}"] is deprecated and goes in the next release; read {typed}'
+        for key, typed in [
+            ("target_ids", "batch.target_ids"),
+            ("prior_ids", "batch.soft_labels['prior'].ids"),
+            ("prior_probs", "batch.soft_labels['prior'].probs"),
+            ("prior_tail", "batch.soft_labels['prior'].tail"),
+        ]
+    }
+    torch.testing.assert_close(value, ForwardKL("prior")(logits, batch))
+    with pytest.warns(BatchFormWarning, match=r"called with a dict of batch fields.*from_fields"):
+        from_dict = ForwardKL("prior")(logits, sparse_batch())
+    torch.testing.assert_close(from_dict, value)
+    with pytest.raises(TypeError, match=r"takes a PositionBatch.*got tuple"):
+        ForwardKL("prior")(logits, (batch,))
+    with pytest.raises(KeyError, match="no such field"):
+        batch["posterior_ids"]
+
+
 def test_fast_path_flags_are_declared_by_the_code_not_inherited_past_an_override():
     assert HardCrossEntropy().fused_kind() == "hard_ce" and HardCrossEntropy().can_chunk()
-    assert SoftLabelKL("prior").fused_kind() == "forward_kl" and SoftLabelKL("prior").can_chunk()
+    assert ForwardKL("prior").fused_kind() == "forward_kl" and ForwardKL("prior").can_chunk()
     assert ScaledForwardKL("prior").fused_kind() is None and not ScaledForwardKL("prior").can_chunk()
     assert PerPositionOnly("prior").fused_kind() is None and PerPositionOnly("prior").can_chunk()
     assert RedeclaredForwardKL("prior").fused_kind() == "forward_kl"
     batch = sparse_batch()
-    assert not fusable(ScaledForwardKL("prior"), batch, V)
+    assert not fusable(ScaledForwardKL("prior"), position_batch(batch), V)
     with pytest.raises(ValueError, match="do not declare a fused form"):
-        fused_sparse_terms(torch.randn(1, N, V), {"x": ScaledForwardKL("prior")}, batch)
+        fused_sparse_terms(torch.randn(1, N, V), {"x": ScaledForwardKL("prior")}, position_batch(batch))
 
 
 def test_a_subclass_overriding_forward_runs_as_written_through_distill_module():
@@ -88,16 +124,17 @@ def test_a_subclass_overriding_forward_runs_as_written_through_distill_module():
     module = DistillModule(student, terms, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     batch = sparse_batch()
     logits = torch.randn(1, N, V, requires_grad=True)
-    values = module.compute_terms(logits, batch)
-    expected = ScaledForwardKL("prior")(logits, batch)
+    values = module.compute_terms(logits, position_batch(batch))
+    expected = ScaledForwardKL("prior")(logits, position_batch(batch))
     torch.testing.assert_close(values["prior_kl"][1], expected)
-    torch.testing.assert_close(values["hard_ce"][1], HardCrossEntropy()(logits, batch))
-    # the same pair with the plain SoftLabelKL is fused, and still equal to the separate terms
-    plain = {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior", weight=0.5)}
+    torch.testing.assert_close(values["hard_ce"][1], HardCrossEntropy()(logits, position_batch(batch)))
+    # the same pair with the plain ForwardKL is fused, and still equal to the separate terms
+    plain = {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior", weight=0.5)}
     fused_module = DistillModule(student, plain, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
-    assert set(fused_module.fused_values(logits, batch)) == {"hard_ce", "prior_kl"}
+    assert set(fused_module.fused_values(logits, position_batch(batch))) == {"hard_ce", "prior_kl"}
     torch.testing.assert_close(
-        fused_module.compute_terms(logits, batch)["prior_kl"][1], SoftLabelKL("prior")(logits, batch)
+        fused_module.compute_terms(logits, position_batch(batch))["prior_kl"][1],
+        ForwardKL("prior")(logits, position_batch(batch)),
     )
 
 
@@ -107,8 +144,8 @@ def test_the_chunked_path_runs_an_undeclared_term_whole_and_equal():
     hidden = torch.randn(N, 8, requires_grad=True)
     batch = sparse_batch(1)
     terms = {"ce": HardCrossEntropy(), "scaled": ScaledForwardKL("prior"), "sym": PerPositionOnly("prior")}
-    plain = {name: term(head(hidden).unsqueeze(0), batch) for name, term in terms.items()}
-    chunked = chunked_terms(hidden, head, terms, batch, chunk_size=5, fuse=True)
+    plain = {name: term(head(hidden).unsqueeze(0), position_batch(batch)) for name, term in terms.items()}
+    chunked = chunked_terms(hidden, head, terms, position_batch(batch), chunk_size=5, fuse=True)
     for name in terms:
         torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=1e-5, msg=name)
     (g_plain,) = torch.autograd.grad(sum(plain.values()), hidden)

@@ -35,6 +35,7 @@ from kd_lightning.losses import (
 )
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.terms import AGREEMENT_STORE, DivergenceTerm
+from tests.helpers.batches import position_batch
 from tests.helpers.losses import (
     CASES,
     DIVERGENCE_FILES,
@@ -92,7 +93,7 @@ def case(request, kdl_env):
 def test_never_negative_finite_with_finite_grads(case):
     term, k = case
     logits = torch.randn(B, T, V, requires_grad=True)
-    value = term(logits, make_batch(k=k))
+    value = term(logits, position_batch(make_batch(k=k)))
     assert torch.isfinite(value) and value >= -1e-6
     value.backward()
     assert torch.isfinite(logits.grad).all()
@@ -113,7 +114,7 @@ def test_divergence_is_zero_when_student_equals_target(name, form, kdl_env):
         top, ids = batch["teacher_logits"].topk(k, dim=-1)
         flat = torch.full_like(batch["teacher_logits"], float(top.min()) - 1.0).scatter(-1, ids, top)
         batch = make_batch(teacher_logits=flat, k=k)
-    assert term(batch["teacher_logits"].clone(), batch).abs() < 1e-5
+    assert term(batch["teacher_logits"].clone(), position_batch(batch)).abs() < 1e-5
 
 
 def test_masked_positions_have_no_effect(case):
@@ -122,7 +123,7 @@ def test_masked_positions_have_no_effect(case):
     logits = torch.randn(B, T, V)
     changed = logits.clone()
     changed[0, :2] = torch.randn(2, V) * 30
-    torch.testing.assert_close(term(logits, batch), term(changed, batch))
+    torch.testing.assert_close(term(logits, position_batch(batch)), term(changed, position_batch(batch)))
 
 
 def test_all_masked_is_finite_zero_with_finite_grads(case):
@@ -130,7 +131,7 @@ def test_all_masked_is_finite_zero_with_finite_grads(case):
     batch = make_batch(k=k)
     batch["target_ids"][:] = IGNORE_INDEX
     logits = torch.randn(B, T, V, requires_grad=True)
-    value = term(logits, batch)
+    value = term(logits, position_batch(batch))
     assert value.item() == 0.0
     value.backward()
     assert torch.isfinite(logits.grad).all()
@@ -142,7 +143,7 @@ def test_no_gradient_reaches_the_teacher(case):
     batch["teacher_logits"].requires_grad_(True)
     batch["prior_probs"].requires_grad_(True)
     logits = torch.randn(B, T, V, requires_grad=True)
-    term(logits, batch).backward()
+    term(logits, position_batch(batch)).backward()
     assert batch["teacher_logits"].grad is None and batch["prior_probs"].grad is None
 
 
@@ -157,7 +158,10 @@ def test_padding_invariance(case):
 
     big = {k: padded(v) for k, v in batch.items()}
     big["target_ids"][:, T:] = IGNORE_INDEX
-    torch.testing.assert_close(term(logits, batch), term(torch.cat([logits, torch.randn(B, pad, V)], 1), big))
+    torch.testing.assert_close(
+        term(logits, position_batch(batch)),
+        term(torch.cat([logits, torch.randn(B, pad, V)], 1), position_batch(big)),
+    )
 
 
 def test_gradient_accumulation_split_invariance(case):
@@ -168,9 +172,10 @@ def test_gradient_accumulation_split_invariance(case):
     batch = make_batch(k=k)
     logits = torch.randn(B, T, V)
     counts = (batch["target_ids"] != IGNORE_INDEX).sum(1)
-    whole = term(logits, batch) * counts.sum()
+    whole = term(logits, position_batch(batch)) * counts.sum()
     parts = sum(
-        term(logits[i : i + 1], {k: v[i : i + 1] for k, v in batch.items()}) * counts[i] for i in range(B)
+        term(logits[i : i + 1], position_batch({k: v[i : i + 1] for k, v in batch.items()})) * counts[i]
+        for i in range(B)
     )
     torch.testing.assert_close(whole, parts, atol=1e-5, rtol=1e-5)
 
@@ -184,7 +189,7 @@ def test_finite_with_minus_inf_logits_on_masked_vocabulary(case):
     logits = torch.randn(B, T, V)
     logits[..., -2:] = float("-inf")
     logits.requires_grad_(True)
-    value = term(logits, batch)
+    value = term(logits, position_batch(batch))
     assert torch.isfinite(value)
     value.backward()
     assert torch.isfinite(logits.grad).all()
@@ -194,7 +199,9 @@ def test_bf16_logits_are_upcast(case):
     term, k = case
     batch = make_batch(k=k)
     logits = torch.randn(B, T, V).bfloat16()
-    torch.testing.assert_close(term(logits, batch), term(logits.float(), batch))
+    torch.testing.assert_close(
+        term(logits, position_batch(batch)), term(logits.float(), position_batch(batch))
+    )
 
 
 def test_sparse_with_the_full_vocabulary_equals_dense(kdl_env):
@@ -204,7 +211,11 @@ def test_sparse_with_the_full_vocabulary_equals_dense(kdl_env):
         term = configured_term(name)
         dense, sparse = with_target(term, "teacher"), with_target(term, "prior")
         torch.testing.assert_close(
-            dense(logits, batch), sparse(logits, batch), atol=1e-5, rtol=1e-4, msg=name
+            dense(logits, position_batch(batch)),
+            sparse(logits, position_batch(batch)),
+            atol=1e-5,
+            rtol=1e-4,
+            msg=name,
         )
 
 
@@ -277,11 +288,11 @@ def test_endpoints_of_jsd_and_skew_are_the_kls():
     batch = make_batch()
     s = torch.randn(B, T, V)
     for form in ("teacher", "prior"):
-        fkl, rkl = ForwardKL(form)(s, batch), ReverseKL(form)(s, batch)
-        torch.testing.assert_close(GeneralizedJSD(form, beta=0.0)(s, batch), fkl)
-        torch.testing.assert_close(GeneralizedJSD(form, beta=1.0)(s, batch), rkl)
-        torch.testing.assert_close(SkewForwardKL(form, alpha=0.0)(s, batch), fkl)
-        torch.testing.assert_close(SkewReverseKL(form, alpha=0.0)(s, batch), rkl)
+        fkl, rkl = ForwardKL(form)(s, position_batch(batch)), ReverseKL(form)(s, position_batch(batch))
+        torch.testing.assert_close(GeneralizedJSD(form, beta=0.0)(s, position_batch(batch)), fkl)
+        torch.testing.assert_close(GeneralizedJSD(form, beta=1.0)(s, position_batch(batch)), rkl)
+        torch.testing.assert_close(SkewForwardKL(form, alpha=0.0)(s, position_batch(batch)), fkl)
+        torch.testing.assert_close(SkewReverseKL(form, alpha=0.0)(s, position_batch(batch)), rkl)
 
 
 def akl_reference(student_logits, teacher_logits, head_mass=0.5, weights="paper") -> float:
@@ -325,7 +336,7 @@ def test_adaptive_kl_equals_its_definition_and_not_the_wrong_weightings():
     batch = PositionBatch(
         torch.zeros(1, B * T, dtype=torch.long), dense_logits={"teacher": teacher.reshape(1, B * T, V)}
     )
-    assert term(student.reshape(1, B * T, V), batch).item() == pytest.approx(
+    assert term(student.reshape(1, B * T, V), position_batch(batch)).item() == pytest.approx(
         akl_reference(student, teacher, head_mass=0.3), rel=1e-5
     )
 
@@ -355,9 +366,9 @@ def test_chunked_fused_path_equals_plain_in_value_and_gradient(name, form, weigh
     head = torch.nn.Linear(hidden_size, V, bias=False)
     hidden = torch.randn(n, hidden_size, requires_grad=True)
     batch = packed_batch(k, n)
-    plain = {key: term(head(hidden).unsqueeze(0), batch) for key, term in terms.items()}
+    plain = {key: term(head(hidden).unsqueeze(0), position_batch(batch)) for key, term in terms.items()}
     g_hidden, g_head = torch.autograd.grad(sum(plain.values()), [hidden, head.weight])
-    chunked = chunked_terms(hidden, head, terms, batch, chunk_size=4, fuse=True)
+    chunked = chunked_terms(hidden, head, terms, position_batch(batch), chunk_size=4, fuse=True)
     c_hidden, c_head = torch.autograd.grad(sum(chunked.values()), [hidden, head.weight])
     for key in terms:
         torch.testing.assert_close(chunked[key], plain[key], atol=1e-5, rtol=1e-5, msg=key)
@@ -380,10 +391,10 @@ def test_distill_module_equals_the_term_called_directly(name, form, weighting, k
     )
     batch = packed_batch(k, B * T)
     logits = torch.randn(1, B * T, V, requires_grad=True)
-    through = module.compute_terms(logits, batch)
-    direct = {key: term(logits, batch) for key, term in terms.items()}
-    fused = module.fused_values(logits, batch)
-    assert set(fused) == ({"ce_beside", name} if fusable(terms[name], batch, V) else set())
+    through = module.compute_terms(logits, position_batch(batch))
+    direct = {key: term(logits, position_batch(batch)) for key, term in terms.items()}
+    fused = module.fused_values(logits, position_batch(batch))
+    assert set(fused) == ({"ce_beside", name} if fusable(terms[name], position_batch(batch), V) else set())
     for key in terms:
         torch.testing.assert_close(through[key][1], direct[key], atol=1e-5, rtol=1e-5, msg=key)
     (g_through,) = torch.autograd.grad(sum(w * v for w, v in through.values()), logits)
@@ -401,5 +412,9 @@ def test_dense_probabilities_equal_dense_logits(kdl_env):
     for name in DIVERGENCE_FILES:
         term = with_target(configured_term(name), "teacher")
         torch.testing.assert_close(
-            term(logits, batch), term(logits, as_probs), atol=1e-5, rtol=1e-4, msg=name
+            term(logits, position_batch(batch)),
+            term(logits, position_batch(as_probs)),
+            atol=1e-5,
+            rtol=1e-4,
+            msg=name,
         )

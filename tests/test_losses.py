@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import HardCrossEntropy, SoftLabelKL, masked_mean, sparse_target_kl
+from kd_lightning.losses import ForwardKL, HardCrossEntropy, SoftLabelKL, masked_mean, sparse_target_kl
 from kd_lightning.losses.functional import IGNORE_INDEX
+from tests.helpers.batches import position_batch
 
 B, T, V, K = 2, 5, 13, 4
 
@@ -98,6 +99,17 @@ def test_invalid_settings():
     with pytest.raises(ValueError, match="weight"):
         HardCrossEntropy(weight=-1)
     with pytest.raises(ValueError, match="distill_temperature"):
-        SoftLabelKL("prior", distill_temperature=0)
+        ForwardKL("prior", distill_temperature=0)
     with pytest.raises(KeyError, match="posterior"):
-        SoftLabelKL("posterior")(torch.randn(B, T, V), make_batch())
+        ForwardKL("posterior")(torch.randn(B, T, V), position_batch(make_batch()))
+
+
+def test_soft_label_kl_of_earlier_releases_is_forward_kl_with_one_warning():
+    batch, logits = position_batch(make_batch()), torch.randn(B, T, V)
+    with pytest.warns(
+        FutureWarning, match=r"SoftLabelKL\(soft_labels='prior'\) is ForwardKL\(kd_target='prior'\)"
+    ):
+        old = SoftLabelKL(soft_labels="prior", distill_temperature=2.0)
+    new = ForwardKL(kd_target="prior", distill_temperature=2.0)
+    assert old.soft_labels == new.soft_labels == ("prior",) and old.fused_kind() == new.fused_kind()
+    torch.testing.assert_close(old(logits, batch), new(logits, batch))

@@ -20,7 +20,7 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.generation.rollout import prompts_from_batch
-from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.forward import check_packing
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
@@ -81,7 +81,7 @@ def test_packed_losses_equal_padded_losses_and_gradients(tiny_dir, tmp_path):
     student = tiny_llama(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     module = DistillModule(
         student,
-        {"hard_ce": HardCrossEntropy(), "prior_kl": SoftLabelKL("prior")},
+        {"hard_ce": HardCrossEntropy(), "prior_kl": ForwardKL("prior")},
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )
     results = []

@@ -16,10 +16,11 @@ from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.store_size import META_BYTES
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.agreement import ProxyAgreementEstimator, observed_tokens
-from kd_lightning.losses import ForwardKL, SoftLabelKL
+from kd_lightning.losses import ForwardKL
 from kd_lightning.losses.terms import AGREEMENT_STORE, agreement_weights
 from kd_lightning.models.builders import tiny_llama
 from kd_lightning.stages.compare import proxies_over_seeds
+from tests.helpers.batches import position_batch
 from tests.helpers.cli import artifacts, kdl
 
 V = 11
@@ -48,8 +49,8 @@ def test_weighted_term_is_the_agreement_weighted_mean_of_per_position_kl():
     agreement = [0.9, 0.1, 0.5, 0.7, 0.3]
     batch = batch_with(agreement, [1, 2, IGNORE_INDEX, 4, 5])
     logits = torch.randn(1, 5, V)
-    plain = SoftLabelKL("posterior")
-    weighted = SoftLabelKL("posterior", weighting="proxy_agreement")
+    plain = ForwardKL("posterior")
+    weighted = ForwardKL("posterior", weighting="proxy_agreement")
     assert weighted.soft_labels == ("posterior", AGREEMENT_STORE) and weighted.uses_batch_statistics
     per_position = [plain(logits[:, i : i + 1], batch.positions(slice(i, i + 1))) for i in range(5)]
     valid = [0, 1, 3, 4]
@@ -65,8 +66,8 @@ def test_a_batch_where_the_proxy_never_agrees_counts_every_position_alike():
     batch = batch_with([0.0, 0.0, 0.0], [1, 2, 3])
     logits = torch.randn(1, 3, V)
     torch.testing.assert_close(
-        SoftLabelKL("posterior", weighting="proxy_agreement")(logits, batch),
-        SoftLabelKL("posterior")(logits, batch),
+        ForwardKL("posterior", weighting="proxy_agreement")(logits, position_batch(batch)),
+        ForwardKL("posterior")(logits, position_batch(batch)),
     )
 
 
@@ -83,7 +84,7 @@ def test_weighting_errors_name_the_fix():
     batch = batch_with([0.5, 0.5], [1, 2])
     del batch.soft_labels[AGREEMENT_STORE]
     with pytest.raises(KeyError, match="proxy_agreement"):
-        SoftLabelKL("posterior", weighting="proxy_agreement")(torch.randn(1, 2, V), batch)
+        ForwardKL("posterior", weighting="proxy_agreement")(torch.randn(1, 2, V), position_batch(batch))
 
 
 def test_the_store_holds_the_proxys_probability_of_each_teacher_token(tmp_path):

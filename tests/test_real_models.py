@@ -16,7 +16,7 @@ from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.evaluation.nll import heldout_nll
-from kd_lightning.losses import HardCrossEntropy, SoftLabelKL
+from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.models.builders import layer_selected_student
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
@@ -85,8 +85,8 @@ def test_proxy_posterior_and_a_distill_step_on_real_models(real, tmp_path):
         student,
         {
             "hard_ce": HardCrossEntropy(),
-            "prior_kl": SoftLabelKL("prior"),
-            "posterior_kl": SoftLabelKL("posterior"),
+            "prior_kl": ForwardKL("prior"),
+            "posterior_kl": ForwardKL("posterior"),
         },
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
     )

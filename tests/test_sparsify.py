@@ -7,6 +7,7 @@ import torch
 
 from kd_lightning.losses import ForwardKL, forward_kl
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
+from tests.helpers.batches import position_batch
 
 B, T, V = 2, 3, 11
 
@@ -19,7 +20,7 @@ def test_topk_with_full_vocabulary_equals_dense():
     teacher, student = torch.randn(B, T, V), torch.randn(B, T, V)
     batch = batch_from(*topk_rows(teacher, V), torch.zeros(B, T, dtype=torch.long))
     torch.testing.assert_close(
-        ForwardKL("prior")(student, batch), forward_kl(student, teacher), atol=1e-5, rtol=1e-5
+        ForwardKL("prior")(student, position_batch(batch)), forward_kl(student, teacher), atol=1e-5, rtol=1e-5
     )
 
 
@@ -44,7 +45,7 @@ def test_sampled_rows_give_an_unbiased_forward_kl_gradient():
     draws = 3000
     for _ in range(draws):
         batch = batch_from(*sampled_rows(teacher, 4, g), targets)
-        (grad,) = torch.autograd.grad(ForwardKL("prior")(student, batch), student)
+        (grad,) = torch.autograd.grad(ForwardKL("prior")(student, position_batch(batch)), student)
         mean_grad += grad / draws
     assert (mean_grad - dense_grad).abs().max() < 4e-3
     # a single draw of 4 samples is far from dense: the agreement above is the average, not luck

@@ -4,20 +4,27 @@ Shapes: B batch, T padded length, K stored entries per position, N target positi
 H hidden size. A position t describes token t+1: logits at t, ``target_ids[t]`` and the soft labels at t.
 
 ``PositionBatch`` is packed to the target positions only (prompt and padding dropped), with a leading
-dimension of 1 so every loss sees (1, N, ...). Only declared fields are packed. Loss terms may read it as
-a mapping under the keys of :data:`SCHEMA` (``target_ids``, ``<store>_ids`` ...), the form user terms
-and tests write; :meth:`PositionBatch.from_fields` reads that form back.
+dimension of 1 so every loss sees (1, N, ...). Only declared fields are packed. Loss terms read its typed
+fields. The key form of :data:`SCHEMA` (``target_ids``, ``<store>_ids`` ...) is what tests write
+(:meth:`PositionBatch.from_fields` reads it); ``batch["prior_ids"]`` in a user's term still reads the typed
+field, with a ``FutureWarning`` naming it, for one release.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 
 IGNORE_INDEX = -100
 """``target_ids`` value of a position that is not a target (prompt, padding)."""
+
+
+class BatchFormWarning(FutureWarning):
+    """The key form of a batch (``batch["prior_ids"]``, a term called with a dict): goes in the next release."""
+
 
 SCHEMA = {
     "target_ids": "(1, N) long: the observed next token",
@@ -29,7 +36,7 @@ SCHEMA = {
     "teacher_hidden_<layer>": "(1, N, H'): the online teacher's",
     "<prepared>": "(1, N): a per-position field a term computed over the whole batch (LossTerm.prepare)",
 }
-"""The mapping keys of a :class:`PositionBatch` (documentation; :meth:`PositionBatch.keys` lists a batch's)."""
+"""The key form of a :class:`PositionBatch`'s fields (what :meth:`PositionBatch.from_fields` reads)."""
 
 
 @dataclass
@@ -128,7 +135,7 @@ class TextBatch:
 
 
 @dataclass
-class PositionBatch(Mapping[str, torch.Tensor]):
+class PositionBatch:
     """What loss terms read, packed to the N target positions of a batch (see the module docstring)."""
 
     target_ids: torch.Tensor
@@ -172,33 +179,40 @@ class PositionBatch(Mapping[str, torch.Tensor]):
     def with_prepared(self, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
         return replace(self, prepared={**self.prepared, **fields}) if fields else self
 
-    # ------------------------------------------------------------ the mapping view (SCHEMA)
-    def _fields(self) -> dict[str, torch.Tensor]:
-        found = {"target_ids": self.target_ids}
+    # ------------------------------------------------------------ the key form (SCHEMA)
+    def _fields(self) -> dict[str, tuple[torch.Tensor, str]]:
+        """Key → (tensor, the typed field that holds it)."""
+        found = {"target_ids": (self.target_ids, "batch.target_ids")}
         for name, rows in self.soft_labels.items():
-            found.update({f"{name}_ids": rows.ids, f"{name}_probs": rows.probs, f"{name}_tail": rows.tail})
-        found.update({f"{name}_logits": t for name, t in self.dense_logits.items()})
-        found.update({f"{name}_probs": t for name, t in self.dense_probs.items()})
-        found.update({f"student_hidden_{layer}": t for layer, t in self.student_hidden.items()})
-        found.update({f"teacher_hidden_{layer}": t for layer, t in self.teacher_hidden.items()})
-        found.update(self.prepared)
+            for part in ("ids", "probs", "tail"):
+                found[f"{name}_{part}"] = (getattr(rows, part), f"batch.soft_labels[{name!r}].{part}")
+        found.update({f"{n}_logits": (t, f"batch.dense_logits[{n!r}]") for n, t in self.dense_logits.items()})
+        found.update({f"{n}_probs": (t, f"batch.dense_probs[{n!r}]") for n, t in self.dense_probs.items()})
+        for side, hidden in (("student", self.student_hidden), ("teacher", self.teacher_hidden)):
+            found.update({f"{side}_hidden_{k}": (t, f"batch.{side}_hidden[{k}]") for k, t in hidden.items()})
+        found.update({n: (t, f"batch.prepared[{n!r}]") for n, t in self.prepared.items()})
         return found
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """Deprecated (one release): the key form of earlier releases' user terms; read the typed field."""
         fields = self._fields()
         if key not in fields:
-            raise KeyError(key)
-        return fields[key]
+            raise KeyError(f"{key!r}: this batch has no such field (it has {sorted(fields)})")
+        tensor, typed = fields[key]
+        warnings.warn(
+            f'batch["{key}"] is deprecated and goes in the next release; read {typed}',
+            BatchFormWarning,
+            stacklevel=2,
+        )
+        return tensor
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields())
-
-    def __len__(self) -> int:
-        return len(self._fields())
+    def __contains__(self, key: object) -> bool:
+        """Deprecated with ``__getitem__``: whether the key form names a field of this batch."""
+        return key in self._fields()
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
-        """A batch from the mapping form (:data:`SCHEMA`); keys it does not recognise become ``prepared``."""
+        """A batch from the key form (:data:`SCHEMA`), as tests write it; unknown keys become ``prepared``."""
         if isinstance(fields, PositionBatch):
             return fields
         if "target_ids" not in fields:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 
@@ -68,9 +67,8 @@ class AdaptiveTeachingKD(DivergenceTerm):
     def hard_key(self) -> str:
         return f"atkd_hard_{self.kd_target}"
 
-    def hard_positions(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def hard_positions(self, batch: PositionBatch) -> torch.Tensor:
         """Bool (..., ) mask: the ``hard_fraction`` most uncertain target positions of the batch."""
-        batch = PositionBatch.from_fields(batch)
         valid = batch.target_ids != LF.IGNORE_INDEX
         uncertainty = 1.0 - gold_probability(batch, self.kd_target)
         n_hard = math.ceil(self.hard_fraction * int(valid.sum()))
@@ -82,8 +80,7 @@ class AdaptiveTeachingKD(DivergenceTerm):
             hard.view(-1)[order[:n_hard]] = True
         return hard & valid
 
-    def prepare(self, batch: PositionBatch | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch = PositionBatch.from_fields(batch)
+    def prepare(self, batch: PositionBatch) -> dict[str, torch.Tensor]:
         return {**super().prepare(batch), self.hard_key: self.hard_positions(batch)}
 
     weights_positions = True  # its forward applies position_weights

@@ -35,7 +35,7 @@ def chunked_terms(
     hidden: torch.Tensor,
     head: nn.Module,
     terms: Mapping[str, nn.Module],
-    batch: PositionBatch | Mapping[str, torch.Tensor],
+    batch: PositionBatch,
     chunk_size: int,
     fuse: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -59,7 +59,6 @@ def chunked_terms(
     terms = {name: term for name, term in terms.items() if name not in whole}
     n = hidden.shape[0]
     names = list(terms)
-    batch = PositionBatch.from_fields(batch)
     for term in terms.values():  # batch-level statistics (ATKD's split, agreement weights): whole batch
         batch = batch.with_prepared(term.prepare(batch) if hasattr(term, "prepare") else {})
     if fuse and names and not whole and isinstance(head, nn.Linear):

@@ -10,7 +10,7 @@ buckets (an id, or the "outside the stored ids" bucket), so their sum has the gr
 one softmax times a per-row scalar plus a sparse correction. :func:`fused_sparse_terms` computes the values
 with one softmax, keeps that (N, V) buffer for backward, and turns it into the gradient in place. The
 values and gradients equal the separate terms' (tested). It is opt-in per class: it stands in only for
-terms whose code declares ``fused_sparse_kind`` (``HardCrossEntropy``, ``ForwardKL``/``SoftLabelKL``), at
+terms whose code declares ``fused_sparse_kind`` (``HardCrossEntropy``, ``ForwardKL``), at
 ``distill_temperature`` 1, against a sparse target that stores fewer ids than the vocabulary. A subclass
 that overrides ``forward`` or ``per_position`` loses the declaration (see
 :func:`kd_lightning.losses.terms.declared_capability`) and is always run as written.
@@ -28,13 +28,13 @@ from kd_lightning.losses.functional import log1mexp
 from kd_lightning.losses.terms import LossTerm
 
 
-def fusable(term: LossTerm, batch: PositionBatch | Mapping[str, torch.Tensor], vocab_size: int) -> bool:
+def fusable(term: LossTerm, batch: PositionBatch, vocab_size: int) -> bool:
     """Whether ``term`` declares a closed form the fused computation reproduces, on this batch."""
     kind = term.fused_kind()
     if kind == "hard_ce":
         return True
     if kind == "forward_kl":
-        rows = PositionBatch.from_fields(batch).soft_labels.get(term.kd_target)
+        rows = batch.soft_labels.get(term.kd_target)
         return term.distill_temperature == 1.0 and rows is not None and rows.ids.shape[-1] < vocab_size
     return False
 
@@ -58,7 +58,7 @@ class _FusedSparse(torch.autograd.Function):
 
 
 def fused_sparse_parts(
-    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch | Mapping[str, torch.Tensor]
+    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The values of ``terms`` (all :func:`fusable`) on logits (1, N, V), and their gradients in closed form.
 
@@ -72,7 +72,6 @@ def fused_sparse_parts(
         raise ValueError(f"terms {refused} do not declare a fused form; compute them with their own forward")
     z = logits[0].detach()
     n = z.shape[0]
-    batch = PositionBatch.from_fields(batch)
     target = batch.target_ids[0]
     valid = target != IGNORE_INDEX
     count = valid.sum().clamp_min(1).float()
@@ -139,7 +138,7 @@ def fused_sparse_parts(
 
 
 def fused_sparse_terms(
-    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch | Mapping[str, torch.Tensor]
+    logits: torch.Tensor, terms: Mapping[str, LossTerm], batch: PositionBatch
 ) -> dict[str, torch.Tensor]:
     """Values of ``terms`` (all :func:`fusable`) on logits (1, N, V) and a packed batch; one dense pass.
 

@@ -2,9 +2,7 @@
 
 A term reads what it needs from a :class:`~kd_lightning.data.batch.PositionBatch` (the batch packed to its
 target positions), returns an unweighted scalar, and carries the ``weight`` it is multiplied by in the
-total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``. A term may also be called
-with a plain mapping in the batch's documented key form (``target_ids``, ``prior_ids`` ...); it is read
-into a ``PositionBatch`` first.
+total. Add a term by writing one such class and one ``conf/loss/<name>.yaml``.
 
 Divergence terms name their ``kd_target``: the distribution they compare the student with. The batch carries
 it under that name in one of these forms:
@@ -19,15 +17,32 @@ Every divergence runs on either form (see :mod:`kd_lightning.losses.divergences`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from kd_lightning.data.batch import PositionBatch
+from kd_lightning.data.batch import BatchFormWarning, PositionBatch
 from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
+
+
+def _deprecated_mapping(batch: Any, term: str) -> PositionBatch:
+    """A mapping in the key form, as earlier releases took it (one more release, with a warning)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"{term} takes a PositionBatch (kd_lightning.data.batch), got {type(batch).__name__}; "
+            "PositionBatch.pack(text_batch) packs a TextBatch"
+        )
+    warnings.warn(
+        f"{term} was called with a {type(batch).__name__} of batch fields, which is deprecated and goes in the "
+        "next release; pass PositionBatch.from_fields(fields)",
+        BatchFormWarning,
+        stacklevel=3,
+    )
+    return PositionBatch.from_fields(batch)
 
 
 def declared_capability(cls: type, flag: str, guards: tuple[str, ...]) -> Any:
@@ -84,10 +99,10 @@ class LossTerm(nn.Module):
         """
         return {}
 
-    def __call__(
-        self, student_logits: torch.Tensor | None, batch: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        return super().__call__(student_logits, PositionBatch.from_fields(batch))
+    def __call__(self, student_logits: torch.Tensor | None, batch: PositionBatch) -> torch.Tensor:
+        if not isinstance(batch, PositionBatch):
+            batch = _deprecated_mapping(batch, type(self).__name__)
+        return super().__call__(student_logits, batch)
 
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -342,14 +357,8 @@ def gold_probability(batch: PositionBatch, kd_target: str) -> torch.Tensor:
 
 
 class SoftLabelKL(ForwardKL):
-    """KL(soft labels ‖ student) against a soft-label store (``prior`` or ``posterior``).
-
-    Args:
-        soft_labels: which store the batch carries it under.
-        weight: multiplier of this term in the total.
-        distill_temperature: softens student and target; the term is scaled by T².
-        weighting: ``proxy_agreement`` weights positions as Proxy-KD does (see :class:`DivergenceTerm`).
-    """
+    """Deprecated (one release): ``ForwardKL(kd_target=...)`` is the same term; ``soft_labels`` named the
+    store it compares with, which is what ``kd_target`` names for every divergence."""
 
     def __init__(
         self,
@@ -358,6 +367,13 @@ class SoftLabelKL(ForwardKL):
         distill_temperature: float = 1.0,
         weighting: str = "none",
     ) -> None:
+        warnings.warn(
+            f"SoftLabelKL(soft_labels={soft_labels!r}) is ForwardKL(kd_target={soft_labels!r}), the same term; "
+            "SoftLabelKL goes in the next release (in a loss YAML: _target_: kd_lightning.losses.ForwardKL, "
+            f"kd_target: {soft_labels})",
+            FutureWarning,
+            stacklevel=2,
+        )
         super().__init__(
             kd_target=soft_labels, weight=weight, distill_temperature=distill_temperature, weighting=weighting
         )

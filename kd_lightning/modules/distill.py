@@ -189,9 +189,8 @@ class DistillModule(StudentModule):
         return self.loss_terms
 
     def compute_terms(
-        self, student_logits: torch.Tensor, batch: PositionBatch | Mapping[str, torch.Tensor]
+        self, student_logits: torch.Tensor, batch: PositionBatch
     ) -> dict[str, tuple[float, torch.Tensor]]:
-        batch = PositionBatch.from_fields(batch)
         fused = self.fused_values(student_logits, batch)
         terms = {
             name: (term.weight, fused[name] if name in fused else term(student_logits, batch))
@@ -200,13 +199,10 @@ class DistillModule(StudentModule):
         terms.update(self.extra_terms(student_logits, batch))
         return terms
 
-    def fused_values(
-        self, student_logits: torch.Tensor, batch: PositionBatch | Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def fused_values(self, student_logits: torch.Tensor, batch: PositionBatch) -> dict[str, torch.Tensor]:
         """Values of the terms that share one pass over the logits (empty when fewer than two qualify)."""
         if not self.fuse_sparse_terms:
             return {}
-        batch = PositionBatch.from_fields(batch)
         vocab = student_logits.shape[-1]
         group = {n: t for n, t in self.active_terms().items() if t.reads_logits and fusable(t, batch, vocab)}
         return fused_sparse_terms(student_logits, group, batch) if len(group) >= 2 else {}
