@@ -180,7 +180,7 @@ def test_blank_environment_settings_mean_unset(monkeypatch):
 
 
 def test_blank_wandb_mode_runs_a_stage(kdl_env, monkeypatch):
-    """``WANDB_MODE=`` used to crash every stage inside wandb; it now means offline-unless-keyed."""
+    """A blank ``WANDB_MODE=`` means offline unless a key is set; no stage crashes inside wandb."""
     from tests.helpers.cli import kdl
 
     monkeypatch.setenv("WANDB_MODE", "")
@@ -321,7 +321,9 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
     vocab = ctx.corpus().vocab_size
     prior_rows = prior_store.all_rows()
     padded = (prior_rows.probs == 0).any(1)
-    assert padded[zero.numpy()].any()  # the case that used to lose token 0: a real id 0 beside padding
+    assert padded[
+        zero.numpy()
+    ].any()  # a real id 0 beside padding (id 0, probability 0): its mass must survive
     dense_prior = prior_rows.to_dense(vocab)
     stored_zero = torch.from_numpy(
         np.where((prior_rows.ids == 0) & (prior_rows.probs > 0), prior_rows.probs, 0).sum(1)

@@ -13,7 +13,7 @@ field, with a ``FutureWarning`` naming it, for one release.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -63,6 +63,18 @@ class SoftLabels:
         )
 
 
+TENSOR_FIELDS = (
+    "input_ids",
+    "attention_mask",
+    "target_ids",
+    "position_ids",
+    "teacher_input_ids",
+    "teacher_attention_mask",
+    "teacher_positions",
+)
+"""The (B, T) / (B, T') tensor fields of a :class:`TextBatch` (rows of one sequence each)."""
+
+
 @dataclass
 class TextBatch:
     """Padded teacher text, (B, T): ``input_ids``, ``attention_mask``, ``target_ids`` (``IGNORE_INDEX`` off
@@ -104,31 +116,26 @@ class TextBatch:
 
     def rows(self, index: slice) -> TextBatch:
         """A sub-batch of rows (sequences; of a packed batch, the records packed into those rows)."""
-        return TextBatch(
-            self.input_ids[index],
-            self.attention_mask[index],
-            self.target_ids[index],
-            {name: rows.rows(index) for name, rows in self.soft_labels.items()},
-            None if self.position_ids is None else self.position_ids[index],
-            None,
-            *(None if t is None else t[index] for t in self._teacher_fields()),
+        return replace(
+            self,
+            **self._tensors(lambda t: t[index]),
+            soft_labels={name: rows.rows(index) for name, rows in self.soft_labels.items()},
+            record_order=None,
         )
-
-    def _teacher_fields(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.teacher_input_ids, self.teacher_attention_mask, self.teacher_positions)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
         """Lightning calls this to move the batch to the module's device."""
-        move = {"device": device, "non_blocking": non_blocking}
-        return TextBatch(
-            self.input_ids.to(**move),
-            self.attention_mask.to(**move),
-            self.target_ids.to(**move),
-            {name: rows.to(device, non_blocking) for name, rows in self.soft_labels.items()},
-            None if self.position_ids is None else self.position_ids.to(**move),
-            self.record_order,
-            *(None if t is None else t.to(**move) for t in self._teacher_fields()),
+        return replace(
+            self,
+            **self._tensors(lambda t: t.to(device=device, non_blocking=non_blocking)),
+            soft_labels={name: rows.to(device, non_blocking) for name, rows in self.soft_labels.items()},
         )
+
+    def _tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """Each tensor field, through ``fn`` (the optional ones left None)."""
+        return {
+            name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in TENSOR_FIELDS
+        }
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -159,11 +159,19 @@ def _collate_rows(
                 rows.tail[row, start : start + n] = torch.from_numpy(item[f"{name}_tail"])
             at += length
         positions[row, at:] = torch.arange(t - at)  # the padding is a block of its own
-    teacher = _teacher_tensors(items, layout, t) if "teacher_input_ids" in items[0] else ()
-    if not packed:
-        return TextBatch(input_ids, attention, targets, stores, None, None, *teacher)
-    order = tuple(i for row in layout for i in row)
-    return TextBatch(input_ids, attention, targets, stores, positions, order, *teacher)
+    teacher = {}
+    if "teacher_input_ids" in items[0]:
+        names = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions")
+        teacher = dict(zip(names, _teacher_tensors(items, layout, t), strict=True))
+    return TextBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        target_ids=targets,
+        soft_labels=stores,
+        position_ids=positions if packed else None,
+        record_order=tuple(i for row in layout for i in row) if packed else None,
+        **teacher,
+    )
 
 
 def _teacher_tensors(

@@ -63,7 +63,9 @@ class Rollout:
 
     def as_batch(self) -> TextBatch:
         """The samples as a teacher-text batch (no soft labels): what DistillModule trains on."""
-        return TextBatch(self.input_ids, self.attention_mask, self.target_ids())
+        return TextBatch(
+            input_ids=self.input_ids, attention_mask=self.attention_mask, target_ids=self.target_ids()
+        )
 
     def texts(self, tokenizer) -> list[str]:
         """The decoded responses (special tokens dropped)."""
