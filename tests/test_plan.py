@@ -106,3 +106,54 @@ def test_plan_of_a_recipe_without_hard_ce_plans_its_one_student(kdl_env, tiny_di
         "plan", "experiment=tiny", "recipe=gkd", "teacher=local", f"teacher.path={tiny_dir}", env_dir=kdl_env
     )
     assert "KD loss memory per step" in done.stdout and "posterior store" not in done.stdout
+
+
+def test_plan_counts_proxy_kd_preference_step(kdl_env):
+    """alignment=proxy_kd adds the SFT proxy's sampling and DPO, as upper bounds that scale with the samples
+    drawn per prompt and are absent without a preference step."""
+    plans = {}
+    for samples in (1, 2):
+        kdl(
+            "plan", "experiment=tiny", "alignment=proxy_kd", f"alignment.preference.samples={samples}",
+            "alignment.preference.max_new_tokens=16", env_dir=kdl_env,
+        )  # fmt: skip
+        plans[samples] = json.loads(
+            max((kdl_env / "outputs").rglob("plan_result.json"), key=lambda p: p.stat().st_mtime).read_text()
+        )
+    one, two = plans[1]["flops"], plans[2]["flops"]
+    proxy = next(r["value"] for r in plans[1]["rows"] if r["item"] == "proxy parameters (P)")
+    records = plans[1]["corpus"]["records"]  # experiment=tiny aligns on every training record
+    assert one["preference_sampling"] >= 2 * proxy * records * 16  # at least the answers' new tokens
+    assert one["preference_dpo"] > one["align"] * 8 / 6  # pairs hold the teacher's answer and a sample
+    assert two["preference_sampling"] == 2 * one["preference_sampling"]
+    assert two["preference_dpo"] == 2 * one["preference_dpo"] and two["align"] == one["align"]
+    kdl("plan", "experiment=tiny", env_dir=kdl_env)
+    plain = json.loads(
+        max((kdl_env / "outputs").rglob("plan_result.json"), key=lambda p: p.stat().st_mtime).read_text()
+    )
+    assert "preference_dpo" not in plain["flops"] and plain["flops"]["align"] == one["align"]
+
+
+def test_a_variant_with_its_own_store_format_gets_its_own_planned_sizes(kdl_env):
+    """experiment=store_formats' shape: one variant reads the run's fp16 prior, another a log8 one; each size
+    is planned and is the written size within 5% (the log8 one from the variant's own plan)."""
+    done = kdl(
+        "plan", "experiment=tiny", "+variants.fp16=[hard_ce,prior_kl]", "+variants.log8.loss=[hard_ce,prior_kl]",
+        "+store_format@variants.log8.store_format=log8", env_dir=kdl_env,
+    )  # fmt: skip
+    assert "Plan of variant log8" in done.stdout
+    plan = json.loads(sorted((kdl_env / "outputs").rglob("plan_result.json"))[-1].read_text())
+    assert set(plan["variants"]) == {"log8"}
+    planned = {"fp16": plan["store_bytes"]["prior"], "log8": plan["variants"]["log8"]["store_bytes"]["prior"]}
+    for fmt in ("fp16", "log8"):
+        kdl("prior", "experiment=tiny", f"store_format={fmt}", env_dir=kdl_env)
+    written = {
+        json.loads((f / "meta.json").read_text())
+        .get("encoding", {})
+        .get("probabilities", "fp16"): folder_bytes(f)
+        for f in artifacts(kdl_env, "prior")
+    }
+    assert written.keys() == planned.keys()
+    for fmt, actual in written.items():
+        assert abs(planned[fmt] - actual) / actual < 0.05, (fmt, planned[fmt], actual)
+    assert planned["log8"] < planned["fp16"]

@@ -108,26 +108,42 @@ def stage_fidelity(cfg: DictConfig) -> dict[str, Any]:
 def stage_plan(cfg: DictConfig) -> dict[str, Any]:
     """``kdl plan``: the stores the configured terms (and the pipeline's variants) read, their sizes, FLOPs,
     memory. The default variants are planned only where the selected terms include theirs (``recipe=gkd``
-    selects generalized_jsd alone: its plan is the one student's)."""
+    selects generalized_jsd alone: its plan is the one student's). A variant with its own store format,
+    teacher targets, proxy or alignment gets a plan of its own stores (``variants`` in the result)."""
     selected = set(cfg.get("loss") or {})
     defaults = [v for v in (cfg.get("default_variants") or {}).values() if v is not None]
     usable = cfg.get("variants") is not None or all(
         set(v) <= selected for v in defaults if not OmegaConf.is_dict(v)
     )
     planned = variants(cfg) if usable else []
-    terms = [*loss_terms(cfg).values(), *(t for v in planned for t in v.run.loss_terms.values())]
-    stores = sorted({label for term in terms for label in term.soft_labels})
+    own = {v.name: v for v in reversed(planned) if v.stores[0] or v.proxy or v.alignment}  # first seed's
+    shared = [
+        *loss_terms(cfg).values(),
+        *(t for v in planned if v.name not in own for t in v.run.loss_terms.values()),
+    ]
     what_if = cfg.get("plan") or {}
-    return run_plan(
-        build_context(cfg),
-        int(cfg.datamodule.batch_size),
-        cfg.get("loss_chunk_size"),
-        stores,
-        records=what_if.get("records"),
-        proxy_parameters=what_if.get("proxy_parameters"),
-        teacher_parameters=what_if.get("teacher_parameters"),
-        vocab_size=what_if.get("vocab_size"),
-    )
+    ctx = build_context(cfg)
+
+    def plan(context, terms, title=""):
+        return run_plan(
+            context,
+            int(cfg.datamodule.batch_size),
+            cfg.get("loss_chunk_size"),
+            sorted({label for term in terms for label in term.soft_labels}),
+            records=what_if.get("records"),
+            proxy_parameters=what_if.get("proxy_parameters"),
+            teacher_parameters=what_if.get("teacher_parameters"),
+            vocab_size=what_if.get("vocab_size"),
+            title=title,
+        )
+
+    result = plan(ctx, shared)
+    if own:
+        result["variants"] = {
+            name: plan(v.context(ctx), v.run.loss_terms.values(), f"variant {name}")
+            for name, v in sorted(own.items())
+        }
+    return result
 
 
 def stage_generate(cfg: DictConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ estimates:
   probabilities; float32 tail; int64 offsets);
 * forward FLOPs of the proxy passes: ``6·P·T·epochs`` to align (forward and backward) and ``2·P·T`` for the
   posterior (one forward per sequence, shared by all R draws), for P parameters and T tokens; the same
-  ``2·P·T`` for an open teacher's offline store;
+  ``2·P·T`` for an open teacher's offline store; with Proxy-KD's preference step, upper bounds for
+  sampling the SFT proxy's answers and for DPO (answers counted at their ``max_new_tokens``);
 * the KD loss's peak memory per step: ``3·n·V·4`` bytes (fp32 logits, their softmax and the gradient) for
   the n target positions of a batch, or ``3·c·V·4`` with ``loss_chunk_size`` c.
 
@@ -70,8 +71,10 @@ def run_plan(
     proxy_parameters: float | None = None,
     teacher_parameters: float | None = None,
     vocab_size: int | None = None,
+    title: str = "",
 ) -> dict[str, Any]:
     """The plan of a run (see the module docstring); ``stores`` are the stores its students read.
+    ``title`` names what is planned in the printed heading (a pipeline variant with its own stores).
 
     ``records`` scales the training split to that many records (a what-if; ``data.train_limit`` is then
     not applied); ``*_parameters`` and ``vocab_size`` stand for models and a tokenizer not on this machine.
@@ -146,6 +149,31 @@ def run_plan(
         source = "plan.proxy_parameters" if proxy_parameters else "safetensors headers or config.json"
         rows.append(PlanRow("proxy parameters (P)", proxy, "", source))
         rows.append(PlanRow("proxy alignment", flops["align"], "FLOP", "6·P·T_aligned·epochs"))
+        step = ctx.alignment.preference
+        if step is not None:  # Proxy-KD: sample the SFT proxy, then DPO against it (upper bounds)
+            if records is None:
+                prompt_tokens = float(full.prompt_lens[: int(aligned_records)].sum())
+            else:
+                prompt_tokens = aligned_records * float(full.prompt_lens.mean())
+            sampled = step.samples * (prompt_tokens + aligned_records * step.max_new_tokens)
+            flops["preference_sampling"] = 2.0 * proxy * sampled
+            rows.append(
+                PlanRow(
+                    "preference sampling (at most)", flops["preference_sampling"], "FLOP",
+                    f"2·P·s·(T_prompts + n·L), s = {step.samples} samples, L = {step.max_new_tokens} new tokens",
+                )
+            )  # fmt: skip
+            pair_tokens = step.samples * (
+                aligned_tokens + prompt_tokens + aligned_records * step.max_new_tokens
+            )
+            flops["preference_dpo"] = 8.0 * proxy * pair_tokens * step.max_epochs
+            rows.append(
+                PlanRow(
+                    "preference DPO (at most)", flops["preference_dpo"], "FLOP",
+                    "8·P·T_pairs·epochs (policy forward + backward, reference forward; T_pairs = s·(T_aligned "
+                    "+ T_prompts + n·L))",
+                )
+            )  # fmt: skip
         if "posterior" in stores:
             flops["posterior"] = 2.0 * proxy * n_tokens
             rows.append(
@@ -170,7 +198,7 @@ def run_plan(
     rows.append(PlanRow("KD loss memory per step (peak)", peak, "B", memory_formula))
     rows.append(PlanRow("target positions per batch (mean)", mean_positions, "", f"batch size {batch_size}"))
     table = "\n".join(["| item | estimate | formula |", "|---|---:|---|", *(r.cells() for r in rows)])
-    print(f"\nPlan ({n_seqs} training records):\n{table}\n", flush=True)
+    print(f"\nPlan{' of ' + title if title else ''} ({n_seqs} training records):\n{table}\n", flush=True)
     return {
         "table": table,
         "rows": [r.__dict__ for r in rows],
