@@ -5,7 +5,7 @@ distribution is the truth each stored row is scored against, ``KL(true ‖ row)`
 reads them: the tail spread over the ids not stored, floored at 1e-8) and total variation. Formats:
 
 * ``top32_fp16``: today's format 1 (K slots, float16);  ``top32_log8``: the same slots, one byte each;
-* ``top32_floor``: log8, entries under 1e-3 join the tail, ragged rows;
+* ``top32_floor``: log8, entries under 1e-3 join the tail, ragged rows; ``top16_floor``: the same from 16;
 * ``sampled12_compact`` / ``sampled32_compact``: 12 / 32 draws kept as distinct ids with exact counts.
 
 The prior (5-gram, top-32) has no truth; its rows are scored against its own format-1 rows (what
@@ -37,6 +37,7 @@ FORMATS = {
     "top32_fp16": None,
     "top32_log8": {"probabilities": "log8", "floor": 0.0, "ragged": False},
     "top32_floor": {"probabilities": "log8", "floor": 1e-3, "ragged": True},
+    "top16_floor": {"probabilities": "log8", "floor": 1e-3, "ragged": True},
     "sampled12_compact": {"probabilities": "counts", "floor": 1e-3, "ragged": True},
     "sampled32_compact": {"probabilities": "counts", "floor": 1e-3, "ragged": True},
 }
@@ -98,6 +99,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     teacher_rows = {
         "top32": to_rows(*topk_rows(logits, 32)),
+        "top16": to_rows(*topk_rows(logits, 16)),
         "sampled12": to_rows(*sampled_rows(logits, 12, generator=generator)),
         "sampled32": to_rows(*sampled_rows(logits, 32, generator=generator)),
     }
