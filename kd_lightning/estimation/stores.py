@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kd_lightning.artifacts import Workspace, file_digest, model_identity, settings_key
 from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 
 RESUMABLE = (".partial", ".stats.json")
 """Siblings of a store folder: shards of an interrupted build, and the build's figures."""
+
+
+def frozen_on_device(path: Path | str, dtype: Any) -> torch.nn.Module:
+    """A model to estimate with: loaded in ``dtype``, frozen, on this process's device."""
+    return freeze(load_causal_lm(path, dtype=dtype)).to(process_group().device())
 
 
 def stats_path(folder: Path) -> Path:
@@ -152,9 +159,7 @@ def posterior_store(
 
     def build(folder: Path) -> SoftLabelStore:
         prior_rows = prior()
-        proxy = freeze(load_causal_lm(aligned_proxy(), dtype=estimator.proxy_dtype)).to(
-            process_group().device()
-        )
+        proxy = frozen_on_device(aligned_proxy(), estimator.proxy_dtype)
         start = time.perf_counter()
         store = estimator.estimate(
             proxy,
@@ -199,9 +204,7 @@ def agreement_store(
     }
 
     def build(folder: Path) -> SoftLabelStore:
-        proxy = freeze(load_causal_lm(aligned_proxy(), dtype=estimator.proxy_dtype)).to(
-            process_group().device()
-        )
+        proxy = frozen_on_device(aligned_proxy(), estimator.proxy_dtype)
         start = time.perf_counter()
         store = estimator.estimate(
             proxy, corpus.train, corpus.pad_id, corpus.vocab_size, str(folder), provenance
