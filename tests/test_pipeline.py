@@ -49,30 +49,49 @@ def test_stage_by_stage_and_multirun_reuses_prior_and_proxy(kdl_env):
     assert len(list((kdl_env / "multirun").rglob("posterior_result.json"))) == 2
 
 
-def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(kdl_env, monkeypatch):
+@pytest.mark.parametrize("where", ["mid_epoch", "at_an_epoch_end"])
+def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(kdl_env, monkeypatch, where):
+    """A kill after a checkpoint resumes to the uninterrupted student, wherever the checkpoint fell: mid-epoch
+    (its remaining batches, not the first ones again) or at an epoch's last batch (the next epoch, all of it:
+    this case once skipped a whole epoch)."""
     from lightning import Callback
 
     from kd_lightning.cli.build import build_context, student_run
+    from kd_lightning.data.datamodule import EpochBatchSampler
     from kd_lightning.stages.train import run_distill
     from tests.helpers.configs import compose_cfg
 
-    cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"], "distill")
-    seen: dict[str, int] = {}
+    overrides = ["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"]
+    cfg = compose_cfg(overrides, "distill")
+    dm = TeacherTextDataModule_for(cfg)
+    steps_per_epoch = len(EpochBatchSampler(len(dm.train_set), dm.batch_size, dm.shuffle_seed))
+    every = cfg.callbacks.model_checkpoint.every_n_train_steps
+    if where == "mid_epoch":
+        saved = every * 2
+        assert saved % steps_per_epoch, "the tiny corpus must put this checkpoint inside an epoch"
+    else:  # the first epoch end that is also a checkpoint step
+        saved = next(e * steps_per_epoch for e in (1, 2, 3, 4) if e * steps_per_epoch % every == 0)
+        assert saved < 3 * steps_per_epoch, "the tiny run must go on past that epoch"
+    seen: dict[str, object] = {}
 
     class Kill(Callback):
         def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step >= 5:
-                raise RuntimeError("killed at step 5")
+            if trainer.global_step > saved:
+                raise RuntimeError(f"killed after step {saved}")
 
-    class RecordStart(Callback):
+    class Record(Callback):
+        def __init__(self, into: dict) -> None:
+            self.into = into
+
         def on_train_start(self, trainer, *args):
-            seen["start_step"] = trainer.global_step
+            self.into["start_step"] = trainer.global_step
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.setdefault("first_batch", batch.input_ids.clone())
+            self.into.setdefault("first_batch", batch.input_ids.clone())
+            self.into.setdefault("epoch_starts", {}).setdefault(trainer.current_epoch, batch.input_ids.clone())
 
         def on_train_end(self, trainer, *args):
-            seen["end_step"] = trainer.global_step
+            self.into["end_step"] = trainer.global_step
 
     def with_callback(ctx, callback):
         build = ctx.trainer_factory
@@ -85,31 +104,37 @@ def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_re
         ctx.trainer_factory = factory
         return ctx
 
-    def run():
+    def run(cfg):
         return student_run(cfg, "student", ["hard_ce", "prior_kl"])
 
+    def batch_at(epoch: int, index: int):
+        sampler = EpochBatchSampler(len(dm.train_set), dm.batch_size, dm.shuffle_seed)
+        sampler.set_epoch(epoch)
+        rows = list(sampler)[index]
+        return collate([dm.train_set[i] for i in rows], dm.pad_id, dm.store_names).input_ids
+
     with pytest.raises(RuntimeError, match="killed"):
-        run_distill(with_callback(build_context(cfg), Kill()), run())
+        run_distill(with_callback(build_context(cfg), Kill()), run(cfg))
     (folder,) = artifacts(kdl_env, "distill")
     assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "result.json").exists()
-    result = run_distill(with_callback(build_context(cfg), RecordStart()), run())
-    assert seen["start_step"] == 4  # resumed from the checkpoint saved every 2 steps, not from 0
-    # and from the 5th batch of the epoch's (seeded) order, not from its first batch again
-    from kd_lightning.data.datamodule import EpochBatchSampler
-
-    dm = TeacherTextDataModule_for(cfg)
-    fifth = EpochBatchSampler(len(dm.train_set), dm.batch_size, dm.shuffle_seed)
-    fifth_batch = list(fifth)[4]
-    expected = collate([dm.train_set[i] for i in fifth_batch], dm.pad_id, dm.store_names).input_ids
-    assert torch.equal(seen["first_batch"], expected)
+    result = run_distill(with_callback(build_context(cfg), Record(seen)), run(cfg))
+    assert seen["start_step"] == saved  # resumed from the checkpoint, not from 0
+    # the first batch trained after the resume is the next one of the seeded order of its epoch
+    assert torch.equal(seen["first_batch"], batch_at(*divmod(saved, steps_per_epoch)))
     assert (folder / "result.json").is_file() and result["tokens"] > 0
     (trained,) = build_events(folder, "train")  # the killed fit raised before it could finish
-    assert trained["start_step"] == 4 and trained["end_step"] == seen["end_step"]
+    assert trained["start_step"] == saved and trained["end_step"] == seen["end_step"] == 3 * steps_per_epoch
     # the resumed student is the one an uninterrupted run trains
     monkeypatch.setenv("KDL_ARTIFACTS", str(kdl_env / "clean"))
-    clean_cfg = compose_cfg(["experiment=tiny", "loss=[hard_ce,prior_kl]", "trainer.max_epochs=3"], "distill")
-    clean = run_distill(build_context(clean_cfg), student_run(clean_cfg, "student", ["hard_ce", "prior_kl"]))
+    clean_cfg = compose_cfg(overrides, "distill")
+    clean_seen: dict[str, object] = {}
+    clean = run_distill(with_callback(build_context(clean_cfg), Record(clean_seen)), run(clean_cfg))
     assert result["nll"] == pytest.approx(clean["nll"], abs=1e-6) and result["tokens"] == clean["tokens"]
+    # and every epoch is drawn in its own order (Lightning sets the epoch where it looks for it)
+    starts = clean_seen["epoch_starts"]
+    assert sorted(starts) == [0, 1, 2]
+    assert all(torch.equal(starts[e], batch_at(e, 0)) for e in starts)
+    assert not torch.equal(starts[0], starts[1])
 
 
 def TeacherTextDataModule_for(cfg):

@@ -196,8 +196,30 @@ def _teacher_tensors(
     return ids, mask, positions
 
 
+class EpochOrder(Sampler[int]):
+    """A permutation of ``range(size)`` seeded by (seed, epoch).
+
+    Lightning calls ``set_epoch`` at every epoch start on ``dataloader.sampler`` and
+    ``dataloader.batch_sampler.sampler``, never on a batch sampler itself; so the epoch lives here, the
+    inner sampler of :class:`EpochBatchSampler`, where Lightning finds it.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
 class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches, seeded by (seed, epoch), that can skip the batches a resumed run already did.
+    """Shuffled batches in a new order every epoch, that can skip the batches a resumed run already did.
 
     Under data parallelism every rank draws the same order and takes its own slice of each global batch
     (``batch_size`` per rank), so W ranks together see exactly the batches one process would see with
@@ -208,13 +230,20 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.sampler = EpochOrder(size, seed)
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self.skip = 0
+        self.resume_at: tuple[int, int] | None = None
+        """(epoch, batches of it already trained), set on a resumed run: skipped once, and only when that
+        epoch is the one iterated. A checkpoint saved at an epoch's last batch resumes into the *next*
+        epoch, all of whose batches must run."""
 
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
-        self.epoch = epoch
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
     @property
     def global_batch_size(self) -> int:
@@ -225,10 +254,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         return full + (1 if rest >= self.num_replicas else 0)
 
     def __iter__(self):
-        order = torch.randperm(
-            self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        ).tolist()
-        skip, self.skip = self.skip, 0
+        order = list(self.sampler)
+        skip = 0
+        if self.resume_at is not None:
+            (epoch, done), self.resume_at = self.resume_at, None
+            skip = done if epoch == self.epoch else 0
         size = self.global_batch_size
         for index in range(skip, len(self)):
             items = order[index * size : (index + 1) * size]
@@ -248,7 +278,7 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.batch_sampler.epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.epoch = state.get("epoch", self.batch_sampler.epoch)
+        self.batch_sampler.set_epoch(state.get("epoch", self.batch_sampler.epoch))
 
 
 @dataclass
@@ -308,7 +338,8 @@ class TeacherTextDataModule(LightningDataModule):
             raise RuntimeError("call TeacherTextDataModule.connect(...) before training")
         world, rank = self._replicas()
         sampler = EpochBatchSampler(len(self.train_set), self.batch_size, self.shuffle_seed, world, rank)
-        sampler.skip = self._batches_done_in_epoch(len(sampler))
+        done = self._batches_done_in_epoch(len(sampler))
+        sampler.resume_at = (self.trainer.current_epoch, done) if done else None
         return ResumableDataLoader(
             self.train_set,
             batch_sampler=sampler,
