@@ -50,7 +50,9 @@ def test_stage_by_stage_and_multirun_reuses_prior_and_proxy(kdl_env):
 
 
 @pytest.mark.parametrize("where", ["mid_epoch", "at_an_epoch_end"])
-def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(kdl_env, monkeypatch, where):
+def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(
+    kdl_env, monkeypatch, where
+):
     """A kill after a checkpoint resumes to the uninterrupted student, wherever the checkpoint fell: mid-epoch
     (its remaining batches, not the first ones again) or at an epoch's last batch (the next epoch, all of it:
     this case once skipped a whole epoch)."""
@@ -88,7 +90,9 @@ def test_killed_distill_resumes_from_its_last_checkpoint_to_the_uninterrupted_re
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.into.setdefault("first_batch", batch.input_ids.clone())
-            self.into.setdefault("epoch_starts", {}).setdefault(trainer.current_epoch, batch.input_ids.clone())
+            self.into.setdefault("epoch_starts", {}).setdefault(
+                trainer.current_epoch, batch.input_ids.clone()
+            )
 
         def on_train_end(self, trainer, *args):
             self.into["end_step"] = trainer.global_step
