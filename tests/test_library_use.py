@@ -103,6 +103,11 @@ def test_a_term_of_an_earlier_release_still_runs_for_one_release_and_is_told_the
         ForwardKL("prior")(logits, (batch,))
     with pytest.raises(KeyError, match="no such field"):
         batch["posterior_ids"]
+    # a term that tests for a field in the key form is told too, and still gets the right answer
+    with pytest.warns(BatchFormWarning, match=r"'prior_ids' in batch.*batch.soft_labels\['prior'\].ids"):
+        assert "prior_ids" in batch
+    with pytest.warns(BatchFormWarning, match=r"'posterior_ids' in batch.*name in batch.soft_labels"):
+        assert "posterior_ids" not in batch
 
 
 def test_fast_path_flags_are_declared_by_the_code_not_inherited_past_an_override():

@@ -215,7 +215,14 @@ class PositionBatch:
 
     def __contains__(self, key: object) -> bool:
         """Deprecated with ``__getitem__``: whether the key form names a field of this batch."""
-        return key in self._fields()
+        fields = self._fields()
+        warnings.warn(
+            f"`{key!r} in batch` is deprecated and goes in the next release; test the typed fields instead "
+            f"({fields[key][1] if key in fields else 'e.g. name in batch.soft_labels, batch.dense_logits'})",
+            BatchFormWarning,
+            stacklevel=2,
+        )
+        return key in fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
