@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from kd_lightning.data import sharegpt
+from kd_lightning.data.chat_encoding import FALLBACK_PROMPT
 from kd_lightning.data.records import Record, read_sharegpt, split_records
 from kd_lightning.data.sharegpt import ShareGPTError, ShareGPTReport, read_conversations, sharegpt_rows
-from kd_lightning.data.tokenized import FALLBACK_PROMPT, prompt_and_response_ids, tokenize_records
+from kd_lightning.data.tokenized import prompt_and_response_ids, tokenize_records
 from tests.helpers.cli import artifacts, kdl
 
 CONVERSATIONS = [

@@ -14,6 +14,7 @@ from typing import Any
 
 from kd_lightning.artifacts import Workspace, fault_point, file_digest, remove_leftovers
 from kd_lightning.atomic import atomic_folder
+from kd_lightning.data.chat_encoding import chat_encoder
 from kd_lightning.data.records import CorpusError, Record, load_records, split_records
 from kd_lightning.data.sharegpt import sharegpt_path
 from kd_lightning.data.tokenized import TokenizedCorpus, tokenize_records
@@ -193,13 +194,14 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
         )
     if spec.heldout_limit is not None:
         heldout_records = heldout_records[: spec.heldout_limit]
-    train = tokenize_records(train_records, tokenizer, spec.max_seq_len)
-    heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len)
+    encoder = chat_encoder(tokenizer)  # one cache of tokenised messages for every cut of the text
+    train = tokenize_records(train_records, tokenizer, spec.max_seq_len, encoder=encoder)
+    heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len, encoder=encoder)
     log.info("corpus train: %s", train.report.summary())
     log.info("corpus held-out: %s", heldout.report.summary())
     counts = None
     if spec.count_max_seq_len not in (None, spec.max_seq_len):
-        counts = tokenize_records(train_records, tokenizer, spec.count_max_seq_len)
+        counts = tokenize_records(train_records, tokenizer, spec.count_max_seq_len, encoder=encoder)
         log.info(
             "corpus counted by the prior (up to %d tokens): %s",
             spec.count_max_seq_len,

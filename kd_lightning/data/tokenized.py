@@ -11,20 +11,24 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.atomic import atomic_folder
+from kd_lightning.data.chat_encoding import (
+    CHECK_RECORDS,
+    Encoder,
+    ReferenceEncoder,
+    chat_encoder,
+    encode_checked,
+)
 from kd_lightning.data.records import CorpusError, Record
 
 log = logging.getLogger(__name__)
 
-FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-FALLBACK_TURN = {"user": "### Instruction:\n{content}\n\n", "assistant": "### Response:\n{content}\n\n"}
-"""Earlier turns of a conversation, for a tokenizer without a chat template (before FALLBACK_PROMPT)."""
 CHARS_PER_TOKEN_BOUND = 16
 """History beyond this many characters per prompt token cannot fit: it is dropped before tokenising."""
 
@@ -40,6 +44,9 @@ class CorpusReport:
     prompt_too_long: int = 0
     history_trimmed: int = 0
     examples: dict[str, list[int]] = field(default_factory=dict)
+    encoding: dict[str, int | str] = field(default_factory=dict)
+    """How the ids were made (``pieces`` or ``reference``) and how many records were checked against the
+    reference path (see :func:`kd_lightning.data.chat_encoding.encode_checked`)."""
 
     def note(self, reason: str, index: int) -> None:
         setattr(self, reason, getattr(self, reason) + 1)
@@ -124,58 +131,12 @@ class TokenizedCorpus:
         )
 
 
-def _messages(record: Record) -> list[dict[str, str]]:
-    user = record.instruction if not record.input else f"{record.instruction}\n\n{record.input}"
-    messages = [{"role": "system", "content": record.system}] if record.system else []
-    history = [{"role": role, "content": content} for role, content in record.history]
-    return [*messages, *history, {"role": "user", "content": user}]
-
-
-ENCODE_BATCH = 256
-"""Records whose texts are tokenised in one call (the fast tokenizer spreads a batch over the cores)."""
-
-
-def _texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The chat-templated prompt (with generation prompt) and the whole templated conversation; without a
-    template, the fallback prompt and the response."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = _messages(record)
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": record.response}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):
-            raise CorpusError(
-                "the tokenizer's chat template does not extend the prompt with the response; "
-                "use a tokenizer whose template renders the generation prompt as a prefix"
-            )
-        return prompt_text, full_text
-    user = _messages(record)[-1]["content"]
-    turns = "".join(FALLBACK_TURN[role].format(content=content) for role, content in record.history)
-    return turns + FALLBACK_PROMPT.format(instruction=user), record.response
-
-
 def encode_records(
     records: list[Record], tokenizer: PreTrainedTokenizerBase
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each record's prompt and response (see :func:`prompt_and_response_ids`), tokenised
-    ``ENCODE_BATCH`` records per call."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    found = []
-    for start in range(0, len(records), ENCODE_BATCH):
-        texts = [_texts(record, tokenizer) for record in records[start : start + ENCODE_BATCH]]
-        encoded = tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
-        for i, (prompt_text, full_text) in enumerate(texts):
-            prompt, full = encoded[2 * i], encoded[2 * i + 1]
-            if not templated:
-                bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-                found.append((bos + prompt, [*full, tokenizer.eos_token_id]))
-            elif full[: len(prompt)] != prompt:  # tokenisation merged across the boundary; keep the prompt
-                response = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-                found.append((prompt, response))
-            else:
-                found.append((prompt, full[len(prompt) :]))
-    return found
+    """Token ids of each record's prompt and response (see :func:`prompt_and_response_ids`), by the
+    reference path (each record's template rendered and tokenised whole)."""
+    return ReferenceEncoder(tokenizer).encode(records)
 
 
 def prompt_and_response_ids(
@@ -189,10 +150,6 @@ def prompt_and_response_ids(
     return encode_records([record], tokenizer)[0]
 
 
-def _prompt_length(record: Record, tokenizer: PreTrainedTokenizerBase) -> int:
-    return len(prompt_and_response_ids(replace(record, response=""), tokenizer)[0])
-
-
 def without_unfitting_history(record: Record, max_tokens: int) -> Record:
     """The record without the oldest history turns that cannot fit ``max_tokens`` whatever their
     tokenization (beyond ``CHARS_PER_TOKEN_BOUND`` characters per token), so they are never tokenised."""
@@ -204,18 +161,24 @@ def without_unfitting_history(record: Record, max_tokens: int) -> Record:
     return record if history == record.history else replace(record, history=history)
 
 
-def fit_history(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int) -> Record:
+def fit_history(
+    record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int, encoder: Encoder | None = None
+) -> Record:
     """The record with the fewest oldest history turns dropped so that its prompt fits ``max_prompt_len``
     tokens (itself when it fits; with no history left when even the last user message alone does not)."""
     if not record.history:
         return record
+    encoder = encoder or ReferenceEncoder(tokenizer)
     history = without_unfitting_history(record, max_prompt_len).history
-    if history == record.history and _prompt_length(record, tokenizer) <= max_prompt_len:
+    if history == record.history and encoder.prompt_length(record) <= max_prompt_len:
         return record
     low, high = len(record.history) - len(history), len(record.history)  # drop `high` turns: always fits
     while low < high:  # the fewest dropped turns whose prompt fits
         middle = (low + high) // 2
-        if _prompt_length(replace(record, history=record.history[middle:]), tokenizer) <= max_prompt_len:
+        if (
+            encoder.prompt_length(replace(record, history=record.history[middle:], response=""))
+            <= max_prompt_len
+        ):
             high = middle
         else:
             low = middle + 1
@@ -227,23 +190,35 @@ def fit_record(
     tokenizer: PreTrainedTokenizerBase,
     max_seq_len: int,
     encoded: tuple[list[int], list[int]] | None = None,
+    encoder: Encoder | None = None,
 ) -> tuple[Record, list[int], list[int]]:
     """A record cut to ``max_seq_len`` tokens, the response first: a conversation's oldest turns are dropped
     until prompt and response fit (or no history is left); the caller truncates a response that still does
-    not. Returns the fitted record and its prompt and response ids (``encoded``: the whole record's)."""
-    prompt, response = encoded or prompt_and_response_ids(record, tokenizer)
+    not. Returns the fitted record and its prompt and response ids (``encoded``: the whole record's;
+    ``encoder``: how ids are made, the reference path by default)."""
+    encoder = encoder or ReferenceEncoder(tokenizer)
+    prompt, response = encoded or encoder.encode([record])[0]
     if not record.history or len(prompt) + len(response) <= max_seq_len:
         return record, prompt, response
-    fitted = fit_history(record, tokenizer, max(max_seq_len - len(response), 1))
-    return (fitted, *prompt_and_response_ids(fitted, tokenizer))
+    fitted = fit_history(record, tokenizer, max(max_seq_len - len(response), 1), encoder)
+    return (fitted, *encoder.encode([fitted])[0])
 
 
 def tokenize_records(
-    records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+    records: list[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    *,
+    encoder: Encoder | None = None,
+    check_records: int | None = CHECK_RECORDS,
 ) -> TokenizedCorpus:
     """Tokenise records; empty responses and over-long prompts are skipped and counted, long responses
     truncated and counted. A conversation's oldest turns are dropped (and counted) until prompt and
-    response fit (see :func:`fit_record`); its record key stays the whole conversation's."""
+    response fit (see :func:`fit_record`); its record key stays the whole conversation's.
+
+    ``encoder`` makes the ids (default: each message tokenised once, :class:`PieceEncoder`, for a templated
+    tokenizer); ``check_records`` of them (None: all) are compared with the reference path, which encodes the
+    whole corpus instead if any differs (see :func:`encode_checked`)."""
     if max_seq_len < 4:
         raise CorpusError(f"max_seq_len={max_seq_len} is too small; use at least a few hundred tokens")
     report = CorpusReport(records=len(records))
@@ -255,8 +230,10 @@ def tokenize_records(
         else:
             report.note("empty_response", index)
     shortened = [without_unfitting_history(records[i], max_seq_len) for i in usable]
-    for index, record, pair in zip(usable, shortened, encode_records(shortened, tokenizer)):
-        fitted, prompt, response = fit_record(record, tokenizer, max_seq_len, pair)
+    pairs, encoder, check = encode_checked(shortened, encoder or chat_encoder(tokenizer), check_records)
+    report.encoding = {"path": encoder.name, **asdict(check)}
+    for index, record, pair in zip(usable, shortened, pairs):
+        fitted, prompt, response = fit_record(record, tokenizer, max_seq_len, pair, encoder)
         if fitted.history != records[index].history:
             report.note("history_trimmed", index)
         if len(prompt) + 1 > max_seq_len:
@@ -265,7 +242,7 @@ def tokenize_records(
         if len(prompt) + len(response) > max_seq_len:
             report.note("truncated", index)
             response = response[: max_seq_len - len(prompt)]
-        sequences.append(np.asarray(prompt + response, dtype=np.int32))
+        sequences.append(np.concatenate([prompt, response]).astype(np.int32, copy=False))
         prompt_lens.append(len(prompt))
         keys.append(records[index].key)
         report.kept += 1
