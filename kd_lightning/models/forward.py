@@ -63,6 +63,36 @@ def check_packing(model: nn.Module) -> None:
     object.__setattr__(model, "_kdl_packing_ok", True)
 
 
+TRAINING_DECODER = "_kdl_training_decoder"
+"""Attribute of a model holding its compiled decoder (see :func:`compile_for_training`); not a submodule, so
+neither a checkpoint nor ``save_pretrained`` sees it."""
+
+
+def compile_for_training(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
+    """Compile (``torch.compile``, inductor) the decoder that teacher-forced training steps run.
+
+    Only the training forward uses it (the model in train mode, through :func:`target_position_logits` and
+    :func:`target_position_states`): generation and evaluation keep the eager decoder, whose shapes change
+    every step and would recompile. The compiled decoder shares the model's parameters. Returns it.
+    """
+    if not hasattr(model, "get_decoder"):
+        raise TypeError("trainer.compile=true needs an HF causal LM (get_decoder) as the student")
+    compiled = torch.compile(model.get_decoder(), dynamic=dynamic)
+    object.__setattr__(model, TRAINING_DECODER, compiled)
+    return compiled
+
+
+def release_compiled(model: nn.Module) -> None:
+    """Drop the compiled training decoder (after fit: the model is saved, copied and evaluated eagerly)."""
+    if TRAINING_DECODER in model.__dict__:
+        object.__delattr__(model, TRAINING_DECODER)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    compiled = model.__dict__.get(TRAINING_DECODER)
+    return compiled if compiled is not None and model.training else model.get_decoder()
+
+
 def target_position_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -83,7 +113,7 @@ def target_position_logits(
     inputs = model_inputs(model, input_ids, attention_mask, position_ids)
     if not shortcut:
         return model(**inputs).logits[positions]
-    hidden = model.get_decoder()(**inputs).last_hidden_state
+    hidden = _decoder(model)(**inputs).last_hidden_state
     return model.get_output_embeddings()(hidden[positions])
 
 
@@ -108,7 +138,7 @@ def target_position_states(
         out = model(**inputs, output_hidden_states=True)
         layers = {layer: out.hidden_states[layer][positions] for layer in hidden_layers}
         return (out.logits[positions] if head else out.hidden_states[-1][positions]), layers
-    out = model.get_decoder()(**inputs, output_hidden_states=True)
+    out = _decoder(model)(**inputs, output_hidden_states=True)
     states = out.hidden_states
     layers = {layer: states[layer][positions] for layer in hidden_layers}
     last = out.last_hidden_state[positions]

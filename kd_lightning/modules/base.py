@@ -126,8 +126,10 @@ class StudentModule(LightningModule):
         if self.eval_generation_limit:
             self.require_special_ids("held-out generation (eval_generation_limit > 0)")
         self.step_seconds: dict[str, list[float]] = {}
-        self.gathered_state: dict[str, torch.Tensor] | None = None  # the full student after FSDP training
         """Wall time of each training step's phases (``rollout_seconds``, ``update_seconds``)."""
+        self.gathered_state: dict[str, torch.Tensor] | None = None  # the full student after FSDP training
+        self.compile_seconds: float | None = None
+        """What compiling the student cost once (``trainer.compile=true``), kept in the training record."""
 
     # ---------------------------------------------------------------- set-up
     def require_special_ids(self, why: str) -> None:
@@ -193,7 +195,23 @@ class StudentModule(LightningModule):
         if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             root.clip_grad_norm_(float(gradient_clip_val))
             return
+        if gradient_clip_val and self._fused_without_scaler(optimizer):
+            # Lightning refuses to clip for a fused optimizer under mixed precision, because a gradient
+            # scaler's unscaling would then happen inside the optimizer; bf16 and fp32 use no scaler, so the
+            # gradients are already unscaled and clipping them here is exact.
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+            else:
+                torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+            return
         super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _fused_without_scaler(self, optimizer: torch.optim.Optimizer) -> bool:
+        """A fused optimizer (``optimizer.fused=true``) trained without a gradient scaler (not fp16)."""
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        return fused and getattr(plugin, "scaler", None) is None
 
     def on_train_end(self) -> None:
         # Under FSDP, gather the full student while its shards are still on the devices and the process

@@ -52,11 +52,14 @@ def train_student(
     trainer_factory: Callable[..., Trainer],
     max_epochs: int | None = None,
     trainer_overrides: Mapping[str, Any] | None = None,
+    measure_heldout: bool = True,
 ) -> dict[str, Any]:
     """Train a student (resuming its last checkpoint) and evaluate it on the held-out text (cached).
 
     ``provenance`` is everything the student depends on (its resolved settings, the corpus, the stores'
-    keys, the code); ``datamodule`` must already be connected to the corpus and the stores.
+    keys, the code); ``datamodule`` must already be connected to the corpus and the stores. A search trial
+    (``measure_heldout=False``) is scored on the validation split only; the held-out NLL is added to its
+    result when a later run asks for it.
     """
 
     def build(folder: Path) -> dict[str, Any]:
@@ -65,7 +68,9 @@ def train_student(
         remove_leftovers(folder, ".student.*")  # a save cut short by a kill
         if (folder / "student" / TRAINING_RECORD).is_file():  # killed after saving, before the result
             log.info("%s: the student was saved by an earlier run; evaluating it", folder)
-            return finish_student(folder, corpus, name, load_causal_lm(folder / "student"), None)
+            return finish_student(
+                folder, corpus, name, load_causal_lm(folder / "student"), None, measure_heldout
+            )
         module = build_module()
         overrides = {**module.trainer_overrides, **(trainer_overrides or {})}
         trainer = trainer_factory(folder, name, max_epochs=max_epochs, overrides=overrides or None)
@@ -96,7 +101,7 @@ def train_student(
                 corpus.tokenizer.save_pretrained(tmp)
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
-        return finish_student(folder, corpus, name, trained.student, trainer)
+        return finish_student(folder, corpus, name, trained.student, trainer, measure_heldout)
 
     def train_as_replica(folder: Path) -> dict[str, Any]:
         """One of Lightning's extra DDP processes: train along, then leave; rank 0 saves and evaluates."""
@@ -108,7 +113,12 @@ def train_student(
         raise ReplicaFinished(folder)
 
     def load(folder: Path) -> dict[str, Any]:
-        return json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / "result.json").read_text())
+        if measure_heldout and "nll" not in result:  # a search trial's student, now wanted in full
+            metrics = student_metrics(load_causal_lm(folder / "student"), corpus, name)
+            result = {**result, **metrics}
+            atomic_json(folder / "result.json", result)
+        return result
 
     return workspace.cached("distill", provenance, build, load, done="result.json")
 
@@ -128,22 +138,44 @@ class ReplicaFinished(Exception):
 
 
 def finish_student(
-    folder: Path, corpus: Corpus, name: str, student: nn.Module, trainer: Trainer | None
+    folder: Path,
+    corpus: Corpus,
+    name: str,
+    student: nn.Module,
+    trainer: Trainer | None,
+    measure_heldout: bool = True,
 ) -> dict[str, Any]:
-    """Held-out NLL of a saved student, logged and written as ``result.json`` (never a non-finite one)."""
+    """Held-out NLL of a saved student (``nll``; skipped for a search trial, ``measure_heldout=False``) and
+    its validation NLL (``val_nll``, when the corpus has a validation split), logged and written as
+    ``result.json`` (never a non-finite one)."""
     folder.mkdir(parents=True, exist_ok=True)
     training = json.loads((folder / "student" / TRAINING_RECORD).read_text())
-    metrics = heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}")
+    metrics = student_metrics(student, corpus, name, measure_heldout)
     if trainer is not None:
         close_loggers(trainer, {f"heldout/{k}": v for k, v in metrics.items()})
-    require_finite(
-        metrics,
-        f"student {name!r}",
-        f"training diverged, so nothing was cached; lower optimizer.lr or check the soft-label stores ({folder})",
-    )
     result = {**training, **metrics, "name": name, "folder": str(folder)}
     atomic_json(folder / "result.json", result)
     return result
+
+
+def student_metrics(
+    student: nn.Module, corpus: Corpus, name: str, measure_heldout: bool = True
+) -> dict[str, Any]:
+    """``nll``/``ppl``/``tokens`` on the held-out split (if asked) and ``val_*`` on the validation split (if
+    the corpus has one); a non-finite one is refused, so a diverged student is never cached."""
+    metrics: dict[str, Any] = {}
+    if measure_heldout:
+        metrics.update(heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}"))
+    if corpus.validation is not None:
+        found = heldout_nll(student, corpus.validation, corpus.pad_id, desc=f"validate {name}")
+        metrics.update({f"val_{key}": value for key, value in found.items()})
+    for key in ("nll", "val_nll"):
+        require_finite(
+            {"nll": metrics.get(key)},
+            f"student {name!r}",
+            "training diverged, so nothing was cached; lower optimizer.lr or check the soft-label stores",
+        )
+    return metrics
 
 
 def trained_students(workspace: Workspace) -> list[tuple[str, Path]]:
@@ -212,8 +244,12 @@ def restore_best_checkpoint(module: nn.Module, trainer: Trainer) -> str | None:
 
 
 def timing_summary(module: StudentModule) -> dict[str, float]:
-    """Mean seconds per training step of each timed phase (on-policy modules time rollouts and updates)."""
-    return {f"{key}_per_step": sum(v) / len(v) for key, v in module.step_seconds.items() if v}
+    """Mean seconds per training step of each timed phase (on-policy modules time rollouts and updates), and
+    the one-time cost of compiling the student."""
+    summary = {f"{key}_per_step": sum(v) / len(v) for key, v in module.step_seconds.items() if v}
+    if module.compile_seconds is not None:
+        summary["compile_seconds"] = module.compile_seconds
+    return summary
 
 
 def last_checkpoint(folder: Path) -> str | None:
