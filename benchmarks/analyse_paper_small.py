@@ -57,7 +57,7 @@ def main() -> None:
     try:
         model.fit(counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1))
         events = np.flatnonzero(heldout.target_mask()) + 1
-        rows, _orders = model.distributions(heldout.tokens, heldout.offsets, events, 32)
+        rows, _orders, _counts = model.distributions(heldout.tokens, heldout.offsets, events, 32)
     finally:
         model.close()
     observed = heldout.tokens[events].astype(np.int64)

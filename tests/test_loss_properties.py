@@ -35,6 +35,7 @@ from kd_lightning.losses import (
 )
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.losses.terms import AGREEMENT_STORE, DivergenceTerm
+from kd_lightning.losses.weighting import STORES_READ
 from tests.helpers.batches import position_batch
 from tests.helpers.losses import (
     CASES,
@@ -51,9 +52,8 @@ def with_target(term, target: str):
     term = copy.deepcopy(term)
     if isinstance(term, DivergenceTerm):
         term.kd_target = target
-        term.soft_labels = () if target == "teacher" else (target,)
-        if term.weighting != "none":
-            term.soft_labels = (*term.soft_labels, AGREEMENT_STORE)
+        own = () if target == "teacher" else (target,)
+        term.soft_labels = tuple(dict.fromkeys((*own, *STORES_READ[term.weighting])))
     return term
 
 
@@ -74,6 +74,8 @@ def make_batch(
     batch[f"{AGREEMENT_STORE}_ids"] = target.clamp_min(0).unsqueeze(-1)
     batch[f"{AGREEMENT_STORE}_probs"] = agreement
     batch[f"{AGREEMENT_STORE}_tail"] = 1 - agreement[..., 0]
+    # the count of the context the prior used at each position (weighting=prior_reliability)
+    batch["prior_context_count"] = torch.randint(0, 40, (B, T), generator=g).float()
     return batch
 
 

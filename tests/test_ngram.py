@@ -31,7 +31,7 @@ def test_bigram_counts_by_hand():
     response = np.roll(corpus.target_mask(), 1)
     model = NGramModel(order=2, vocab_size=10).fit(corpus.tokens, corpus.offsets, response)
     positions = np.array([2, 5, 8])  # the tokens after "1"
-    rows, orders = model.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
+    rows, orders, _ = model.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
     d = dense(rows, 10)
     np.testing.assert_allclose(d[0, [2, 3]], [2 / 3, 1 / 3])
     np.testing.assert_allclose(d.sum(1) + rows.tail, 1.0)
@@ -71,7 +71,7 @@ def test_backoff_to_shorter_context_when_context_unseen():
     model = NGramModel(order=3, vocab_size=10).fit(
         counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1)
     )
-    rows, orders = model.distributions(heldout.tokens, heldout.offsets, np.array([3]), top_k=4)
+    rows, orders, _ = model.distributions(heldout.tokens, heldout.offsets, np.array([3]), top_k=4)
     assert orders[0] == 2
     np.testing.assert_allclose(dense(rows, 10)[0, [2, 3]], [2 / 3, 1 / 3], atol=1e-6)
 
@@ -81,7 +81,7 @@ def test_min_context_count_backs_off_rare_contexts():
     model = NGramModel(order=3, vocab_size=10, min_context_count=2).fit(
         corpus.tokens, corpus.offsets, np.roll(corpus.target_mask(), 1)
     )
-    rows, orders = model.distributions(corpus.tokens, corpus.offsets, np.array([3, 7]), top_k=4)
+    rows, orders, _ = model.distributions(corpus.tokens, corpus.offsets, np.array([3, 7]), top_k=4)
     assert orders[0] == 2  # (5, 1) seen once -> bigram
     assert orders[1] == 3  # (6, 1) seen twice -> trigram
     np.testing.assert_allclose(dense(rows, 10)[1, 3], 1.0)
@@ -93,7 +93,7 @@ def test_unigram_backoff_when_nothing_matches():
         counted.tokens, counted.offsets, np.roll(counted.target_mask(), 1)
     )
     unseen = corpus_of([[9, 4, 4]])
-    rows, orders = model.distributions(unseen.tokens, unseen.offsets, np.array([2]), top_k=4)
+    rows, orders, _ = model.distributions(unseen.tokens, unseen.offsets, np.array([2]), top_k=4)
     assert orders[0] == 1
     d = dense(rows, 10)
     # unigram over counted response tokens {1: 2, 2: 2}; observed 4 unseen -> present with probability 0
@@ -126,7 +126,7 @@ def test_hash_prefix_collision_falls_back_to_exact_contexts():
 
 def test_context_keys_are_exact_for_short_contexts():
     """n <= 5 with a 16-bit vocabulary: distinct contexts never share a key (packing + bijective mix)."""
-    from kd_lightning.estimation.ngram import context_hashes
+    from kd_lightning.estimation.ngram_counts import context_hashes
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 49152, size=200_000).astype(np.int32)
@@ -141,7 +141,7 @@ def test_mix_prior_rejects_gamma_below_one():
     corpus = corpus_of([[9, 1, 2]])
     with pytest.raises(ValueError, match="gamma"):
         NGramPriorEstimator(2, gamma=0.5)
-    rows, _ = (
+    rows, _, _ = (
         NGramModel(2, 10)
         .fit(corpus.tokens, corpus.offsets)
         .distributions(corpus.tokens, corpus.offsets, np.array([2]), 2)

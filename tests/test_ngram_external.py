@@ -68,8 +68,8 @@ def test_memory_mapped_corpus_and_wide_vocabulary(tmp_path):
     spilled = NGramModel(3, vocab, memory_budget="32KiB", spill_dir=tmp_path / "spill").fit(
         mapped, corpus.offsets
     )
-    rows_a, orders_a = memory.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
-    rows_b, orders_b = spilled.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
+    rows_a, orders_a, _ = memory.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
+    rows_b, orders_b, _ = spilled.distributions(corpus.tokens, corpus.offsets, positions, top_k=4)
     assert_same_rows(rows_a, rows_b)
     np.testing.assert_array_equal(orders_a, orders_b)
 

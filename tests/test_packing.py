@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_lightning.data.datamodule import SoftLabelDataset, TeacherTextDataModule, collate, pack_rows
+from kd_lightning.data.collate import collate, pack_rows
+from kd_lightning.data.datamodule import SoftLabelDataset, TeacherTextDataModule
 from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.soft_labels import write_store
 from kd_lightning.data.tokenized import tokenize_records

@@ -234,30 +234,60 @@ def refuse_served_online(run: StudentRun) -> None:
 
 
 VARIANT_KEYS = (
-    "loss", "module", "init_from", "trainer", "proxy", "alignment", "store_format", "teacher_targets", "seeds",
+    "loss", "module", "init_from", "trainer", "optimizer", "overrides", "proxy", "alignment", "store_format",
+    "teacher_targets", "seeds", "family",
 )  # fmt: skip
+VARIANT_STORE_SETTINGS = {
+    "estimator.prior": "prior_estimator",
+    "estimator.posterior": "posterior_estimator",
+    "store_format": "store_format",
+    "estimator.teacher_targets": "teacher_targets",
+}
+"""Config entries a variant may change (through ``overrides`` or its own keys) that its stores are built
+from, and the StageContext field each one sets."""
 
 
-def variant_stores(cfg: DictConfig, spec: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
-    """A variant's own ``store_format`` / ``teacher_targets`` (config nodes) as StageContext fields, with the
-    code fingerprints of the store stages under them (as ``stage_code`` computes them for a whole run)."""
-    settings: dict[str, Any] = {}
+def variant_config(cfg: DictConfig, spec: DictConfig) -> DictConfig:
+    """The run's config as one variant sees it: its ``overrides`` (dotted key → value, any setting: loss
+    weights, a term's settings, ``estimator.prior.gamma``, ``kd_weight_schedule.kind`` ...), its
+    ``optimizer`` settings (e.g. ``{lr: 1.0e-5}``), its ``store_format`` and ``teacher_targets``."""
+    changes = dict(spec.get("overrides") or {})
+    changes.update({f"optimizer.{key}": value for key, value in (spec.get("optimizer") or {}).items()})
+    for key in ("store_format", "teacher_targets"):
+        if spec.get(key) is not None:
+            changes["store_format" if key == "store_format" else "estimator.teacher_targets"] = spec[key]
+    if not changes:
+        return cfg
     local = cfg.copy()
     with open_dict(local):
-        if spec.get("store_format") is not None:
-            settings["store_format"] = instantiate(spec.store_format)
-            local.store_format = spec.store_format
-        if spec.get("teacher_targets") is not None:
-            settings["teacher_targets"] = instantiate(spec.teacher_targets)
-            local.estimator.teacher_targets = spec.teacher_targets
+        for key, value in changes.items():
+            if OmegaConf.select(local, str(key), default=_MISSING) is _MISSING and not str(key).startswith(
+                "+"
+            ):
+                raise KeyError(
+                    f"variant override {key!r} names no setting of this run (check the spelling, e.g. "
+                    "prior_kl_weight, estimator.prior.gamma, loss.prior_kl.decoupled, optimizer.lr)"
+                )
+            OmegaConf.update(local, str(key).lstrip("+"), value, merge=False, force_add=True)
+    return local
+
+
+_MISSING = object()
+
+
+def variant_stores(base: DictConfig, local: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """The StageContext fields a variant's config changes for its stores (its prior and posterior settings,
+    ``store_format``, ``teacher_targets``), with the code fingerprints of the store stages under them."""
+    settings: dict[str, Any] = {}
+    for entry, field_name in VARIANT_STORE_SETTINGS.items():
+        mine, theirs = OmegaConf.select(local, entry), OmegaConf.select(base, entry)
+        if mine is not None and resolved(mine) != resolved(theirs):
+            settings[field_name] = instantiate(mine)
     if not settings:
         return {}, {}
     code = stage_code(local)
-    return settings, {
-        kind.name: code[kind.name]
-        for kind in ARTIFACTS
-        if {"store_format", "estimator.teacher_targets"} & set(kind.config)
-    }
+    changed = {entry for entry, field_name in VARIANT_STORE_SETTINGS.items() if field_name in settings}
+    return settings, {kind.name: code[kind.name] for kind in ARTIFACTS if changed & set(kind.config)}
 
 
 def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
@@ -270,10 +300,28 @@ def with_seed(cfg: DictConfig, seed: int | None) -> DictConfig:
     return copy
 
 
+def with_seeds(cfg: DictConfig, seeds: list[int], names: list[str] | None = None) -> DictConfig:
+    """The config with ``seeds`` (and only the variants ``names``, if given): a search's candidates, trained
+    once, and its finals, trained with every final seed. A variant with its own ``seeds`` keeps those of
+    them that are among ``seeds`` (or the first of ``seeds``)."""
+    copy = cfg.copy()
+    with open_dict(copy):
+        copy.seeds = list(seeds)
+        node = "variants" if copy.get("variants") is not None else "default_variants"
+        specs = copy[node] or {}
+        for name in list(specs):
+            if names is not None and name not in names:
+                del specs[name]
+            elif OmegaConf.is_dict(specs[name]) and specs[name].get("seeds") is not None:
+                own = [seed for seed in specs[name].seeds if seed in seeds]
+                specs[name].seeds = own or list(seeds)[:1]
+    return copy
+
+
 def variants(cfg: DictConfig) -> list[Variant]:
     """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
-    proxy, alignment, store_format, teacher_targets, seeds}``, once per seed of ``cfg.seeds`` (seed-major: every variant of the first seed
-    first).
+    optimizer, overrides, proxy, alignment, store_format, teacher_targets, seeds, family}``, once per seed of
+    ``cfg.seeds`` (seed-major: every variant of the first seed first).
 
     ``module`` is a module config node (an experiment composes one with a defaults entry such as
     ``/module@variants.minillm.module: minillm``); ``init_from`` names an earlier variant whose student (of the
@@ -281,8 +329,11 @@ def variants(cfg: DictConfig) -> list[Variant]:
     is a proxy config node (``- /proxy@variants.<name>.proxy: gemma3_270m``) whose posterior this variant's
     terms read; ``alignment`` an alignment config node (``- /alignment@variants.<name>.alignment: proxy_kd``)
     of the proxy its posterior and proxy-agreement stores come from, resolved under the variant's seed;
-    ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student).
-    A null entry is dropped.
+    ``seeds`` replaces ``cfg.seeds`` for this variant (e.g. ``[0]`` for an untrained student);
+    ``optimizer`` sets optimizer settings for this variant (``{lr: 1.0e-5}``); ``overrides`` sets any other
+    setting for it (``{prior_kl_weight: 0.1, estimator.prior.gamma: 10, loss.prior_kl.decoupled: true}``),
+    its stores included (:func:`variant_config`); ``family`` names the group a search selects the best
+    member of (``kdl pipeline`` with ``search:``). A null entry is dropped.
     """
     listed = cfg.get("variants")
     node = "variants" if listed is not None else "default_variants"
@@ -322,9 +373,10 @@ def variants(cfg: DictConfig) -> list[Variant]:
                 found.append(Variant(name, student_run(seeded, label, list(spec)), seed=seed))
                 continue
             spec = seeded[node][name]
+            local = variant_config(seeded, spec)
             trainer = resolved(spec.trainer) if spec.get("trainer") else None
             run = student_run(
-                seeded, label, list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
+                local, label, list(spec.get("loss") or ["hard_ce"]), spec.get("module"), trainer
             )
             proxy = None
             if spec.get("proxy") is not None:
@@ -334,7 +386,14 @@ def variants(cfg: DictConfig) -> list[Variant]:
                 alignment = (instantiate(spec.alignment), align_code(spec.alignment))
             found.append(
                 Variant(
-                    name, run, spec.get("init_from"), seed, proxy, alignment, variant_stores(seeded, spec)
+                    name,
+                    run,
+                    spec.get("init_from"),
+                    seed,
+                    proxy,
+                    alignment,
+                    variant_stores(seeded, local),
+                    family=spec.get("family"),
                 )
             )
     return found

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.artifacts import fault_point
 from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli import resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
-from kd_lightning.cli.build import build_context, loss_terms, student_run, variants
+from kd_lightning.cli.build import build_context, loss_terms, student_run, variants, with_seeds
 from kd_lightning.cli.help import STAGES, answer_without_hydra
 from kd_lightning.cli.overrides import (
     check_group_choices,
@@ -57,6 +57,7 @@ from kd_lightning.stages import estimate
 from kd_lightning.stages.compare import run_pipeline
 from kd_lightning.stages.measure import run_evaluate, run_fidelity, run_prior_quality
 from kd_lightning.stages.plan import run_plan
+from kd_lightning.stages.search import SearchSpec, run_search
 from kd_lightning.stages.train import run_distill
 
 log = logging.getLogger("kdl")
@@ -75,6 +76,18 @@ def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
         )
     spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
     sets = {name: instantiate(node) for name, node in (cfg.get("evaluation_sets") or {}).items()}
+    if cfg.get("search"):
+        search = SearchSpec(**OmegaConf.to_container(cfg.search, resolve=True))
+        return run_search(
+            build_context(cfg),
+            variants(with_seeds(cfg, [search.seed])),
+            search,
+            lambda names: variants(with_seeds(cfg, search.final_seeds, names)),
+            spec,
+            evaluation_sets=sets,
+            compare_to=cfg.get("compare_to"),
+            out_dir=Path(cfg.paths.output_dir),
+        )
     return run_pipeline(
         build_context(cfg),
         variants(cfg),

@@ -31,6 +31,7 @@ SCHEMA = {
     "<store>_ids": "(1, N, K) long: a soft-label store's ids (prior, posterior, offline_teacher, ...)",
     "<store>_probs": "(1, N, K) float: their probabilities; or (1, N, V) dense probabilities, without _ids",
     "<store>_tail": "(1, N) float: mass not stored in the K entries",
+    "<store>_<channel>": "(1, N) float: a store's per-position number (STORE_CHANNELS), e.g. prior_context_count",
     "<name>_logits": "(1, N, V) float: a dense distribution as logits (teacher_logits: the online teacher)",
     "student_hidden_<layer>": "(1, N, H): the student's hidden states at that layer",
     "teacher_hidden_<layer>": "(1, N, H'): the online teacher's",
@@ -39,28 +40,38 @@ SCHEMA = {
 """The key form of a :class:`PositionBatch`'s fields (what :meth:`PositionBatch.from_fields` reads)."""
 
 
+STORE_CHANNELS = ("context_count", "ngram_order")
+"""Per-position numbers a store may carry beside its rows: the prior's count of the context it used and the
+order it backed off to (``weighting=prior_reliability`` reads the count)."""
+
+
 @dataclass
 class SoftLabels:
-    """Sparse rows of a distribution: ``ids`` (..., K), ``probs`` (..., K), ``tail`` (...) the rest."""
+    """Sparse rows of a distribution: ``ids`` (..., K), ``probs`` (..., K), ``tail`` (...) the rest, and the
+    store's per-position ``channels`` (name → (...), see :data:`STORE_CHANNELS`)."""
 
     ids: torch.Tensor
     probs: torch.Tensor
     tail: torch.Tensor
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SoftLabels:
+        return SoftLabels(
+            fn(self.ids), fn(self.probs), fn(self.tail), {name: fn(t) for name, t in self.channels.items()}
+        )
 
     def at(self, mask: torch.Tensor) -> SoftLabels:
         """Rows at a (B, T) mask, packed to (1, N, ...)."""
-        return SoftLabels(self.ids[mask][None], self.probs[mask][None], self.tail[mask][None])
+        return self._map(lambda t: t[mask][None])
 
     def rows(self, index: slice) -> SoftLabels:
-        return SoftLabels(self.ids[index], self.probs[index], self.tail[index])
+        return self._map(lambda t: t[index])
 
     def positions(self, index: slice) -> SoftLabels:
-        return SoftLabels(self.ids[:, index], self.probs[:, index], self.tail[:, index])
+        return self._map(lambda t: t[:, index])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
-        return SoftLabels(
-            *(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.probs, self.tail))
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 TENSOR_FIELDS = (
@@ -193,6 +204,8 @@ class PositionBatch:
         for name, rows in self.soft_labels.items():
             for part in ("ids", "probs", "tail"):
                 found[f"{name}_{part}"] = (getattr(rows, part), f"batch.soft_labels[{name!r}].{part}")
+            for channel, tensor in rows.channels.items():
+                found[f"{name}_{channel}"] = (tensor, f"batch.soft_labels[{name!r}].channels[{channel!r}]")
         found.update({f"{n}_logits": (t, f"batch.dense_logits[{n!r}]") for n, t in self.dense_logits.items()})
         found.update({f"{n}_probs": (t, f"batch.dense_probs[{n!r}]") for n, t in self.dense_probs.items()})
         for side, hidden in (("student", self.student_hidden), ("teacher", self.teacher_hidden)):
@@ -237,7 +250,10 @@ class PositionBatch:
             name = key[: -len("_ids")]
             if f"{name}_probs" in rest and f"{name}_tail" in rest:
                 batch.soft_labels[name] = SoftLabels(
-                    rest.pop(key), rest.pop(f"{name}_probs"), rest.pop(f"{name}_tail")
+                    rest.pop(key),
+                    rest.pop(f"{name}_probs"),
+                    rest.pop(f"{name}_tail"),
+                    {c: rest.pop(f"{name}_{c}") for c in STORE_CHANNELS if f"{name}_{c}" in rest},
                 )
         for key in list(rest):
             for prefix, into in (

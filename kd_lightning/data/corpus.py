@@ -40,6 +40,10 @@ class CorpusSpec:
     """Map of our field names (instruction, input, system, response) to the source's."""
     heldout_size: int = 100
     """Records held out by the fixed hash rule (see :func:`split_records`)."""
+    validation_size: int = 0
+    """Records (whole conversations, for a corpus with groups) carved from the training side by the same rule,
+    after the held-out ones: the validation split that sweeps select on (``val_nll``). Students, the prior
+    and the proxy never read it. 0: none."""
     max_seq_len: int = 512
     """Prompt + response tokens; longer responses are truncated (and counted), a conversation's oldest
     turns dropped until its prompt fits (and counted)."""
@@ -62,6 +66,10 @@ class CorpusSpec:
             raise ValueError(
                 f"data.heldout_size must be >= 1 (records held out to evaluate on), got {self.heldout_size}"
             )
+        if self.validation_size < 0:
+            raise ValueError(
+                f"data.validation_size must be >= 0 (0: no validation split), got {self.validation_size}"
+            )
         if self.max_seq_len < 2:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.count_max_seq_len is not None and self.count_max_seq_len < self.max_seq_len:
@@ -81,7 +89,8 @@ class Corpus:
 
     ``train`` honours ``train_limit`` (what students train on); ``full_train`` is the whole training split
     (what proxy alignment reads); ``counts`` is the whole training split cut at ``count_max_seq_len``
-    (what the n-gram prior counts; ``full_train`` itself when that is not set).
+    (what the n-gram prior counts; ``full_train`` itself when that is not set); ``validation`` is what sweeps
+    select on, outside all of them.
     """
 
     train: TokenizedCorpus
@@ -91,6 +100,8 @@ class Corpus:
     tokenizer_path: str
     tokenizer_fp: str
     counts: TokenizedCorpus | None = None
+    validation: TokenizedCorpus | None = None
+    """The validation split (``data.validation_size``), or None."""
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -156,19 +167,22 @@ def build_corpus(
     tokenizer = load_tokenizer(tokenizer_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
 
-    def load(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus, TokenizedCorpus | None]:
-        counts = TokenizedCorpus.load(folder / "counts") if (folder / "counts").is_dir() else None
-        return TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout"), counts
+    def optional(folder: Path) -> TokenizedCorpus | None:
+        return TokenizedCorpus.load(folder) if folder.is_dir() else None
 
-    def build(folder: Path) -> tuple[TokenizedCorpus, TokenizedCorpus, TokenizedCorpus | None]:
+    def load(folder: Path) -> tuple[TokenizedCorpus, ...]:
+        train, heldout = TokenizedCorpus.load(folder / "train"), TokenizedCorpus.load(folder / "heldout")
+        return train, heldout, optional(folder / "counts"), optional(folder / "validation")
+
+    def build(folder: Path) -> tuple[TokenizedCorpus, ...]:
         _write_corpus(folder, spec, tokenizer)
         return load(folder)
 
-    full, heldout, counts = workspace.cached(
+    full, heldout, counts, validation = workspace.cached(
         "corpus", corpus_provenance(spec, fingerprint, code), build, load, done="heldout"
     )
     train = full if spec.train_limit is None else first_sequences(full, spec.train_limit)
-    return Corpus(train, full, heldout, tokenizer, str(tokenizer_path), fingerprint, counts)
+    return Corpus(train, full, heldout, tokenizer, str(tokenizer_path), fingerprint, counts, validation)
 
 
 def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
@@ -194,11 +208,18 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
         )
     if spec.heldout_limit is not None:
         heldout_records = heldout_records[: spec.heldout_limit]
+    validation_records = []
+    if spec.validation_size:
+        train_records, validation_records = split_validation(train_records, spec.validation_size)
     encoder = chat_encoder(tokenizer)  # one cache of tokenised messages for every cut of the text
     train = tokenize_records(train_records, tokenizer, spec.max_seq_len, encoder=encoder)
     heldout = tokenize_records(heldout_records, tokenizer, spec.max_seq_len, encoder=encoder)
     log.info("corpus train: %s", train.report.summary())
     log.info("corpus held-out: %s", heldout.report.summary())
+    validation = None
+    if validation_records:
+        validation = tokenize_records(validation_records, tokenizer, spec.max_seq_len, encoder=encoder)
+        log.info("corpus validation: %s", validation.report.summary())
     counts = None
     if spec.count_max_seq_len not in (None, spec.max_seq_len):
         counts = tokenize_records(train_records, tokenizer, spec.count_max_seq_len, encoder=encoder)
@@ -212,7 +233,32 @@ def _write_corpus(folder: Path, spec: CorpusSpec, tokenizer: Any) -> None:
         train.save(tmp / "train")
         if counts is not None:
             counts.save(tmp / "counts")
+        if validation is not None:
+            validation.save(tmp / "validation")
         heldout.save(tmp / "heldout")
+
+
+def split_validation(train_records: list[Record], size: int) -> tuple[list[Record], list[Record]]:
+    """The training records without the validation split, and the split: the next records (whole
+    conversations) by the held-out rule, without any that repeat a prompt the students train on."""
+    if size >= len(train_records):
+        raise CorpusError(
+            f"data.validation_size={size} would leave no training records ({len(train_records)} after the "
+            "held-out split); lower it"
+        )
+    train_records, validation = split_records(train_records, size)
+    seen = {r.key for r in train_records}
+    repeated = [r for r in validation if r.key in seen]
+    if repeated:
+        log.warning(
+            "corpus: %d validation record(s) repeat a training prompt; dropped from validation", len(repeated)
+        )
+        validation = [r for r in validation if r.key not in seen]
+    if not validation:
+        raise CorpusError(
+            f"data.validation_size={size}: every validation record repeats a training prompt; use a larger size"
+        )
+    return train_records, validation
 
 
 def first_sequences(corpus: TokenizedCorpus, n: int) -> TokenizedCorpus:

@@ -29,77 +29,20 @@ import torch
 
 from kd_lightning.artifacts import fault_point, remove_leftovers
 from kd_lightning.atomic import atomic_folder
+from kd_lightning.data.store_checks import (
+    VALIDATE_CHUNK_ROWS,
+    StoreCorruptError,
+    StoreMismatchError,
+    check_provenance,
+    fix_hint,
+    validate_rows,
+)
 from kd_lightning.data.store_format import StoreFormat, check_arrays, decode, encode
 
 FORMAT_VERSION = 1
 FORMAT_VERSIONS = (1, 2)
 """Format 1: K float16 slots per row (the default). Format 2: :mod:`kd_lightning.data.store_format`."""
 log = logging.getLogger(__name__)
-
-
-class StoreMismatchError(ValueError):
-    """A store's provenance does not match the run that wants to use it."""
-
-
-class StoreCorruptError(ValueError):
-    """A store's files or contents are unusable; the message names the folder and the fix."""
-
-
-SUM_TOLERANCE = 2e-2
-"""How far a row's stored mass (top-k in float16, plus the tail) may be from 1 (float16 rounding of k
-probabilities is ~1e-3; anything beyond a few per cent is a broken estimator, not rounding)."""
-VALIDATE_CHUNK_ROWS = 1 << 18
-
-
-def _fix_hint(folder: Path) -> str:
-    kind = folder.parent.name or "store"
-    return f"delete {folder} and rerun its stage (or add rebuild=[{kind}])"
-
-
-def validate_rows(
-    ids: np.ndarray,
-    probs: np.ndarray,
-    tail: np.ndarray,
-    where: str | os.PathLike,
-    vocab_size: int | None = None,
-    fix: str = "",
-) -> None:
-    """Raise a one-line :class:`StoreCorruptError` unless every row is a distribution over valid ids.
-
-    Checked in chunks: finite, non-negative probabilities and tails, ``Σ probs + tail`` within
-    :data:`SUM_TOLERANCE` of 1, and ids inside ``[0, vocab_size)`` (when the vocabulary is known).
-    """
-    rows = len(tail)
-    if probs.shape[:1] != (rows,) or ids.shape != probs.shape:
-        raise StoreCorruptError(
-            f"{where}: ids {ids.shape}, probs {probs.shape} and tail {tail.shape} disagree in shape; {fix}"
-        )
-    for start in range(0, rows, VALIDATE_CHUNK_ROWS):
-        stop = min(start + VALIDATE_CHUNK_ROWS, rows)
-        p = np.asarray(probs[start:stop], dtype=np.float32)
-        t = np.asarray(tail[start:stop], dtype=np.float32)
-        if not (np.isfinite(p).all() and np.isfinite(t).all()):
-            bad = start + int(np.nonzero(~(np.isfinite(p).all(1) & np.isfinite(t)))[0][0])
-            raise StoreCorruptError(f"{where}: row {bad} holds a non-finite probability; {fix}")
-        if (p < 0).any() or (t < 0).any():
-            bad = start + int(np.nonzero((p < 0).any(1) | (t < 0))[0][0])
-            raise StoreCorruptError(f"{where}: row {bad} holds a negative probability; {fix}")
-        total = p.sum(1, dtype=np.float64) + t
-        off = np.abs(total - 1.0) > SUM_TOLERANCE
-        if off.any():
-            bad = int(np.nonzero(off)[0][0])
-            raise StoreCorruptError(
-                f"{where}: row {start + bad} sums to {total[bad]:.4f}, not 1 (stored ids + tail); {fix}"
-            )
-        if vocab_size is not None:
-            i = np.asarray(ids[start:stop])
-            outside = (i.astype(np.int64) >= vocab_size) | (i.astype(np.int64) < 0)
-            if outside.any():
-                r, c = (int(x[0]) for x in np.nonzero(outside))
-                raise StoreCorruptError(
-                    f"{where}: row {start + r} holds id {int(i[r, c])}, outside the vocabulary of "
-                    f"{vocab_size} ids (a store for another tokenizer?); {fix}"
-                )
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
@@ -166,20 +109,6 @@ def write_arrays(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
-def check_provenance(found: Mapping[str, Any], expected: Mapping[str, Any], where: str | os.PathLike) -> None:
-    """Raise a one-line :class:`StoreMismatchError` naming the first key that differs."""
-    for key, value in expected.items():
-        if key not in found:
-            raise StoreMismatchError(
-                f"{where}: provenance has no {key!r}; rebuild it with the current kd_lightning"
-            )
-        if json.dumps(found[key], sort_keys=True) != json.dumps(value, sort_keys=True):
-            raise StoreMismatchError(
-                f"{where}: {key} is {found[key]!r} but this run needs {value!r}; "
-                "rebuild the store (rerun the estimation stage) or point the run at the matching one"
-            )
-
-
 class SoftLabelStore:
     """Read side: memory-mapped sparse soft labels for each sequence of a tokenised corpus.
 
@@ -198,7 +127,7 @@ class SoftLabelStore:
         validate: bool = True,
     ) -> None:
         self.folder = Path(folder)
-        fix = _fix_hint(self.folder)
+        fix = fix_hint(self.folder)
         if not (self.folder / "meta.json").is_file():
             raise FileNotFoundError(f"no soft-label store at {self.folder}; run its estimation stage first")
         try:
@@ -224,6 +153,7 @@ class SoftLabelStore:
                 raise StoreCorruptError(f"{path} is missing, cut or corrupted ({err}); {fix}") from None
         self.offsets = arrays.pop("offsets")
         self._arrays = arrays
+        self._channel_arrays: dict[str, np.ndarray] = {}
         rows, k = int(self.meta.get("rows", -1)), int(self.meta.get("top_k", -1))
         self.num_rows = rows
         if not (len(self.offsets) >= 1 and int(self.offsets[-1]) == rows):
@@ -324,6 +254,24 @@ class SoftLabelStore:
             return np.ones(stop - start, dtype=bool)
         return np.load(path, mmap_mode="r")[start:stop].astype(bool)
 
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Names of the per-position numbers this store carries beside its rows (``channel_<name>.npy``)."""
+        return tuple(self.meta.get("channels", ()))
+
+    def channel(self, name: str, seq: int | None = None) -> np.ndarray:
+        """(rows of ``seq``,) or, with ``seq`` None, (rows,) values of a per-position channel."""
+        if name not in self.channels:
+            raise KeyError(
+                f"{self.folder} carries no {name!r} channel (it has {list(self.channels) or 'none'})"
+            )
+        values = self._channel_arrays.get(name)
+        if values is None:
+            values = self._channel_arrays[name] = np.load(self.folder / f"channel_{name}.npy", mmap_mode="r")
+        if seq is None:
+            return np.asarray(values)
+        return np.asarray(values[int(self.offsets[seq]) : int(self.offsets[seq + 1])])
+
     def nbytes(self) -> int:
         """Bytes of the store's files (arrays and meta.json)."""
         return sum(path.stat().st_size for path in self.folder.iterdir() if path.is_file())
@@ -339,12 +287,14 @@ def write_store(
     provenance: Mapping[str, Any],
     vocab_size: int | None = None,
     evidence: np.ndarray | None = None,
+    channels: Mapping[str, np.ndarray] | None = None,
 ) -> SoftLabelStore:
     """Validate rows (:func:`validate_rows`), write a complete store atomically and return it opened.
 
     An estimator that produced non-finite, negative or unnormalised rows fails here, before anything is
     cached, with a one-line error naming the store. ``evidence`` (rows,) bool marks the rows that carry a
     teacher's distribution (an API's log-probs that aligned); the others only restate the observed token.
+    ``channels`` name → (rows,) numbers per position (the prior's context counts and orders).
     The provenance's ``format`` (:meth:`StoreFormat.settings`, plus ``draws`` for a sampled store) decides
     how the rows are written: absent, format 1.
     """
@@ -367,6 +317,14 @@ def write_store(
         "id_dtype": str(rows.ids.dtype),
     }
     offsets = np.asarray(offsets, dtype=np.int64)
+    channels = {name: np.asarray(values) for name, values in (channels or {}).items()}
+    for name, values in channels.items():
+        if values.shape != (len(rows.ids),):
+            raise ValueError(
+                f"channel {name!r} has shape {values.shape}, not ({len(rows.ids)},) (one per row)"
+            )
+    if channels:
+        meta["channels"] = sorted(channels)
     if fmt.is_legacy:
         arrays = {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail}
     else:
@@ -379,6 +337,7 @@ def write_store(
             **arrays,
             "offsets": offsets,
             **({} if evidence is None else {"evidence": np.asarray(evidence, dtype=bool)}),
+            **{f"channel_{name}": values for name, values in channels.items()},
         },
         meta,
         fault="store:before-rename",

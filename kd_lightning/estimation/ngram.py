@@ -26,226 +26,40 @@ from pathlib import Path
 import numpy as np
 
 from kd_lightning.data.soft_labels import SparseRows, id_dtype_for
-from kd_lightning.estimation.ngram_counts import (
-    OrderCounts,
-    context_hashes,
-    count_order,
-    positions_in_sequence,
-)
-from kd_lightning.estimation.ngram_external import ExternalCounter, SpilledOrder, parse_bytes
+from kd_lightning.estimation.ngram_counts import count_order
+from kd_lightning.estimation.ngram_external import parse_bytes
+from kd_lightning.estimation.ngram_model import NGramModel, NGramRows
 
-__all__ = ["NGramModel", "NGramPriorEstimator", "count_order", "mix_prior"]
+__all__ = ["NGramModel", "NGramPriorEstimator", "NGramRows", "count_order", "mix_prior"]
 
 
-class NGramModel:
-    """Counts of orders ``1..order`` over the counted tokens of a corpus, queried per position.
-
-    Args:
-        order, vocab_size, min_context_count: the model (see the module docstring for backoff).
-        memory_budget: ``None`` counts in memory (fastest; ~90 bytes per token at its peak). Bytes or a
-            size like ``"2GiB"``: count within that much working memory, spilling parts to ``spill_dir``.
-        count_workers: processes counting spilled parts in parallel (the budget is shared between them).
-        spill_dir: folder for spilled parts (default: the system temp folder); they are removed by
-            :meth:`close` or when the model is garbage-collected.
-    """
-
-    def __init__(
-        self,
-        order: int,
-        vocab_size: int,
-        min_context_count: int = 1,
-        memory_budget: int | str | None = None,
-        count_workers: int = 1,
-        spill_dir: str | Path | None = None,
-    ) -> None:
-        if order < 1:
-            raise ValueError(f"ngram order must be >= 1, got {order}")
-        if min_context_count < 1:
-            raise ValueError(f"min_context_count must be >= 1, got {min_context_count}")
-        self.order = order
-        self.vocab_size = vocab_size
-        self.min_context_count = min_context_count
-        self.start_symbol = vocab_size  # outside the vocabulary
-        self.wbits = int(vocab_size).bit_length()
-        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
-        self.count_workers = count_workers
-        self.spill_dir = spill_dir
-        self._external: ExternalCounter | None = None
-        self._counts: dict[int, OrderCounts | SpilledOrder] = {}
-
-    def fit(
-        self, tokens: np.ndarray, offsets: np.ndarray, count_mask: np.ndarray | None = None
-    ) -> NGramModel:
-        """Remember the corpus and count the top order (lower orders are counted on demand).
-
-        Args:
-            tokens: (total,) token ids of all sequences concatenated.
-            offsets: (num_seqs + 1,) sequence boundaries in ``tokens``.
-            count_mask: (total,) bool, which tokens are events (default: all).
-        """
-        self.close()
-        self._counts = {}
-        if self.memory_budget is not None:
-            self._external = ExternalCounter(
-                tokens,
-                offsets,
-                count_mask,
-                self.vocab_size,
-                self.start_symbol,
-                self.wbits,
-                self.memory_budget,
-                self.count_workers,
-                self.spill_dir,
-            )
-            self.counts(self.order)
-            return self
-        tokens = np.asarray(tokens)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}); got [{tokens.min()}, {tokens.max()}]"
-            )
-        self._tokens = tokens
-        self._seq_pos = self.positions_in_sequence(offsets, len(tokens))
-        mask = np.ones(len(tokens), dtype=bool) if count_mask is None else np.asarray(count_mask, dtype=bool)
-        self._events = np.flatnonzero(mask)
-        if not len(self._events):
-            raise ValueError("no tokens to count (count_mask is all False)")
-        self.counts(self.order)
-        return self
-
-    def close(self) -> None:
-        """Remove spilled parts, if any (the model cannot be queried for them afterwards)."""
-        if self._external is not None:
-            self._external.close()
-            self._external = None
-            self._counts = {}
-
-    positions_in_sequence = staticmethod(positions_in_sequence)
-
-    def counts(self, order: int) -> OrderCounts | SpilledOrder:
-        """Counts of ``order`` (counted on first use): in memory, or spilled parts under a budget."""
-        if order not in self._counts:
-            if self._external is not None:
-                self._counts[order] = self._external.count(order)
-            else:
-                hashes = context_hashes(
-                    self._tokens, self._seq_pos, self._events, order - 1, self.start_symbol
-                )
-                self._counts[order] = count_order(hashes, self._tokens[self._events], self.wbits)
-        return self._counts[order]
-
-    def distributions(
-        self, tokens: np.ndarray, offsets: np.ndarray, positions: np.ndarray, top_k: int
-    ) -> tuple[SparseRows, np.ndarray]:
-        """The n-gram distribution ``p(· | context)`` at each event position, as sparse top-k rows.
-
-        The observed token ``tokens[p]`` is always among the ``top_k`` ids (it replaces the smallest
-        entry if needed), so mixing in the one-hot term stays exact in sparse form.
-
-        Args:
-            tokens, offsets: the corpus to label (may differ from the counted one).
-            positions: (P,) flat indices of the tokens being predicted.
-            top_k: entries kept per row.
-
-        Returns:
-            rows with (P, top_k) ids/probs and (P,) tail mass, and (P,) the order each row used.
-        """
-        tokens = np.asarray(tokens)
-        seq_pos = self.positions_in_sequence(offsets, len(tokens))
-        observed = tokens[positions].astype(np.int64)
-        n = len(positions)
-        ids = np.zeros((n, top_k), dtype=np.int64)
-        probs = np.zeros((n, top_k), dtype=np.float64)
-        used_order = np.zeros(n, dtype=np.int16)
-        todo = np.arange(n)
-        for order in range(self.order, 0, -1):
-            if not len(todo):
-                break
-            counts = self.counts(order)
-            hashes = context_hashes(tokens, seq_pos, positions[todo], order - 1, self.start_symbol)
-            parts = (
-                counts.split(hashes) if isinstance(counts, SpilledOrder) else [(counts, np.arange(len(todo)))]
-            )
-            ok = np.zeros(len(todo), dtype=bool)
-            for part, at in parts:  # one part's counts in memory at a time
-                if part is None:
-                    continue
-                keys, known = part.context_keys(hashes[at])
-                idx = np.minimum(np.searchsorted(part.ctx_keys, keys), len(part.ctx_keys) - 1)
-                hit = known & (part.ctx_keys[idx] == keys) & (part.ctx_counts[idx] >= self.min_context_count)
-                if order == 1:
-                    hit[:] = True
-                rows = todo[at[hit]]
-                self._fill_rows(part, idx[hit], observed[rows], ids, probs, rows, top_k)
-                ok[at[hit]] = True
-            used_order[todo[ok]] = order
-            todo = todo[~ok]
-        tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
-        return SparseRows(ids.astype(id_dtype_for(self.vocab_size)), probs, tail), used_order
-
-    def _fill_rows(
-        self,
-        counts: OrderCounts,
-        ctx: np.ndarray,
-        observed: np.ndarray,
-        ids: np.ndarray,
-        probs: np.ndarray,
-        rows: np.ndarray,
-        top_k: int,
-    ) -> None:
-        """Top-k continuations of each row's context (vectorised over the distinct contexts)."""
-        if not len(rows):
-            return
-        uniq, inverse = np.unique(ctx, return_inverse=True)
-        lengths = counts.ctx_start[uniq + 1] - counts.ctx_start[uniq]
-        # gather every pair of the distinct contexts, rank by count within context
-        group = np.repeat(np.arange(len(uniq)), lengths)
-        pair_idx = np.repeat(counts.ctx_start[uniq], lengths) + (
-            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        )
-        pc = counts.pair_counts[pair_idx]
-        order = np.lexsort((-pc, group))
-        group, pair_idx, pc = group[order], pair_idx[order], pc[order]
-        rank = np.arange(len(group)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = rank < top_k
-        word_mask = np.uint64((1 << counts.wbits) - 1)
-        top_ids = np.zeros((len(uniq), top_k), dtype=np.int64)
-        top_p = np.zeros((len(uniq), top_k), dtype=np.float64)
-        top_ids[group[keep], rank[keep]] = (counts.pair_keys[pair_idx[keep]] & word_mask).astype(np.int64)
-        top_p[group[keep], rank[keep]] = pc[keep] / counts.ctx_counts[uniq][group[keep]]
-        row_ids, row_p = top_ids[inverse], top_p[inverse]
-        # make sure the observed token is present: put it in the last slot with its own probability
-        missing = ~(row_ids == observed[:, None]).any(1)
-        if missing.any():
-            ctx_key = counts.ctx_keys[ctx[missing]]
-            key = (ctx_key << np.uint64(counts.wbits)) | observed[missing].astype(np.uint64)
-            at = np.minimum(np.searchsorted(counts.pair_keys, key), len(counts.pair_keys) - 1)
-            found = counts.pair_keys[at] == key
-            obs_p = np.where(found, counts.pair_counts[at], 0) / counts.ctx_counts[ctx[missing]]
-            row_ids[missing, -1] = observed[missing]
-            row_p[missing, -1] = obs_p
-        ids[rows] = row_ids
-        probs[rows] = row_p
-
-
-def mix_prior(ngram: SparseRows, observed: np.ndarray, gamma: float) -> SparseRows:
+def mix_prior(ngram: SparseRows, observed: np.ndarray, gamma: float | np.ndarray) -> SparseRows:
     """``(1/γ)·p_ngram + (1 - 1/γ)·onehot(observed)`` on sparse rows that contain the observed id.
 
-    Rows are re-sorted by probability (descending) and stored as float16 / float32 tail.
+    ``gamma`` is one number or one per row (:attr:`NGramPriorEstimator.gamma_by_count`). Rows are re-sorted by
+    probability (descending) and stored as float16 / float32 tail.
     """
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1 (gamma=1 is the pure n-gram distribution), got {gamma}")
-    probs = np.asarray(ngram.probs, dtype=np.float64) / gamma
+    gamma = np.asarray(gamma, dtype=np.float64)
+    if (gamma < 1).any():
+        raise ValueError(
+            f"gamma must be >= 1 (gamma=1 is the pure n-gram distribution), got {float(gamma.min())}"
+        )
+    gamma_rows = gamma[:, None] if gamma.ndim else gamma
+    probs = np.asarray(ngram.probs, dtype=np.float64) / gamma_rows
     hit = np.asarray(ngram.ids).astype(np.int64) == np.asarray(observed, dtype=np.int64)[:, None]
     first_hit = hit & (np.cumsum(hit, axis=1) == 1)
     if not first_hit.any(1).all():
         raise ValueError("every row must contain its observed token (NGramModel.distributions guarantees it)")
-    probs = probs + first_hit * (1.0 - 1.0 / gamma)
+    probs = probs + first_hit * (1.0 - 1.0 / gamma_rows)
     order = np.argsort(-probs, axis=1, kind="stable")
     ids = np.take_along_axis(np.asarray(ngram.ids), order, axis=1)
     probs = np.take_along_axis(probs, order, axis=1)
     tail = np.asarray(ngram.tail, dtype=np.float64) / gamma
     return SparseRows(ids, probs.astype(np.float16), tail.astype(np.float32))
+
+
+SMOOTHINGS = ("ngram", "unigram", "uniform")
+"""What the prior mixes with the observed token (``smoothing``): the n-gram, the corpus unigram, or uniform."""
 
 
 class NGramPriorEstimator:
@@ -256,8 +70,18 @@ class NGramPriorEstimator:
         gamma: smoothing γ ≥ 1; 1 = pure n-gram, ∞ = one-hot of the observed token.
         min_context_count: back off to shorter contexts seen fewer times than this.
         top_k: entries stored per position (the observed token is always among them).
+        smoothing: what gets the ``1/γ`` beside the observed token: ``ngram`` (the prior of the paper),
+            ``unigram`` (the counted tokens' frequencies, no context) or ``uniform`` (over the vocabulary).
+            At one γ all three put the same ``1 − 1/γ`` on the observed token, so comparing them isolates
+            what the n-gram's context adds (label smoothing at equal mass). A sparse row keeps ``top_k``
+            entries and one tail bucket, so uniform smoothing is the cap on the observed token alone.
+        gamma_by_count: m ≥ 0: a context counted n(c) times gets ``γ·(1 + m / n(c))``, so the n-gram's share
+            ``1/γ`` shrinks by ``n(c) / (n(c) + m)`` where the evidence is thin (0: one γ everywhere).
         memory_budget, count_workers, spill_dir: how counting runs (see :class:`NGramModel`). They do not
             change the prior, so they are not in :meth:`settings` (nor in a store's cache key).
+
+    The prior store carries, per position, the count of the context used (``context_count``) and the order
+    backed off to (``ngram_order``), which ``weighting=prior_reliability`` reads.
     """
 
     def __init__(
@@ -266,6 +90,8 @@ class NGramPriorEstimator:
         gamma: float = 2.0,
         min_context_count: int = 1,
         top_k: int = 32,
+        smoothing: str = "ngram",
+        gamma_by_count: float = 0.0,
         memory_budget: int | str | None = None,
         count_workers: int = 1,
         spill_dir: str | Path | None = None,
@@ -274,10 +100,18 @@ class NGramPriorEstimator:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if smoothing not in SMOOTHINGS:
+            raise ValueError(
+                f"estimator.prior.smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}"
+            )
+        if not gamma_by_count >= 0:
+            raise ValueError(f"estimator.prior.gamma_by_count must be >= 0 (0: off), got {gamma_by_count}")
         self.ngram_order = ngram_order
         self.gamma = gamma
         self.min_context_count = min_context_count
         self.top_k = top_k
+        self.smoothing = smoothing
+        self.gamma_by_count = float(gamma_by_count)
         self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
         self.count_workers = count_workers
         self.spill_dir = spill_dir
@@ -289,6 +123,8 @@ class NGramPriorEstimator:
             "gamma": self.gamma,
             "min_context_count": self.min_context_count,
             "top_k": self.top_k,
+            "smoothing": self.smoothing,
+            "gamma_by_count": self.gamma_by_count,
             "memory_budget": self.memory_budget,
             "count_workers": self.count_workers,
             "spill_dir": self.spill_dir,
@@ -302,6 +138,9 @@ class NGramPriorEstimator:
             "gamma": self.gamma,
             "min_context_count": self.min_context_count,
             "top_k": self.top_k,
+            "smoothing": self.smoothing,
+            "gamma_by_count": self.gamma_by_count,
+            "channels": 1,  # the store carries context counts and orders (stores of 0.1 did not)
         }
 
     def estimate(self, corpus, vocab_size: int, count_corpus=None) -> tuple[SparseRows, dict]:
@@ -309,31 +148,64 @@ class NGramPriorEstimator:
 
         Returns the rows and statistics (orders used, mean mass on the observed token).
         """
+        rows, stats, _ = self.estimate_with_channels(corpus, vocab_size, count_corpus)
+        return rows, stats
+
+    def estimate_with_channels(
+        self, corpus, vocab_size: int, count_corpus=None
+    ) -> tuple[SparseRows, dict, dict[str, np.ndarray]]:
+        """:meth:`estimate`, and per position the context count and order (the store's channels)."""
         counted = count_corpus if count_corpus is not None else corpus
         response = np.roll(counted.target_mask(), 1)  # token p is a response token iff p - 1 is a target
-        model = NGramModel(
-            self.ngram_order,
-            vocab_size,
-            self.min_context_count,
-            self.memory_budget,
-            self.count_workers,
-            self.spill_dir,
-        )
-        try:
-            model.fit(counted.tokens, counted.offsets, response)
-            events = np.flatnonzero(corpus.target_mask()) + 1
-            ngram, orders = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
-        finally:
-            model.close()
+        events = np.flatnonzero(corpus.target_mask()) + 1
         observed = corpus.tokens[events]
-        prior = mix_prior(ngram, observed, self.gamma)
+        if self.smoothing == "uniform":
+            found = uniform_rows(observed, vocab_size, self.top_k, int(response.sum()))
+        else:
+            order = self.ngram_order if self.smoothing == "ngram" else 1
+            model = NGramModel(
+                order,
+                vocab_size,
+                self.min_context_count,
+                self.memory_budget,
+                self.count_workers,
+                self.spill_dir,
+            )
+            try:
+                model.fit(counted.tokens, counted.offsets, response)
+                found = model.distributions(corpus.tokens, corpus.offsets, events, self.top_k)
+            finally:
+                model.close()
+        ngram, orders, context_counts = found
+        gamma: float | np.ndarray = self.gamma
+        if self.gamma_by_count > 0:
+            gamma = self.gamma * (1.0 + self.gamma_by_count / np.maximum(context_counts, 1))
+        prior = mix_prior(ngram, observed, gamma)
         ngram_observed = (
             np.where(np.asarray(ngram.ids).astype(np.int64) == observed[:, None], ngram.probs, 0)
         ).sum(1)
         stats = {
             "positions": len(events),
+            "smoothing": self.smoothing,
             "order_histogram": {int(k): int(v) for k, v in zip(*np.unique(orders, return_counts=True))},
             "mean_ngram_prob_of_observed": float(ngram_observed.mean()),
             "fraction_one_hot_ngram": float((ngram_observed > 0.999).mean()),
+            "median_context_count": float(np.median(context_counts)) if len(context_counts) else 0.0,
+            "mean_gamma": float(np.mean(gamma)),
         }
-        return prior, stats
+        channels = {
+            "context_count": context_counts.astype(np.float32),
+            "ngram_order": orders.astype(np.float32),
+        }
+        return prior, stats, channels
+
+
+def uniform_rows(observed: np.ndarray, vocab_size: int, top_k: int, counted: int) -> NGramRows:
+    """The uniform distribution over the vocabulary as sparse rows holding the observed id (1/V) and the
+    rest in the tail; order 0 and, as "context" count, the number of counted tokens (it has no context)."""
+    n = len(observed)
+    ids = np.zeros((n, top_k), dtype=id_dtype_for(vocab_size))
+    probs = np.zeros((n, top_k), dtype=np.float64)
+    ids[:, 0], probs[:, 0] = observed, 1.0 / vocab_size
+    tail = np.full(n, 1.0 - 1.0 / vocab_size)
+    return NGramRows(SparseRows(ids, probs, tail), np.zeros(n, dtype=np.int16), np.full(n, counted, np.int64))

@@ -130,7 +130,7 @@ class ExternalCounter:
             through short-lived maps, so the corpus never becomes resident as a whole.
         offsets: (num_seqs + 1,) sequence boundaries.
         count_mask: (total,) bool, which tokens are events (``None``: all).
-        vocab_size, start_symbol, wbits: as in :class:`~kd_lightning.estimation.ngram.NGramModel`.
+        vocab_size, start_symbol, wbits: as in :class:`~kd_lightning.estimation.ngram_model.NGramModel`.
         memory_budget: bytes the counter's arrays may take (on top of what the process holds).
         workers: processes that count parts in parallel; each gets ``memory_budget / workers``.
         spill_dir: where the temporary parts go (default: the system's temp folder); removed on close.

@@ -102,9 +102,16 @@ def prior_store(
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
-        rows, stats = estimator.estimate(corpus.train, corpus.vocab_size, count_corpus=corpus.counts)
+        rows, stats, channels = estimator.estimate_with_channels(
+            corpus.train, corpus.vocab_size, count_corpus=corpus.counts
+        )
         store = write_store(
-            folder, rows, corpus.train.target_offsets(), provenance, vocab_size=corpus.vocab_size
+            folder,
+            rows,
+            corpus.train.target_offsets(),
+            provenance,
+            vocab_size=corpus.vocab_size,
+            channels=channels,
         )
         atomic_json(stats_path(folder), {**stats, "seconds": time.perf_counter() - start})
         log.info("prior written to %s (%s)", folder, stats)

@@ -70,7 +70,7 @@ def score_prior(
     try:
         model.fit(counted.tokens, counted.offsets, response)
         events = np.flatnonzero(heldout.target_mask()) + 1
-        rows, orders = model.distributions(heldout.tokens, heldout.offsets, events, spec.top_k)
+        rows, orders, _ = model.distributions(heldout.tokens, heldout.offsets, events, spec.top_k)
     finally:
         model.close()
     observed = heldout.tokens[events].astype(np.int64)

@@ -8,6 +8,8 @@ from kd_lightning.losses.cross_vocab import (
     uld,
     uld_per_position,
 )
+from kd_lightning.losses.decoupled import decoupled_kl
+from kd_lightning.losses.deprecated import SoftLabelKL
 from kd_lightning.losses.divergences import (
     adaptive_kl,
     forward_kl,
@@ -30,7 +32,6 @@ from kd_lightning.losses.terms import (
     ReverseKL,
     SkewForwardKL,
     SkewReverseKL,
-    SoftLabelKL,
     TotalVariation,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "TotalVariation",
     "UniversalLogitDistillation",
     "adaptive_kl",
+    "decoupled_kl",
     "forward_kl",
     "generalized_jsd",
     "hard_cross_entropy",

@@ -9,7 +9,9 @@ import torch
 from kd_lightning.data.batch import PositionBatch
 from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
-from kd_lightning.losses.terms import DivergenceTerm, gold_probability, kd_target_log_probs
+from kd_lightning.losses.targets import kd_target_log_probs
+from kd_lightning.losses.terms import DivergenceTerm
+from kd_lightning.losses.weighting import gold_probability
 
 
 def gold_bucket(batch: PositionBatch, kd_target: str) -> torch.Tensor:
@@ -38,7 +40,8 @@ class AdaptiveTeachingKD(DivergenceTerm):
     batch statistic (the median by default), so the value depends on the batch a position is in.
 
     Args:
-        target, weight, distill_temperature: as for :class:`DivergenceTerm`.
+        target, weight, distill_temperature, weighting, reliability_pseudocount: as for
+            :class:`DivergenceTerm` (ATKD splits at the observed token in its own way: no ``decoupled``).
         easy_weight: λ, the weight of easy positions; hard ones get 1 − λ (paper: 0.2).
         hard_fraction: share of positions counted hard (0.5 = split at the median uncertainty).
     """
@@ -54,8 +57,11 @@ class AdaptiveTeachingKD(DivergenceTerm):
         weight: float = 1.0,
         distill_temperature: float = 1.0,
         weighting: str = "none",
+        reliability_pseudocount: float = 10.0,
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature, weighting)
+        super().__init__(
+            kd_target, weight, distill_temperature, weighting, reliability_pseudocount=reliability_pseudocount
+        )
         if not 0.0 <= easy_weight <= 1.0:
             raise ValueError(f"easy_weight must be in [0, 1], got {easy_weight}")
         if not 0.0 <= hard_fraction <= 1.0:

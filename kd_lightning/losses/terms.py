@@ -27,6 +27,15 @@ from torch import nn
 from kd_lightning.data.batch import BatchFormWarning, PositionBatch
 from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
+from kd_lightning.losses.decoupled import decoupled_buckets
+from kd_lightning.losses.targets import decoupled_log_probs, kd_target_log_probs
+from kd_lightning.losses.weighting import (
+    AGREEMENT_STORE,
+    STORES_READ,
+    WEIGHTINGS,
+    agreement_weights,
+    reliability_weights,
+)
 
 
 def _deprecated_mapping(batch: Any, term: str) -> PositionBatch:
@@ -131,51 +140,6 @@ class HardCrossEntropy(LossTerm):
         return LF.hard_cross_entropy(student_logits, batch.target_ids)
 
 
-def kd_target_log_probs(
-    student_logits: torch.Tensor, batch: PositionBatch, kd_target: str, distill_temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log q) buckets of the distribution named ``kd_target``, dense or sparse, as the batch carries it."""
-    if kd_target in batch.dense_logits:
-        return D.dense_log_probs(student_logits, batch.dense_logits[kd_target], distill_temperature)
-    if kd_target in batch.dense_probs:
-        return D.dense_log_probs(
-            student_logits, batch.dense_probs[kd_target], distill_temperature, teacher_is_probs=True
-        )
-    if kd_target in batch.soft_labels:
-        rows = batch.soft_labels[kd_target]
-        return D.sparse_log_probs(student_logits, rows.ids, rows.probs, rows.tail, distill_temperature)
-    raise KeyError(
-        f"the batch has no {kd_target!r} distribution ({kd_target}_logits, {kd_target}_probs or {kd_target}_ids/_probs/_tail); connect the "
-        f"DataModule to the {kd_target} soft-label store or use a module that provides {kd_target}_logits"
-    )
-
-
-AGREEMENT_STORE = "proxy_agreement"
-"""The store of the aligned proxy's probability of each observed teacher token (one entry per position)."""
-WEIGHTINGS = ("none", "proxy_agreement")
-"""How a divergence term weights its positions (``weighting``)."""
-
-
-def agreement_weights(batch: PositionBatch) -> torch.Tensor:
-    """Proxy-KD's position weights (..., ): the proxy's probability of the observed teacher token, divided by
-    its mean over the batch's target positions, so the weights average 1 and the term keeps its scale.
-
-    Where the proxy gives the teacher's token little probability it imitates the teacher badly, and its soft
-    labels there are trusted less. A batch where the proxy gives every observed token probability 0 (stored
-    as 0 in float16) falls back to equal weights. 0 off target.
-    """
-    if AGREEMENT_STORE not in batch.soft_labels:
-        raise KeyError(
-            f"weighting=proxy_agreement reads the {AGREEMENT_STORE!r} store (the aligned proxy's probability of "
-            f"each teacher token), which this batch lacks; kdl builds it from the aligned proxy when a term "
-            f"sets weighting=proxy_agreement (or add {AGREEMENT_STORE}_ids/_probs/_tail to the batch)"
-        )
-    valid = (batch.target_ids != LF.IGNORE_INDEX).float()
-    agreement = gold_probability(batch, AGREEMENT_STORE).float() * valid
-    mean = agreement.sum() / valid.sum().clamp_min(1.0)
-    return torch.where(mean > 0, agreement / mean.clamp_min(1e-30), valid)
-
-
 class DivergenceTerm(LossTerm):
     """A divergence between a target distribution and the student, averaged over target positions.
 
@@ -183,19 +147,25 @@ class DivergenceTerm(LossTerm):
 
     Args:
         kd_target: what the student is compared with: a field of the batch (``teacher``, ``prior``,
-            ``posterior``, ``offline_teacher``, ``teacher_logprobs``).
+            ``posterior``, ``offline_teacher``, ``teacher_logprobs``, ``teacher:<name>``, ``teacher_mixture``).
         weight: multiplier of this term in the total.
         distill_temperature: divides both sides' logits; the term is scaled by T².
-        weighting: ``none`` (every target position counts alike) or ``proxy_agreement`` (Proxy-KD: a
-            position counts by the aligned proxy's probability of the teacher's token, normalised over the
-            batch; :func:`agreement_weights`). The weights are a batch statistic, computed once over the
-            whole batch before any chunking.
+        weighting: ``none``, ``proxy_agreement`` or ``prior_reliability`` (see
+            :mod:`kd_lightning.losses.weighting`).
+        decoupled: split the divergence at the observed token (Decoupled KD): ``target_weight`` times its
+            part on "the observed token or not" plus ``nontarget_weight`` times its part on the other
+            tokens, renormalised (:func:`kd_lightning.losses.decoupled.decoupled_buckets`). With
+            ``target_weight`` 0 the target only ranks the alternatives and never caps the observed token.
+        target_weight, nontarget_weight: α and β of the decoupled form (ignored unless ``decoupled``).
+        reliability_pseudocount: m of ``weighting=prior_reliability``'s ``n(c) / (n(c) + m)``.
     """
 
     chunkable = True  # a masked mean of per-position values (as long as ``forward`` is this one)
     weights_positions: ClassVar[bool] = True
     """``forward`` applies :meth:`position_weights` (opt-in per code, like the fast paths: a subclass that
     rewrites ``forward`` must declare it again before ``weighting`` may be set)."""
+    decouples: ClassVar[bool] = True
+    """``forward`` honours ``decoupled`` (opt-in per code, as ``weights_positions``)."""
 
     def __init__(
         self,
@@ -203,6 +173,10 @@ class DivergenceTerm(LossTerm):
         weight: float = 1.0,
         distill_temperature: float = 1.0,
         weighting: str = "none",
+        decoupled: bool = False,
+        target_weight: float = 1.0,
+        nontarget_weight: float = 1.0,
+        reliability_pseudocount: float = 10.0,
     ) -> None:
         super().__init__(weight)
         if distill_temperature <= 0:
@@ -215,28 +189,49 @@ class DivergenceTerm(LossTerm):
                 f"use weighting=none, or declare weights_positions = True once its forward applies "
                 f"position_weights()"
             )
+        if decoupled and not declared_capability(type(self), "decouples", ("forward",)):
+            raise ValueError(
+                f"{type(self).__name__} computes its own forward and cannot be decoupled; set decoupled=false"
+            )
+        if not (target_weight >= 0 and nontarget_weight >= 0):
+            raise ValueError(
+                f"target_weight and nontarget_weight must be >= 0, got {target_weight} and {nontarget_weight}"
+            )
+        if not reliability_pseudocount > 0:
+            raise ValueError(f"reliability_pseudocount must be > 0, got {reliability_pseudocount}")
         self.kd_target = kd_target
         self.distill_temperature = float(distill_temperature)
         self.weighting = weighting
+        self.decoupled = bool(decoupled)
+        self.target_weight, self.nontarget_weight = float(target_weight), float(nontarget_weight)
+        self.reliability_pseudocount = float(reliability_pseudocount)
         # stores only: a dense teacher comes from the module (online) rather than from a soft-label store
-        self.soft_labels = () if kd_target == "teacher" else (kd_target,)
-        if weighting == "proxy_agreement":
-            self.soft_labels = (*self.soft_labels, AGREEMENT_STORE)
+        own = () if kd_target == "teacher" else (kd_target,)
+        self.soft_labels = tuple(dict.fromkeys((*own, *STORES_READ[weighting])))
+        if weighting == "proxy_agreement":  # a batch statistic (a class may already declare one)
             self.uses_batch_statistics = True
 
     def per_position(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def fused_kind(self) -> str | None:
+        """The closed form of the fused path, which the decoupled form is not."""
+        return None if self.decoupled else super().fused_kind()
+
     weights_key: ClassVar[str] = f"{AGREEMENT_STORE}_weights"
 
     def prepare(self, batch: PositionBatch) -> dict[str, torch.Tensor]:
-        return {} if self.weighting == "none" else {self.weights_key: agreement_weights(batch)}
+        if self.weighting != "proxy_agreement":
+            return {}
+        return {self.weights_key: agreement_weights(batch)}
 
     def position_weights(self, batch: PositionBatch) -> torch.Tensor | None:
-        """(1, N) weights of the target positions, or None when every position counts alike. Read from
-        the batch's prepared fields (the whole batch's, under chunking) or computed from ``batch``."""
+        """(1, N) weights of the target positions, or None when every position counts alike. Proxy-KD's are
+        read from the batch's prepared fields (the whole batch's, under chunking) or computed from ``batch``."""
         if self.weighting == "none":
             return None
+        if self.weighting == "prior_reliability":
+            return reliability_weights(batch, self.reliability_pseudocount)
         weights = batch.prepared.get(self.weights_key)
         return agreement_weights(batch) if weights is None else weights
 
@@ -248,8 +243,16 @@ class DivergenceTerm(LossTerm):
         return LF.masked_mean(values, batch.target_ids != LF.IGNORE_INDEX)
 
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
-        log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, self.distill_temperature)
-        return self.weighted(self.per_position(log_p, log_q) * self.distill_temperature**2, batch)
+        t = self.distill_temperature
+        if self.decoupled:
+            log_p, log_q, gold, log_q_hat = decoupled_log_probs(student_logits, batch, self.kd_target, t)
+            values = decoupled_buckets(
+                log_p, log_q, gold, self.target_weight, self.nontarget_weight, self.per_position, log_q_hat
+            )
+        else:
+            log_p, log_q = kd_target_log_probs(student_logits, batch, self.kd_target, t)
+            values = self.per_position(log_p, log_q)
+        return self.weighted(values * t**2, batch)
 
 
 class ForwardKL(DivergenceTerm):
@@ -278,8 +281,21 @@ class GeneralizedJSD(DivergenceTerm):
         weight: float = 1.0,
         distill_temperature: float = 1.0,
         weighting: str = "none",
+        decoupled: bool = False,
+        target_weight: float = 1.0,
+        nontarget_weight: float = 1.0,
+        reliability_pseudocount: float = 10.0,
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature, weighting)
+        super().__init__(
+            kd_target,
+            weight,
+            distill_temperature,
+            weighting,
+            decoupled,
+            target_weight,
+            nontarget_weight,
+            reliability_pseudocount,
+        )
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
@@ -298,8 +314,21 @@ class SkewForwardKL(DivergenceTerm):
         weight: float = 1.0,
         distill_temperature: float = 1.0,
         weighting: str = "none",
+        decoupled: bool = False,
+        target_weight: float = 1.0,
+        nontarget_weight: float = 1.0,
+        reliability_pseudocount: float = 10.0,
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature, weighting)
+        super().__init__(
+            kd_target,
+            weight,
+            distill_temperature,
+            weighting,
+            decoupled,
+            target_weight,
+            nontarget_weight,
+            reliability_pseudocount,
+        )
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.alpha = float(alpha)
@@ -332,48 +361,24 @@ class AdaptiveKL(DivergenceTerm):
         weight: float = 1.0,
         distill_temperature: float = 1.0,
         weighting: str = "none",
+        decoupled: bool = False,
+        target_weight: float = 1.0,
+        nontarget_weight: float = 1.0,
+        reliability_pseudocount: float = 10.0,
     ) -> None:
-        super().__init__(kd_target, weight, distill_temperature, weighting)
+        super().__init__(
+            kd_target,
+            weight,
+            distill_temperature,
+            weighting,
+            decoupled,
+            target_weight,
+            nontarget_weight,
+            reliability_pseudocount,
+        )
         if not 0.0 < head_mass < 1.0:
             raise ValueError(f"head_mass must be in (0, 1), got {head_mass}")
         self.head_mass = float(head_mass)
 
     def per_position(self, log_p, log_q):
         return D.adaptive_kl_buckets(log_p, log_q, self.head_mass)
-
-
-def gold_probability(batch: PositionBatch, kd_target: str) -> torch.Tensor:
-    """The ``kd_target`` distribution's probability of the observed token (..., ); 0 where a sparse one did
-    not store it."""
-    gold = batch.target_ids.clamp_min(0).unsqueeze(-1)
-    if kd_target in batch.dense_logits:
-        logits = batch.dense_logits[kd_target].float()
-        return (logits.gather(-1, gold).squeeze(-1) - torch.logsumexp(logits, -1)).exp().detach()
-    if kd_target in batch.dense_probs:
-        probs = batch.dense_probs[kd_target].float()
-        return (probs.gather(-1, gold).squeeze(-1) / probs.sum(-1).clamp_min(1e-30)).detach()
-    rows = batch.soft_labels[kd_target]
-    return (rows.probs.float() * (rows.ids == gold)).amax(-1).detach()
-
-
-class SoftLabelKL(ForwardKL):
-    """Deprecated (one release): ``ForwardKL(kd_target=...)`` is the same term; ``soft_labels`` named the
-    store it compares with, which is what ``kd_target`` names for every divergence."""
-
-    def __init__(
-        self,
-        soft_labels: str,
-        weight: float = 1.0,
-        distill_temperature: float = 1.0,
-        weighting: str = "none",
-    ) -> None:
-        warnings.warn(
-            f"SoftLabelKL(soft_labels={soft_labels!r}) is ForwardKL(kd_target={soft_labels!r}), the same term; "
-            "SoftLabelKL goes in the next release (in a loss YAML: _target_: kd_lightning.losses.ForwardKL, "
-            f"kd_target: {soft_labels})",
-            FutureWarning,
-            stacklevel=2,
-        )
-        super().__init__(
-            kd_target=soft_labels, weight=weight, distill_temperature=distill_temperature, weighting=weighting
-        )

@@ -59,7 +59,8 @@ def Regex_escape(text: str) -> str:
 
 
 def synthetic_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Instruction/response pairs with learnable regularities (a small grammar and counting)."""
+    """Instruction/response pairs with learnable regularities (a small grammar and counting). Every prompt
+    is distinct (it names its item), so no held-out or validation record repeats a training prompt."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -68,13 +69,18 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict[str, str]]:
             start = rng.randint(0, 4)
             rows.append(
                 {
-                    "instruction": f"count {k} from {start}.",
+                    "instruction": f"item {i}: count {k} from {start}.",
                     "response": " ".join(str(start + j) for j in range(k)) + ".",
                 }
             )
         else:
             s, v, o = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)
-            rows.append({"instruction": f"say something about {s.split()[-1]}.", "response": f"{s} {v} {o}."})
+            rows.append(
+                {
+                    "instruction": f"item {i}: say something about {s.split()[-1]}.",
+                    "response": f"{s} {v} {o}.",
+                }
+            )
     return rows
 
 

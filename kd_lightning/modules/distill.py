@@ -24,9 +24,10 @@ from torch import nn
 from kd_lightning.data.batch import PositionBatch, TextBatch
 from kd_lightning.losses.chunked import chunked_terms
 from kd_lightning.losses.fused_sparse import fusable, fused_sparse_terms
-from kd_lightning.losses.terms import LossTerm, soft_label_names
+from kd_lightning.losses.terms import DivergenceTerm, LossTerm, soft_label_names
 from kd_lightning.models.forward import target_position_logits, target_position_states
 from kd_lightning.modules.base import StudentModule
+from kd_lightning.modules.schedule import KDWeightSchedule
 
 
 class DistillModule(StudentModule):
@@ -44,6 +45,8 @@ class DistillModule(StudentModule):
             (:mod:`kd_lightning.losses.fused_sparse`; same values and gradients, far less memory traffic).
         teacher, tokenizer, seed, eval_generation_limit, eval_max_new_tokens, shard_teacher: see
             :class:`~kd_lightning.modules.base.StudentModule`. A teacher is run online in every step.
+        kd_weight_schedule: scales every divergence term's weight over training
+            (:class:`~kd_lightning.modules.schedule.KDWeightSchedule`; constant by default).
     """
 
     reads_served_teacher = True  # its divergence terms read a server's top-k rows (teacher=served)
@@ -62,6 +65,7 @@ class DistillModule(StudentModule):
         eval_generation_limit: int = 0,
         eval_max_new_tokens: int = 64,
         shard_teacher: bool | None = None,
+        kd_weight_schedule: KDWeightSchedule | None = None,
     ) -> None:
         super().__init__(
             student,
@@ -83,6 +87,7 @@ class DistillModule(StudentModule):
         self.loss_terms = nn.ModuleDict(dict(loss_terms))
         self.loss_chunk_size = loss_chunk_size
         self.fuse_sparse_terms = fuse_sparse_terms
+        self.kd_weight_schedule = kd_weight_schedule or KDWeightSchedule()
         self.setup_terms(student, self.teacher)
 
     def setup_terms(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -222,6 +227,12 @@ class DistillModule(StudentModule):
         else:
             logits, packed = self.student_logits(batch)
             terms = self.compute_terms(logits, packed)
+        scale_kd = self.kd_weight_scale()
+        if scale_kd != 1.0:
+            scaled = {
+                n for n in terms if n in self.loss_terms and isinstance(self.loss_terms[n], DivergenceTerm)
+            }
+            terms = {n: (w * scale_kd if n in scaled else w, v) for n, (w, v) in terms.items()}
         total = sum(weight * value for weight, value in terms.values())
         batch_size = batch.num_records
         tokens = batch.target_mask.sum().float()
@@ -232,7 +243,17 @@ class DistillModule(StudentModule):
             "train/loss", total.detach() * scale, prog_bar=True, batch_size=batch_size, sync_dist=distributed
         )
         self.log("train/target_tokens", tokens, reduce_fx="sum", batch_size=batch_size)
+        if self.kd_weight_schedule.kind != "constant":
+            self.log("train/kd_weight_scale", scale_kd, batch_size=batch_size)
         return total * scale
+
+    def kd_weight_scale(self) -> float:
+        """This step's factor on the divergence terms' weights (:attr:`kd_weight_schedule`)."""
+        if self.kd_weight_schedule.kind == "constant" or self._trainer is None:
+            return 1.0
+        return self.kd_weight_schedule.factor(
+            int(self.global_step), int(self.trainer.estimated_stepping_batches)
+        )
 
     def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
         """Weight of this rank's token-mean loss so that DDP's gradient average is the global token mean.

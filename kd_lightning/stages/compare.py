@@ -44,8 +44,10 @@ class Variant:
     proxy: tuple[str, bool] | None = None
     alignment: tuple[ProxyAlignment, str | None] | None = None
     stores: tuple[Mapping[str, Any], Mapping[str, str]] = ({}, {})
-    """Stage-context fields this variant sets for its stores (``store_format``, ``teacher_targets``) and the
-    code fingerprints of the stages they change."""
+    """Stage-context fields this variant sets for its stores (its prior and posterior estimators,
+    ``store_format``, ``teacher_targets``) and the code fingerprints of the stages they change."""
+    family: str | None = None
+    """The group of a search this variant belongs to (the best of each family is selected on validation)."""
 
     def context(self, ctx: StageContext) -> StageContext:
         """The stage context this variant's stores come from (its proxy, alignment and store settings)."""

@@ -64,6 +64,9 @@ class StudentRun:
     init_from: str | None = None
     trainer_overrides: Mapping[str, Any] | None = None
     teacher_tokenizer: Callable[[], Any] | None = None
+    measure_heldout: bool = True
+    """False for a search trial: scored on the validation split only (the held-out sets are for the final
+    report)."""
 
     @property
     def teacher_plan(self) -> TeacherPlan:
@@ -156,6 +159,7 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
         datamodule,
         ctx.trainer_factory,
         trainer_overrides=run.trainer_overrides,
+        measure_heldout=run.measure_heldout,
     )
 
 

@@ -35,12 +35,36 @@ WEIGHTED_FILES = [
     for name in DIVERGENCE_FILES
     if declared_capability(loss_class(name), "weights_positions", ("forward",))
 ]
-"""Divergences whose code applies position weights (``weighting=proxy_agreement``)."""
-CASES = [(name, form, "none") for name in LOGIT_FILES for form in FORMS] + [
-    (name, form, "proxy_agreement") for name in WEIGHTED_FILES for form in FORMS
+"""Divergences whose code applies position weights (``weighting=proxy_agreement|prior_reliability``)."""
+DECOUPLED_FILES = [
+    name for name in DIVERGENCE_FILES if declared_capability(loss_class(name), "decouples", ("forward",))
 ]
-"""(loss file, target form, weighting): every logit term on every form, and each weightable divergence
-again under Proxy-KD's agreement weighting."""
+"""Divergences whose code honours ``decoupled``."""
+SETTINGS = {
+    "none": [],
+    "proxy_agreement": ["weighting=proxy_agreement"],
+    "prior_reliability": ["weighting=prior_reliability", "reliability_pseudocount=3.0"],
+    "decoupled": ["decoupled=true", "target_weight=0.5", "nontarget_weight=2.0"],
+    "decoupled_nontarget": ["decoupled=true", "target_weight=0.0"],
+}
+"""A term's settings beyond its file's (as ``++loss.<name>.<key>=<value>`` overrides), by label."""
+CASES = (
+    [(name, form, "none") for name in LOGIT_FILES for form in FORMS]
+    + [
+        (name, form, w)
+        for w in ("proxy_agreement", "prior_reliability")
+        for name in WEIGHTED_FILES
+        for form in FORMS
+    ]
+    + [
+        (name, form, d)
+        for d in ("decoupled", "decoupled_nontarget")
+        for name in DECOUPLED_FILES
+        for form in FORMS
+    ]
+)
+"""(loss file, target form, setting): every logit term on every form, each weightable divergence again under
+both position weightings, and each divergence decoupled (with and without its target part)."""
 
 
 def configured_term(name: str, weighting: str = "none"):
@@ -52,7 +76,6 @@ def configured_term(name: str, weighting: str = "none"):
 @functools.cache
 def _composed_term(name: str, weighting: str):
     overrides = ["experiment=tiny", f"loss=[{name}]"]
-    if weighting != "none":
-        overrides.append(f"++loss.{name}.weighting={weighting}")
+    overrides += [f"++loss.{name}.{setting}" for setting in SETTINGS[weighting]]
     cfg = compose_cfg(overrides)
     return loss_terms(cfg)[name]
