@@ -97,7 +97,7 @@ def test_shell_completion_completes_stages_then_hands_over_to_hydra(kdl_env):
         and "complete -o nospace -o default -F hydra_bash_completion kdl" in script.stdout
     )
     stages = kdl_stage("-sc", "query=bash", cwd=kdl_env, env={"COMP_LINE": "kdl p"})
-    assert stages.stdout.split() == ["prior", "posterior", "pipeline", "prior-quality", "plan"]
+    assert stages.stdout.split() == ["prior", "posterior", "pipeline", "prior-quality", "preflight", "plan"]
     keys = kdl_stage("-sc", "query=bash", cwd=kdl_env, env={"COMP_LINE": "kdl distill loss="})
     assert "loss=prior_kl" in keys.stdout.split()
 

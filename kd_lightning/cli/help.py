@@ -180,6 +180,21 @@ STAGE_PAGES: dict[str, StagePage] = {
         ),
         "kdl prior-quality data=sharegpt",
     ),
+    "preflight": StagePage(
+        "whether the loss terms can help this student: NLLs and λ per term, one verdict line each",
+        "teacher corpus (its validation split), student, prior, proxy",
+        "the validation split (data.validation_size), the untrained student, the prior's counts, the proxy "
+        "(aligned if cached); forward passes only",
+        "outputs/preflight/<time>/preflight.json (and the table on stdout)",
+        (
+            ("data.validation_size", "records it measures on (kdl pipeline prints it first when > 0)"),
+            ("loss", "the terms checked, with their weights"),
+            ("prior_kl_weight", "the prior term's weight"),
+            ("estimator.prior.gamma", "γ of the prior"),
+            ("loss.prior_kl.decoupled", "decoupled terms leave the observed token to the CE"),
+        ),
+        "kdl preflight experiment=paper_small data.validation_size=200",
+    ),
     "plan": StagePage(
         "a cost plan: corpus tokens, store sizes, proxy FLOPs, KD-loss memory",
         "teacher corpus, model headers",

@@ -55,8 +55,10 @@ from kd_lightning.modules.training import ReplicaFinished
 from kd_lightning.report import main as report_main
 from kd_lightning.stages import estimate
 from kd_lightning.stages.compare import run_pipeline
+from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.measure import run_evaluate, run_fidelity, run_prior_quality
 from kd_lightning.stages.plan import run_plan
+from kd_lightning.stages.preflight import run_preflight
 from kd_lightning.stages.search import SearchSpec, run_search
 from kd_lightning.stages.train import run_distill
 
@@ -76,10 +78,13 @@ def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
         )
     spec = instantiate(cfg.evaluation) if cfg.get("evaluate_students") else None
     sets = {name: instantiate(node) for name, node in (cfg.get("evaluation_sets") or {}).items()}
+    ctx = build_context(cfg)
+    if ctx.corpus().validation is not None:  # before hours of training: can these terms help at all?
+        stage_preflight(cfg, ctx)
     if cfg.get("search"):
         search = SearchSpec(**OmegaConf.to_container(cfg.search, resolve=True))
         return run_search(
-            build_context(cfg),
+            ctx,
             variants(with_seeds(cfg, [search.seed])),
             search,
             lambda names: variants(with_seeds(cfg, search.final_seeds, names)),
@@ -89,12 +94,22 @@ def stage_pipeline(cfg: DictConfig) -> dict[str, Any]:
             out_dir=Path(cfg.paths.output_dir),
         )
     return run_pipeline(
-        build_context(cfg),
+        ctx,
         variants(cfg),
         spec,
         evaluation_sets=sets,
         compare_to=cfg.get("compare_to"),
         out_dir=Path(cfg.paths.output_dir),
+    )
+
+
+def stage_preflight(cfg: DictConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """``kdl preflight``: the configured terms against the untrained student, on the validation split."""
+    return run_preflight(
+        ctx or build_context(cfg),
+        lambda: instantiate(cfg.student),
+        loss_terms(cfg),
+        Path(cfg.paths.output_dir),
     )
 
 
@@ -182,6 +197,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "fidelity": stage_fidelity,
     "generate": stage_generate,
     "plan": stage_plan,
+    "preflight": stage_preflight,
     "prior-quality": lambda cfg: run_prior_quality(
         build_context(cfg), instantiate(cfg.prior_quality), Path(cfg.paths.output_dir)
     ),
