@@ -15,6 +15,7 @@ from kd_lightning.data.soft_labels import (
     StoreMismatchError,
     write_store,
 )
+from kd_lightning.data.store_checks import folder_checksums
 from kd_lightning.data.store_format import LOG8_MIN, StoreFormat, decode_log8, encode_log8
 from kd_lightning.losses.divergences import sparse_target_kl
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
@@ -164,10 +165,14 @@ def test_every_reader_gets_the_same_k_slots_and_losses_agree(tmp_path):
 
 
 def corrupt(store: SoftLabelStore, name: str, change) -> None:
+    """Change an array as a faulty writer would: its checksum is recorded anew, so what refuses the store is
+    the validation of its contents (bytes changed after writing are tests/test_store_integrity.py's)."""
     path = store.folder / f"{name}.npy"
     array = np.load(path)
     change(array)
     np.save(path, array)
+    meta = json.loads((store.folder / "meta.json").read_text())
+    (store.folder / "meta.json").write_text(json.dumps({**meta, "checksums": folder_checksums(store.folder)}))
 
 
 @pytest.mark.parametrize(

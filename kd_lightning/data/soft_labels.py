@@ -30,12 +30,17 @@ import torch
 from kd_lightning.artifacts import fault_point, remove_leftovers
 from kd_lightning.atomic import atomic_folder
 from kd_lightning.data.store_checks import (
+    CHECKSUM,
     VALIDATE_CHUNK_ROWS,
     StoreCorruptError,
     StoreMismatchError,
+    check_offsets,
     check_provenance,
+    check_ragged_index,
     fix_hint,
+    folder_checksums,
     validate_rows,
+    verify_checksums,
 )
 from kd_lightning.data.store_format import StoreFormat, check_arrays, decode, encode
 
@@ -99,22 +104,25 @@ class SparseRows:
 def write_arrays(
     folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fault: str | None = None
 ) -> None:
-    """Write arrays + meta.json into ``folder`` atomically (hidden temp sibling, then rename).
+    """Write arrays + meta.json into ``folder`` atomically (hidden temp sibling, then rename); meta.json
+    records every file's checksum, which opening the store verifies.
 
     ``fault`` names the :func:`~kd_lightning.artifacts.fault_point` just before the rename.
     """
     with atomic_folder(folder, (lambda: fault_point(fault)) if fault else None) as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
+        meta = {**meta, "checksums": folder_checksums(tmp), "checksum": CHECKSUM}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 class SoftLabelStore:
     """Read side: memory-mapped sparse soft labels for each sequence of a tokenised corpus.
 
-    Opening checks the files against ``meta.json`` (present, readable, of the shapes it records) and, with
-    ``validate=True`` (the default), the contents (:func:`validate_rows`, on the decoded rows of a format-2
-    store); ``vocab_size`` adds the id range. Every failure is one line naming the store folder and the fix.
+    Opening checks the files against ``meta.json`` (present, readable, of the shapes it records) and the
+    indexes (offsets, a ragged store's entry index); with ``validate=True`` (the default) also every file's
+    checksum (once per process per file) and the contents (:func:`validate_rows`, on the decoded rows of a
+    format-2 store); ``vocab_size`` adds the id range. Every failure is one line naming the store folder and the fix.
     Format-1 stores (K float16 slots per row) and format-2 stores (:mod:`kd_lightning.data.store_format`)
     read the same: :meth:`rows` gives K slots per row.
     """
@@ -142,6 +150,8 @@ class SoftLabelStore:
             )
         if expect:
             check_provenance(self.meta["provenance"], expect, self.folder)
+        if validate:  # every file's bytes as written, before anything is read from them
+            verify_checksums(self.folder, self.meta, fix)
         self.encoding: dict[str, Any] | None = self.meta.get("encoding") if version == 2 else None
         names = ("ids", "probs", "tail", "offsets") if self.encoding is None else self._format2_names()
         arrays = {}
@@ -156,11 +166,7 @@ class SoftLabelStore:
         self._channel_arrays: dict[str, np.ndarray] = {}
         rows, k = int(self.meta.get("rows", -1)), int(self.meta.get("top_k", -1))
         self.num_rows = rows
-        if not (len(self.offsets) >= 1 and int(self.offsets[-1]) == rows):
-            raise StoreCorruptError(
-                f"{self.folder}: offsets end at {int(self.offsets[-1]) if len(self.offsets) else None}, "
-                f"but meta.json says {rows} rows; {fix}"
-            )
+        check_offsets(self.offsets, rows, "offsets.npy", self.folder, fix)
         if self.encoding is None:
             ids, probs, tail = arrays["ids"], arrays["probs"], arrays["tail"]
             if not (ids.shape == (rows, k) and probs.shape == (rows, k) and tail.shape == (rows,)):
@@ -172,6 +178,8 @@ class SoftLabelStore:
             wrong = check_arrays(arrays, self.encoding, rows, len(self.offsets) - 1)
             if wrong:
                 raise StoreCorruptError(f"{self.folder}: {wrong}; {fix}")
+            if self.encoding.get("ragged"):
+                check_ragged_index(arrays["entries"], arrays["entry_offsets"], self.offsets, self.folder, fix)
         if validate:
             self.validate(vocab_size, fix)
 

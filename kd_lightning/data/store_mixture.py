@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -129,6 +129,9 @@ class MixedStore:
         digest = hashlib.sha256(json.dumps(self.provenance, sort_keys=True).encode()).hexdigest()[:12]
         kind = "routed" if self.routes is not None else "mixture"
         return Path(f"teacher-{kind}-{digest}")
+
+    channels: ClassVar[tuple[str, ...]] = ()
+    """A mixture carries no per-position channels (context counts are the prior's)."""
 
     def rows(self, i: int) -> SparseRows:
         if self.routes is not None:

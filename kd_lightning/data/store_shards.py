@@ -15,6 +15,7 @@ import numpy as np
 from kd_lightning.artifacts import fault_point, remove_leftovers
 from kd_lightning.atomic import atomic_write_text
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, write_arrays, write_store
+from kd_lightning.data.store_checks import verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ class ShardedStoreWriter:
         missing = list(self.pending())
         if missing:
             raise RuntimeError(f"{len(missing)} shards not written yet (first: {missing[0]})")
+        for shard in range(self.num_shards):  # a shard's bytes as written, before they join the store
+            path = self._shard_path(shard)
+            meta = json.loads((path / "meta.json").read_text())
+            verify_checksums(path, meta, f"delete {path} and rerun the same command (it rebuilds that shard)")
         rows = SparseRows.concat(
             [
                 SparseRows(
