@@ -12,7 +12,9 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 # Prefixes of the environment variables this project (or a library it drives) reads. A variable that is
 # set but blank (``WANDB_MODE=``) means "unset" to a user; wandb and others would instead try to parse "".
@@ -123,3 +125,31 @@ def install_log_redaction() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
+
+
+class RedactedStream:
+    """A text stream that writes through :func:`redact`: what a run prints (Hydra's own error lines, a
+    traceback with ``KDL_TRACEBACK=1``, a library's print) never shows a credential."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding ... of the real stream
+        return getattr(self._stream, name)
+
+
+def redact_output() -> None:
+    """Route ``sys.stdout`` and ``sys.stderr`` through :class:`RedactedStream` (once; for the rest of the
+    process, so an uncaught exception's traceback, printed at exit, is redacted too)."""
+    if not isinstance(sys.stdout, RedactedStream):
+        sys.stdout = RedactedStream(sys.stdout)
+    if not isinstance(sys.stderr, RedactedStream):
+        sys.stderr = RedactedStream(sys.stderr)

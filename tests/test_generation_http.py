@@ -155,7 +155,7 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(workdir, generator):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"api_key": "other"}, f"refused the key \\(401\\); check the key in \\${KEY_ENV}"),
+        ({"api_key": "other"}, f"refused the request \\(401\\): check the key in \\${KEY_ENV}"),
         ({"model_name": "bigger"}, "answered 404 for model 'tiny'"),
     ],
 )

@@ -94,9 +94,15 @@ def free_port() -> int:
 BAD = {
     "server down": ([], {}, [], "cannot be reached"),
     "wrong model": (["teacher.model=other"], {}, [], "answered 404 for model 'other'"),
-    "refused key": ([], {"api_key": "another-key"}, [], "refused the key (401)"),
+    "refused key": (
+        [],
+        {"api_key": "another-key"},
+        [],
+        "refused the request (401): check the key in $KDL_TEACHER_API_KEY",
+    ),
+    "bad request": ([], {}, ["bad_request"], "(not retried: the server's answer does not change on a retry)"),
     "malformed JSON": ([], {}, ["malformed"] * 10, "answered with something that is not a scoring reply"),
-    "positions": ([], {}, [None, "short"], "scored 26 positions of a prompt of 27 tokens"),
+    "positions": ([], {}, [None, "short"], "positions of a prompt of"),
     "k above the cap": (["estimator.teacher_targets.k=25"], {}, [], "is above teacher.max_logprobs=20"),
     "k above the server's cap": ([], {"max_logprobs": 4}, [], "refused the request"),
 }
@@ -274,3 +280,64 @@ def test_kdl_trains_gkd_and_an_online_teacher_through_a_served_teacher(env, gene
     assert all(np.isfinite(r["nll"]) for r in results)
     assert scored_by_gkd > 1 and len(server.completion_requests) > scored_by_gkd  # the probe, then steps
     assert refused.returncode == 1 and "teacher=served gives top-k" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_without_a_key_no_authorization_is_sent_and_a_server_that_wants_one_says_which_variable(
+    kdl_env, generator, monkeypatch
+):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with OpenAICompatibleServer(generator, "tiny") as server:  # a local server started without a key
+        kdl(*served(server, "vllm", 8), env_dir=kdl_env)
+        assert server.authorizations and set(server.authorizations) == {None}
+    with OpenAICompatibleServer(generator, "tiny", api_key="secret-key") as server:
+        done = kdl(*served(server, "vllm", 8, "rebuild=[teacher_logits]"), env_dir=kdl_env, check=False)
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and f"it wants a key: export {KEY_ENV}=<key>" in line, line
+
+
+def test_k_above_the_cap_is_refused_before_any_request_and_leaves_no_folder(env, generator):
+    with OpenAICompatibleServer(generator, "tiny") as server:
+        done = kdl(*served(server, "vllm", 25), env_dir=env, check=False)
+        assert done.returncode == 1 and "is above teacher.max_logprobs=20" in done.stderr
+        assert server.completion_requests == [] and server.authorizations == []
+    assert not list((env / "artifacts").glob("teacher_logits/*"))
+
+
+def test_a_server_that_is_down_is_given_up_within_the_stated_budget(env):
+    import time
+
+    start = time.perf_counter()
+    args = [a for a in served_args(f"http://127.0.0.1:{free_port()}/v1") if "max_retries" not in a]
+    done = kdl(*args, "teacher.max_retries=20", "teacher.connect_budget_s=3", env_dir=env, check=False)
+    seconds = time.perf_counter() - start
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "cannot be reached after" in line and "teacher.connect_budget_s=3" in line
+    assert seconds < 30 and "resumes from the finished shards" in line  # an offline store resumes
+
+
+def served_args(url: str) -> list[str]:
+    return [
+        "teacher-logits", "experiment=tiny", "teacher=served", f"teacher.base_url={url}", "teacher.model=tiny",
+        "teacher.api=vllm", "estimator.teacher_targets.k=8", "teacher.backoff_s=0.5",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("traceback", ["", "1"], ids=["one-line", "KDL_TRACEBACK=1"])
+def test_no_secret_reaches_the_terminal_or_any_written_file(kdl_env, generator, traceback):
+    """A failing served run with a key in the environment and credentials in its URL: neither appears on
+    stdout, stderr (Hydra's own error lines and the traceback included) or in any file the run wrote."""
+    key, password = "sk-envkey-5a1f9c2e7b", "sk-urlpass-83be61d0c4"
+    with OpenAICompatibleServer(generator, "tiny", api_key="something-else") as server:
+        url = server.url.replace("http://", f"http://user:{password}@")
+        done = kdl_process(
+            *served_args(url), "teacher.max_retries=0", env_dir=kdl_env, check=False,
+            env={KEY_ENV: key, "KDL_TRACEBACK": traceback, "KDL_TINY": os.environ["KDL_TINY"]},
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert ("Traceback" in done.stderr) == bool(traceback)
+    printed = done.stdout + done.stderr
+    assert key not in printed and password not in printed and "***" in printed
+    for path in kdl_env.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            assert key not in text and password not in text, path

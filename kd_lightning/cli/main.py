@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.artifacts import fault_point
 from kd_lightning.atomic import atomic_json, atomic_write_text
 from kd_lightning.cli import resolvers  # noqa: F401  (registers the configs' ${kdl_...} resolvers)
-from kd_lightning.cli.build import build_context, loss_terms, student_run, variants, with_seeds
+from kd_lightning.cli.build import build_context, loss_terms, student_run
 from kd_lightning.cli.help import STAGES, answer_without_hydra
 from kd_lightning.cli.overrides import (
     check_group_choices,
@@ -42,12 +42,14 @@ from kd_lightning.cli.overrides import (
     switched_option_hint,
 )
 from kd_lightning.cli.trainer import launches_processes, log_rows
+from kd_lightning.cli.variants import variants, with_seeds
 from kd_lightning.environment import (
     conf_dir,
     drop_blank_environment,
     env_setting,
     install_log_redaction,
     redact,
+    redact_output,
 )
 from kd_lightning.generation.job import run_generation
 from kd_lightning.models.hub import set_trust_remote_code
@@ -320,6 +322,7 @@ def option_hint(cfg: DictConfig, group: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run ``kdl`` with ``argv`` (the console script, :mod:`kd_lightning.cli.kdl`, lands here for stages)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    redact_output()  # no credential on stdout or stderr, Hydra's own error lines and tracebacks included
     drop_blank_environment()  # WANDB_MODE= (set but empty) means unset, for wandb and oc.env alike
     # like `python -m`, the working folder is importable: a user's ./my_losses/ works as a _target_
     if os.getcwd() not in sys.path and "" not in sys.path:

@@ -62,6 +62,25 @@ class CorpusSpec:
     reported) unless this is true: evaluating on a prompt the student trained on flatters it."""
 
     def __post_init__(self) -> None:
+        for name in (
+            "heldout_size",
+            "validation_size",
+            "max_seq_len",
+            "count_max_seq_len",
+            "train_limit",
+            "heldout_limit",
+        ):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                try:
+                    setattr(self, name, int(str(value)))
+                except ValueError:
+                    raise ValueError(f"data.{name}={value!r} is not a whole number") from None
+        if self.path and self.source in SHIPPED_SOURCES:
+            raise ValueError(
+                f"data.path={self.path} is not read by data={self.source} (a shipped corpus); add data=jsonl "
+                "(or data=hf_dataset, data=sharegpt) to read your file"
+            )
         if self.heldout_size < 1:
             raise ValueError(
                 f"data.heldout_size must be >= 1 (records held out to evaluate on), got {self.heldout_size}"

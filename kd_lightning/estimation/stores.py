@@ -307,6 +307,8 @@ def served_teacher_artifact(
         "code": code,
     }
     provenance = formatted(provenance, fmt or StoreFormat())  # a server's rows are top-k, never draws
+    served.check_k(targets.k)  # before any request, and before a folder for its shards exists
+    served.resumable = True
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()

@@ -236,6 +236,7 @@ class OpenAITeacher(OpenAIClient, TeacherBackend):
             top_p=s.top_p,
             seed=request.seed(self.identity()),
             **extra,
+            **self.request_options,
         )
         choices = getattr(response, "choices", None)
         if not choices:

@@ -24,6 +24,10 @@ class RequestFailure:
 
     reason: str  # short category: rate_limited, server_error, timeout, connection, malformed, bad_request
     detail: str
+    retries: int = 0
+    """How often the request was retried before this failure."""
+    waited_s: float = 0.0
+    """Seconds spent waiting between its attempts."""
 
 
 @dataclass
@@ -71,27 +75,28 @@ class OpenAIClient:
         timeout_s: float = 60.0,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        connect_budget_s: float = 15.0,
     ) -> None:
         try:
             import openai
-        except ImportError as err:  # pragma: no cover - depends on extras
+        except ImportError:  # depends on extras
             raise GenerationError(
-                "the API teacher needs the openai client: pip install 'kd_lightning[api]'"
-            ) from err
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+                "talking to an OpenAI-compatible server needs the openai client: pip install 'kd_lightning[api]'"
+            ) from None
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or connect_budget_s < 0:
             raise ValueError(
-                f"teacher.concurrency={concurrency} must be ≥ 1, max_retries={max_retries} ≥ 0, timeout_s={timeout_s} > 0"
+                f"max_concurrency={concurrency} must be ≥ 1, max_retries={max_retries} ≥ 0, timeout_s={timeout_s} > 0, "
+                f"connect_budget_s={connect_budget_s} ≥ 0"
             )
         key = os.environ.get(api_key_env or "")
-        if not key:
-            raise GenerationError(
-                f"environment variable {api_key_env} is not set; export it with the API key "
-                "(any non-empty value for a local server without authentication). "
-                "Keys are read from the environment only, never from configs"
-            )
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.openai = openai
-        self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
+        # without a key no Authorization header is sent (a local vLLM started without --api-key wants none)
+        self.client = openai.OpenAI(
+            api_key=key or "unused", base_url=base_url, timeout=timeout_s, max_retries=0
+        )
+        self.request_options = {} if key else {"extra_headers": {"Authorization": openai.Omit()}}
+        self.has_key = bool(key)
         self.model = model
         self.api_key_env = api_key_env
         self.base_url = public_url(base_url)
@@ -99,6 +104,7 @@ class OpenAIClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.connect_budget_s = connect_budget_s
         self.stats = BackendStats()
         self._fatal: GenerationError | None = None
 
@@ -112,12 +118,16 @@ class OpenAIClient:
         if isinstance(err, o.APIConnectionError):
             return "connection", True
         if isinstance(err, o.APIStatusError):
-            if err.status_code >= 500 or err.status_code in (408, 409):
+            if err.status_code >= 500 or err.status_code == 408:
                 return "server_error", True
             if err.status_code in (401, 403):
+                advice = (
+                    f"check the key in ${self.api_key_env}"
+                    if self.has_key
+                    else f"it wants a key: export {self.api_key_env}=<key>"
+                )
                 self._fatal = GenerationError(
-                    f"the API refused the key ({err.status_code}); check the key in ${self.api_key_env}"
-                    f" and the base URL {self.base_url}"
+                    f"the server at {self.base_url} refused the request ({err.status_code}): {advice}"
                 )
                 return "auth", False
             if err.status_code == 404:
@@ -142,16 +152,37 @@ class OpenAIClient:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
 
     def _retrying(self, call):
-        """``call()``, retried on what a retry can fix; a :class:`RequestFailure` when it still fails."""
+        """``call()``, retried on what a retry can fix; a :class:`RequestFailure` when it still fails.
+
+        A server that cannot be reached (refused or dropped connections, timeouts) is retried for at most
+        ``connect_budget_s`` seconds of waiting; other retryable answers (429, 5xx) ``max_retries`` times.
+        """
+        waited = 0.0
         for attempt in range(self.max_retries + 1):
             if self._fatal is not None:
-                return RequestFailure("aborted", str(self._fatal))
+                return RequestFailure("aborted", str(self._fatal), attempt)
             try:
                 return call()
             except Exception as err:  # classified below; unknown errors re-raise from _classify
                 reason, retryable = self._classify(err)
+                delay = self._delay(attempt, err)
+                unreachable = reason in ("connection", "timeout")
+                if unreachable and waited + delay > self.connect_budget_s:
+                    retryable = False
                 if not retryable or attempt == self.max_retries:
-                    return RequestFailure(reason, f"{type(err).__name__}: {str(err)[:200]}")
+                    return RequestFailure(reason, _detail(err), attempt, waited)
                 self.stats.retried(reason)
-                time.sleep(self._delay(attempt, err))
+                time.sleep(delay)
+                waited += delay
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _detail(err: Exception) -> str:
+    """What a failed request said: the status and the server's own message for an HTTP answer."""
+    status = getattr(err, "status_code", None)
+    body = getattr(err, "body", None)
+    said = body.get("message") or body.get("error") if isinstance(body, dict) else None
+    if isinstance(said, dict):
+        said = said.get("message")
+    text = str(said or err).strip().replace("\n", " ")
+    return f"{status}: {text[:200]}" if status else f"{type(err).__name__}: {text[:200]}"

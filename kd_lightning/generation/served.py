@@ -48,10 +48,13 @@ class ServedTeacher(OpenAIClient):
         base_url: the server's OpenAI-compatible root, ending in ``/v1``.
         model: the model name the server serves.
         api: ``vllm`` or ``openai_completions`` (the wire form).
-        api_key_env: the environment variable holding the key (any non-empty value for a local server).
+        api_key_env: the environment variable holding the key; unset, no Authorization header is sent (a
+            local server started without a key).
         max_logprobs: the most log-probs per position the server returns (vLLM's and OpenAI's cap: 20).
         max_concurrency: requests in flight at once.
-        timeout_s, max_retries, backoff_s: per request (retries on 429, 5xx, timeouts, resets, malformed).
+        timeout_s, max_retries, backoff_s: per request (retries on 408, 429, 5xx and malformed replies; other
+            4xx answers are not retried).
+        connect_budget_s: the most seconds spent waiting to retry a server that cannot be reached.
     """
 
     def __init__(
@@ -65,13 +68,25 @@ class ServedTeacher(OpenAIClient):
         timeout_s: float = 120.0,
         max_retries: int = 6,
         backoff_s: float = 1.0,
+        connect_budget_s: float = 15.0,
     ) -> None:
         if api not in PROMPT_SCORING_APIS:
             raise ValueError(f"teacher.api={api!r} must be one of {', '.join(PROMPT_SCORING_APIS)}")
         if max_logprobs < 1:
             raise ValueError(f"teacher.max_logprobs={max_logprobs} must be >= 1")
-        super().__init__(model, base_url, api_key_env, max_concurrency, max_retries, timeout_s, backoff_s)
+        super().__init__(
+            model,
+            base_url,
+            api_key_env,
+            max_concurrency,
+            max_retries,
+            timeout_s,
+            backoff_s,
+            connect_budget_s=connect_budget_s,
+        )
         self.api = api
+        self.resumable = False
+        """Whether a failure leaves finished shards a rerun resumes from (an offline store's build)."""
         self.max_logprobs = max_logprobs
         self.requests = 0
         self.prompt_tokens = 0
@@ -111,7 +126,12 @@ class ServedTeacher(OpenAIClient):
 
     def _probe_vllm(self, ids: list[int]) -> list[str]:
         reply = self.client.completions.create(
-            model=self.model, prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 1}
+            model=self.model,
+            prompt=ids,
+            max_tokens=1,
+            temperature=0.0,
+            extra_body={"prompt_logprobs": 1},
+            **self.request_options,
         )
         choice = _first_choice(reply)
         rows = (getattr(choice, "model_extra", None) or {}).get("prompt_logprobs")
@@ -121,7 +141,13 @@ class ServedTeacher(OpenAIClient):
 
     def _probe_openai(self, text: str) -> list[str]:
         reply = self.client.completions.create(
-            model=self.model, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0.0
+            model=self.model,
+            prompt=text,
+            max_tokens=0,
+            echo=True,
+            logprobs=1,
+            temperature=0.0,
+            **self.request_options,
         )
         tokens = getattr(getattr(_first_choice(reply), "logprobs", None), "tokens", None)
         if not isinstance(tokens, list):
@@ -138,6 +164,7 @@ class ServedTeacher(OpenAIClient):
                 max_tokens=1,
                 temperature=0.0,
                 extra_body={"prompt_logprobs": k},
+                **self.request_options,
             )
             choice = _first_choice(reply)
             extra = getattr(choice, "model_extra", None) or {}
@@ -147,7 +174,13 @@ class ServedTeacher(OpenAIClient):
             found = [None if row is None else _vllm_row(row, k) for row in rows]
         else:
             reply = self.client.completions.create(
-                model=self.model, prompt=text, max_tokens=0, echo=True, logprobs=k, temperature=0.0
+                model=self.model,
+                prompt=text,
+                max_tokens=0,
+                echo=True,
+                logprobs=k,
+                temperature=0.0,
+                **self.request_options,
             )
             logprobs = getattr(_first_choice(reply), "logprobs", None)
             top = getattr(logprobs, "top_logprobs", None)
@@ -164,11 +197,7 @@ class ServedTeacher(OpenAIClient):
     ) -> list[list[dict | None]]:
         """Each sequence scored (``texts``: the same sequences as text, for ``openai_completions``), in
         order, ``max_concurrency`` at a time. A failure after the retries is one :class:`ServedTeacherError`."""
-        if k > self.max_logprobs:
-            raise ServedTeacherError(
-                f"estimator.teacher_targets.k={k} is above teacher.max_logprobs={self.max_logprobs}, the most a "
-                f"server returns per position; set estimator.teacher_targets.k={self.max_logprobs} or lower"
-            )
+        self.check_k(k)
 
         def one(i: int):
             return self._retrying(lambda: self._request(sequences[i], texts[i], k))
@@ -185,6 +214,14 @@ class ServedTeacher(OpenAIClient):
                 )
         return results
 
+    def check_k(self, k: int) -> None:
+        """Refuse, before any request, a k above what the server returns per position."""
+        if k > self.max_logprobs:
+            raise ServedTeacherError(
+                f"estimator.teacher_targets.k={k} is above teacher.max_logprobs={self.max_logprobs}, the most a "
+                f"server returns per position; set estimator.teacher_targets.k={self.max_logprobs} or lower"
+            )
+
     def _explain(self, failure: RequestFailure) -> str:
         if self._fatal is not None:
             return str(self._fatal)
@@ -196,10 +233,19 @@ class ServedTeacher(OpenAIClient):
             "server_error": "kept failing (5xx)",
             "rate_limited": "kept refusing (429)",
         }.get(failure.reason, failure.reason)
+        if failure.reason in ("connection", "timeout"):
+            tried = (
+                f"after {failure.retries} retries over {failure.waited_s:.0f} s (teacher.connect_budget_s="
+                f"{self.connect_budget_s:g} raises the wait)"
+            )
+        elif failure.retries:
+            tried = f"after {failure.retries} retries"
+        else:
+            tried = "(not retried: the server's answer does not change on a retry)"
+        resume = "; a rerun resumes from the finished shards" if self.resumable else ""
         return (
-            f"the served teacher at {self.base_url} {what} after {self.max_retries} retries ({failure.detail}); "
-            "check teacher.base_url, teacher.model and that the server scores prompts (teacher.api); a rerun "
-            "resumes from the finished shards"
+            f"the served teacher at {self.base_url} {what} {tried}; it said {failure.detail}; check "
+            f"teacher.base_url, teacher.model and that the server scores prompts (teacher.api){resume}"
         )
 
 

@@ -15,7 +15,8 @@ call, and concurrent scoring requests one right-padded forward, as vLLM batches 
 stays bounded; its listen backlog holds a burst of connections instead of resetting them. ``faults`` scripts misbehaviour for tests, one entry consumed per chat request in arrival order:
 ``"429"`` (with ``Retry-After: 0``), ``"500"``, ``"hang"`` (answer only once the same request arrives
 again: the client's timeout, then its retry, always happen), ``"sleep:<seconds>"`` (answer late, to trip a client
-timeout), ``"malformed"`` (a 200 whose body is not JSON), ``"no_choices"`` (valid JSON without choices).
+timeout), ``"malformed"`` (a 200 whose body is not JSON), ``"no_choices"`` (valid JSON without choices);
+scoring requests also take ``"bad_request"`` (a 400 with a message).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class OpenAICompatibleServer:
         self.faults: list[str] = list(faults)
         self.chat_requests: list[dict[str, Any]] = []  # every chat request body received, in order
         self.completion_requests: list[dict[str, Any]] = []  # every /v1/completions body received
+        self.authorizations: list[str | None] = []  # each request's Authorization header (None: none sent)
         self.max_logprobs = max_logprobs
         self.hung: dict[str, threading.Event] = {}  # "hang" faults waiting for their request to come again
         self.lock = threading.Lock()
@@ -205,6 +207,8 @@ class OpenAICompatibleServer:
                 if route not in ("/v1/chat/completions", "/v1/completions"):
                     self._error(404, f"no route {self.path}", "not_found")
                     return
+                with server.lock:
+                    server.authorizations.append(self.headers.get("Authorization"))
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     self._error(401, "invalid API key", "invalid_request_error")
                     return
@@ -305,6 +309,9 @@ class OpenAICompatibleServer:
                 fault = server._next_fault()
                 if fault in ("429", "500"):
                     self._error(int(fault), "scripted fault", "server_error", {"Retry-After": "0"})
+                    return
+                if fault == "bad_request":
+                    self._error(400, "scripted refusal: this prompt is refused", "invalid_request_error")
                     return
                 if fault == "malformed":
                     self._send(200, b"this is not JSON")

@@ -1,0 +1,30 @@
+"""Values that cannot be used are one line naming the setting and the fix (issue: messages of a new user)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.cli import kdl
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["distill", "experiment=tiny", "+teachers.a.path=x", "+teachers.a.weight=abc", "kd_target=teacher_mixture",
+             "loss=[hard_ce,forward_kl]"],
+            "teachers.a.weight='abc' is not a number",
+        ),
+        (["plan", "data.path=/tmp/mine.jsonl"], "data.path=/tmp/mine.jsonl is not read by data=alpaca_gpt35"),
+        (["plan", "experiment=tiny", "data.heldout_size=abc"], "data.heldout_size='abc' is not a whole number"),
+        (["plan", "experiment=tiny", "data.validation_size=-3"], "data.validation_size must be >= 0"),
+    ],
+    ids=["teacher-weight", "path-without-jsonl", "heldout-size", "validation-size"],
+)  # fmt: skip
+def test_a_value_that_cannot_be_used_is_one_line_naming_it(kdl_env, args, message):
+    done = kdl(*args, env_dir=kdl_env, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert message in line, line
+    if "data.path" in message:
+        assert "add data=jsonl" in line
