@@ -107,3 +107,18 @@ def test_the_readme_quotes_the_real_help():
     quoted = re.search(r"<!-- kdl --help -->\n```text\n(.*?)```", readme, flags=re.S)
     assert quoted, "README.md should quote `kdl --help` after a <!-- kdl --help --> marker"
     assert quoted.group(1).strip() == main_help().strip()
+
+
+def test_help_leads_to_the_selected_teacher_and_every_kd_target(kdl_env):
+    served = kdl_stage("teacher-logits", "teacher=served", "--help", cwd=kdl_env)
+    for setting in ("teacher.base_url=???", "teacher.model=???", "teacher.api=vllm", "teacher.max_logprobs=20",
+                    "teacher.max_concurrency=8", "teacher.connect_budget_s=15", "teachers={}"):  # fmt: skip
+        assert setting in served.stdout, setting
+    assert "estimator.teacher_targets.k=20 " in served.stdout  # a served teacher's k fits its cap
+    local = kdl_stage("teacher-logits", "teacher=smollm2", "--help", cwd=kdl_env)
+    assert "estimator.teacher_targets.k=64 " in local.stdout and "teacher.base_url=" not in local.stdout
+    distill = kdl_stage("distill", "--help", cwd=kdl_env)
+    for target in ("teacher_mixture", "teacher:<name>", "teacher_logprobs", "offline_teacher"):
+        assert target in distill.stdout, target
+    assert "+teachers.<name>.path=" in distill.stdout and "trainer.compile=False" in distill.stdout
+    assert "loss.prior_kl.decoupled=False" in distill.stdout

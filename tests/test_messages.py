@@ -28,3 +28,35 @@ def test_a_value_that_cannot_be_used_is_one_line_naming_it(kdl_env, args, messag
     assert message in line, line
     if "data.path" in message:
         assert "add data=jsonl" in line
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        ("peft", ["align", "experiment=tiny", "alignment=lora"], "kd_lightning[lora]"),
+        (
+            "datasets",
+            ["plan", "experiment=tiny", "data=hf_dataset", "data.path=/tmp"],
+            "kd_lightning[datasets]",
+        ),
+    ],
+    ids=["peft", "datasets"],
+)
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(
+    kdl_env, monkeypatch, module, args, extra
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import peft` now fails as if it were not installed
+    done = kdl(*args, env_dir=kdl_env, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert extra in line, line
+
+
+def test_the_tiny_experiment_evaluates_on_enough_held_out_tokens(kdl_env):
+    import json
+
+    kdl("distill", "experiment=tiny", "loss=[hard_ce]", "trainer.max_steps=1", env_dir=kdl_env)
+    (result,) = [json.loads(p.read_text()) for p in (kdl_env / "artifacts" / "distill").glob("*/result.json")]
+    assert result["tokens"] >= 100  # no held-out record repeats a training prompt, so none is dropped

@@ -34,6 +34,18 @@ class StagePage:
     example: str = ""
 
 
+KD_TARGETS_HELP = (
+    "what divergences compare with: posterior | prior | teacher (online) | offline_teacher | teacher_logprobs "
+    "| teacher:<name> | teacher_mixture"
+)
+TEACHERS_HELP = (
+    "several teachers: +teachers.<name>.path=<model> (or .base_url/.model: served) +teachers.<name>.weight=0.5; "
+    "read by kd_target=teacher:<name> or teacher_mixture"
+)
+GROUP_SETTINGS = ("teacher",)
+"""Config groups whose selected option's own settings a stage's help lists (a served teacher's base_url,
+model, api, max_logprobs, ...), as each option has its own."""
+
 STAGE_PAGES: dict[str, StagePage] = {
     "generate": StagePage(
         "a teacher corpus (self-instruct, instructions file or labelled augmentation)",
@@ -97,9 +109,16 @@ STAGE_PAGES: dict[str, StagePage] = {
         "the teacher (teacher=), the teacher text",
         "artifacts/teacher_logits/<key>/ (read by kd_target=offline_teacher)",
         (
-            ("teacher", "smollm2 | local (teacher.path=<folder or hub id>)"),
+            (
+                "teacher",
+                "smollm2 | local (teacher.path=<folder or hub id>) | served (teacher.base_url, teacher.model)",
+            ),
+            ("teachers", TEACHERS_HELP),
             ("estimator.teacher_targets", "topk | sampled"),
-            ("estimator.teacher_targets.k", "ids kept per position"),
+            (
+                "estimator.teacher_targets.k",
+                "ids kept per position (a served teacher: at most teacher.max_logprobs)",
+            ),
         ),
         "kdl teacher-logits teacher=smollm2",
     ),
@@ -118,7 +137,14 @@ STAGE_PAGES: dict[str, StagePage] = {
                 "loss.posterior_kl.weighting",
                 "none | proxy_agreement (Proxy-KD: positions by p_proxy(teacher token))",
             ),
-            ("kd_target", "what generic divergences compare with: posterior | prior | teacher | ..."),
+            ("kd_target", KD_TARGETS_HELP),
+            ("teacher", "null | smollm2 | local | served: the online teacher kd_target=teacher reads"),
+            ("teachers", TEACHERS_HELP),
+            ("loss.prior_kl.decoupled", "true: the estimate only ranks the other tokens (target_weight=0)"),
+            ("loss.prior_kl.weighting", "none | prior_reliability (n(c)/(n(c)+m) per position)"),
+            ("kd_weight_schedule.kind", "constant | ramp_up | decay of the divergence terms' weights"),
+            ("estimator.prior.smoothing", "ngram | unigram | uniform (label smoothing at the same mass)"),
+            ("trainer.compile", "torch.compile of the student's training forward"),
             ("distill_temperature", "softens student and target (terms scaled by T²)"),
             ("student", "smollm2_layers | random_llama | local (student.path=...)"),
             ("module", "the LightningModule: distill | online_teacher | minillm | gkd | distillm | yours"),
@@ -276,6 +302,20 @@ def _value(root: DictConfig, key: str) -> str:
     return f"{key}={str(node).replace(' ', '')}"
 
 
+def _selected_group_rows(root: DictConfig, shown: set[str]) -> list[tuple[str, str]]:
+    """``group.key=value`` of each :data:`GROUP_SETTINGS` group the stage's page shows and the command
+    selected (``teacher=served`` has other settings than ``teacher=smollm2``)."""
+    rows = []
+    for group in GROUP_SETTINGS:
+        node = OmegaConf.select(root, group, default=None)
+        if group not in shown or not OmegaConf.is_dict(node):
+            continue
+        for key in node:
+            if key != "_target_":
+                rows.append((_value(root, f"{group}.{key}"), f"(the selected {group}'s setting)"))
+    return rows
+
+
 def stage_help(root: DictConfig) -> str:
     """The ``hydra.help.template`` of ``kdl <stage> --help`` (Hydra substitutes ``$APP_CONFIG_GROUPS``)."""
     stage = str(OmegaConf.select(root, "stage", default=""))
@@ -283,6 +323,7 @@ def stage_help(root: DictConfig) -> str:
     if page is None:
         return "$APP_CONFIG_GROUPS"
     rows = [(_value(root, key), what) for key, what in page.settings]
+    rows += _selected_group_rows(root, {key for key, _ in page.settings})
     width = min(max(len(v) for v, _ in rows), 46)
     artifacts = OmegaConf.select(root, "paths.artifacts_dir", default="artifacts")
     lines = [

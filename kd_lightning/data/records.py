@@ -166,8 +166,11 @@ def read_hf_dataset(path: str, split: str = "train", fields: Mapping[str, str] |
     """Read records from a local ``datasets`` folder (``save_to_disk``) or a data file loadable offline."""
     try:
         import datasets
-    except ImportError as err:  # pragma: no cover - depends on extras
-        raise CorpusError("reading a `datasets` corpus needs `pip install datasets`") from err
+    except ImportError:  # depends on extras
+        raise CorpusError(
+            "data=hf_dataset reads a `datasets` folder, which needs the datasets extra: "
+            "pip install 'kd_lightning[datasets]' (or kd_lightning[all])"
+        ) from None
     folder = Path(path).expanduser()
     saved = folder.is_dir() and (
         (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()

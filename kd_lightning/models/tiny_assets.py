@@ -126,7 +126,7 @@ def tiny_assets_folder() -> Path:
     explicit = env_setting("KDL_TINY")
     if explicit:
         return Path(explicit).expanduser()
-    target = assets_dir() / "tiny"
+    target = assets_dir() / "tiny-2"  # 0.2.0: every prompt distinct (an older tiny corpus repeats them)
     if (target / "corpus.jsonl").is_file():
         return target
     with atomic_folder(target, keep_existing=True) as tmp:  # another process may finish first

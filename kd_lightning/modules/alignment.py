@@ -266,8 +266,11 @@ def _fine_tune(
 def _with_lora(model: nn.Module, cfg: ProxyAlignment) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model  # optional dependency (kd_lightning[lora])
-    except ImportError as err:
-        raise ImportError("alignment.lora_rank needs `pip install peft` (or kd_lightning[lora])") from err
+    except ImportError:
+        raise RuntimeError(
+            "alignment.lora_rank > 0 (alignment=lora, alignment=proxy_kd) needs peft, which kd_lightning installs; "
+            "reinstall it: pip install 'kd_lightning[lora]'"
+        ) from None
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
