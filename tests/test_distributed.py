@@ -61,6 +61,16 @@ def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path, single, teacher
         torch.testing.assert_close(ddp["student"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_two_processes_accumulating_two_micro_batches_match_one_process(tiny_dir, tmp_path, single):
+    """2 ranks × 2 sequences × 2 accumulated micro-batches per step: the global batches of one process with 8,
+    every target token weighted alike across micro-batches and ranks (unequal lengths everywhere)."""
+    ddp = run_worker(tiny_dir, tmp_path / "ddp.pt", "ddp", 2, 2, "replicated", "2")
+    assert ddp["world"] == 2 and len(ddp["losses"]) == 2 * len(single["losses"])
+    for name, weight in single["student"].items():
+        torch.testing.assert_close(ddp["student"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_ranks_split_every_global_batch_between_them():
     single = list(EpochBatchSampler(22, 8, seed=0))
     ranks = [list(EpochBatchSampler(22, 4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]

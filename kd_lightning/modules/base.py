@@ -128,6 +128,8 @@ class StudentModule(LightningModule):
         self.step_seconds: dict[str, list[float]] = {}
         """Wall time of each training step's phases (``rollout_seconds``, ``update_seconds``)."""
         self.gathered_state: dict[str, torch.Tensor] | None = None  # the full student after FSDP training
+        self._window_tokens: torch.Tensor | None = None
+        """Target tokens of the micro-batches since the last optimizer step (see :meth:`token_sum`)."""
         self.compile_seconds: float | None = None
         """What compiling the student cost once (``trainer.compile=true``), kept in the training record."""
 
@@ -230,6 +232,38 @@ class StudentModule(LightningModule):
             return None
         model = trainer.strategy.model
         return model if isinstance(model, FullyShardedDataParallel) else None
+
+    # ---------------------------------------------------------------- exact accumulation
+    def token_sum(self, token_mean: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate for a micro-batch whose loss is a mean over ``tokens`` target tokens:
+        its sum over them, and the tokens counted towards this optimizer step.
+
+        :meth:`on_before_optimizer_step` then divides the accumulated gradient by the step's tokens (over
+        every micro-batch and rank), so the gradient is the mean over all target tokens of the step: a
+        short answer's tokens weigh what a long one's do, whatever micro-batch or rank they fall in. (Lightning
+        averages micro-batch losses, and DDP ranks; both would weight by batch, not by token.)
+        """
+        tokens = tokens.detach().to(torch.float64)
+        self._window_tokens = tokens if self._window_tokens is None else self._window_tokens + tokens
+        return token_mean * tokens.to(token_mean.dtype)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the accumulated gradient the step's token mean (see :meth:`token_sum`); before clipping."""
+        if self._window_tokens is None:
+            return
+        tokens, self._window_tokens = self._window_tokens, None
+        world = self.trainer_world_size()
+        if world > 1:
+            tokens = self.all_gather(tokens).sum()
+        accumulate = (
+            int(getattr(self._trainer, "accumulate_grad_batches", 1) or 1)
+            if self.automatic_optimization
+            else 1
+        )
+        factor = float(world * accumulate) / max(float(tokens), 1.0)  # Lightning divided by the accumulation
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(factor)
 
     def configure_optimizers(self):
         # the student and any trainable term parameters; the teacher is not a submodule

@@ -245,7 +245,7 @@ class DistillModule(StudentModule):
         self.log("train/target_tokens", tokens, reduce_fx="sum", batch_size=batch_size)
         if self.kd_weight_schedule.kind != "constant":
             self.log("train/kd_weight_scale", scale_kd, batch_size=batch_size)
-        return total * scale
+        return self.token_sum(total, tokens)  # the step's token mean: see StudentModule.token_sum
 
     def kd_weight_scale(self) -> float:
         """This step's factor on the divergence terms' weights (:attr:`kd_weight_schedule`)."""
@@ -256,13 +256,9 @@ class DistillModule(StudentModule):
         )
 
     def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
-        """Weight of this rank's token-mean loss so that DDP's gradient average is the global token mean.
-
-        Each term is a mean over this rank's target tokens n_r. DDP averages gradients over W ranks, which
-        would weight every rank alike however many tokens it holds. Scaling by ``W · n_r / Σ n`` makes the
-        average exactly the gradient of the mean over all ranks' tokens, i.e. what one process computes on
-        the global batch. 1 on a single process.
-        """
+        """Weight of this rank's token-mean values in the logged figures, so that their mean over ranks
+        (``sync_dist``) is the mean over all ranks' tokens: ``W · n_r / Σ n`` (1 on a single process). The
+        gradient's own weighting is :meth:`~kd_lightning.modules.base.StudentModule.token_sum`'s."""
         world = self.trainer_world_size()
         if world == 1:
             return 1.0

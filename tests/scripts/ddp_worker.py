@@ -2,7 +2,7 @@
 
 Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-executes it per rank):
 
-    python tests/scripts/ddp_worker.py TINY_DIR OUT.pt STRATEGY DEVICES BATCH_SIZE [SHARD_TEACHER]
+    python tests/scripts/ddp_worker.py TINY_DIR OUT.pt STRATEGY DEVICES BATCH_SIZE [SHARD_TEACHER [ACCUMULATE]]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class RecordLoss(Callback):
 def main() -> None:
     tiny_dir, out, strategy, devices, batch_size = sys.argv[1:6]
     shard_teacher = len(sys.argv) > 6 and sys.argv[6] == "shard"
+    accumulate = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     torch.use_deterministic_algorithms(True)
     tok = load_tokenizer(tiny_dir)
     corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:22], tok, 96)
@@ -51,6 +52,7 @@ def main() -> None:
         devices=int(devices),
         strategy=strategy,
         max_steps=3,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
