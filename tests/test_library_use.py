@@ -87,7 +87,7 @@ def test_a_term_of_an_earlier_release_still_runs_for_one_release_and_is_told_the
     with pytest.warns(BatchFormWarning) as told:
         value = KeyFormPriorKL()(logits, batch)
     assert {str(w.message) for w in told} == {
-        f'batch["{key}"] is deprecated and goes in the next release; read {typed}'
+        f'batch["{key}"] is deprecated and will be removed in v0.3.0; read {typed}'
         for key, typed in [
             ("target_ids", "batch.target_ids"),
             ("prior_ids", "batch.soft_labels['prior'].ids"),
@@ -96,7 +96,7 @@ def test_a_term_of_an_earlier_release_still_runs_for_one_release_and_is_told_the
         ]
     }
     torch.testing.assert_close(value, ForwardKL("prior")(logits, batch))
-    with pytest.warns(BatchFormWarning, match=r"called with a dict of batch fields.*from_fields"):
+    with pytest.warns(BatchFormWarning, match=r"called with a dict of batch fields.*built from typed fields"):
         from_dict = ForwardKL("prior")(logits, sparse_batch())
     torch.testing.assert_close(from_dict, value)
     with pytest.raises(TypeError, match=r"takes a PositionBatch.*got tuple"):

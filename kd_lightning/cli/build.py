@@ -142,7 +142,7 @@ def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, Los
 
 
 RENAMED_TERM_KEYS = {"target": "kd_target"}
-"""Keys of a loss term's config in earlier releases and the keys that replaced them (kept for one release)."""
+"""Keys of a loss term's config in earlier releases and the keys that replaced them (accepted until v0.3.0)."""
 
 
 def renamed_term_keys(name: str, node: Any) -> Any:
@@ -155,7 +155,7 @@ def renamed_term_keys(name: str, node: Any) -> Any:
         for key in old:
             new = RENAMED_TERM_KEYS[key]
             log.warning(
-                "loss.%s.%s is now %s (%s: %s → %s: %s); the old name is accepted until the next release",
+                "loss.%s.%s is now %s (%s: %s → %s: %s); the old name will be removed in v0.3.0",
                 name,
                 key,
                 new,

@@ -6,8 +6,8 @@ H hidden size. A position t describes token t+1: logits at t, ``target_ids[t]`` 
 ``PositionBatch`` is packed to the target positions only (prompt and padding dropped), with a leading
 dimension of 1 so every loss sees (1, N, ...). Only declared fields are packed. Loss terms read its typed
 fields. The key form of :data:`SCHEMA` (``target_ids``, ``<store>_ids`` ...) is what tests write
-(:meth:`PositionBatch.from_fields` reads it); ``batch["prior_ids"]`` in a user's term still reads the typed
-field, with a ``FutureWarning`` naming it, for one release.
+(a private parser reads it); ``batch["prior_ids"]`` in a user's term still reads the typed
+field, with a ``FutureWarning`` naming it, until v0.3.0.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 
 
 class BatchFormWarning(FutureWarning):
-    """The key form of a batch (``batch["prior_ids"]``, a term called with a dict): goes in the next release."""
+    """The key form of a batch (``batch["prior_ids"]``, a term called with a dict): will be removed in v0.3.0."""
 
 
 SCHEMA = {
@@ -37,7 +37,7 @@ SCHEMA = {
     "teacher_hidden_<layer>": "(1, N, H'): the online teacher's",
     "<prepared>": "(1, N): a per-position field a term computed over the whole batch (LossTerm.prepare)",
 }
-"""The key form of a :class:`PositionBatch`'s fields (what :meth:`PositionBatch.from_fields` reads)."""
+"""The key form of a :class:`PositionBatch`'s fields (what tests write, and earlier releases' terms read)."""
 
 
 STORE_CHANNELS = ("context_count", "ngram_order")
@@ -214,13 +214,13 @@ class PositionBatch:
         return found
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        """Deprecated (one release): the key form of earlier releases' user terms; read the typed field."""
+        """Deprecated since 0.2.0, removed in v0.3.0: the key form of earlier releases' user terms; read the typed field."""
         fields = self._fields()
         if key not in fields:
             raise KeyError(f"{key!r}: this batch has no such field (it has {sorted(fields)})")
         tensor, typed = fields[key]
         warnings.warn(
-            f'batch["{key}"] is deprecated and goes in the next release; read {typed}',
+            f'batch["{key}"] is deprecated and will be removed in v0.3.0; read {typed}',
             BatchFormWarning,
             stacklevel=2,
         )
@@ -230,40 +230,43 @@ class PositionBatch:
         """Deprecated with ``__getitem__``: whether the key form names a field of this batch."""
         fields = self._fields()
         warnings.warn(
-            f"`{key!r} in batch` is deprecated and goes in the next release; test the typed fields instead "
+            f"`{key!r} in batch` is deprecated and will be removed in v0.3.0; test the typed fields instead "
             f"({fields[key][1] if key in fields else 'e.g. name in batch.soft_labels, batch.dense_logits'})",
             BatchFormWarning,
             stacklevel=2,
         )
         return key in fields
 
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, torch.Tensor]) -> PositionBatch:
-        """A batch from the key form (:data:`SCHEMA`), as tests write it; unknown keys become ``prepared``."""
-        if isinstance(fields, PositionBatch):
-            return fields
-        if "target_ids" not in fields:
-            raise KeyError("a loss batch needs target_ids (see kd_lightning.data.batch.SCHEMA)")
-        rest = {k: v for k, v in fields.items() if k != "target_ids"}
-        batch = cls(fields["target_ids"])
-        for key in [k for k in rest if k.endswith("_ids")]:
-            name = key[: -len("_ids")]
-            if f"{name}_probs" in rest and f"{name}_tail" in rest:
-                batch.soft_labels[name] = SoftLabels(
-                    rest.pop(key),
-                    rest.pop(f"{name}_probs"),
-                    rest.pop(f"{name}_tail"),
-                    {c: rest.pop(f"{name}_{c}") for c in STORE_CHANNELS if f"{name}_{c}" in rest},
-                )
-        for key in list(rest):
-            for prefix, into in (
-                ("student_hidden_", batch.student_hidden),
-                ("teacher_hidden_", batch.teacher_hidden),
-            ):
-                if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
-                    into[int(key[len(prefix) :])] = rest.pop(key)
-        for suffix, into in (("_logits", batch.dense_logits), ("_probs", batch.dense_probs)):
-            for key in [k for k in rest if k.endswith(suffix)]:
-                into[key[: -len(suffix)]] = rest.pop(key)
-        batch.prepared.update(rest)
-        return batch
+
+def _from_fields(fields: Mapping[str, torch.Tensor]) -> PositionBatch:
+    """A batch from the key form (:data:`SCHEMA`), as tests write it; unknown keys become ``prepared``.
+
+    Not public API (0.2.0): earlier releases' terms that were called with a dict reach it until v0.3.0;
+    build a :class:`PositionBatch` from its typed fields instead."""
+    if isinstance(fields, PositionBatch):
+        return fields
+    if "target_ids" not in fields:
+        raise KeyError("a loss batch needs target_ids (see kd_lightning.data.batch.SCHEMA)")
+    rest = {k: v for k, v in fields.items() if k != "target_ids"}
+    batch = PositionBatch(fields["target_ids"])
+    for key in [k for k in rest if k.endswith("_ids")]:
+        name = key[: -len("_ids")]
+        if f"{name}_probs" in rest and f"{name}_tail" in rest:
+            batch.soft_labels[name] = SoftLabels(
+                rest.pop(key),
+                rest.pop(f"{name}_probs"),
+                rest.pop(f"{name}_tail"),
+                {c: rest.pop(f"{name}_{c}") for c in STORE_CHANNELS if f"{name}_{c}" in rest},
+            )
+    for key in list(rest):
+        for prefix, into in (
+            ("student_hidden_", batch.student_hidden),
+            ("teacher_hidden_", batch.teacher_hidden),
+        ):
+            if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
+                into[int(key[len(prefix) :])] = rest.pop(key)
+    for suffix, into in (("_logits", batch.dense_logits), ("_probs", batch.dense_probs)):
+        for key in [k for k in rest if k.endswith(suffix)]:
+            into[key[: -len(suffix)]] = rest.pop(key)
+    batch.prepared.update(rest)
+    return batch

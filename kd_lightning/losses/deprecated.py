@@ -8,7 +8,7 @@ from kd_lightning.losses.terms import ForwardKL
 
 
 class SoftLabelKL(ForwardKL):
-    """Deprecated (one release): ``ForwardKL(kd_target=...)`` is the same term; ``soft_labels`` named the
+    """Deprecated since 0.2.0, removed in v0.3.0: ``ForwardKL(kd_target=...)`` is the same term; ``soft_labels`` named the
     store it compares with, which is what ``kd_target`` names for every divergence."""
 
     def __init__(
@@ -20,7 +20,7 @@ class SoftLabelKL(ForwardKL):
     ) -> None:
         warnings.warn(
             f"SoftLabelKL(soft_labels={soft_labels!r}) is ForwardKL(kd_target={soft_labels!r}), the same term; "
-            "SoftLabelKL goes in the next release (in a loss YAML: _target_: kd_lightning.losses.ForwardKL, "
+            "SoftLabelKL will be removed in v0.3.0 (in a loss YAML: _target_: kd_lightning.losses.ForwardKL, "
             f"kd_target: {soft_labels})",
             FutureWarning,
             stacklevel=2,

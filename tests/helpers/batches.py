@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
-from kd_lightning.data.batch import PositionBatch
+from kd_lightning.data.batch import PositionBatch, _from_fields
 
 
 def position_batch(fields: Mapping[str, torch.Tensor]) -> PositionBatch:
     """The typed batch a loss term takes, from a dict of (B, T, ...) fields (``target_ids``, ``prior_ids`` ...)."""
-    return PositionBatch.from_fields(fields)
+    return _from_fields(fields)
