@@ -183,9 +183,17 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         draw = random.Random(self.step_seed("batch_source")).random()
         return self.student_data.choose(step, total, draw, len(self.replay))
 
-    def student_samples(self, batch: TextBatch) -> TextBatch:
+    def rollout_seed(self, batch_idx: int = 0) -> int:
+        """The seed of this micro-batch's rollouts: the step's, distinct per rank and per accumulated
+        micro-batch (their prompts differ, and so must their draws); the step's own on one process."""
+        trainer = self._trainer
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+        return self.step_seed("student_samples") + 7_919 * rank + 104_729 * (batch_idx % accumulate)
+
+    def student_samples(self, batch: TextBatch, batch_idx: int = 0) -> TextBatch:
         """Fresh student responses to the batch's prompts, as a batch (and pushed to the replay buffer)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("student_samples"))
+        generator = torch.Generator(device=self.device).manual_seed(self.rollout_seed(batch_idx))
         rollout = sample_rollouts(
             self.student,
             prompts_from_batch(batch),
@@ -205,7 +213,7 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         source = self.batch_source()
         with self.timed("rollout_seconds", len(batch)):
             if source == "fresh":
-                batch = self.student_samples(batch)
+                batch = self.student_samples(batch, batch_idx)
             elif source == "replay":
                 pick = random.Random(self.step_seed("replay")).randrange(len(self.replay))
                 batch = self.replay[pick].to(self.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -101,7 +102,11 @@ def train_student(
                 corpus.tokenizer.save_pretrained(tmp)
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
-        return finish_student(folder, corpus, name, trained.student, trainer, measure_heldout)
+        result = finish_student(folder, corpus, name, trained.student, trainer, measure_heldout)
+        # the checkpoints only resume an unfinished training (1.6 GB for SmolLM2 with AdamW's state): a
+        # finished student keeps student/ and result.json
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return result
 
     def train_as_replica(folder: Path) -> dict[str, Any]:
         """One of Lightning's extra DDP processes: train along, then leave; rank 0 saves and evaluates."""
