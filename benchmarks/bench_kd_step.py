@@ -104,6 +104,7 @@ def main() -> None:
         start = time.perf_counter()
         loss = modules[name].training_step(batch, 0)
         loss.backward()
+        modules[name].on_before_optimizer_step(optimizer)  # as Lightning calls it
         optimizer.step()
         return time.perf_counter() - start
 
