@@ -157,3 +157,58 @@ def test_a_variant_with_its_own_store_format_gets_its_own_planned_sizes(kdl_env)
     for fmt, actual in written.items():
         assert abs(planned[fmt] - actual) / actual < 0.05, (fmt, planned[fmt], actual)
     assert planned["log8"] < planned["fp16"]
+
+
+def test_plan_has_a_size_row_for_every_store_any_shipped_experiment_reads(kdl_env):
+    """Every experiment's terms (its loss, each variant's own loss and overrides, and the kd_target forms a
+    run may pick): kdl plan sizes each store they read, named teachers and a mixture's parts included."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kd_lightning.cli.build import loss_terms
+    from kd_lightning.cli.variants import variant_config
+    from kd_lightning.data.store_format import StoreFormat
+    from kd_lightning.environment import conf_dir
+    from kd_lightning.losses.terms import soft_label_names
+    from kd_lightning.stages.plan import size_rows
+    from tests.helpers.configs import compose_cfg
+
+    seen: set[str] = set()
+    experiments = sorted(
+        p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if "generate" not in p.stem
+    )
+    for experiment in experiments:
+        cfg = compose_cfg([f"experiment={experiment}"])
+        names = set(soft_label_names(loss_terms(cfg).values()))
+        for spec in (cfg.get("variants") or {}).values():
+            if spec is None:
+                continue
+            if OmegaConf.is_list(spec):
+                local, terms = cfg, list(spec)
+            else:
+                local, terms = variant_config(cfg, spec), list(spec.get("loss") or ["hard_ce"])
+            names |= set(soft_label_names(loss_terms(local, terms).values()))
+        ctx = SimpleNamespace(
+            store_format=StoreFormat(),
+            prior_estimator=SimpleNamespace(top_k=int(cfg.estimator.prior.top_k)),
+            posterior_estimator=SimpleNamespace(top_k=int(cfg.estimator.posterior.top_k)),
+            teacher_targets=instantiate(cfg.estimator.teacher_targets),
+            teachers={"a": None, "b": None},
+        )
+        rows, sizes = size_rows(ctx, sorted(names), 1000, 10, 49152)
+        assert all(any(n in r.item for r in rows) for n in names), (experiment, names)
+        seen |= names
+    every = [
+        "prior",
+        "posterior",
+        "offline_teacher",
+        "proxy_agreement",
+        "teacher_logprobs",
+        "teacher:a",
+        "teacher_mixture",
+    ]
+    rows, sizes = size_rows(ctx, every, 1000, 10, 49152)
+    assert {"teacher:a", "teacher:b", "teacher_logprobs", "proxy_agreement"} <= set(sizes)
+    assert {"prior", "posterior"} <= seen

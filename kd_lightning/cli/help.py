@@ -316,14 +316,17 @@ def _selected_group_rows(root: DictConfig, shown: set[str]) -> list[tuple[str, s
     return rows
 
 
-def stage_help(root: DictConfig) -> str:
-    """The ``hydra.help.template`` of ``kdl <stage> --help`` (Hydra substitutes ``$APP_CONFIG_GROUPS``)."""
+def stage_help(root: DictConfig, artifact_kinds: tuple[str, ...] = ()) -> str:
+    """The ``hydra.help.template`` of ``kdl <stage> --help`` (Hydra substitutes ``$APP_CONFIG_GROUPS``);
+    ``artifact_kinds``: what ``rebuild=`` takes (the registry's kinds)."""
     stage = str(OmegaConf.select(root, "stage", default=""))
     page = STAGE_PAGES.get(stage)
     if page is None:
         return "$APP_CONFIG_GROUPS"
     rows = [(_value(root, key), what) for key, what in page.settings]
     rows += _selected_group_rows(root, {key for key, _ in page.settings})
+    if artifact_kinds and stage != "generate":
+        rows.append((_value(root, "rebuild"), f"artifact kinds to build again: {', '.join(artifact_kinds)}"))
     width = min(max(len(v) for v, _ in rows), 46)
     artifacts = OmegaConf.select(root, "paths.artifacts_dir", default="artifacts")
     lines = [
@@ -348,9 +351,13 @@ def stage_help(root: DictConfig) -> str:
     return "\n".join(lines).replace("$", "$$").replace("$$APP_CONFIG_GROUPS", "$APP_CONFIG_GROUPS")
 
 
-def stage_help_resolver(*, _root_: Any) -> str:
-    """OmegaConf resolver for ``hydra.help.template`` (gets the composed config as ``_root_``)."""
-    return stage_help(_root_)
+def stage_help_resolver(artifact_kinds: tuple[str, ...] = ()):
+    """The OmegaConf resolver for ``hydra.help.template`` (it gets the composed config as ``_root_``)."""
+
+    def resolve(*, _root_: Any) -> str:
+        return stage_help(_root_, artifact_kinds)
+
+    return resolve
 
 
 def answer_without_hydra(argv: list[str]) -> bool:

@@ -35,6 +35,9 @@ from kd_lightning.data.store_size import store_bytes
 from kd_lightning.models.size import parameter_count
 from kd_lightning.stages.context import StageContext
 
+API_LOGPROBS_K = 20
+"""The most log-probs an API gives per token (OpenAI's and vLLM's cap): the teacher_logprobs store's K at most."""
+
 
 @dataclass(frozen=True)
 class PlanRow:
@@ -111,30 +114,8 @@ def run_plan(
             "vocabulary (V)", vocab, "", "plan.vocab_size" if vocab_size else "the student tokenizer's ids"
         ),
     ]
-    id_bytes = id_dtype_for(vocab).itemsize
-    fmt = ctx.store_format
-    value_bytes = 2 if fmt.probabilities == "fp16" else 1
-    formula = f"N·K·({id_bytes}+{value_bytes}) + N·4 + (S+1)·8 + headers"
-    if fmt.ragged:
-        formula = (
-            f"at most N·K·({id_bytes}+1) + N·(1+4) + 2·(S+1)·8 + headers (ragged: K entries a row at most)"
-        )
-    top_k = {
-        "prior": ctx.prior_estimator.top_k,
-        "posterior": ctx.posterior_estimator.top_k,
-        "offline_teacher": ctx.teacher_targets.k,
-    }
-    sizes = {}
-    for name in stores:
-        if name in top_k:
-            draws = name == "offline_teacher" and ctx.teacher_targets.kind == "sampled"
-            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab, fmt, counts=draws)
-            label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
-            rows.append(PlanRow(label, sizes[name], "B", formula))
-    if "proxy_agreement" in stores:  # one entry per position, always in format 1
-        sizes["proxy_agreement"] = store_bytes(n_rows, n_seqs, 1, vocab, StoreFormat())
-        agreement_formula = f"N·({id_bytes}+2+4) + (S+1)·8 + headers"
-        rows.append(PlanRow("proxy_agreement store (K=1)", sizes["proxy_agreement"], "B", agreement_formula))
+    store_rows, sizes = size_rows(ctx, stores, n_rows, n_seqs, vocab)
+    rows += store_rows
     flops: dict[str, float] = {}
     if "posterior" in stores or "proxy_agreement" in stores:
         proxy = float(proxy_parameters) if proxy_parameters else parameter_count(ctx.proxy_path)
@@ -213,3 +194,59 @@ def run_plan(
         "loss_peak_bytes": peak,
         "workspace": str(Path(ctx.workspace.root)),
     }
+
+
+def size_rows(
+    ctx: StageContext, stores: list[str], n_rows: int, n_seqs: int, vocab: int
+) -> tuple[list[PlanRow], dict[str, float]]:
+    """A size row for every store ``stores`` names (prior, posterior, proxy_agreement, offline_teacher,
+    teacher:<name>, teacher_mixture's parts, teacher_logprobs), and the bytes by store."""
+    rows: list[PlanRow] = []
+    id_bytes = id_dtype_for(vocab).itemsize
+    fmt = ctx.store_format
+    value_bytes = 2 if fmt.probabilities == "fp16" else 1
+    formula = f"N·K·({id_bytes}+{value_bytes}) + N·4 + (S+1)·8 + headers"
+    if fmt.ragged:
+        formula = (
+            f"at most N·K·({id_bytes}+1) + N·(1+4) + 2·(S+1)·8 + headers (ragged: K entries a row at most)"
+        )
+    top_k = {
+        "prior": ctx.prior_estimator.top_k,
+        "posterior": ctx.posterior_estimator.top_k,
+        "offline_teacher": ctx.teacher_targets.k,
+    }
+    sizes = {}
+    draws = ctx.teacher_targets.kind == "sampled"
+    teacher_stores = {f"teacher:{name}": ctx.teacher_targets.k for name in ctx.teachers}
+    for name in stores:
+        if name in top_k:
+            sampled = name == "offline_teacher" and draws
+            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab, fmt, counts=sampled)
+            label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
+            rows.append(PlanRow(label, sizes[name], "B", formula))
+        elif name in teacher_stores or name == "teacher_mixture":  # each named teacher's offline store
+            for store in teacher_stores if name == "teacher_mixture" else [name]:
+                if store not in sizes:
+                    sizes[store] = store_bytes(
+                        n_rows, n_seqs, teacher_stores[store], vocab, fmt, counts=draws
+                    )
+                    rows.append(
+                        PlanRow(f"{store} store (K={teacher_stores[store]})", sizes[store], "B", formula)
+                    )
+            if name == "teacher_mixture":
+                rows.append(PlanRow("teacher_mixture (mixed on reading)", 0, "B", "no store of its own"))
+        elif name == "teacher_logprobs":  # an API's top log-probs, K at most its cap
+            sizes[name] = store_bytes(n_rows, n_seqs, API_LOGPROBS_K, vocab, StoreFormat())
+            rows.append(
+                PlanRow(
+                    f"teacher_logprobs store (K ≤ {API_LOGPROBS_K})", sizes[name], "B", formula + ", at most"
+                )
+            )
+    if "proxy_agreement" in stores:  # one entry per position, always in format 1
+        sizes["proxy_agreement"] = store_bytes(n_rows, n_seqs, 1, vocab, StoreFormat())
+        agreement_formula = f"N·({id_bytes}+2+4) + (S+1)·8 + headers"
+        rows.append(PlanRow("proxy_agreement store (K=1)", sizes["proxy_agreement"], "B", agreement_formula))
+    unknown = [name for name in stores if not any(name in row.item for row in rows)]
+    if unknown:
+        raise KeyError(f"kdl plan has no size for the store(s) {unknown}: add them to stages/plan.py")
+    return rows, sizes
