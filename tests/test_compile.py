@@ -99,3 +99,20 @@ def test_where_torch_cannot_compile_training_goes_on_eagerly_after_one_line(kdl_
         next(iter(artifacts(kdl_env, "distill"))).joinpath("student", "kdl_training.json").read_text()
     )
     assert "compile_seconds" not in record
+
+
+def test_a_released_student_can_be_freed(tiny_dir):
+    """A pipeline trains many students in one process: once released, a compiled student is not kept alive by
+    torch's compile caches."""
+    import gc
+    import weakref
+
+    tok = load_tokenizer(tiny_dir)
+    student = tiny_llama(len(tok), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    compiled = compile_for_training(student)
+    compiled(input_ids=torch.tensor([[1, 2, 3]]))
+    ref = weakref.ref(student)
+    release_compiled(student)
+    del student, compiled
+    gc.collect()
+    assert ref() is None

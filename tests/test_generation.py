@@ -12,7 +12,6 @@ from torchmetrics.functional.text.rouge import rouge_score
 from kd_lightning.generation.augment import LabelledAugmentationTask, parse_soft_label
 from kd_lightning.generation.backends import (
     ChatRequest,
-    GenerationError,
     OpenAITeacher,
     SamplingSettings,
     TeacherBackend,
@@ -242,10 +241,15 @@ def test_reply_cache_survives_a_corrupt_entry(tmp_path):
     assert [r.text for r in replies] == ["hi", "hi"] and report.answered == 2 and len(teacher.asked) == 2
 
 
-def test_openai_teacher_needs_its_key_from_the_environment(monkeypatch):
+def test_openai_teacher_reads_its_key_from_the_environment_and_sends_none_without_it(monkeypatch):
+    """Without the variable no Authorization header is sent (a local server without auth); a server that wants
+    a key answers 401, which names the variable (tests/test_served_teacher.py)."""
     monkeypatch.delenv("KDL_TEST_KEY", raising=False)
-    with pytest.raises(GenerationError, match="KDL_TEST_KEY is not set"):
-        OpenAITeacher("m", base_url="http://127.0.0.1:9/v1", api_key_env="KDL_TEST_KEY")
+    keyless = OpenAITeacher("m", base_url="http://127.0.0.1:9/v1", api_key_env="KDL_TEST_KEY")
+    assert "Authorization" in keyless.request_options["extra_headers"] and not keyless.has_key
+    monkeypatch.setenv("KDL_TEST_KEY", "sk-test-value")
+    keyed = OpenAITeacher("m", base_url="http://127.0.0.1:9/v1", api_key_env="KDL_TEST_KEY")
+    assert keyed.request_options == {} and keyed.has_key
     assert public_url("https://user:secret@host.example:8443/v1?key=abc#x") == "https://host.example:8443/v1"
 
 

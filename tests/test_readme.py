@@ -71,11 +71,19 @@ SWAPS = {
     "proxy=gemma3_270m": ["proxy=local", "proxy.path=${kdl_tiny:}"],
     "proxy=smollm2_layers": ["proxy=local", "proxy.path=${kdl_tiny:}"],
     "data=smollm2_self_instruct": [],
+    "data=alpaca_gpt35": ["data=alpaca_gpt35", "data.path=null"],  # the shipped corpus, not the tiny file
+    "sweep=optuna_loss_weights": ["sweep=optuna_loss_weights", "data.validation_size=16"],
 }
 
 
 STAGE_NEEDS = {
-    "fidelity": ["teacher=local", "teacher.path=${kdl_tiny:}", "proxy=local", "proxy.path=${kdl_tiny:}"],
+    "fidelity": [
+        "data=jsonl",
+        "teacher=local",
+        "teacher.path=${kdl_tiny:}",
+        "proxy=local",
+        "proxy.path=${kdl_tiny:}",
+    ],
 }
 """Stages whose config picks a shipped model by default: the tiny one instead."""
 

@@ -221,7 +221,10 @@ def size_rows(
     for name in stores:
         if name in top_k:
             sampled = name == "offline_teacher" and draws
-            sizes[name] = store_bytes(n_rows, n_seqs, top_k[name], vocab, fmt, counts=sampled)
+            channels = 2 if name == "prior" else 0  # its context counts and orders
+            sizes[name] = store_bytes(
+                n_rows, n_seqs, top_k[name], vocab, fmt, counts=sampled, channels=channels
+            )
             label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
             rows.append(PlanRow(label, sizes[name], "B", formula))
         elif name in teacher_stores or name == "teacher_mixture":  # each named teacher's offline store
