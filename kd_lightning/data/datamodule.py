@@ -261,6 +261,13 @@ class TeacherTextDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.global_step == 0:
             return 0
+        module = trainer.lightning_module
+        if module is not None and not module.automatic_optimization:
+            # a module that steps its own optimizers (MiniLLM's PPO updates, GAD's two models) takes several
+            # optimizer steps per batch: count the batches Lightning processed (a checkpoint saved at a batch's
+            # end counts that batch as processed, not yet as completed)
+            batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+            return max(0, min(batches_per_epoch, batches - trainer.current_epoch * batches_per_epoch))
         accumulate = trainer.accumulate_grad_batches
         steps_per_epoch = -(-batches_per_epoch // accumulate)
         steps_done = trainer.global_step - trainer.current_epoch * steps_per_epoch

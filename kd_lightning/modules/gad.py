@@ -1,0 +1,235 @@
+"""GAD: Generative Adversarial Distillation of a black-box teacher (arXiv 2511.10643).
+
+The teacher is seen only through its answers. A discriminator D (a causal LM with a scalar head,
+:class:`~kd_lightning.models.discriminator.SequenceScorer`) learns to tell the teacher's answer to a prompt
+from the student's, by the Bradley–Terry loss ``−log σ(D(x, y_teacher) − D(x, y_student))``; the student
+samples G answers per prompt and is trained by policy gradient to make D score them high: rewards are D's
+scores, advantages are normalised within each prompt's group (GRPO), the update is PPO's clipped surrogate,
+with an optional KL to the student it started from. D is updated on the same step's pairs.
+
+The paper's two warm-up stages: the generator starts from SFT on the teacher's text (in ``kdl pipeline``, a
+variant with ``init_from`` the SFT student), and for ``warmup_steps`` steps only D trains, on teacher
+answers against the warm generator's samples, before the adversarial stage begins. Logged per step:
+``train/reward`` (mean) and ``train/reward_std``, ``train/pair_accuracy`` (D's, on the step's pairs),
+``train/answer_tokens`` (length hacking shows here), ``train/kl_to_start``; at validation
+``val/pair_accuracy`` on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kd_lightning.data.batch import TextBatch
+from kd_lightning.generation.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
+from kd_lightning.losses import policy as P
+from kd_lightning.losses.adversarial import bradley_terry_loss, group_advantages, k3_kl, pair_accuracy
+from kd_lightning.losses.functional import masked_mean
+from kd_lightning.models.discriminator import SequenceScorer
+from kd_lightning.models.loading import freeze
+from kd_lightning.modules.base import StudentModule
+
+
+class GADModule(StudentModule):
+    """The student as GAD's generator, and its discriminator (see the module docstring).
+
+    Args:
+        student, optimizer, scheduler, teacher, tokenizer, seed, eval_generation_limit, eval_max_new_tokens:
+            see :class:`~kd_lightning.modules.base.StudentModule` (no teacher model: GAD reads the teacher's
+            text only).
+        discriminator: D; None builds it from a copy of the student's weights when the module is built
+            (the paper's choice: the warm generator).
+        discriminator_lr: AdamW's learning rate for D.
+        group_size: G, answers sampled per prompt (≥ 2: advantages are relative to the group).
+        max_new_tokens, generation_temperature: of the sampled answers.
+        warmup_steps: the first steps train D only (the paper's discriminator warm-up).
+        ppo_epochs, ppo_clip: updates per batch of samples and PPO's ε.
+        kl_weight: weight of the KL to the student the run started from (0: none).
+        max_grad_norm: the gradient norm each update is clipped to (None: off).
+    """
+
+    takes_loss_terms = False  # its own objective: the stage refuses loss terms other than hard_ce
+    runs_under_fsdp = False  # two optimizers and several backward passes per step
+    trainer_overrides: ClassVar[Mapping[str, Any]] = {"gradient_clip_val": None}  # clipped here
+
+    def __init__(
+        self,
+        student: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        teacher: nn.Module | None = None,
+        tokenizer: Any = None,
+        discriminator: nn.Module | None = None,
+        discriminator_lr: float = 1.0e-5,
+        group_size: int = 4,
+        max_new_tokens: int = 128,
+        generation_temperature: float = 1.0,
+        warmup_steps: int = 10,
+        ppo_epochs: int = 1,
+        ppo_clip: float = 0.2,
+        kl_weight: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        eval_generation_limit: int = 16,
+        eval_max_new_tokens: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            student,
+            optimizer,
+            scheduler,
+            teacher=None,  # a black-box method: the teacher is its text
+            tokenizer=tokenizer,
+            seed=seed,
+            eval_generation_limit=eval_generation_limit,
+            eval_max_new_tokens=eval_max_new_tokens,
+        )
+        self.require_special_ids("sampling the student's answers")
+        if group_size < 2:
+            raise ValueError(
+                f"module.group_size must be >= 2 (advantages are relative to the group), got {group_size}"
+            )
+        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
+            if value < 1:
+                raise ValueError(f"module.{name} must be >= 1, got {value}")
+        for name, value in (("discriminator_lr", discriminator_lr), ("ppo_clip", ppo_clip),
+                            ("generation_temperature", generation_temperature)):  # fmt: skip
+            if not value > 0:
+                raise ValueError(f"module.{name} must be > 0, got {value}")
+        if warmup_steps < 0 or kl_weight < 0:
+            raise ValueError("module.warmup_steps and module.kl_weight must be >= 0")
+        self.automatic_optimization = False
+        self.discriminator = discriminator if discriminator is not None else SequenceScorer.copy_of(student)
+        self.discriminator_lr = float(discriminator_lr)
+        self.group_size = int(group_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.generation_temperature = float(generation_temperature)
+        self.warmup_steps = int(warmup_steps)
+        self.ppo_epochs = int(ppo_epochs)
+        self.ppo_clip = float(ppo_clip)
+        self.kl_weight = float(kl_weight)
+        self.max_grad_norm = max_grad_norm
+        self.gad_steps = 0
+        """Training steps done (warm-up and adversarial); ``trainer.max_steps`` counts optimizer updates of
+        both models instead (a warm-up step is one, an adversarial step ``ppo_epochs + 1``)."""
+        # the student the run starts from, frozen and outside the module tree (never checkpointed)
+        object.__setattr__(self, "reference", freeze(copy.deepcopy(student)) if kl_weight > 0 else None)
+
+    def configure_optimizers(self):
+        student = self.optimizer_factory(params=[p for p in self.student.parameters() if p.requires_grad])
+        discriminator = torch.optim.AdamW(self.discriminator.parameters(), lr=self.discriminator_lr)
+        return [student, discriminator]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.discriminator.train()
+        if self.reference is not None:
+            self.reference.to(self.device).eval()
+
+    def sample(self, batch: TextBatch, batch_idx: int, group: int) -> Rollout:
+        """``group`` answers per prompt of the batch (seeded by the step and the rank: a resumed run draws the
+        same answers)."""
+        if batch.packed:
+            raise ValueError(
+                "recipe=gad compares whole teacher answers with the student's: set datamodule.packing=false"
+            )
+        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
+        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("rollout") + 7_919 * rank)
+        prompts = [prompt for prompt in prompts_from_batch(batch) for _ in range(group)]
+        return sample_rollouts(
+            self.student,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            generation_temperature=self.generation_temperature,
+            generator=generator,
+        )
+
+    def policy_loss(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PPO's clipped surrogate on the rollout (advantages (B,) per answer), and the KL to the start."""
+        mask = rollout.response_mask
+        logprobs = P.gather_log_probs(response_logits(self.student, rollout), rollout.response_ids)
+        weights = P.importance_weights(rollout.student_logprobs, rollout.sampling_logprobs, mask, None)
+        per_token = advantages.unsqueeze(-1).expand_as(logprobs)
+        loss, clipped = P.ppo_clipped_surrogate(
+            logprobs, rollout.student_logprobs, per_token, weights.detach(), mask, self.ppo_clip
+        )
+        kl = torch.zeros((), device=logprobs.device)
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = P.gather_log_probs(response_logits(self.reference, rollout), rollout.response_ids)
+            kl = masked_mean(k3_kl(logprobs, reference), mask)
+        return {"policy": loss + self.kl_weight * kl, "kl": kl.detach(), "clip_share": clipped}
+
+    def training_step(self, batch: TextBatch, batch_idx: int) -> None:
+        generator_optimizer, discriminator_optimizer = self.optimizers()
+        prompts = len(prompts_from_batch(batch))
+        with self.timed("rollout_seconds", len(batch)):
+            rollout = self.sample(batch, batch_idx, self.group_size)
+            with torch.no_grad():
+                rewards = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
+        adversarial = self.gad_steps >= self.warmup_steps
+        losses: dict[str, torch.Tensor] = {}
+        with self.timed("update_seconds", len(batch)):
+            if adversarial:
+                advantages = group_advantages(rewards).flatten().detach()
+                for _ in range(self.ppo_epochs):
+                    losses = self.policy_loss(rollout, advantages)
+                    self._step(generator_optimizer, losses["policy"])
+            teacher_scores = self.discriminator(batch.input_ids, batch.attention_mask)
+            student_scores = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
+            discriminator_loss = bradley_terry_loss(teacher_scores, student_scores)
+            self._step(discriminator_optimizer, discriminator_loss)
+        logs = {
+            "train/discriminator_loss": discriminator_loss.detach(),
+            "train/pair_accuracy": pair_accuracy(teacher_scores.detach(), student_scores.detach()),
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std(unbiased=False),
+            "train/answer_tokens": rollout.lengths.float().mean(),
+            "train/adversarial": torch.tensor(float(adversarial)),
+            **(
+                {
+                    "train/policy_loss": losses["policy"].detach(),
+                    "train/kl_to_start": losses["kl"],
+                    "train/clip_share": losses["clip_share"],
+                }
+                if losses
+                else {}
+            ),
+        }
+        for name, value in logs.items():
+            self.log(
+                name, value, batch_size=prompts, prog_bar=name in ("train/reward", "train/pair_accuracy")
+            )
+        self.gad_steps += 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["gad_steps"] = self.gad_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.gad_steps = int(checkpoint.get("gad_steps", 0))
+
+    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+
+    @torch.no_grad()
+    def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if batch.packed:
+            return
+        rollout = self.sample(batch, batch_idx, 1)
+        accuracy = pair_accuracy(
+            self.discriminator(batch.input_ids, batch.attention_mask),
+            self.discriminator(rollout.input_ids, rollout.attention_mask).view(len(batch), -1),
+        )
+        self.log("val/pair_accuracy", accuracy, batch_size=len(batch))

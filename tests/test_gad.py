@@ -1,0 +1,159 @@
+"""GAD (recipe=gad): its losses against their definitions, a discriminator that learns to tell the teacher's
+answers from the student's, a student whose reward rises against it, and the command line (a kill resumes
+to the uninterrupted student; packing and FSDP refused in one line)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from lightning import Callback, Trainer
+
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.records import read_jsonl
+from kd_lightning.data.tokenized import tokenize_records
+from kd_lightning.losses.adversarial import bradley_terry_loss, group_advantages, k3_kl, pair_accuracy
+from kd_lightning.models.discriminator import SequenceScorer
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from kd_lightning.modules.gad import GADModule
+from tests.helpers.cli import artifacts, kdl
+
+
+def test_the_bradley_terry_loss_and_pair_accuracy_are_their_definitions():
+    teacher = torch.tensor([1.0, -0.5])
+    student = torch.tensor([[0.0, 2.0, 1.0], [-1.0, -0.5, 0.5]])
+    expected = [
+        -math.log(1.0 / (1.0 + math.exp(-(float(t) - float(s)))))
+        for t, row in zip(teacher, student)
+        for s in row
+    ]
+    assert float(bradley_terry_loss(teacher, student)) == pytest.approx(sum(expected) / 6, rel=1e-6)
+    assert float(pair_accuracy(teacher, student)) == pytest.approx((1 + 0 + 0.5 + 1 + 0.5 + 0) / 6)
+
+
+def test_group_advantages_are_normalised_within_each_prompt():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    advantages = group_advantages(rewards)
+    row = rewards[0]
+    expected = (row - row.mean()) / (row.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(advantages[0], expected)
+    assert float(advantages[1].abs().max()) == 0.0  # equal rewards: no signal
+    assert float(group_advantages(torch.tensor([[3.0]])).abs().max()) == 0.0
+    logprobs, reference = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    r = reference - logprobs
+    torch.testing.assert_close(k3_kl(logprobs, reference), r.exp() - r - 1)
+
+
+def tiny_gad(tiny_dir, **settings):
+    tok = load_tokenizer(tiny_dir)
+    rows = read_jsonl(tiny_dir / "corpus.jsonl")
+    train, held = tokenize_records(rows[:64], tok, 96), tokenize_records(rows[64:80], tok, 96)
+    torch.manual_seed(0)
+    module = GADModule(
+        load_causal_lm(tiny_dir),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        tokenizer=tok,
+        **{
+            "discriminator_lr": 1e-3,
+            "group_size": 4,
+            "max_new_tokens": 16,
+            "eval_generation_limit": 0,
+            **settings,
+        },
+    )
+    return module, TeacherTextDataModule(batch_size=4).connect(tok.pad_token_id, train, held)
+
+
+class Metrics(Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+def fit(module, data, steps: int, validate: bool = False) -> Metrics:
+    metrics = Metrics()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[metrics], limit_val_batches=2 if validate else 0,
+        val_check_interval=steps if validate else None, check_val_every_n_epoch=None if validate else 1,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    module.final_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics
+
+
+def test_the_discriminator_learns_the_teacher_from_the_student_during_warm_up(tiny_dir):
+    module, data = tiny_gad(tiny_dir, warmup_steps=100)
+    metrics = fit(module, data, 12, validate=True)
+    assert all(row["train/adversarial"] == 0.0 for row in metrics.rows)  # only D trained
+    assert metrics.rows[0]["train/pair_accuracy"] == 0.5  # a zero head scores every answer alike
+    assert module.final_metrics["val/pair_accuracy"] > 0.75  # on held-out prompts: far above chance
+
+
+def test_the_students_reward_rises_against_a_fixed_discriminator(tiny_dir):
+    warm, data = tiny_gad(tiny_dir, warmup_steps=100)
+    fit(warm, data, 8)  # a discriminator that tells them apart
+    module, data = tiny_gad(
+        tiny_dir, warmup_steps=0, discriminator=warm.discriminator, discriminator_lr=1e-12
+    )
+    rewards = [row["train/reward"] for row in fit(module, data, 24).rows]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first, rewards
+
+
+def test_kdl_distill_recipe_gad_trains_and_resumes_after_a_kill(kdl_env):
+    from kd_lightning.cli.build import build_context, student_run
+    from kd_lightning.stages.train import run_distill
+    from tests.helpers.configs import compose_cfg
+
+    overrides = [
+        "experiment=tiny", "recipe=gad", "trainer.max_steps=8", "module.warmup_steps=2",
+        "module.max_new_tokens=8", "module.group_size=2", "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]  # fmt: skip
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step >= 5:  # after the checkpoint of step 4
+                raise RuntimeError("killed")
+
+    def context(cfg, callback=None):
+        ctx = build_context(cfg)
+        if callback is not None:
+            build = ctx.trainer_factory
+
+            def factory(folder, name, **kwargs):
+                trainer = build(folder, name, **kwargs)
+                trainer.callbacks.append(callback)
+                return trainer
+
+            ctx.trainer_factory = factory
+        return ctx
+
+    cfg = compose_cfg(overrides, "distill")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_distill(context(cfg, Kill()), student_run(cfg, "gad", ["hard_ce"]))
+    (folder,) = artifacts(kdl_env, "distill")
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    resumed = run_distill(context(cfg), student_run(cfg, "gad", ["hard_ce"]))
+    clean = kdl("distill", *overrides, "rebuild=[distill]", env_dir=kdl_env)
+    assert clean.returncode == 0
+    (result,) = list(folder.parent.glob("*/result.json"))
+    assert json.loads(result.read_text())["nll"] == pytest.approx(resumed["nll"], abs=1e-6)
+    refused = kdl("distill", *overrides, "datamodule.packing=true", env_dir=kdl_env, check=False)
+    assert refused.returncode == 1 and "set datamodule.packing=false" in refused.stderr
+
+
+def test_a_discriminator_scores_left_and_right_padded_sequences_alike(tiny_dir):
+    scorer = SequenceScorer(load_causal_lm(tiny_dir))
+    torch.nn.init.normal_(scorer.head.weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    right = scorer(torch.tensor([[5, 6, 7, 8, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    left = scorer(torch.tensor([[0, 0, 5, 6, 7, 8]]), torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    alone = scorer(ids, torch.ones_like(ids))
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
