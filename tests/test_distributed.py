@@ -113,3 +113,53 @@ def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):
         and "kdl distill ... trainer=ddp" in done.stderr
         and "Traceback" not in done.stderr
     )
+
+
+GKD_WORKER = Path(__file__).parent / "scripts" / "ddp_gkd_worker.py"
+
+
+def run_gkd_worker(tiny_dir, out, *mode):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(GKD_WORKER), str(tiny_dir), str(out), *map(str, mode)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[k].double().flatten() for k in sorted(state)])
+
+
+@pytest.mark.slow
+def test_gkd_under_two_process_ddp_samples_per_rank_and_matches_one_process_on_the_same_rollouts(
+    tiny_dir, tmp_path
+):
+    """Fully on-policy GKD, 2 ranks × 2 prompts: each rank samples its own rollouts (its own seed), the
+    ranks' students stay identical after every step, and one process trained on the union of the ranks'
+    rollouts (every generated token weighted alike, answers of unequal length) takes the same steps."""
+    run_gkd_worker(tiny_dir, tmp_path / "ddp", "ddp")
+    ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    run_gkd_worker(tiny_dir, tmp_path / "one", "replay", tmp_path / "ddp.rank0.pt", tmp_path / "ddp.rank1.pt")
+    one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
+    assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
+    steps = len(one["steps"])
+    assert steps == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3
+    lengths = [
+        [int((r["steps"][s]["rollout"]["target_ids"] != -100).sum()) for r in ranks] for s in range(steps)
+    ]
+    assert any(a != b for a, b in lengths), f"the ranks' rollouts should hold unequal token counts: {lengths}"
+    seeds = [[r["steps"][s]["seed"] for r in ranks] for s in range(steps)]
+    assert all(a != b for a, b in seeds) and len({a for a, _ in seeds}) == steps  # per rank, per step
+    before = [flat(r["initial"]) for r in ranks] + [flat(one["initial"])]
+    assert torch.equal(before[0], before[1]) and torch.equal(before[0], before[2])
+    for s in range(steps):
+        after = [flat(r["steps"][s]["student"]) for r in ranks]
+        assert torch.equal(after[0], after[1]), f"step {s}: the ranks' students differ"
+        ddp_update, one_update = after[0] - before[0], flat(one["steps"][s]["student"]) - before[2]
+        assert float(one_update.norm()) > 0
+        cosine = torch.nn.functional.cosine_similarity(ddp_update, one_update, dim=0)
+        assert float(cosine) > 0.99999, f"step {s}: update cosine {float(cosine)}"
+        assert float((ddp_update - one_update).norm() / one_update.norm()) < 1e-4
+        ddp_loss, one_loss = ranks[0]["steps"][s]["loss"], one["steps"][s]["loss"]
+        assert ranks[1]["steps"][s]["loss"] == ddp_loss  # the logged loss is the global batch's
+        assert abs(ddp_loss - one_loss) <= 1e-5 * abs(one_loss), f"step {s}: loss {ddp_loss} vs {one_loss}"
+        before = [after[0], after[1], flat(one["steps"][s]["student"])]
