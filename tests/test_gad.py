@@ -157,3 +157,40 @@ def test_a_discriminator_scores_left_and_right_padded_sequences_alike(tiny_dir):
     alone = scorer(ids, torch.ones_like(ids))
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pipeline_compares_gad_from_its_sft_student_with_sft_as_blackbox_compare_does(kdl_env):
+    """experiment=blackbox_compare's shape on the tiny models: GAD as a variant that composes its module preset,
+    starts from the SFT variant's student, and turns packing off for itself alone; paired with SFT."""
+    done = kdl(
+        "pipeline",
+        "experiment=tiny",
+        "loss=[hard_ce]",
+        "datamodule.packing=true",
+        "evaluate_students=true",
+        "evaluation.generation_limit=4",
+        "evaluation.max_new_tokens=8",
+        "evaluation.question_sets=[]",
+        "compare_to=sft",
+        "+variants.sft=[hard_ce]",
+        "+module@variants.gad.module=gad",
+        "++variants.gad.loss=[hard_ce]",
+        "++variants.gad.init_from=sft",
+        "++variants.gad.module.group_size=2",
+        "++variants.gad.module.max_new_tokens=8",
+        "++variants.gad.module.warmup_steps=1",
+        "++variants.gad.module.eval_generation_limit=0",
+        "++variants.gad.overrides={datamodule.packing:false}",
+        "++variants.gad.trainer={max_steps:3,limit_val_batches:0,log_every_n_steps:1}",
+        env_dir=kdl_env,
+    )
+    assert done.returncode == 0
+    result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["sft", "gad"] and rows["gad"]["module"] == "GADModule"
+    assert rows["gad"]["nll"] > 0 and 0.0 <= rows["gad"]["rouge_l"] <= 1.0
+    assert rows["gad"]["nll"] != rows["sft"]["nll"]  # it trained on from the SFT student
+    gad_metrics = [
+        p for p in (kdl_env / "outputs").rglob("metrics.csv") if p.parent.parent.name.endswith("gad")
+    ]
+    assert gad_metrics and "train/pair_accuracy" in gad_metrics[0].read_text().splitlines()[0]
