@@ -30,7 +30,7 @@ from kd_lightning.cli.trainer import cpu_has_bf16_units
 from kd_lightning.data.batch import TextBatch
 from kd_lightning.losses import HardCrossEntropy
 from kd_lightning.losses.functional import IGNORE_INDEX
-from kd_lightning.models.forward import TRAINING_DECODER, compile_for_training, release_compiled
+from kd_lightning.models.forward import TRAINING_DECODER, compile_for_training
 from kd_lightning.modules.distill import DistillModule
 
 JSON_KEYS = (
@@ -103,7 +103,13 @@ def main() -> None:
         True: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True),
     }
     compiled = compile_for_training(student)  # the library's trainer.compile=true, switched per variant below
-    release_compiled(student)
+
+    def switch_to_eager() -> (
+        None
+    ):  # not release_compiled: its dynamo reset would recompile (from disk) every step
+        student.__dict__.pop(TRAINING_DECODER, None)
+
+    switch_to_eager()
     device_type = torch.device(args.device).type
     tokens_per_step = int((batch.target_ids != IGNORE_INDEX).sum())
 
@@ -128,7 +134,7 @@ def main() -> None:
         optimizers[fused].step()
         optimizers[fused].zero_grad(set_to_none=True)
         seconds += time.perf_counter() - start
-        release_compiled(student)
+        switch_to_eager()
         return seconds, value, grads
 
     variants = {  # name: (autocast dtype, compiled, fused AdamW)
