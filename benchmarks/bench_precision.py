@@ -1,5 +1,6 @@
 """Training throughput of the full SmolLM2-135M-Instruct student (all 30 layers): fp32 vs bf16 autocast, eager
-vs compiled (``trainer.compile=true``), and fused AdamW.
+vs compiled (``trainer.compile=true``), fused AdamW, and the eager attention kernel
+(``student_attn_implementation=eager``; torch's sdpa has a slow backward on a CPU).
 
 What ``trainer.precision=bf16-mixed`` and ``trainer.compile=true`` buy on this CPU (experiment=paper_small
 uses both). One step is forward + backward + AdamW over a batch of ``--batch`` × ``--seq`` tokens (a quarter
@@ -31,17 +32,20 @@ from kd_lightning.data.batch import TextBatch
 from kd_lightning.losses import HardCrossEntropy
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.forward import TRAINING_DECODER, compile_for_training
+from kd_lightning.models.loading import set_attention
 from kd_lightning.modules.distill import DistillModule
 
 JSON_KEYS = (
     "bench", "device", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "threads", "fp32_seconds",
     "bf16_seconds", "compiled_fp32_seconds", "compiled_bf16_seconds", "bf16_fused_adamw_seconds",
-    "compiled_bf16_fused_adamw_seconds", "fp32_tokens_per_s", "bf16_tokens_per_s", "compiled_bf16_tokens_per_s",
-    "bf16_speedup", "compiled_fp32_speedup_vs_fp32", "compiled_bf16_speedup_vs_bf16", "compiled_bf16_speedup_vs_fp32",
-    "fused_adamw_speedup", "compiled_fused_speedup_vs_bf16", "compiled_fused_speedup_vs_bf16_fused",
-    "compiled_fused_speedup_vs_fp32", "compile_seconds_fp32", "compile_seconds_bf16", "first_loss_fp32",
-    "first_loss_bf16", "first_loss_compiled_fp32", "first_loss_compiled_bf16", "compiled_fp32_grad_max_rel_diff",
-    "compiled_fp32_grad_cosine",
+    "compiled_bf16_fused_adamw_seconds", "bf16_eager_attention_seconds",
+    "compiled_bf16_fused_adamw_eager_attention_seconds", "fp32_tokens_per_s", "bf16_tokens_per_s",
+    "compiled_bf16_tokens_per_s", "bf16_speedup", "compiled_fp32_speedup_vs_fp32", "compiled_bf16_speedup_vs_bf16",
+    "compiled_bf16_speedup_vs_fp32", "fused_adamw_speedup", "compiled_fused_speedup_vs_bf16",
+    "compiled_fused_speedup_vs_bf16_fused", "compiled_fused_speedup_vs_fp32", "eager_attention_speedup_vs_bf16",
+    "compiled_fused_eager_attention_speedup_vs_bf16", "compile_seconds_fp32", "compile_seconds_bf16",
+    "first_loss_fp32", "first_loss_bf16", "first_loss_compiled_fp32", "first_loss_compiled_bf16",
+    "first_loss_compiled_bf16_eager_attention", "compiled_fp32_grad_max_rel_diff", "compiled_fp32_grad_cosine",
 )  # fmt: skip
 
 
@@ -113,9 +117,12 @@ def main() -> None:
     device_type = torch.device(args.device).type
     tokens_per_step = int((batch.target_ids != IGNORE_INDEX).sum())
 
+    own_attention = student.config._attn_implementation
+
     def step(
-        dtype: torch.dtype | None, compile_: bool, fused: bool, keep: bool = False
+        dtype: torch.dtype | None, compile_: bool, fused: bool, attention: str | None, keep: bool = False
     ) -> tuple[float, float, dict]:
+        set_attention(student, attention or own_attention)  # student_attn_implementation
         if compile_:
             object.__setattr__(student, TRAINING_DECODER, compiled)
         start = time.perf_counter()
@@ -137,18 +144,20 @@ def main() -> None:
         switch_to_eager()
         return seconds, value, grads
 
-    variants = {  # name: (autocast dtype, compiled, fused AdamW)
-        "fp32": (None, False, False),
-        "bf16": (torch.bfloat16, False, False),
-        "compiled_fp32": (None, True, False),
-        "compiled_bf16": (torch.bfloat16, True, False),
-        "bf16_fused_adamw": (torch.bfloat16, False, True),
-        "compiled_bf16_fused_adamw": (torch.bfloat16, True, True),
+    variants = {  # name: (autocast dtype, compiled, fused AdamW, attention kernel; None: the model's own)
+        "fp32": (None, False, False, None),
+        "bf16": (torch.bfloat16, False, False, None),
+        "compiled_fp32": (None, True, False, None),
+        "compiled_bf16": (torch.bfloat16, True, False, None),
+        "bf16_fused_adamw": (torch.bfloat16, False, True, None),
+        "compiled_bf16_fused_adamw": (torch.bfloat16, True, True, None),
+        "bf16_eager_attention": (torch.bfloat16, False, False, "eager"),
+        "compiled_bf16_fused_adamw_eager_attention": (torch.bfloat16, True, True, "eager"),
     }
     first: dict[str, tuple[float, float, dict]] = {}
-    for label, (dtype, compile_, fused) in variants.items():  # the same start for every first step
+    for label, settings in variants.items():  # the same start for every first step
         student.load_state_dict(start_state)
-        first[label] = step(dtype, compile_, fused, keep=label in ("fp32", "compiled_fp32"))  # compiles once
+        first[label] = step(*settings, keep=label in ("fp32", "compiled_fp32"))  # compiles once
     times: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(args.repeats):
         for label, settings in variants.items():
@@ -168,7 +177,9 @@ def main() -> None:
         + f"; bf16 {median['fp32'] / median['bf16']:.2f}x fp32, compiled bf16 {median['bf16'] / median['compiled_bf16']:.2f}x"
         f" bf16, compiled fp32 {median['fp32'] / median['compiled_fp32']:.2f}x fp32; compiling took "
         f"{first['compiled_fp32'][0] - median['compiled_fp32']:.0f} s (fp32), "
-        f"{first['compiled_bf16'][0] - median['compiled_bf16']:.0f} s (bf16); bf16 units: {cpu_has_bf16_units()}"
+        f"{first['compiled_bf16'][0] - median['compiled_bf16']:.0f} s (bf16); compiled bf16 + fused AdamW + eager "
+        f"attention {median['bf16'] / median['compiled_bf16_fused_adamw_eager_attention']:.2f}x bf16; "
+        f"bf16 units: {cpu_has_bf16_units()}"
     )
     print(
         json.dumps(
@@ -198,12 +209,19 @@ def main() -> None:
                 "compiled_fused_speedup_vs_fp32": round(
                     median["fp32"] / median["compiled_bf16_fused_adamw"], 3
                 ),
+                "eager_attention_speedup_vs_bf16": round(median["bf16"] / median["bf16_eager_attention"], 3),
+                "compiled_fused_eager_attention_speedup_vs_bf16": round(
+                    median["bf16"] / median["compiled_bf16_fused_adamw_eager_attention"], 3
+                ),
                 "compile_seconds_fp32": round(first["compiled_fp32"][0] - median["compiled_fp32"], 1),
                 "compile_seconds_bf16": round(first["compiled_bf16"][0] - median["compiled_bf16"], 1),
                 "first_loss_fp32": round(first["fp32"][1], 6),
                 "first_loss_bf16": round(first["bf16"][1], 6),
                 "first_loss_compiled_fp32": round(first["compiled_fp32"][1], 6),
                 "first_loss_compiled_bf16": round(first["compiled_bf16"][1], 6),
+                "first_loss_compiled_bf16_eager_attention": round(
+                    first["compiled_bf16_fused_adamw_eager_attention"][1], 6
+                ),
                 "compiled_fp32_grad_max_rel_diff": float(f"{rel_diff:.3g}"),
                 "compiled_fp32_grad_cosine": round(cosine, 9),
             }

@@ -116,3 +116,52 @@ def test_a_released_student_can_be_freed(tiny_dir):
     del student, compiled
     gc.collect()
     assert ref() is None
+
+
+def test_the_eager_attention_kernel_trains_the_same_step_as_sdpa_packed_rows_included(tiny_dir):
+    """``student_attn_implementation=eager`` is a speed lever only: the same loss and gradients as sdpa
+    (fp32, within float reordering), packed records still kept apart."""
+    from kd_lightning.models.forward import check_packing
+    from kd_lightning.models.loading import set_attention
+
+    tok = load_tokenizer(tiny_dir)
+    corpus = tokenize_records(read_jsonl(tiny_dir / "corpus.jsonl")[:8], tok, 96)
+    padded = next(
+        iter(TeacherTextDataModule(batch_size=4).connect(tok.pad_token_id, corpus).train_dataloader())
+    )
+    packed = next(
+        iter(
+            TeacherTextDataModule(batch_size=2, packing=True, pack_length=128)
+            .connect(tok.pad_token_id, corpus)
+            .train_dataloader()
+        )
+    )
+    assert int((packed.position_ids[:, 1:] == 0).sum()) >= 1  # a row holds two records or more
+    torch.manual_seed(0)
+    student = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    module = DistillModule(
+        student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.SGD(params)
+    )
+    module.on_fit_start()
+    assert student.config._attn_implementation == "sdpa"
+    reference = [step(module, batch) for batch in (padded, packed)]
+    set_attention(student, "eager")
+    assert student.config._attn_implementation == "eager"
+    check_packing(student)
+    for (sdpa_loss, sdpa_grads), batch in zip(reference, (padded, packed), strict=True):
+        eager_loss, eager_grads = step(module, batch)
+        assert eager_loss == pytest.approx(sdpa_loss, rel=COMPILED_TOLERANCE)
+        for name, grad in sdpa_grads.items():
+            scale = float(grad.abs().max().clamp_min(1e-12))
+            assert float((eager_grads[name] - grad).abs().max()) <= COMPILED_TOLERANCE * scale, name
+
+
+def test_kdl_distill_takes_the_attention_kernel_into_the_students_key_and_refuses_an_unknown_one(kdl_env):
+    args = ("distill", "experiment=tiny", "loss=[hard_ce]", "trainer.max_steps=2")
+    kdl(*args, env_dir=kdl_env)
+    kdl(*args, "student_attn_implementation=eager", env_dir=kdl_env)
+    assert len(artifacts(kdl_env, "distill")) == 2  # another kernel sums in another order: another student
+    bad = kdl(*args, "student_attn_implementation=flash", env_dir=kdl_env, check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "student_attn_implementation='flash' is not an attention kernel transformers knows" in bad.stderr
+    assert "eager" in bad.stderr and "sdpa" in bad.stderr

@@ -25,7 +25,10 @@ from kd_lightning.stages.train import StudentRun
 
 log = logging.getLogger(__name__)
 
-STUDENT_GROUPS = ("student", "module", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size")
+STUDENT_GROUPS = (
+    "student", "module", "optimizer", "scheduler", "datamodule", "seed", "loss_chunk_size",
+    "student_attn_implementation",
+)  # fmt: skip
 """Config entries a trained student is built from (with its loss terms, the trainer and, if it runs one,
 the teacher); each enters the student's cache key whole, resolved."""
 
@@ -207,6 +210,7 @@ def student_run(
         if teacher_cfg and "path" in teacher_cfg
         else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
+        attn_implementation=cfg.get("student_attn_implementation"),
         trainer_overrides=trainer_overrides or None,
     )
     if served(teacher_cfg) and run.reads_teacher():

@@ -145,6 +145,7 @@ STAGE_PAGES: dict[str, StagePage] = {
             ("kd_weight_schedule.kind", "constant | ramp_up | decay of the divergence terms' weights"),
             ("estimator.prior.smoothing", "ngram | unigram | uniform (label smoothing at the same mass)"),
             ("trainer.compile", "torch.compile of the student's training forward"),
+            ("student_attn_implementation", "null | eager | sdpa: eager + compile trains faster on a CPU"),
             ("distill_temperature", "softens student and target (terms scaled by T²)"),
             ("student", "smollm2_layers | random_llama | local (student.path=...)"),
             ("module", "the LightningModule: distill | online_teacher | minillm | gkd | distillm | yours"),

@@ -61,6 +61,42 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str = torch.flo
         ) from None
 
 
+def check_attention_name(implementation: str) -> None:
+    """Refuse, before anything is built, an attention kernel name transformers does not know."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if implementation not in known:
+        raise ValueError(
+            f"student_attn_implementation={implementation!r} is not an attention kernel transformers knows: "
+            f"use one of {', '.join(known)}, or null for the model's own"
+        )
+
+
+def set_attention(model: nn.Module, implementation: str) -> None:
+    """Switch a transformers model's attention kernel (``eager``, ``sdpa``, ``flex_attention`` ...).
+
+    Why: on a CPU, torch's fused attention (sdpa) has a slow backward for short rows; the plain ``eager``
+    kernel, fused by ``trainer.compile``, trains faster there (``benchmarks/bench_precision.py``), at memory
+    that grows with the square of a row's length. A model without the switch, or a kernel this
+    transformers does not know, is one error naming the setting.
+    """
+    switch = getattr(model, "set_attn_implementation", None)
+    if switch is None:
+        raise ValueError(
+            f"student_attn_implementation={implementation!r}: {type(model).__name__} is not a transformers "
+            "model whose attention can be switched; set student_attn_implementation=null"
+        )
+    try:
+        switch(implementation)
+    except (ValueError, ImportError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"student_attn_implementation={implementation!r} cannot be used here ({reason}); try eager or sdpa, "
+            "or null for the model's own"
+        ) from None
+
+
 class ModelFilesError(ValueError):
     """A model folder whose weights cannot be read; the message names the file and the fix."""
 

@@ -18,7 +18,7 @@ from kd_lightning.data.store_mixture import MixedStore
 from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
-from kd_lightning.models.loading import load_causal_lm
+from kd_lightning.models.loading import check_attention_name, load_causal_lm, set_attention
 from kd_lightning.modules.base import StudentModule
 from kd_lightning.modules.served_teacher import ServedTeacherRows
 from kd_lightning.modules.training import train_student
@@ -47,6 +47,8 @@ class StudentRun:
         teacher: builds the online teacher; None when no teacher is configured.
         loss_chunk_size: see :class:`~kd_lightning.modules.distill.DistillModule`.
         init_from: an HF folder to start the student from (a pipeline variant's earlier student).
+        attn_implementation: the student's attention kernel while it trains (``student_attn_implementation``;
+            None keeps the model's), set on whatever ``student`` or ``init_from`` gives.
         trainer_overrides: Trainer settings of this run only (a pipeline variant's ``trainer``).
         teacher_tokenizer: loads the teacher's own tokenizer (modules whose teacher has another vocabulary).
     """
@@ -62,6 +64,7 @@ class StudentRun:
     teacher: Callable[[], nn.Module] | None = None
     loss_chunk_size: int | None = None
     init_from: str | None = None
+    attn_implementation: str | None = None
     trainer_overrides: Mapping[str, Any] | None = None
     teacher_tokenizer: Callable[[], Any] | None = None
     measure_heldout: bool = True
@@ -85,6 +88,8 @@ class StudentRun:
 def check_run(run: StudentRun) -> None:
     """Refuse, before any store is built, a run that cannot start: a missing teacher, a bad optimizer."""
     run.teacher_plan.check()
+    if run.attn_implementation:
+        check_attention_name(run.attn_implementation)
     try:  # bad optimizer settings (lr < 0, betas out of range) fail now, not after the stores are built
         run.optimizer(params=[torch.zeros(1, requires_grad=True)])
     except (ValueError, TypeError) as err:
@@ -98,6 +103,8 @@ def build_student_module(
     (``teacher=served``) becomes its top-k rows, checked against the student's tokenizer on ``probe_ids``."""
     plan = run.teacher_plan
     student = load_causal_lm(run.init_from) if run.init_from else run.student()
+    if run.attn_implementation:
+        set_attention(student, run.attn_implementation)
     student_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
     if student_vocab and student_vocab < vocab_size:
         raise ValueError(
