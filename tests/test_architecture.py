@@ -179,8 +179,28 @@ def test_every_cached_artifact_kind_has_its_one_registry_entry():
         for module in kind.code:
             importlib.import_module(module)
         assert kind.cli_stage is None or kind.cli_stage in STAGE_FUNCTIONS, kind
-        assert (kind.store is None) == (kind.build is None), kind
-    assert set(STORES) == {"prior", "posterior", "proxy_agreement", "offline_teacher", "teacher_logprobs"}
+    assert set(STORES) == {
+        "prior", "posterior", "proxy_agreement", "offline_teacher", "teacher_logprobs", "teacher:", "teacher_mixture"
+    }  # fmt: skip
+    assert all(entry.kind in KINDS for entry in STORES.values())
     listing = re.compile(r"\(\s*\"corpus\",\s*\"prior\",|\"teacher_logprobs\":\s*\(")
     lists = [n for n in sources() if n != "stages/registry.py" and listing.search((PACKAGE / n).read_text())]
     assert not lists, f"artifact kinds listed outside stages/registry.py: {lists}"
+
+
+def test_soft_label_names_are_registry_entries_not_string_cases():
+    """``teacher:<name>``, ``teacher_mixture`` and the others are entries of stages/registry.py: no module
+    matches a soft-label name by hand (``name == "teacher_mixture"``, ``startswith("teacher:")``), so a new
+    store name is one entry, and ``kdl plan`` and ``--help`` know it."""
+    case = re.compile(
+        r"==\s*\"teacher_mixture\"|startswith\(\s*\"teacher:\"|\"teacher_mixture\"\s*(?:==|in\b)"
+    )
+    offenders = [n for n in sources() if n != "stages/registry.py" and case.search((PACKAGE / n).read_text())]
+    assert not offenders, f"soft-label names matched outside stages/registry.py: {offenders}"
+    from kd_lightning.stages.registry import soft_label_entry
+
+    assert (
+        soft_label_entry("teacher:b").kind == "teacher_logits" and soft_label_entry("teacher_mixture").mixed
+    )
+    with pytest.raises(KeyError, match=r"'teacher_mix'.*known: prior, .*teacher:<name>, teacher_mixture"):
+        soft_label_entry("teacher_mix")

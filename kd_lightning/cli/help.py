@@ -34,10 +34,8 @@ class StagePage:
     example: str = ""
 
 
-KD_TARGETS_HELP = (
-    "what divergences compare with: posterior | prior | teacher (online) | offline_teacher | teacher_logprobs "
-    "| teacher:<name> | teacher_mixture"
-)
+KD_TARGETS_HELP = "what divergences compare with: teacher (online)"
+"""Completed at rendering with every soft-label name of the registry (``stage_help``'s ``soft_labels``)."""
 TEACHERS_HELP = (
     "several teachers: +teachers.<name>.path=<model> (or .base_url/.model: served) +teachers.<name>.weight=0.5; "
     "read by kd_target=teacher:<name> or teacher_mixture"
@@ -317,14 +315,20 @@ def _selected_group_rows(root: DictConfig, shown: set[str]) -> list[tuple[str, s
     return rows
 
 
-def stage_help(root: DictConfig, artifact_kinds: tuple[str, ...] = ()) -> str:
+def stage_help(
+    root: DictConfig, artifact_kinds: tuple[str, ...] = (), soft_labels: tuple[str, ...] = ()
+) -> str:
     """The ``hydra.help.template`` of ``kdl <stage> --help`` (Hydra substitutes ``$APP_CONFIG_GROUPS``);
-    ``artifact_kinds``: what ``rebuild=`` takes (the registry's kinds)."""
+    ``artifact_kinds``: what ``rebuild=`` takes, ``soft_labels``: what ``kd_target`` reads besides the online
+    teacher (both the registry's, passed in so this module stays light)."""
     stage = str(OmegaConf.select(root, "stage", default=""))
     page = STAGE_PAGES.get(stage)
     if page is None:
         return "$APP_CONFIG_GROUPS"
     rows = [(_value(root, key), what) for key, what in page.settings]
+    rows = [
+        (value, " | ".join([what, *soft_labels]) if what == KD_TARGETS_HELP else what) for value, what in rows
+    ]
     rows += _selected_group_rows(root, {key for key, _ in page.settings})
     if artifact_kinds and stage != "generate":
         rows.append((_value(root, "rebuild"), f"artifact kinds to build again: {', '.join(artifact_kinds)}"))
@@ -352,11 +356,11 @@ def stage_help(root: DictConfig, artifact_kinds: tuple[str, ...] = ()) -> str:
     return "\n".join(lines).replace("$", "$$").replace("$$APP_CONFIG_GROUPS", "$APP_CONFIG_GROUPS")
 
 
-def stage_help_resolver(artifact_kinds: tuple[str, ...] = ()):
+def stage_help_resolver(artifact_kinds: tuple[str, ...] = (), soft_labels: tuple[str, ...] = ()):
     """The OmegaConf resolver for ``hydra.help.template`` (it gets the composed config as ``_root_``)."""
 
     def resolve(*, _root_: Any) -> str:
-        return stage_help(_root_, artifact_kinds)
+        return stage_help(_root_, artifact_kinds, soft_labels)
 
     return resolve
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from kd_lightning.cli.help import stage_help_resolver
 from kd_lightning.environment import env_setting
 from kd_lightning.models.tiny_assets import tiny_assets_folder
-from kd_lightning.stages.registry import KINDS
+from kd_lightning.stages.registry import KINDS, SOFT_LABELS
 
 
 def wandb_mode() -> str:
@@ -96,7 +96,9 @@ RESOLVERS = {
     "kdl_job_group": job_group,
     "kdl_tags": run_tags,
     "kdl_pid": os.getpid,  # output folders: two runs in the same second never share one
-    "kdl_stage_help": stage_help_resolver(tuple(KINDS)),  # kdl <stage> --help renders hydra.help.template
+    "kdl_stage_help": stage_help_resolver(
+        tuple(KINDS), tuple(e.display for e in SOFT_LABELS)
+    ),  # kdl <stage> --help renders hydra.help.template
     "kdl_tiny": lambda: str(tiny_assets_folder()),  # experiment=tiny: $KDL_TINY, or tiny assets built once
 }
 

@@ -34,9 +34,7 @@ from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.data.store_size import store_bytes
 from kd_lightning.models.size import parameter_count
 from kd_lightning.stages.context import StageContext
-
-API_LOGPROBS_K = 20
-"""The most log-probs an API gives per token (OpenAI's and vLLM's cap): the teacher_logprobs store's K at most."""
+from kd_lightning.stages.registry import soft_label_entry, store_files
 
 
 @dataclass(frozen=True)
@@ -199,57 +197,38 @@ def run_plan(
 def size_rows(
     ctx: StageContext, stores: list[str], n_rows: int, n_seqs: int, vocab: int
 ) -> tuple[list[PlanRow], dict[str, float]]:
-    """A size row for every store ``stores`` names (prior, posterior, proxy_agreement, offline_teacher,
-    teacher:<name>, teacher_mixture's parts, teacher_logprobs), and the bytes by store."""
+    """A size row for every store file set the soft-label names ``stores`` read (their registry entries say
+    which: a mixture's parts, each once), and the bytes by store."""
     rows: list[PlanRow] = []
+    sizes: dict[str, float] = {}
     id_bytes = id_dtype_for(vocab).itemsize
-    fmt = ctx.store_format
+    for name, files in store_files(ctx, stores):
+        for part in files:
+            if part.name in sizes:
+                continue
+            fmt = part.fixed_format or ctx.store_format
+            sizes[part.name] = store_bytes(
+                n_rows, n_seqs, part.top_k, vocab, fmt, counts=part.draws, channels=part.channels
+            )
+            k = f"K ≤ {part.top_k}" if part.at_most else f"K={part.top_k}"
+            as_set = "" if part.fixed_format is not None or fmt.is_legacy else ", store_format"
+            formula = store_formula(fmt, id_bytes, part.channels)
+            formula += ", at most" if part.at_most else ""
+            formula += f" ({part.note})" if part.note else ""
+            rows.append(PlanRow(f"{part.name} store ({k}{as_set})", sizes[part.name], "B", formula))
+        if soft_label_entry(name).mixed:
+            rows.append(PlanRow(f"{name} (mixed on reading)", 0, "B", "no store of its own"))
+    return rows, sizes
+
+
+def store_formula(fmt: StoreFormat, id_bytes: int, channels: int) -> str:
+    """The bytes formula of a store in ``fmt`` (N rows, K entries, S sequences)."""
     value_bytes = 2 if fmt.probabilities == "fp16" else 1
     formula = f"N·K·({id_bytes}+{value_bytes}) + N·4 + (S+1)·8 + headers"
     if fmt.ragged:
         formula = (
             f"at most N·K·({id_bytes}+1) + N·(1+4) + 2·(S+1)·8 + headers (ragged: K entries a row at most)"
         )
-    top_k = {
-        "prior": ctx.prior_estimator.top_k,
-        "posterior": ctx.posterior_estimator.top_k,
-        "offline_teacher": ctx.teacher_targets.k,
-    }
-    sizes = {}
-    draws = ctx.teacher_targets.kind == "sampled"
-    teacher_stores = {f"teacher:{name}": ctx.teacher_targets.k for name in ctx.teachers}
-    for name in stores:
-        if name in top_k:
-            sampled = name == "offline_teacher" and draws
-            channels = 2 if name == "prior" else 0  # its context counts and orders
-            sizes[name] = store_bytes(
-                n_rows, n_seqs, top_k[name], vocab, fmt, counts=sampled, channels=channels
-            )
-            label = f"{name} store (K={top_k[name]}{'' if fmt.is_legacy else ', store_format'})"
-            rows.append(PlanRow(label, sizes[name], "B", formula))
-        elif name in teacher_stores or name == "teacher_mixture":  # each named teacher's offline store
-            for store in teacher_stores if name == "teacher_mixture" else [name]:
-                if store not in sizes:
-                    sizes[store] = store_bytes(
-                        n_rows, n_seqs, teacher_stores[store], vocab, fmt, counts=draws
-                    )
-                    rows.append(
-                        PlanRow(f"{store} store (K={teacher_stores[store]})", sizes[store], "B", formula)
-                    )
-            if name == "teacher_mixture":
-                rows.append(PlanRow("teacher_mixture (mixed on reading)", 0, "B", "no store of its own"))
-        elif name == "teacher_logprobs":  # an API's top log-probs, K at most its cap
-            sizes[name] = store_bytes(n_rows, n_seqs, API_LOGPROBS_K, vocab, StoreFormat())
-            rows.append(
-                PlanRow(
-                    f"teacher_logprobs store (K ≤ {API_LOGPROBS_K})", sizes[name], "B", formula + ", at most"
-                )
-            )
-    if "proxy_agreement" in stores:  # one entry per position, always in format 1
-        sizes["proxy_agreement"] = store_bytes(n_rows, n_seqs, 1, vocab, StoreFormat())
-        agreement_formula = f"N·({id_bytes}+2+4) + (S+1)·8 + headers"
-        rows.append(PlanRow("proxy_agreement store (K=1)", sizes["proxy_agreement"], "B", agreement_formula))
-    unknown = [name for name in stores if not any(name in row.item for row in rows)]
-    if unknown:
-        raise KeyError(f"kdl plan has no size for the store(s) {unknown}: add them to stages/plan.py")
-    return rows, sizes
+    if channels:
+        formula += f" + {channels}·N·4 (context counts, orders)"
+    return formula
