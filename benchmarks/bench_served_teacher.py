@@ -27,12 +27,12 @@ from _isolated import parse_args
 from kd_lightning.data.records import load_records, split_records
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.teacher_targets import text_of
-from kd_lightning.generation.chat import ChatGenerator
-from kd_lightning.generation.served import ServedTeacher
-from kd_lightning.generation.server import OpenAICompatibleServer
+from kd_lightning.models.chat import ChatGenerator
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.models.shipped import AssetError
 from kd_lightning.models.tiny_assets import build_tiny_assets
+from kd_lightning.teachers.served import ServedTeacher
+from kd_lightning.teachers.server import OpenAICompatibleServer
 
 K = 20
 CONCURRENCY = (1, 4, 16)

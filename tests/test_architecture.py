@@ -21,6 +21,8 @@ LAYERS = {
     "modules": 3,
     "estimation": 3,
     "generation": 3,
+    "teachers": 3,
+    "rollout": 3,
     "evaluation": 3,
     "report": 3,
     "losses": 2,
@@ -38,7 +40,7 @@ LAYERS = {
 DEFERRED_IMPORTS = {
     "cli/kdl.py": "kdl --help answers before torch and Hydra are imported",
     "generation/backends.py": "an API-only teacher backend never imports torch or transformers",
-    "generation/server.py": "the server's argument errors come before the model imports",
+    "teachers/server.py": "the server's argument errors come before the model imports",
 }
 
 ALLOWED_RENAMES = {"artifacts.py": "rebuild= moves a cached artifact aside before deleting it"}
@@ -204,3 +206,14 @@ def test_soft_label_names_are_registry_entries_not_string_cases():
     )
     with pytest.raises(KeyError, match=r"'teacher_mix'.*known: prior, .*teacher:<name>, teacher_mixture"):
         soft_label_entry("teacher_mix")
+
+
+def test_the_wire_forms_are_branched_on_in_one_module():
+    """vLLM's ``prompt_logprobs`` and the completions echo are two strategies in teachers/wire.py; nothing
+    else asks which form a teacher speaks (``api == "vllm"``, ``"prompt_logprobs" in body``)."""
+    branch = re.compile(
+        r"""\bapi\s*[!=]=\s*["'](?:vllm|openai_completions)["']|["'](?:vllm|openai_completions)["']\s*[!=]=|"""
+        r"""["']prompt_logprobs["']\s+(?:not\s+)?in\b|\.get\(\s*["']echo["']"""
+    )
+    offenders = [n for n in sources() if n != "teachers/wire.py" and branch.search((PACKAGE / n).read_text())]
+    assert not offenders, f"wire-form branches outside teachers/wire.py: {offenders}"

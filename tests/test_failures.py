@@ -151,9 +151,9 @@ def burst(url: str, clients: int) -> list[tuple[int, str | None]]:
 
 
 def test_128_clients_at_once_are_each_answered_or_refused_with_retry_after(tiny_dir):
-    from kd_lightning.generation.chat import ChatGenerator
-    from kd_lightning.generation.server import OpenAICompatibleServer
+    from kd_lightning.models.chat import ChatGenerator
     from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+    from kd_lightning.teachers.server import OpenAICompatibleServer
 
     generator = ChatGenerator(load_causal_lm(tiny_dir), load_tokenizer(tiny_dir))
     with OpenAICompatibleServer(generator, "tiny", max_batch_size=16) as server:  # default bound: 256

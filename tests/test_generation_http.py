@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.data.records import read_jsonl
-from kd_lightning.generation.chat import ChatGenerator
 from kd_lightning.generation.runner import ReplyCache
-from kd_lightning.generation.server import OpenAICompatibleServer
+from kd_lightning.models.chat import ChatGenerator
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from kd_lightning.teachers.server import OpenAICompatibleServer
 from tests.helpers.cli import Completed
 from tests.helpers.cli import kdl as run_kdl
 

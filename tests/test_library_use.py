@@ -340,3 +340,28 @@ def test_token_zero_keeps_its_mass_through_prior_posterior_and_fidelity(kdl_env,
     torch.testing.assert_close(dense_posterior[zero, 0], dense_prior[zero, 0], atol=1e-3, rtol=0)
     fidelity_rows = store_estimate(posterior_store, vocab)(torch.tensor([]))(slice(0, len(observed)))
     assert (fidelity_rows[zero, 0] >= (1 - 1 / gamma) - 1e-3).all()
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("kd_lightning.generation.served", "kd_lightning.teachers.served", "ServedTeacher"),
+        ("kd_lightning.generation.server", "kd_lightning.teachers.server", "OpenAICompatibleServer"),
+        ("kd_lightning.generation.openai_client", "kd_lightning.teachers.openai_client", "RequestFailure"),
+        ("kd_lightning.generation.rollout", "kd_lightning.rollout", "sample_rollouts"),
+        ("kd_lightning.generation.chat", "kd_lightning.models.chat", "ChatGenerator"),
+    ],
+)
+def test_a_moved_module_still_imports_from_its_old_path_until_v0_3_0(old, new, name):
+    """Users' YAML (``_target_: kd_lightning.generation.served.ServedTeacher``) and imports outlive the move
+    of what reaches a teacher into ``kd_lightning.teachers``: the old path warns once, naming both paths and
+    the version that removes it, and gives the same object."""
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(
+        FutureWarning, match=rf"{old} moved to {new}; the old path will be removed in v0\.3\.0"
+    ):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

@@ -20,12 +20,12 @@ from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
-from kd_lightning.generation.rollout import prompts_from_batch
 from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.forward import check_packing
 from kd_lightning.models.loading import freeze, load_causal_lm, load_tokenizer
 from kd_lightning.modules.distill import DistillModule
+from kd_lightning.rollout import prompts_from_batch
 from tests.helpers.cli import kdl
 
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kd_lightning.generation.rollout import Rollout, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.builders import tiny_llama
+from kd_lightning.rollout import Rollout, response_logits, sample_rollouts
 
 V = 24
 

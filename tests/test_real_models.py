@@ -122,9 +122,9 @@ def test_smollm2_answers_a_real_question_set(real):
 def test_smollm2_teacher_mixed_rollouts_and_a_minillm_update(real):
     """SmolLM2 (pad == eos) as teacher, 4 of its layers as student: the KV-cached teacher-mixed rollout keeps
     EOS as a target, matches a full forward, and one MiniLLM update runs and leaves finite weights."""
-    from kd_lightning.generation.rollout import response_logits, sample_rollouts
     from kd_lightning.losses import policy as P
     from kd_lightning.modules.minillm import MiniLLMModule
+    from kd_lightning.rollout import response_logits, sample_rollouts
 
     tokenizer, _, train, _ = real
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case the response mask must survive

@@ -480,9 +480,9 @@ MALFORMED = [
 
 
 def test_the_server_answers_every_malformed_request_400_then_serves(tiny_dir):
-    from kd_lightning.generation.chat import ChatGenerator
-    from kd_lightning.generation.server import OpenAICompatibleServer
+    from kd_lightning.models.chat import ChatGenerator
     from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+    from kd_lightning.teachers.server import OpenAICompatibleServer
 
     generator = ChatGenerator(load_causal_lm(tiny_dir), load_tokenizer(tiny_dir))
     good = {"model": "tiny", "messages": [{"role": "user", "content": "count 2 from 1."}], "max_tokens": 4}
@@ -498,9 +498,9 @@ def test_the_server_answers_every_malformed_request_400_then_serves(tiny_dir):
 
 
 def test_a_failing_generation_is_a_500_and_the_batch_loop_survives(tiny_dir):
-    from kd_lightning.generation.chat import ChatGenerator
-    from kd_lightning.generation.server import OpenAICompatibleServer
+    from kd_lightning.models.chat import ChatGenerator
     from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+    from kd_lightning.teachers.server import OpenAICompatibleServer
 
     generator = ChatGenerator(load_causal_lm(tiny_dir), load_tokenizer(tiny_dir))
     real = generator.generate
@@ -527,7 +527,7 @@ def test_a_failing_generation_is_a_500_and_the_batch_loop_survives(tiny_dir):
 
 
 def test_the_server_refuses_to_serve_without_its_key(monkeypatch, capsys):
-    from kd_lightning.generation.server import main
+    from kd_lightning.teachers.server import main
 
     monkeypatch.delenv("KDL_SERVER_TEST_KEY", raising=False)
     with pytest.raises(SystemExit) as stopped:
@@ -555,9 +555,9 @@ def test_redaction_of_urls_tokens_and_secret_values(monkeypatch):
 
 @pytest.mark.slow
 def test_no_secret_in_any_file_a_generate_run_writes(tiny_dir, tmp_path, monkeypatch):
-    from kd_lightning.generation.chat import ChatGenerator
-    from kd_lightning.generation.server import OpenAICompatibleServer
+    from kd_lightning.models.chat import ChatGenerator
     from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+    from kd_lightning.teachers.server import OpenAICompatibleServer
 
     env_key, url_key = "sk-envkey-5f3a9c1e77", "urlpass-8d2b6e4410"
     (tmp_path / "instructions.txt").write_text("say something about the cat.\ncount 3 from 2.\n")
@@ -629,7 +629,7 @@ def test_the_readme_quickstart_commands_compose(kdl_env):
 
 
 def test_the_server_command_serves_and_scores_within_its_log_prob_cap(tiny_dir):
-    """`python -m kd_lightning.generation.server` as users start it (it once crashed at start-up on a
+    """`python -m kd_lightning.teachers.server` as users start it (it once crashed at start-up on a
     missing --max-logprobs option, and no test ran the command)."""
     import json
     import subprocess
@@ -637,7 +637,7 @@ def test_the_server_command_serves_and_scores_within_its_log_prob_cap(tiny_dir):
     import urllib.error
     import urllib.request
 
-    command = [sys.executable, "-m", "kd_lightning.generation.server", "--model", str(tiny_dir),
+    command = [sys.executable, "-m", "kd_lightning.teachers.server", "--model", str(tiny_dir),
                "--name", "tiny", "--port", "0", "--no-auth", "--max-logprobs", "5"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -10,9 +10,9 @@ import socket
 import numpy as np
 import pytest
 
-from kd_lightning.generation.chat import ChatGenerator
-from kd_lightning.generation.server import OpenAICompatibleServer
+from kd_lightning.models.chat import ChatGenerator
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from kd_lightning.teachers.server import OpenAICompatibleServer
 from tests.helpers.cli import artifacts, kdl, kdl_process
 
 KEY_ENV = "KDL_TEACHER_API_KEY"
@@ -183,8 +183,8 @@ def test_concurrent_scoring_requests_share_one_forward_and_score_as_if_alone(gen
 
 
 def served_rows(server: OpenAICompatibleServer, tokenizer, api: str = "vllm", k: int = 20):
-    from kd_lightning.generation.served import ServedTeacher
     from kd_lightning.modules.served_teacher import ServedTeacherRows
+    from kd_lightning.teachers.served import ServedTeacher
 
     teacher = ServedTeacher(server.url, "tiny", api=api, max_logprobs=k, backoff_s=0.01)
     return ServedTeacherRows(teacher, tokenizer)

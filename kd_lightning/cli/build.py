@@ -114,7 +114,7 @@ def named_teachers(node: Any) -> dict[str, NamedTeacher]:
                 f"teachers.{name}.weight={raw!r} is not a number; set e.g. teachers.{name}.weight=0.5"
             ) from None
         if "base_url" in settings:
-            settings.setdefault("_target_", "kd_lightning.generation.served.ServedTeacher")
+            settings.setdefault("_target_", "kd_lightning.teachers.served.ServedTeacher")
             served_node = OmegaConf.create(settings)
             found[str(name)] = NamedTeacher(
                 str(name), served=lambda n=served_node: instantiate(n), weight=weight

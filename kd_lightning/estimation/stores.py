@@ -31,9 +31,9 @@ from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder, served_teacher_store
 from kd_lightning.generation.logprobs import build_logprob_store, read_logprobs
-from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import freeze, load_causal_lm
 from kd_lightning.models.vocabulary import tokenizer_fingerprint
+from kd_lightning.teachers.served import ServedTeacher
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from kd_lightning.data.cross_tokenizer import TeacherView
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
-from kd_lightning.generation.served import ServedTeacher, rows_of_sequence
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
+from kd_lightning.teachers.served import ServedTeacher, rows_of_sequence
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,7 @@ def served_teacher_store(
             "estimator/teacher_targets=topk (sampled rows need the whole distribution)"
         )
     texts = text_of(tokenizer)
-    to_id = None
-    if served.api == "openai_completions":
-        to_id = {}
-        for i in range(len(tokenizer)):
-            to_id.setdefault(tokenizer.decode([i], skip_special_tokens=False), i)
+    to_id = served.wire.id_map(tokenizer)
     served.check_tokenizer(corpus.sequence(0).tolist(), texts, tokenizer)
     vocab = int(max(len(tokenizer), tokenizer.vocab_size))
 

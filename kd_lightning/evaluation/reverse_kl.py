@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd_lightning.generation.rollout import response_logits, sample_rollouts
 from kd_lightning.losses.policy import reverse_kl_per_position
+from kd_lightning.rollout import response_logits, sample_rollouts
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kd_lightning.generation.openai_client import (
+from kd_lightning.teachers.openai_client import (
     BackendStats,
     GenerationError,
     MalformedReply,
@@ -147,7 +147,7 @@ class LocalTeacher(TeacherBackend):
         device: str | None = None,
     ) -> None:
         from kd_lightning.artifacts import model_identity  # deferred like torch: API-only users skip both
-        from kd_lightning.generation.chat import ChatGenerator
+        from kd_lightning.models.chat import ChatGenerator
         from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 
         if batch_size < 1:

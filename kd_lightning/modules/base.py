@@ -31,12 +31,12 @@ from kd_lightning.data.batch import TextBatch
 from kd_lightning.evaluation.greedy import generate_greedy
 from kd_lightning.evaluation.metrics import rouge_l
 from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
-from kd_lightning.generation.rollout import prompts_from_batch
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
 from kd_lightning.models.loading import freeze
 from kd_lightning.models.vocabulary import check_same_vocabulary, trim_padded_vocabulary
 from kd_lightning.modules.served_teacher import ServedTeacherRows
+from kd_lightning.rollout import prompts_from_batch
 
 SEED_STREAMS: dict[str, tuple[int, int]] = {
     "batch_source": (1, 0),

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from kd_lightning.data.batch import TextBatch
-from kd_lightning.generation.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.adversarial import bradley_terry_loss, group_advantages, k3_kl, pair_accuracy
 from kd_lightning.losses.functional import masked_mean
 from kd_lightning.models.discriminator import SequenceScorer
 from kd_lightning.models.loading import freeze
 from kd_lightning.modules.base import StudentModule
+from kd_lightning.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 
 
 class GADModule(StudentModule):

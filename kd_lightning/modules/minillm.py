@@ -3,7 +3,7 @@
 Each training step (Algorithm 1 of the paper):
 
 1. take the prompts of a batch of teacher text and sample one response each from the teacher-mixed policy
-   p̃ = α·p + (1 − α)·q (:func:`~kd_lightning.generation.rollout.sample_rollouts`, KV-cached, student in
+   p̃ = α·p + (1 − α)·q (:func:`~kd_lightning.rollout.sample_rollouts`, KV-cached, student in
    eval mode);
 2. score it: per-token rewards ``log p(y_t) − log q(y_t)`` (scaled, clipped), future returns
    ``R_{t+1}`` (discounted, length-normalised), importance weights ``w_t = q/p̃``;
@@ -33,11 +33,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from kd_lightning.data.batch import TextBatch
-from kd_lightning.generation.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.functional import hard_cross_entropy, masked_mean
 from kd_lightning.models.forward import target_position_logits
 from kd_lightning.modules.base import StudentModule
+from kd_lightning.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 
 
 class MiniLLMModule(StudentModule):

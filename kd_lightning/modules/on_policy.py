@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from kd_lightning.data.batch import TextBatch
-from kd_lightning.generation.rollout import prompts_from_batch, sample_rollouts
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
+from kd_lightning.rollout import prompts_from_batch, sample_rollouts
 
 SOURCES = ("teacher_text", "fresh", "replay")
 

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd_lightning.data.tokenized import TokenizedCorpus
-from kd_lightning.generation.rollout import sample_rollouts
 from kd_lightning.losses.preference import DPOLoss
 from kd_lightning.models.loading import freeze
+from kd_lightning.rollout import sample_rollouts
 
 
 @dataclass

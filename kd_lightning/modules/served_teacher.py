@@ -18,7 +18,7 @@ import torch
 
 from kd_lightning.data.batch import SoftLabels
 from kd_lightning.estimation.teacher_targets import text_of
-from kd_lightning.generation.served import ServedTeacher, rows_of_entries
+from kd_lightning.teachers.served import ServedTeacher, rows_of_entries
 
 
 class ServedTeacherRows:
@@ -35,11 +35,7 @@ class ServedTeacherRows:
         self.tokenizer = tokenizer
         self.k = int(served.max_logprobs)
         self.texts = text_of(tokenizer)
-        self.to_id: dict[str, int] | None = None
-        if served.api == "openai_completions":
-            self.to_id = {}
-            for i in range(len(tokenizer)):
-                self.to_id.setdefault(tokenizer.decode([i], skip_special_tokens=False), i)
+        self.to_id = served.wire.id_map(tokenizer)
 
     def check(self, sample_ids: list[int]) -> None:
         """One probe request: the server tokenizes as the student does, or the run stops with one line."""

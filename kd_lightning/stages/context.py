@@ -15,9 +15,9 @@ from kd_lightning.data.store_format import StoreFormat
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.estimation.posterior import ProxyPosteriorEstimator
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
-from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import ProxyAlignment
+from kd_lightning.teachers.served import ServedTeacher
 
 
 @dataclass(frozen=True)

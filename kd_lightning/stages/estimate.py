@@ -27,10 +27,10 @@ from kd_lightning.estimation.stores import (
     teacher_logprobs_store,
 )
 from kd_lightning.evaluation.tables import summarize_store
-from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import aligned_proxy, aligned_proxy_key
 from kd_lightning.stages.context import StageContext
+from kd_lightning.teachers.served import ServedTeacher
 
 
 def prior(ctx: StageContext, estimator: NGramPriorEstimator | None = None) -> SoftLabelStore:

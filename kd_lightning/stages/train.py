@@ -15,7 +15,6 @@ from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.soft_labels import SoftLabelStore
 from kd_lightning.data.store_mixture import MixedStore
-from kd_lightning.generation.served import ServedTeacher
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import check_attention_name, load_causal_lm, set_attention
@@ -25,6 +24,7 @@ from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.registry import stores_for
 from kd_lightning.stages.teacher_plan import TeacherPlan
+from kd_lightning.teachers.served import ServedTeacher
 
 log = logging.getLogger(__name__)
 
