@@ -47,7 +47,7 @@ def args(server: OpenAICompatibleServer, *extra: str) -> list[str]:
         "teacher_backend.model=tiny",
         f"teacher_backend.base_url={server.url}",
         f"teacher_backend.api_key_env={KEY_ENV}",
-        "teacher_backend.concurrency=4",
+        "teacher_backend.max_concurrency=4",
         "teacher_backend.backoff_s=0.01",
         "teacher_backend.timeout_s=2",
         "teacher_backend.price_per_million_prompt_tokens=0.5",
@@ -120,7 +120,9 @@ def test_a_burst_of_429s_timeouts_and_malformed_replies_are_retried(workdir, gen
 
 def test_requests_that_exhaust_their_retries_are_reported_and_asked_again_on_rerun(workdir, generator):
     with OpenAICompatibleServer(generator, "tiny", faults=["500"] * 3) as server:
-        done = kdl(workdir, args(server, "teacher_backend.max_retries=0", "teacher_backend.concurrency=1"))
+        done = kdl(
+            workdir, args(server, "teacher_backend.max_retries=0", "teacher_backend.max_concurrency=1")
+        )
         manifest = json.loads((workdir / "corpus" / "generation.json").read_text())
         assert manifest["usage"]["failed"] == {"server_error": 3}
         assert manifest["dropped"]["teacher_failed"] == 3 and "3 failed" in done.stdout
@@ -132,7 +134,7 @@ def test_requests_that_exhaust_their_retries_are_reported_and_asked_again_on_rer
 
 def test_a_killed_run_resumes_without_duplicates_or_losses(workdir, generator):
     with OpenAICompatibleServer(generator, "tiny", faults=["sleep:0.25"] * 200) as server:
-        process = subprocess.Popen([*KDL, *args(server, "teacher_backend.concurrency=2")], cwd=workdir,
+        process = subprocess.Popen([*KDL, *args(server, "teacher_backend.max_concurrency=2")], cwd=workdir,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})  # fmt: skip
         deadline = time.monotonic() + 120
         while len(ReplyCache(workdir / "cache")) < 8 and time.monotonic() < deadline:
@@ -143,7 +145,7 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(workdir, generator):
         assert 8 <= cached < 24, "the kill should land mid-run"
         assert not (workdir / "corpus" / "corpus.jsonl").exists()
         sent_before = len(server.chat_requests)
-        kdl(workdir, args(server, "teacher_backend.concurrency=2"))
+        kdl(workdir, args(server, "teacher_backend.max_concurrency=2"))
         check_corpus(workdir, server)
         usage = json.loads((workdir / "corpus" / "generation.json").read_text())["usage"]
         assert usage["cached"] == cached and usage["answered"] == 24 - cached

@@ -365,3 +365,17 @@ def test_a_moved_module_still_imports_from_its_old_path_until_v0_3_0(old, new, n
     ):
         module = importlib.import_module(old)
     assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_the_chat_backends_old_concurrency_name_still_sets_max_concurrency_until_v0_3_0(monkeypatch):
+    from kd_lightning.generation.backends import OpenAITeacher
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with pytest.warns(
+        FutureWarning, match=r"teacher_backend\.concurrency is now .*max_concurrency.*v0\.3\.0"
+    ):
+        old = OpenAITeacher("m", base_url="http://127.0.0.1:9/v1", concurrency=3)
+    assert (
+        old.concurrency == 3
+        and OpenAITeacher("m", "http://127.0.0.1:9/v1", max_concurrency=5).concurrency == 5
+    )

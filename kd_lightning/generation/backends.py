@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -199,23 +200,33 @@ class LocalTeacher(TeacherBackend):
 
 class OpenAITeacher(OpenAIClient, TeacherBackend):
     """Any OpenAI-compatible chat-completions API as the teacher (see :class:`OpenAIClient` for the key,
-    the retries and the failures that stop a run)."""
+    the retries and the failures that stop a run); ``max_concurrency`` requests in flight (``concurrency``:
+    its name before 0.2.0, removed in v0.3.0)."""
 
     def __init__(
         self,
         model: str,
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 8,
+        max_concurrency: int = 8,
         max_retries: int = 6,
         timeout_s: float = 60.0,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         price_per_million_prompt_tokens: float | None = None,
         price_per_million_completion_tokens: float | None = None,
+        concurrency: int | None = None,
     ) -> None:
+        if concurrency is not None:  # the name a served teacher's client does not use
+            warnings.warn(
+                "teacher_backend.concurrency is now teacher_backend.max_concurrency (as teacher.max_concurrency); "
+                "the old name will be removed in v0.3.0",
+                FutureWarning,
+                stacklevel=2,
+            )
+            max_concurrency = concurrency
         super().__init__(
-            model, base_url, api_key_env, concurrency, max_retries, timeout_s, backoff_s, max_backoff_s
+            model, base_url, api_key_env, max_concurrency, max_retries, timeout_s, backoff_s, max_backoff_s
         )
         self.price_per_million_prompt_tokens = price_per_million_prompt_tokens
         self.price_per_million_completion_tokens = price_per_million_completion_tokens
