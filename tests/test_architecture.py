@@ -217,3 +217,18 @@ def test_the_wire_forms_are_branched_on_in_one_module():
     )
     offenders = [n for n in sources() if n != "teachers/wire.py" and branch.search((PACKAGE / n).read_text())]
     assert not offenders, f"wire-form branches outside teachers/wire.py: {offenders}"
+
+
+def test_a_teachers_kind_is_decided_where_it_is_built():
+    """No ``isinstance`` against teacher classes outside kd_lightning/teachers/ (callers ask the
+    TeacherSource or ``gives_rows``), and a config node's kind is read in one function
+    (``cli/build.py: teacher_source``), not sniffed (``"base_url" in node``) elsewhere."""
+    classes = r"(?:ServedTeacher|ServedTeacherRows|TeacherRows|TeacherSource)"
+    check = re.compile(rf"isinstance\([^)]*\b{classes}\b")
+    sniff = re.compile(r"[\"']base_url[\"']\s+in\b")
+    checks = [
+        n for n in sources() if not n.startswith("teachers/") and check.search((PACKAGE / n).read_text())
+    ]
+    assert not checks, f"isinstance on teacher classes outside kd_lightning/teachers/: {checks}"
+    sniffs = {n: len(sniff.findall((PACKAGE / n).read_text())) for n in sources()}
+    assert {n: c for n, c in sniffs.items() if c} == {"cli/build.py": 1}, sniffs

@@ -183,7 +183,7 @@ def test_concurrent_scoring_requests_share_one_forward_and_score_as_if_alone(gen
 
 
 def served_rows(server: OpenAICompatibleServer, tokenizer, api: str = "vllm", k: int = 20):
-    from kd_lightning.modules.served_teacher import ServedTeacherRows
+    from kd_lightning.teachers.rows import ServedTeacherRows
     from kd_lightning.teachers.served import ServedTeacher
 
     teacher = ServedTeacher(server.url, "tiny", api=api, max_logprobs=k, backoff_s=0.01)

@@ -15,6 +15,7 @@ from kd_lightning.modules.minillm import MiniLLMModule
 from kd_lightning.modules.on_policy import FixedStudentData, OnPolicyDistillModule
 from kd_lightning.modules.teacher import OnlineTeacherDistillModule
 from kd_lightning.stages.teacher_plan import TeacherPlan
+from kd_lightning.teachers.source import TeacherSource
 from tests.helpers.tokenizers import byte_level_tokenizer
 
 
@@ -30,7 +31,7 @@ def test_the_plan_answers_from_the_module_and_the_terms():
     online = TeacherPlan.of(
         DistillModule,
         {"hard_ce": HardCrossEntropy(), "kl": ForwardKL(kd_target="teacher")},
-        build=lambda: None,
+        source=TeacherSource(model=lambda: None),
     )
     assert online.online and online.wanted_by == ("kl",)
     needs = TeacherPlan.of(functools.partial(MiniLLMModule, ppo_epochs=2), {"hard_ce": HardCrossEntropy()})
@@ -45,7 +46,7 @@ def test_a_missing_teacher_is_refused_naming_the_term_or_the_module():
     with pytest.raises(ValueError, match="MiniLLMModule compares the student"):
         TeacherPlan.of(MiniLLMModule, {"hard_ce": HardCrossEntropy()}).check()
     with pytest.raises(ValueError, match="ForeignTeacherDistillModule needs a teacher"):
-        TeacherPlan.of(ForeignTeacherDistillModule, {}, build=lambda: None).check()
+        TeacherPlan.of(ForeignTeacherDistillModule, {}, source=TeacherSource(model=lambda: None)).check()
 
 
 def test_the_teacher_tokenizer_and_the_vocabulary_match_are_made_once():
@@ -55,7 +56,9 @@ def test_the_teacher_tokenizer_and_the_vocabulary_match_are_made_once():
         loads.append(1)
         return byte_level_tokenizer(300)
 
-    plan = TeacherPlan.of(ForeignTeacherDistillModule, {}, build=lambda: None, load_tokenizer=load)
+    plan = TeacherPlan.of(
+        ForeignTeacherDistillModule, {}, source=TeacherSource(model=lambda: None), load_tokenizer=load
+    )
     student_tokenizer = byte_level_tokenizer(280)
     terms = {"a": GoldHybrid(kd_target="teacher"), "b": GoldHybrid(kd_target="teacher")}
     plan.match_terms(terms, student_tokenizer)
@@ -66,7 +69,9 @@ def test_the_teacher_tokenizer_and_the_vocabulary_match_are_made_once():
 
 
 def test_a_module_without_loss_terms_is_refused_them_before_it_is_built():
-    plan = TeacherPlan.of(MiniLLMModule, {"hard_ce": HardCrossEntropy()}, build=lambda: None)
+    plan = TeacherPlan.of(
+        MiniLLMModule, {"hard_ce": HardCrossEntropy()}, source=TeacherSource(model=lambda: None)
+    )
     kept = plan.keywords(
         student=1, loss_terms={"hard_ce": HardCrossEntropy()}, loss_chunk_size=None, teacher=2
     )

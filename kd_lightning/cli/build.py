@@ -6,22 +6,23 @@ config: every config group the student is built from, whole, except what cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.artifacts import Workspace
 from kd_lightning.cli.trainer import trainer_factory
 from kd_lightning.code_fingerprint import code_fingerprint, targets_in
 from kd_lightning.data.store_format import StoreFormat
-from kd_lightning.losses.features import HiddenStateLoss
-from kd_lightning.losses.terms import DivergenceTerm, LossTerm
+from kd_lightning.losses.terms import LossTerm
 from kd_lightning.models.loading import load_tokenizer
-from kd_lightning.stages.context import NamedTeacher, StageContext
+from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.registry import ARTIFACTS, KINDS, check_rebuild
 from kd_lightning.stages.train import StudentRun
+from kd_lightning.teachers.source import TeacherSource
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def stage_code(cfg: DictConfig) -> dict[str, str]:
 
 def build_context(cfg: DictConfig) -> StageContext:
     """The StageContext of a run: workspace, corpus spec, estimators, model paths, trainer factory, code."""
+    teacher = teacher_source(cfg.get("teacher"))
     return StageContext(
         workspace=Workspace(cfg.paths.artifacts_dir, rebuild=check_rebuild(cfg.get("rebuild") or [])),
         tokenizer_path=str(cfg.tokenizer.path),
@@ -85,21 +87,51 @@ def build_context(cfg: DictConfig) -> StageContext:
         proxy_path=model_path(cfg.proxy.path),
         alignment=instantiate(cfg.alignment),
         trainer_factory=trainer_factory(cfg),
-        teacher_path=model_path(cfg.teacher.path) if cfg.get("teacher") and "path" in cfg.teacher else None,
+        teacher_path=teacher.path if teacher is not None else None,
         teacher_targets=instantiate(cfg.estimator.teacher_targets),
         code=stage_code(cfg),
         proxy_own_tokenizer=bool(cfg.proxy.get("own_tokenizer", False)),
-        served_teacher=(lambda: instantiate(cfg.teacher)) if served(cfg.get("teacher")) else None,
+        served_teacher=teacher.served if teacher is not None else None,
         store_format=instantiate(cfg.store_format) if cfg.get("store_format") else StoreFormat(),
         teachers=named_teachers(cfg.get("teachers")),
         teacher_routing=cfg.get("teacher_routing"),
     )
 
 
-def named_teachers(node: Any) -> dict[str, NamedTeacher]:
-    """``teachers:`` → name → :class:`NamedTeacher`. Each entry is a teacher config (``path``, or a served
+def teacher_source(node: Any, name: str | None = None, weight: float = 1.0) -> TeacherSource | None:
+    """A teacher config node as its :class:`TeacherSource`: the one place that reads what kind of teacher a
+    node is (a served teacher has ``base_url``; an open model ``path``). None for no teacher."""
+    if node is None or not OmegaConf.is_dict(node) or not node:
+        return None
+    if source_class(node.get("_target_")):  # a kind of teacher of your own: the node builds its source
+        source = instantiate(node)
+        return dataclasses.replace(source, name=name, weight=weight) if name is not None else source
+    if "base_url" in node:
+        settings = OmegaConf.to_container(node, resolve=True)
+        settings.setdefault("_target_", "kd_lightning.teachers.served.ServedTeacher")
+        served_node = OmegaConf.create(settings)
+        return TeacherSource(name, served=lambda: instantiate(served_node), weight=weight)
+    path = node.get("path")
+    build = (lambda: instantiate(node)) if "_target_" in node else None
+    return TeacherSource(name, path=None if path is None else model_path(path), model=build, weight=weight)
+
+
+def source_class(target: Any) -> bool:
+    """Whether a ``_target_`` names a :class:`TeacherSource` subclass (a teacher kind of your own) rather than
+    a model builder."""
+    if not isinstance(target, str):
+        return False
+    try:
+        found = get_class(target)
+    except (ImportError, ValueError, AttributeError):
+        return False  # a function (load_causal_lm) or a path instantiate reports on itself
+    return isinstance(found, type) and issubclass(found, TeacherSource)
+
+
+def named_teachers(node: Any) -> dict[str, TeacherSource]:
+    """``teachers:`` → name → :class:`TeacherSource`. Each entry is a teacher config (``path``, or a served
     teacher's ``base_url``/``model``/...) plus ``weight``."""
-    found: dict[str, NamedTeacher] = {}
+    found: dict[str, TeacherSource] = {}
     for name, entry in (node or {}).items():
         if not OmegaConf.is_dict(entry):
             raise ValueError(
@@ -113,23 +145,13 @@ def named_teachers(node: Any) -> dict[str, NamedTeacher]:
             raise ValueError(
                 f"teachers.{name}.weight={raw!r} is not a number; set e.g. teachers.{name}.weight=0.5"
             ) from None
-        if "base_url" in settings:
-            settings.setdefault("_target_", "kd_lightning.teachers.served.ServedTeacher")
-            served_node = OmegaConf.create(settings)
-            found[str(name)] = NamedTeacher(
-                str(name), served=lambda n=served_node: instantiate(n), weight=weight
+        source = teacher_source(OmegaConf.create(settings), str(name), weight)
+        if source is None:
+            raise ValueError(
+                f"teachers.{name} is empty; set teachers.{name}.path=<folder> (or a served teacher)"
             )
-        else:
-            path = settings.get("path")
-            found[str(name)] = NamedTeacher(
-                str(name), path=None if path is None else str(path), weight=weight
-            )
+        found[str(name)] = source
     return found
-
-
-def served(teacher: Any) -> bool:
-    """Whether a teacher config is a teacher behind a server (``teacher=served``)."""
-    return OmegaConf.is_dict(teacher) and "base_url" in teacher
 
 
 def loss_terms(cfg: DictConfig, names: list[str] | None = None) -> dict[str, LossTerm]:
@@ -196,7 +218,7 @@ def student_run(
 ) -> StudentRun:
     """A StudentRun from the config: ``module`` (a config node) defaults to ``cfg.module``."""
     module = cfg.module if module is None else module
-    teacher_cfg = cfg.get("teacher")
+    teacher = teacher_source(cfg.get("teacher"))
     run = StudentRun(
         name=name,
         module=instantiate(module),
@@ -205,38 +227,15 @@ def student_run(
         datamodule=instantiate(cfg.datamodule),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        teacher=(lambda: instantiate(teacher_cfg)) if teacher_cfg else None,
-        teacher_tokenizer=(lambda: load_tokenizer(model_path(teacher_cfg.path)))
-        if teacher_cfg and "path" in teacher_cfg
+        teacher=teacher,
+        teacher_tokenizer=(lambda: load_tokenizer(teacher.path))
+        if teacher is not None and teacher.path is not None
         else None,
         loss_chunk_size=cfg.get("loss_chunk_size"),
         attn_implementation=cfg.get("student_attn_implementation"),
         trainer_overrides=trainer_overrides or None,
     )
-    if served(teacher_cfg) and run.reads_teacher():
-        refuse_served_online(run)
+    if run.reads_teacher():
+        run.teacher_plan.check()  # a teacher that cannot give what the step reads: one line, now
     run.settings = student_settings(cfg, terms, module, runs_teacher=run.reads_teacher())
     return run
-
-
-def refuse_served_online(run: StudentRun) -> None:
-    """A served teacher in the training step gives top-k rows only: the module must read them as such
-    (its divergence terms), and nothing may ask for the whole distribution or hidden states."""
-    module = run.teacher_plan.module
-    if not module.reads_served_teacher:
-        raise ValueError(
-            f"{module.__name__} needs the teacher model in process (its whole distribution or its own "
-            "tokenization), but teacher=served gives top-k log-probs; use teacher=local teacher.path=<folder>, "
-            "or a word-level module (module=online_teacher, recipe=gkd, recipe=distillm)"
-        )
-    for name, term in run.loss_terms.items():
-        if isinstance(term, HiddenStateLoss):
-            raise ValueError(
-                f"loss term {name!r} reads the teacher's hidden states, which a served teacher does not give; "
-                "use teacher=local teacher.path=<folder>"
-            )
-        if getattr(term, "kd_target", None) == "teacher" and not isinstance(term, DivergenceTerm):
-            raise ValueError(
-                f"loss term {name!r} needs the teacher's whole distribution, but teacher=served gives its "
-                "top-k log-probs; use a divergence term (forward_kl, reverse_kl, generalized_jsd, ...)"
-            )

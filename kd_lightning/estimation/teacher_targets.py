@@ -33,6 +33,7 @@ from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
 from kd_lightning.teachers.served import ServedTeacher, rows_of_sequence
+from kd_lightning.teachers.wire import text_of
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +208,3 @@ def served_teacher_store(
     )  # fmt: skip
     log.info("served teacher: %s", served.report())
     return store
-
-
-def text_of(tokenizer: Any):
-    """Token ids → their text as the openai_completions form sends it (special tokens written out). A
-    tokenizer without a decoder (WordLevel) would join tokens with spaces: its text is its tokens side by side."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.decoder is None:
-        return lambda ids: "".join(tokenizer.convert_ids_to_tokens(list(ids)))
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)

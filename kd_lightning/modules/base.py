@@ -35,8 +35,8 @@ from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
 from kd_lightning.models.loading import freeze
 from kd_lightning.models.vocabulary import check_same_vocabulary, trim_padded_vocabulary
-from kd_lightning.modules.served_teacher import ServedTeacherRows
 from kd_lightning.rollout import prompts_from_batch
+from kd_lightning.teachers.rows import gives_rows
 
 SEED_STREAMS: dict[str, tuple[int, int]] = {
     "batch_source": (1, 0),
@@ -77,7 +77,7 @@ class StudentModule(LightningModule):
     ``hard_ce`` and builds it without ``loss_terms`` and ``loss_chunk_size``."""
     reads_served_teacher: ClassVar[bool] = False
     """True for a module whose online teacher may be a server's top-k rows (``teacher=served``): its terms
-    read the teacher as sparse rows (:class:`~kd_lightning.modules.served_teacher.ServedTeacherRows`)."""
+    read the teacher as sparse rows (:class:`~kd_lightning.teachers.rows.ServedTeacherRows`)."""
     runs_under_fsdp: ClassVar[bool] = True
     """False for a module whose training step runs several backward passes (MiniLLM's PPO updates): FSDP
     allows one per forward of its root, so such a module refuses ``trainer=fsdp`` when fitting starts."""
@@ -112,7 +112,7 @@ class StudentModule(LightningModule):
         self.eval_generation_limit = int(eval_generation_limit)
         self.eval_max_new_tokens = int(eval_max_new_tokens)
         object.__setattr__(self, "tokenizer", tokenizer)  # not state: never checkpointed
-        if isinstance(teacher, ServedTeacherRows):  # a server's top-k rows: no weights here to check or move
+        if gives_rows(teacher):  # a server's top-k rows: no weights here to check or move
             if not self.reads_served_teacher:
                 raise ValueError(f"{type(self).__name__} cannot read a served teacher (teacher=served)")
         elif teacher is not None:
@@ -158,7 +158,7 @@ class StudentModule(LightningModule):
 
     @property
     def teacher_is_served(self) -> bool:
-        return isinstance(self.teacher, ServedTeacherRows)
+        return gives_rows(self.teacher)
 
     def _place_teacher(self) -> None:
         if self.teacher is None or self.teacher_is_served:

@@ -18,26 +18,10 @@ from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
 from kd_lightning.models.loading import load_tokenizer
 from kd_lightning.modules.alignment import ProxyAlignment
 from kd_lightning.teachers.served import ServedTeacher
+from kd_lightning.teachers.source import TeacherSource
 
-
-@dataclass(frozen=True)
-class NamedTeacher:
-    """One of several teachers (``teachers.<name>``): an open model's path or a served teacher, and its
-    weight in ``kd_target=teacher_mixture``."""
-
-    name: str
-    path: str | None = None
-    served: Callable[[], ServedTeacher] | None = None
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.served is None):
-            raise ValueError(
-                f"teachers.{self.name} needs either a path (an open model: teachers.{self.name}.path=<folder "
-                f"or hub id>) or a served teacher (teachers.{self.name}.base_url=... and .model=...)"
-            )
-        if not self.weight >= 0:
-            raise ValueError(f"teachers.{self.name}.weight must be >= 0, got {self.weight}")
+NamedTeacher = TeacherSource
+"""One of several teachers (``teachers.<name>``): a :class:`TeacherSource` with its name and weight."""
 
 
 @dataclass

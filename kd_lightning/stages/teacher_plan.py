@@ -14,11 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
 from kd_lightning.data.token_alignment import VocabularyMatch, match_vocabularies
 from kd_lightning.losses.terms import LossTerm
 from kd_lightning.modules.base import StudentModule, module_class
+from kd_lightning.teachers.source import TeacherSource
 
 STANDARD_KEYWORDS = (
     "student",
@@ -43,17 +42,20 @@ class TeacherPlan:
             needs a teacher).
         shares_vocabulary: the teacher is read on the student's token ids (else: through its own tokenizer
             and the teacher's view of the corpus).
-        build: builds the teacher model; None when no teacher is configured.
+        source: the teacher (:class:`~kd_lightning.teachers.source.TeacherSource`); None when no teacher is
+            configured.
         load_tokenizer: loads the teacher's own tokenizer; None when the teacher names no folder.
         wanted_by: the loss terms that compare with the online teacher (for messages).
+        loss_terms: the run's terms (what the teacher may refuse).
     """
 
     module: type[StudentModule]
     online: bool
     shares_vocabulary: bool
-    build: Callable[[], nn.Module] | None = None
+    source: TeacherSource | None = None
     load_tokenizer: Callable[[], Any] | None = None
     wanted_by: tuple[str, ...] = ()
+    loss_terms: Mapping[str, LossTerm] = field(default_factory=dict, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
     _match: VocabularyMatch | None = field(default=None, repr=False)
 
@@ -62,24 +64,28 @@ class TeacherPlan:
         cls,
         module: Callable[..., StudentModule],
         loss_terms: Mapping[str, LossTerm],
-        build: Callable[[], nn.Module] | None = None,
+        source: TeacherSource | None = None,
         load_tokenizer: Callable[[], Any] | None = None,
     ) -> TeacherPlan:
-        """The plan of a module partial and its loss terms."""
+        """The plan of a module partial and its loss terms, with the run's teacher (None: none configured)."""
         cls_ = module_class(module)
         wanted = tuple(n for n, t in loss_terms.items() if getattr(t, "kd_target", None) == "teacher")
         return cls(
             module=cls_,
             online=bool(wanted) or cls_.needs_teacher,
             shares_vocabulary=cls_.teacher_shares_vocabulary,
-            build=build,
+            source=source,
             load_tokenizer=load_tokenizer,
             wanted_by=wanted,
+            loss_terms=dict(loss_terms),
         )
 
     def check(self) -> None:
-        """Refuse a plan that cannot run: the step reads a teacher but none is configured."""
-        if self.online and self.build is None:
+        """Refuse a plan that cannot run: the step reads a teacher but none is configured, or one that cannot
+        give what the module and its terms read (a served teacher's top-k rows to MiniLLM)."""
+        if self.online and self.source is not None:
+            self.source.refuse(self.module, self.loss_terms)
+        if self.online and self.source is None:
             what = (
                 f"loss term {self.wanted_by[0]!r} compares"
                 if self.wanted_by

@@ -19,12 +19,11 @@ from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import check_attention_name, load_causal_lm, set_attention
 from kd_lightning.modules.base import StudentModule
-from kd_lightning.modules.served_teacher import ServedTeacherRows
 from kd_lightning.modules.training import train_student
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.registry import stores_for
 from kd_lightning.stages.teacher_plan import TeacherPlan
-from kd_lightning.teachers.served import ServedTeacher
+from kd_lightning.teachers.source import TeacherSource
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,8 @@ class StudentRun:
         optimizer: partial taking ``params``; scheduler: optional partial taking ``optimizer``.
         settings: the resolved settings the student depends on (its cache key, with the corpus, the
             stores' keys and ``init_from``).
-        teacher: builds the online teacher; None when no teacher is configured.
+        teacher: the run's teacher (:class:`~kd_lightning.teachers.source.TeacherSource`); None when no teacher
+            is configured.
         loss_chunk_size: see :class:`~kd_lightning.modules.distill.DistillModule`.
         init_from: an HF folder to start the student from (a pipeline variant's earlier student).
         attn_implementation: the student's attention kernel while it trains (``student_attn_implementation``;
@@ -61,7 +61,7 @@ class StudentRun:
     optimizer: Callable[..., torch.optim.Optimizer]
     scheduler: Callable[..., Any] | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
-    teacher: Callable[[], nn.Module] | None = None
+    teacher: TeacherSource | None = None
     loss_chunk_size: int | None = None
     init_from: str | None = None
     attn_implementation: str | None = None
@@ -120,15 +120,10 @@ def build_student_module(
         teacher=None,
         tokenizer=tokenizer,
     )
-    if plan.online and plan.build is not None:
+    if plan.online and plan.source is not None:
         if plan.shares_vocabulary:
             refuse_another_vocabulary(plan, tokenizer)
-        teacher = plan.build()
-        if isinstance(teacher, ServedTeacher):
-            teacher = ServedTeacherRows(teacher, tokenizer)
-            if probe_ids:
-                teacher.check(probe_ids)
-        keywords["teacher"] = teacher
+        keywords["teacher"] = plan.source.online(tokenizer, probe_ids)
     return run.module(**keywords)
 
 

@@ -41,6 +41,15 @@ def token_text_ids(tokenizer: Any) -> dict[str, int]:
     return found
 
 
+def text_of(tokenizer: Any):
+    """Token ids → their text as the openai_completions form sends it (special tokens written out). A
+    tokenizer without a decoder (WordLevel) would join tokens with spaces: its text is its tokens side by side."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is None:
+        return lambda ids: "".join(tokenizer.convert_ids_to_tokens(list(ids)))
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 class WireForm:
     """One wire form; see the module docstring. Subclasses fill every method."""
 
