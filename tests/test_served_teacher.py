@@ -341,3 +341,16 @@ def test_no_secret_reaches_the_terminal_or_any_written_file(kdl_env, generator, 
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="replace")
             assert key not in text and password not in text, path
+
+
+def test_online_and_offline_rows_of_a_served_teacher_hold_the_same_values():
+    """One row dtype: the rows a step reads online are the float16 probabilities (and float32 tail) an
+    offline store of the same answers keeps, not a float32 copy that differs in the fourth decimal."""
+    from kd_lightning.teachers.served import rows_of_entries
+
+    entries = [{"5": -0.1053605, "9": -2.5}, {"2": -0.0001, "7": -9.2}]
+    ids, probs, tail = rows_of_entries(entries, 2, None)
+    assert ids.tolist() == [[5, 9], [2, 7]] and probs.dtype == np.float16 and tail.dtype == np.float32
+    np.testing.assert_array_equal(probs, probs.astype(np.float16))  # what the offline writer stores
+    expected = np.clip(1 - np.exp([[-0.1053605, -2.5], [-0.0001, -9.2]]).sum(1), 0, 1)
+    np.testing.assert_allclose(tail, expected, atol=1e-6)

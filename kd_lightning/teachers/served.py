@@ -202,7 +202,8 @@ def rows_of_entries(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse rows of scored tokens' log-probs (``{token: logprob}`` each): the top k, and the tail 1 − Σp.
     ``to_id`` maps token texts to ids (``openai_completions``); vLLM's keys are ids already. Returns ids
-    (n, k), probs (n, k), tail (n,)."""
+    (n, k) int64, probs (n, k) float16 and tail (n,) float32: the dtypes an offline store keeps, so a step
+    reading a served teacher online sees the very values its offline store would hold."""
     ids = np.zeros((len(entries), k), dtype=np.int64)
     probs = np.zeros((len(entries), k), dtype=np.float64)
     for row, entry in enumerate(entries):
@@ -213,4 +214,4 @@ def rows_of_entries(
             ids[row, slot] = int(token) if to_id is None else to_id[token]
             probs[row, slot] = math.exp(lp)
     tail = np.clip(1.0 - probs.sum(1), 0.0, 1.0)
-    return ids, probs, tail
+    return ids, probs.astype(np.float16), tail.astype(np.float32)
