@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, write_store
+from kd_lightning.data.soft_labels import SoftLabelSource, SoftLabelStore, SparseRows, write_store
 from kd_lightning.data.store_mixture import MixedStore, mix_rows
 from tests.helpers.cli import artifacts, kdl
 
@@ -64,7 +64,8 @@ def test_routing_reads_each_sequence_from_its_teacher_only(tmp_path):
         np.testing.assert_array_equal(got.probs, want.probs)
     mixed = MixedStore({"a": a, "b": b}, {"a": 3.0, "b": 1.0})  # weights are normalised
     np.testing.assert_allclose(mixed.rows(1).probs, mix_rows([a.rows(1), b.rows(1)], [0.75, 0.25]).probs)
-    assert routed.folder.name != mixed.folder.name  # a student records which one it read
+    assert routed.key != mixed.key  # a student records which one it read
+    assert isinstance(mixed, SoftLabelSource) and isinstance(a, SoftLabelSource) and a.parts == {}
     with pytest.raises(ValueError, match="does not name"):
         MixedStore({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, routes=["a", "c", "a"])
     with pytest.raises(ValueError, match="non-negative with a positive sum"):

@@ -55,7 +55,7 @@ class SoftLabelDataset(Dataset):
         for name, store in self.stores.items():
             if len(store) != len(corpus) or not np.array_equal(store.offsets, expected):
                 raise ValueError(
-                    f"soft-label store {name!r} at {store.folder} has {len(store)} sequences / "
+                    f"soft-label store {name!r} ({store.key}) has {len(store)} sequences / "
                     f"{int(store.offsets[-1])} rows but the corpus has {len(corpus)} / {int(expected[-1])}; "
                     "it was built for another corpus: rebuild it"
                 )

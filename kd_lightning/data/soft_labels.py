@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -114,6 +114,30 @@ def write_arrays(
             np.save(tmp / f"{name}.npy", array)
         meta = {**meta, "checksums": folder_checksums(tmp), "checksum": CHECKSUM}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+@runtime_checkable
+class SoftLabelSource(Protocol):
+    """What a run reads soft labels from: a store on disk (:class:`SoftLabelStore`), a mixture of stores
+    (:class:`~kd_lightning.data.store_mixture.MixedStore`) or any source of your own. ``key`` names it in a
+    student's record of what it read (a store's folder name, a mixture's digest); ``parts`` is what it is made
+    of (a mixture's teachers and weights; empty for a store); nothing fakes a folder."""
+
+    @property
+    def offsets(self) -> np.ndarray: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def parts(self) -> Mapping[str, Any]: ...
+
+    @property
+    def channels(self) -> tuple[str, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def rows(self, seq: int) -> SparseRows: ...
 
 
 class SoftLabelStore:
@@ -233,6 +257,16 @@ class SoftLabelStore:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def key(self) -> str:
+        """Its name in a student's record of the stores it read: its folder's (the cache key)."""
+        return self.folder.name
+
+    @property
+    def parts(self) -> Mapping[str, Any]:
+        """A store on disk is one part: itself."""
+        return {}
 
     def _read(self, first: int, last: int) -> SparseRows:
         """The rows of sequences ``[first, last)``."""

@@ -18,7 +18,6 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -113,22 +112,20 @@ class MixedStore:
         return next(iter(self.stores.values())).offsets
 
     @property
-    def provenance(self) -> dict[str, Any]:
+    def parts(self) -> dict[str, Any]:
         """What the mixture is made of: each teacher's store and weight, and the routing (if any)."""
-        parts = {
-            n: {"store": s.folder.name, "weight": w} for (n, s), w in zip(self.stores.items(), self._weights)
-        }
+        parts = {n: {"store": s.key, "weight": w} for (n, s), w in zip(self.stores.items(), self._weights)}
         routing = None
         if self.routes is not None:
             routing = hashlib.sha256("\n".join(self.routes).encode()).hexdigest()[:16]
         return {"teachers": parts, "routing": routing}
 
     @property
-    def folder(self) -> Path:
-        """A name for the mixture in a student's record of its stores (it has no folder of its own)."""
-        digest = hashlib.sha256(json.dumps(self.provenance, sort_keys=True).encode()).hexdigest()[:12]
+    def key(self) -> str:
+        """Its name in a student's record of its stores: a digest of its parts (it has no folder)."""
+        digest = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:12]
         kind = "routed" if self.routes is not None else "mixture"
-        return Path(f"teacher-{kind}-{digest}")
+        return f"teacher-{kind}-{digest}"
 
     channels: ClassVar[tuple[str, ...]] = ()
     """A mixture carries no per-position channels (context counts are the prior's)."""

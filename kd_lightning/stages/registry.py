@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kd_lightning.data.soft_labels import SoftLabelStore
+from kd_lightning.data.soft_labels import SoftLabelSource
 from kd_lightning.data.store_format import StoreFormat
-from kd_lightning.data.store_mixture import MixedStore
 from kd_lightning.stages import estimate
 from kd_lightning.stages.context import StageContext
 
@@ -111,7 +110,7 @@ class SoftLabelEntry:
 
     name: str
     kind: str
-    build: Callable[[StageContext, str], SoftLabelStore | MixedStore]
+    build: Callable[[StageContext, str], SoftLabelSource]
     files: Callable[[StageContext, str], list[StoreFiles]]
     pattern: bool = False
     shows: str = ""

@@ -13,8 +13,7 @@ from torch import nn
 from kd_lightning.data.corpus import records_by_key
 from kd_lightning.data.cross_tokenizer import TeacherView, teacher_view
 from kd_lightning.data.datamodule import TeacherTextDataModule
-from kd_lightning.data.soft_labels import SoftLabelStore
-from kd_lightning.data.store_mixture import MixedStore
+from kd_lightning.data.soft_labels import SoftLabelSource
 from kd_lightning.losses.cross_vocab import CrossVocabularyTerm
 from kd_lightning.losses.terms import LossTerm, soft_label_names
 from kd_lightning.models.loading import check_attention_name, load_causal_lm, set_attention
@@ -143,9 +142,9 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
             **({"trainer_overrides": dict(run.trainer_overrides)} if run.trainer_overrides else {}),
         },
         "corpus": corpus.train.fingerprint,
-        "stores": {name: store.folder.name for name, store in stores.items()},
+        "stores": {name: store.key for name, store in stores.items()},
     }
-    mixtures = {name: store.provenance for name, store in stores.items() if isinstance(store, MixedStore)}
+    mixtures = {name: dict(store.parts) for name, store in stores.items() if store.parts}
     if mixtures:  # which teachers' stores, at which weights or routing
         provenance["teachers"] = mixtures
     view = None if plan.shares_vocabulary else foreign_teacher_view(ctx, plan)
@@ -165,12 +164,15 @@ def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
     )
 
 
-def foreign_store_names(stores: Mapping[str, SoftLabelStore]) -> set[str]:
-    """The stores over a foreign teacher's vocabulary (``teacher_vocabulary`` in their provenance)."""
-    return {name for name, store in stores.items() if "teacher_vocabulary" in store.provenance}
+def foreign_store_names(stores: Mapping[str, SoftLabelSource]) -> set[str]:
+    """The stores over a foreign teacher's vocabulary (``teacher_vocabulary`` in their provenance; a mixture
+    has none: ``teachers:`` mixes rows over the student's vocabulary only)."""
+    return {
+        name for name, store in stores.items() if "teacher_vocabulary" in getattr(store, "provenance", {})
+    }
 
 
-def check_foreign_stores(run: StudentRun, stores: Mapping[str, SoftLabelStore]) -> None:
+def check_foreign_stores(run: StudentRun, stores: Mapping[str, SoftLabelSource]) -> None:
     """A store over a foreign teacher's vocabulary is read only by cross-vocabulary terms."""
     foreign = foreign_store_names(stores)
     for name, term in run.loss_terms.items():
