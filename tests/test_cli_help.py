@@ -120,5 +120,7 @@ def test_help_leads_to_the_selected_teacher_and_every_kd_target(kdl_env):
     distill = kdl_stage("distill", "--help", cwd=kdl_env)
     for target in ("teacher_mixture", "teacher:<name>", "teacher_logprobs", "offline_teacher"):
         assert target in distill.stdout, target
+    kd_target = next(line for line in distill.stdout.splitlines() if line.strip().startswith("kd_target="))
+    assert "proxy_agreement" not in kd_target  # a store that weights positions, not a target to compare with
     assert "+teachers.<name>.path=" in distill.stdout and "trainer.compile=False" in distill.stdout
     assert "loss.prior_kl.decoupled=False" in distill.stdout

@@ -97,7 +97,7 @@ RESOLVERS = {
     "kdl_tags": run_tags,
     "kdl_pid": os.getpid,  # output folders: two runs in the same second never share one
     "kdl_stage_help": stage_help_resolver(
-        tuple(KINDS), tuple(e.display for e in SOFT_LABELS)
+        tuple(KINDS), tuple(e.display for e in SOFT_LABELS if e.compared)
     ),  # kdl <stage> --help renders hydra.help.template
     "kdl_tiny": lambda: str(tiny_assets_folder()),  # experiment=tiny: $KDL_TINY, or tiny assets built once
 }

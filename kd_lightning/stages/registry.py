@@ -106,6 +106,8 @@ class SoftLabelEntry:
         files: ``(ctx, name)`` → the store files behind it, for ``kdl plan``; a mixture lists its parts.
         shows: how the help and the errors write it (``teacher:<name>``).
         mixed: read as a mixture of stores, with no files of its own.
+        compared: a divergence can compare the student with it (a ``kd_target``); False for a store that
+            only weights positions (``proxy_agreement``).
     """
 
     name: str
@@ -115,6 +117,7 @@ class SoftLabelEntry:
     pattern: bool = False
     shows: str = ""
     mixed: bool = False
+    compared: bool = True
 
     def matches(self, name: str) -> bool:
         return name.startswith(self.name) if self.pattern else name == self.name
@@ -147,6 +150,7 @@ SOFT_LABELS: tuple[SoftLabelEntry, ...] = (
         "proxy_agreement",
         lambda ctx, _: estimate.proxy_agreement(ctx),
         lambda ctx, name: [StoreFiles(name, 1, fixed_format=StoreFormat(), note="one entry per position")],
+        compared=False,
     ),
     SoftLabelEntry(
         "offline_teacher",
