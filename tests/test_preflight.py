@@ -36,7 +36,7 @@ def test_a_verdict_names_the_numbers_and_what_to_try():
         "prior_kl", check, nll(student), 0.25, mixture_nll(student, estimate, 0.25), True, "w 1, gamma=2"
     )
     assert "prior_kl: 5-gram" in line and "mixes 25.0% of it" in line and "expect a worse NLL" in line
-    assert "decoupled=true" in line
+    assert "try a lower weight or a larger gamma" in line and "still teaches the 5-gram's ranking" in line
     line = verdict("prior_kl", check, nll(student), 0.25, nll(student), False, "w 1")
     assert "leaves the observed token to the CE" in line
 

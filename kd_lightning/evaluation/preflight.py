@@ -84,7 +84,8 @@ def verdict(
         keep = estimate.best_share
         room = f"shares up to {keep:.1%} do not hurt" if keep > 0 else "no share of it lowers the NLL"
         return (
-            f"{head}: expect a worse NLL; try decoupled=true with target_weight=0, a lower weight or a larger "
-            f"gamma ({room})"
+            f"{head}: expect a worse NLL; try a lower weight or a larger gamma ({room}); decoupled=true with "
+            f"target_weight=0 lifts the cap on the observed token but still teaches the {estimate.name}'s ranking "
+            "of the other tokens, which cost more on a fluent student (README: paper_sweep): compare on val_nll"
         )
     return f"{head}: can help (the best share, {estimate.best_share:.1%}, gives {estimate.best_nll:.3f})"
