@@ -379,3 +379,11 @@ def test_the_chat_backends_old_concurrency_name_still_sets_max_concurrency_until
         old.concurrency == 3
         and OpenAITeacher("m", "http://127.0.0.1:9/v1", max_concurrency=5).concurrency == 5
     )
+
+
+def test_named_teacher_is_teacher_source_until_v0_3_0():
+    from kd_lightning.stages import context
+    from kd_lightning.teachers.source import TeacherSource
+
+    with pytest.warns(FutureWarning, match=r"NamedTeacher is now .*TeacherSource; .*removed in v0\.3\.0"):
+        assert context.NamedTeacher is TeacherSource

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,8 +21,18 @@ from kd_lightning.modules.alignment import ProxyAlignment
 from kd_lightning.teachers.served import ServedTeacher
 from kd_lightning.teachers.source import TeacherSource
 
-NamedTeacher = TeacherSource
-"""One of several teachers (``teachers.<name>``): a :class:`TeacherSource` with its name and weight."""
+
+def __getattr__(name: str) -> Any:
+    """``NamedTeacher``: its name before 0.2.0 made every teacher a :class:`TeacherSource`."""
+    if name == "NamedTeacher":
+        warnings.warn(
+            "kd_lightning.stages.context.NamedTeacher is now kd_lightning.teachers.source.TeacherSource; "
+            "the old name will be removed in v0.3.0",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return TeacherSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -62,7 +73,7 @@ class StageContext:
     proxy_own_tokenizer: bool = False
     served_teacher: Callable[[], ServedTeacher] | None = None
     store_format: StoreFormat = field(default_factory=StoreFormat)
-    teachers: Mapping[str, NamedTeacher] = field(default_factory=dict)
+    teachers: Mapping[str, TeacherSource] = field(default_factory=dict)
     teacher_routing: str | None = None
     _corpus: Corpus | None = field(default=None, init=False, repr=False)
     _proxy_tokenizer: list[ForeignTokenizer | None] = field(default_factory=list, init=False, repr=False)
