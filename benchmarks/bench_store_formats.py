@@ -26,6 +26,7 @@ from _isolated import parse_args
 
 from kd_lightning.data.records import load_records, split_records
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, write_store
+from kd_lightning.data.store_format import StoreFormat, StoreWrite
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.ngram import NGramPriorEstimator
 from kd_lightning.evaluation.fidelity import estimate_fidelity, sparse_estimate, summarize_fidelity
@@ -56,10 +57,8 @@ def teacher_logits(model, corpus) -> torch.Tensor:
 
 
 def written(folder: Path, rows: SparseRows, offsets, fmt: dict | None, draws: int | None) -> SoftLabelStore:
-    provenance = {"bench": True} | (
-        {} if fmt is None else {"format": {**fmt, **({"draws": draws} if draws else {})}}
-    )
-    return write_store(folder, rows, offsets, provenance)
+    write = StoreWrite(StoreFormat(**(fmt or {})), draws)
+    return write_store(folder, rows, offsets, {"bench": True} | write.key(), write=write)
 
 
 def measure(

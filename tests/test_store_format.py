@@ -16,7 +16,7 @@ from kd_lightning.data.soft_labels import (
     write_store,
 )
 from kd_lightning.data.store_checks import folder_checksums
-from kd_lightning.data.store_format import LOG8_MIN, StoreFormat, decode_log8, encode_log8
+from kd_lightning.data.store_format import LOG8_MIN, StoreFormat, StoreWrite, decode_log8, encode_log8
 from kd_lightning.losses.divergences import sparse_target_kl
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
 
@@ -43,10 +43,8 @@ def sampled(n: int, draws: int, seed: int = 0) -> SparseRows:
 
 def written(tmp_path, rows: SparseRows, fmt: dict | None, draws: int | None = None, name: str = "s"):
     offsets = np.array([0, len(rows.ids) // 3, len(rows.ids)])
-    provenance = {"corpus": "c"} | (
-        {} if fmt is None else {"format": {**fmt, **({"draws": draws} if draws else {})}}
-    )
-    write_store(tmp_path / name, rows, offsets, provenance, vocab_size=VOCAB)
+    write = StoreWrite(StoreFormat(**(fmt or {})), draws)
+    write_store(tmp_path / name, rows, offsets, {"corpus": "c"} | write.key(), vocab_size=VOCAB, write=write)
     return SoftLabelStore(tmp_path / name, expect={"corpus": "c"}, vocab_size=VOCAB)
 
 
@@ -93,7 +91,23 @@ def test_format_1_is_written_as_before_and_still_loads(tmp_path):
         "tail.npy",
     ]
     np.testing.assert_array_equal(store.rows(1).probs, rows.probs[10:])
-    assert StoreFormat.from_settings({}).is_legacy and StoreFormat().settings() == {}
+    assert StoreWrite().key() == {} and StoreFormat().settings() == {}
+
+
+def test_the_format_is_a_parameter_of_writing_and_a_key_that_misnames_it_is_refused(tmp_path):
+    """The writer is handed the format (StoreWrite); the provenance only records it. A provenance whose
+    recorded format disagrees with what is written would let a cache key misname the bytes: refused."""
+    rows = topk(30)
+    offsets = np.array([0, 10, 30])
+    log8 = StoreWrite(StoreFormat(**LOG8))
+    store = write_store(tmp_path / "a", rows, offsets, {"corpus": "c"} | log8.key(), write=log8)
+    assert store.encoding["probabilities"] == "log8"
+    assert store.provenance["format"]["probabilities"] == "log8"
+    with pytest.raises(ValueError, match=r"records format .* but the rows are written as format 1"):
+        write_store(tmp_path / "b", rows, offsets, {"corpus": "c"} | log8.key())  # key says log8, no write
+    with pytest.raises(ValueError, match="records format None but the rows are written as"):
+        write_store(tmp_path / "c", rows, offsets, {"corpus": "c"}, write=log8)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("fmt", [LOG8, FLOOR, COMPACT], ids=["log8", "floor", "compact-on-topk"])

@@ -14,7 +14,7 @@ import pytest
 
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, write_store
 from kd_lightning.data.store_checks import StoreCorruptError, folder_checksums
-from kd_lightning.data.store_format import StoreFormat
+from kd_lightning.data.store_format import StoreFormat, StoreWrite
 from tests.helpers.cli import artifacts, kdl
 
 FORMATS = {
@@ -48,12 +48,8 @@ def rows_and_offsets(sampled: bool) -> tuple[SparseRows, np.ndarray]:
 def write(folder: Path, name: str) -> SoftLabelStore:
     fmt = FORMATS[name]
     rows, offsets = rows_and_offsets(sampled=name == "compact")
-    provenance = (
-        {"format": {**fmt.settings(), **({"draws": K} if name == "compact" else {})}}
-        if not fmt.is_legacy
-        else {}
-    )
-    return write_store(folder, rows, offsets, provenance, vocab_size=V)
+    write = StoreWrite(fmt, K if name == "compact" else None)
+    return write_store(folder, rows, offsets, write.key(), vocab_size=V, write=write)
 
 
 def overwrite_inside(path: Path) -> None:

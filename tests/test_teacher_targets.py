@@ -9,7 +9,7 @@ import torch
 
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.records import read_jsonl
-from kd_lightning.data.store_format import StoreFormat
+from kd_lightning.data.store_format import StoreFormat, StoreWrite
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.estimation.stores import formatted
 from kd_lightning.estimation.teacher_targets import TeacherTargetBuilder
@@ -66,7 +66,8 @@ def test_sampled_store_is_normalised_reproducible_and_follows_the_teacher(tiny_d
         corpus,
         pad_id,
         str(tmp_path / "d"),
-        formatted({"test": 1}, StoreFormat("counts", 1e-3, True), 48),
+        formatted({"test": 1}, counts_48 := StoreWrite(StoreFormat("counts", 1e-3, True), 48)),
+        write=counts_48,
     )
     assert compact.encoding["probabilities"] == "counts" and compact.nbytes() < fixed.nbytes() / 2
     want, got = fixed.all_rows(), compact.all_rows()

@@ -42,7 +42,7 @@ from kd_lightning.data.store_checks import (
     validate_rows,
     verify_checksums,
 )
-from kd_lightning.data.store_format import StoreFormat, check_arrays, decode, encode
+from kd_lightning.data.store_format import StoreWrite, check_arrays, decode, encode
 
 FORMAT_VERSION = 1
 FORMAT_VERSIONS = (1, 2)
@@ -330,6 +330,7 @@ def write_store(
     vocab_size: int | None = None,
     evidence: np.ndarray | None = None,
     channels: Mapping[str, np.ndarray] | None = None,
+    write: StoreWrite | None = None,
 ) -> SoftLabelStore:
     """Validate rows (:func:`validate_rows`), write a complete store atomically and return it opened.
 
@@ -337,8 +338,8 @@ def write_store(
     cached, with a one-line error naming the store. ``evidence`` (rows,) bool marks the rows that carry a
     teacher's distribution (an API's log-probs that aligned); the others only restate the observed token.
     ``channels`` name → (rows,) numbers per position (the prior's context counts and orders).
-    The provenance's ``format`` (:meth:`StoreFormat.settings`, plus ``draws`` for a sampled store) decides
-    how the rows are written: absent, format 1.
+    ``write`` (:class:`~kd_lightning.data.store_format.StoreWrite`) decides how the rows are written: absent,
+    format 1. The provenance is only recorded (and checked when the store is opened), never read for it.
     """
     if len(rows.ids) != int(offsets[-1]):
         raise ValueError(f"{len(rows.ids)} rows but offsets end at {int(offsets[-1])}")
@@ -350,7 +351,14 @@ def write_store(
         vocab_size,
         "the estimator produced it; check its settings (nothing was cached)",
     )
-    fmt = StoreFormat.from_settings(provenance.get("format"))
+    write = write or StoreWrite()
+    fmt = write.fmt
+    if provenance.get("format") != write.key().get("format"):  # the key would misname the bytes
+        raise ValueError(
+            f"{folder}: the provenance records format {provenance.get('format')} but the rows are written as "
+            f"{write.key().get('format') or 'format 1'}; key the store with "
+            "kd_lightning.estimation.stores.formatted(provenance, write)"
+        )
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION if fmt.is_legacy else 2,
         "provenance": dict(provenance),
@@ -370,8 +378,7 @@ def write_store(
     if fmt.is_legacy:
         arrays = {"ids": rows.ids, "probs": rows.probs, "tail": rows.tail}
     else:
-        draws = (provenance.get("format") or {}).get("draws")
-        arrays, meta["encoding"] = encode(rows.ids, rows.probs, rows.tail, offsets, fmt, draws)
+        arrays, meta["encoding"] = encode(rows.ids, rows.probs, rows.tail, offsets, fmt, write.draws)
     remove_leftovers(Path(folder).parent, f".{Path(folder).name}.tmp-*")  # a write cut short by a kill
     write_arrays(
         Path(folder),

@@ -71,11 +71,25 @@ class StoreFormat:
             else {"probabilities": self.probabilities, "floor": self.floor, "ragged": self.ragged}
         )
 
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any] | None) -> StoreFormat:
-        settings = dict(settings or {})
-        settings.pop("draws", None)
-        return cls(**settings)
+
+@dataclass(frozen=True)
+class StoreWrite:
+    """How one store's rows are written: the run's :class:`StoreFormat` and, for a sampled store, the draws
+    per row (which ``counts`` keeps exactly).
+
+    A parameter of writing (:func:`~kd_lightning.data.soft_labels.write_store`, the sharded writer, every
+    estimator's ``estimate``). The cache key records it (:meth:`key`) so that stores of two formats never share
+    a folder, but no writer reads its instructions back out of a key.
+    """
+
+    fmt: StoreFormat = StoreFormat()
+    draws: int | None = None
+
+    def key(self) -> dict[str, Any]:
+        """What a store's provenance records of its format (nothing for format 1, so old keys stay)."""
+        if self.fmt.is_legacy:
+            return {}
+        return {"format": {**self.fmt.settings(), **({"draws": int(self.draws)} if self.draws else {})}}
 
 
 def encode_log8(probs: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from kd_lightning.artifacts import fault_point, remove_leftovers
 from kd_lightning.atomic import atomic_write_text
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, write_arrays, write_store
 from kd_lightning.data.store_checks import verify_checksums
+from kd_lightning.data.store_format import StoreWrite
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class ShardedStoreWriter:
             writer.write(shard, compute(shard))  # rows for those sequences, in order
         store = writer.finish()                  # concatenates, renames into place, removes .partial
 
+    ``write``: how :meth:`finish` writes the assembled store (format 1 when absent); shards are always
+    written in format 1, the rows as the estimator made them.
     ``clean=False`` (the other ranks of a ``torchrun`` group, which rank 0 has already checked the folder
     for) neither discards a ``.partial`` folder of another layout nor removes half-written shards.
     """
@@ -41,11 +44,13 @@ class ShardedStoreWriter:
         provenance: Mapping[str, Any],
         shard_size: int,
         clean: bool = True,
+        write: StoreWrite | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.partial = self.folder.with_name(self.folder.name + ".partial")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.provenance = dict(provenance)
+        self.write_as = write or StoreWrite()
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.shard_size = shard_size
@@ -110,6 +115,6 @@ class ShardedStoreWriter:
                 for s in range(self.num_shards)
             ]
         )
-        store = write_store(self.folder, rows, self.offsets, self.provenance)
+        store = write_store(self.folder, rows, self.offsets, self.provenance, write=self.write_as)
         shutil.rmtree(self.partial, ignore_errors=True)
         return store

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.store_format import StoreWrite
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
 
@@ -93,8 +94,10 @@ class ProxyAgreementEstimator:
         vocab_size: int,
         out: str,
         provenance: dict,
+        write: StoreWrite | None = None,
     ) -> SoftLabelStore:
-        """Compute and write the store at ``out``; a killed run resumes at its first unfinished shard."""
+        """Compute and write the store at ``out`` (in ``write``'s format); a killed run resumes at its first
+        unfinished shard."""
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
             observed = torch.from_numpy(observed_tokens(corpus, seqs).astype(np.int64)).to(logits.device)
@@ -106,5 +109,5 @@ class ProxyAgreementEstimator:
 
         return estimate_by_shard(
             proxy, corpus, pad_id, out, provenance, self.shard_size, self.batch_size, 0,
-            "proxy agreement", rows_for, self.packing, self.pack_length,
+            "proxy agreement", rows_for, self.packing, self.pack_length, write=write,
         )  # fmt: skip

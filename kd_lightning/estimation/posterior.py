@@ -34,6 +34,7 @@ from torch import nn
 
 from kd_lightning.data.cross_tokenizer import MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.store_format import StoreWrite
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings, target_position_batches
 
@@ -229,12 +230,14 @@ class ProxyPosteriorEstimator:
         provenance: dict,
         mapped: MappedProxy | None = None,
         api_evidence: SoftLabelStore | None = None,
+        write: StoreWrite | None = None,
     ) -> SoftLabelStore:
         """Compute and write the posterior store at ``out``; resumes a killed run's finished shards.
 
         A proxy of another tokenizer (``mapped``) reads its own tokenization of ``corpus``; its draws are
         mapped into the student's vocabulary (:meth:`mapped_posterior_rows`). ``api_evidence``: a closed
         API's log-prob store over ``corpus``, counted with weight ``api_evidence_weight`` where it aligned.
+        ``write``: the store's format (format 1 when absent).
         """
         if self.api_evidence_weight and api_evidence is None:
             raise ValueError(
@@ -247,7 +250,7 @@ class ProxyPosteriorEstimator:
                     "api_evidence_weight with a proxy of another tokenizer is not supported; use a proxy of the "
                     "student's tokenizer, or estimator.posterior.api_evidence_weight=0"
                 )
-            return self._estimate_mapped(proxy, corpus, prior, out, provenance, mapped)
+            return self._estimate_mapped(proxy, corpus, prior, out, provenance, mapped, write)
 
         def rows_for(logits: torch.Tensor, seqs: list[int], generator: torch.Generator) -> SparseRows:
             prior_rows = SparseRows.concat([prior.rows(i) for i in seqs])
@@ -276,6 +279,7 @@ class ProxyPosteriorEstimator:
             rows_for,
             self.packing,
             self.pack_length,
+            write=write,
         )
 
     def mapped_posterior_rows(
@@ -311,6 +315,7 @@ class ProxyPosteriorEstimator:
         out: str,
         provenance: dict,
         mapped: MappedProxy,
+        write: StoreWrite | None = None,
     ) -> SoftLabelStore:
         view, vocab = mapped.view, int(mapped.vocab_size)
         s_offsets = corpus.target_offsets()
@@ -339,4 +344,5 @@ class ProxyPosteriorEstimator:
             self.packing,
             self.pack_length,
             model_corpus=view.corpus,
+            write=write,
         )

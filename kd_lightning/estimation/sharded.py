@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.data.datamodule import SoftLabelDataset, collate
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows
+from kd_lightning.data.store_format import StoreWrite
 from kd_lightning.data.store_shards import ShardedStoreWriter
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.distributed import process_group
@@ -96,6 +97,7 @@ def estimate_by_shard(
     pack_length: int | None = None,
     model_corpus: TokenizedCorpus | None = None,
     batches: Callable[[range], Iterator[tuple[Any, list[int]]]] | None = None,
+    write: StoreWrite | None = None,
 ) -> SoftLabelStore:
     """Write the store at ``out`` from ``rows_for(logits, sequences, generator)``, resuming finished shards.
 
@@ -103,20 +105,23 @@ def estimate_by_shard(
     their rows in the same order. Every rank of a ``torchrun`` group calls this together. A model of
     another tokenizer reads ``model_corpus`` (the same sequences in its own tokenization); ``rows_for``
     then returns rows in ``corpus``'s layout. ``batches(sequences)`` replaces the model's pass (a teacher
-    behind a server): it yields ``(what rows_for reads, the sequences it covers)``.
+    behind a server): it yields ``(what rows_for reads, the sequences it covers)``. ``write``: the store's
+    format (:class:`~kd_lightning.data.store_format.StoreWrite`; format 1 when absent).
     """
     if model is not None:
         model.eval()
     group = process_group()
     if group.is_main:  # rank 0 checks (or discards) the finished shards before anyone adds to them
-        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size)
+        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size, write=write)
         if writer.done_count():
             log.info(
                 "%s: resuming, %d/%d shards already written", desc, writer.done_count(), writer.num_shards
             )
     group.barrier()
     if not group.is_main:
-        writer = ShardedStoreWriter(out, corpus.target_offsets(), provenance, shard_size, clean=False)
+        writer = ShardedStoreWriter(
+            out, corpus.target_offsets(), provenance, shard_size, clean=False, write=write
+        )
     pending = [shard for shard in writer.pending() if group.owns(shard)]
     if group.active:
         log.info("%s: rank %d of %d builds %d shards", desc, group.rank, group.world_size, len(pending))

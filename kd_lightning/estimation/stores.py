@@ -23,7 +23,7 @@ from kd_lightning.atomic import atomic_json
 from kd_lightning.data.corpus import Corpus
 from kd_lightning.data.cross_tokenizer import ForeignTokenizer, MappedProxy
 from kd_lightning.data.soft_labels import SoftLabelStore, write_store
-from kd_lightning.data.store_format import StoreFormat
+from kd_lightning.data.store_format import StoreFormat, StoreWrite
 from kd_lightning.data.store_size import store_bytes
 from kd_lightning.distributed import process_group
 from kd_lightning.estimation.agreement import ProxyAgreementEstimator
@@ -56,25 +56,20 @@ def _open(corpus: Corpus, provenance: dict[str, Any]) -> Callable[[Path], SoftLa
 
 
 def _size(
-    corpus: Corpus, top_k: int, vocab_size: int | None = None, provenance: dict[str, Any] | None = None
+    corpus: Corpus, top_k: int, vocab_size: int | None = None, write: StoreWrite | None = None
 ) -> Callable[[], float]:
     """The plan's estimate of a store's bytes over the training rows (for the disk-full message)."""
     train = corpus.train
     rows = int(train.target_offsets()[-1])
-    written = (provenance or {}).get("format") or {}
-    fmt = StoreFormat.from_settings(written)
+    write = write or StoreWrite()
     vocab = vocab_size or corpus.vocab_size
-    return lambda: store_bytes(rows, len(train), top_k, vocab, fmt, counts="draws" in written)
+    return lambda: store_bytes(rows, len(train), top_k, vocab, write.fmt, counts=write.draws is not None)
 
 
-def formatted(provenance: dict[str, Any], fmt: StoreFormat, draws: int | None = None) -> dict[str, Any]:
-    """``provenance`` with the store format it is written in (nothing added for format 1, so its keys stay).
-
-    ``draws``: the rows are that many samples each (a sampled teacher store), which ``counts`` keeps exactly.
-    """
-    if fmt.is_legacy:
-        return provenance
-    return {**provenance, "format": {**fmt.settings(), **({"draws": int(draws)} if draws else {})}}
+def formatted(provenance: dict[str, Any], write: StoreWrite) -> dict[str, Any]:
+    """``provenance`` with the format its store is written in (:meth:`StoreWrite.key`: nothing for format 1,
+    so its keys stay). The key only records it; the writer is handed ``write`` itself."""
+    return {**provenance, **write.key()}
 
 
 def prior_provenance(
@@ -87,7 +82,7 @@ def prior_provenance(
         "estimator": estimator.settings(),
         "code": code,
     }
-    return formatted(provenance, fmt or StoreFormat())
+    return formatted(provenance, StoreWrite(fmt or StoreFormat()))
 
 
 def prior_store(
@@ -99,6 +94,7 @@ def prior_store(
 ) -> SoftLabelStore:
     """The n-gram prior at every training target position (counts over the whole training split)."""
     provenance = prior_provenance(corpus, estimator, code, fmt)
+    write = StoreWrite(fmt or StoreFormat())
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
@@ -112,6 +108,7 @@ def prior_store(
             provenance,
             vocab_size=corpus.vocab_size,
             channels=channels,
+            write=write,
         )
         atomic_json(stats_path(folder), {**stats, "seconds": time.perf_counter() - start})
         log.info("prior written to %s (%s)", folder, stats)
@@ -123,7 +120,7 @@ def prior_store(
         build,
         _open(corpus, provenance),
         siblings=(".stats.json",),
-        size_hint=_size(corpus, estimator.top_k, provenance=provenance),
+        size_hint=_size(corpus, estimator.top_k, write=write),
     )
 
 
@@ -144,7 +141,7 @@ def posterior_provenance(
         "estimator": estimator.settings(),
         "code": code,
     }
-    return formatted(provenance, fmt or StoreFormat())
+    return formatted(provenance, StoreWrite(fmt or StoreFormat()))
 
 
 def posterior_store(
@@ -156,13 +153,15 @@ def posterior_store(
     aligned_proxy: Callable[[], Path],
     mapped: Callable[[], MappedProxy] | None = None,
     api_evidence: Callable[[], SoftLabelStore] | None = None,
+    fmt: StoreFormat | None = None,
 ) -> SoftLabelStore:
     """The prior updated with R proxy draws per position (resumable shard by shard; under ``torchrun``
     every rank builds its shards of it, see :mod:`kd_lightning.distributed`).
 
     ``prior``, ``aligned_proxy`` and ``mapped`` (a proxy of another tokenizer) are called only when the
-    store must be built.
+    store must be built. ``fmt``: the store format ``provenance`` was keyed with (:func:`posterior_provenance`).
     """
+    write = StoreWrite(fmt or StoreFormat())
 
     def build(folder: Path) -> SoftLabelStore:
         prior_rows = prior()
@@ -177,6 +176,7 @@ def posterior_store(
             provenance,
             mapped=None if mapped is None else mapped(),
             api_evidence=None if api_evidence is None else api_evidence(),
+            write=write,
         )
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": store.num_rows})
         return store
@@ -188,7 +188,7 @@ def posterior_store(
         _open(corpus, provenance),
         siblings=RESUMABLE,
         collective=True,
-        size_hint=_size(corpus, estimator.top_k, provenance=provenance),
+        size_hint=_size(corpus, estimator.top_k, write=write),
     )
 
 
@@ -226,7 +226,7 @@ def agreement_store(
         _open(corpus, provenance),
         siblings=RESUMABLE,
         collective=True,
-        size_hint=_size(corpus, 1, provenance=provenance),
+        size_hint=_size(corpus, 1),
     )
 
 
@@ -256,7 +256,8 @@ def offline_teacher_store(
         "targets": targets.settings(),
         "code": code,
     }
-    provenance = formatted(provenance, fmt or StoreFormat(), targets.k if targets.kind == "sampled" else None)
+    write = StoreWrite(fmt or StoreFormat(), targets.k if targets.kind == "sampled" else None)
+    provenance = formatted(provenance, write)
     if targets.own_tokenizer and own is None:
         raise ValueError("estimator.teacher_targets.own_tokenizer=true needs the teacher's tokenizer")
     vocab = corpus.vocab_size
@@ -271,7 +272,7 @@ def offline_teacher_store(
         teacher.to(process_group().device())
         start = time.perf_counter()
         view = None if own is None else own.view(corpus.train, corpus.tokenizer)
-        store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance, view)
+        store = targets.estimate(teacher, corpus.train, corpus.pad_id, str(folder), provenance, view, write)
         atomic_json(stats_path(folder), {"seconds": time.perf_counter() - start, "rows": store.num_rows})
         return store
 
@@ -285,7 +286,7 @@ def offline_teacher_store(
         open_store,
         siblings=RESUMABLE,
         collective=True,
-        size_hint=_size(corpus, targets.k, vocab, provenance),
+        size_hint=_size(corpus, targets.k, vocab, write),
     )
 
 
@@ -306,13 +307,16 @@ def served_teacher_artifact(
         "targets": targets.settings(),
         "code": code,
     }
-    provenance = formatted(provenance, fmt or StoreFormat())  # a server's rows are top-k, never draws
+    write = StoreWrite(fmt or StoreFormat())  # a server's rows are top-k, never draws
+    provenance = formatted(provenance, write)
     served.check_k(targets.k)  # before any request, and before a folder for its shards exists
     served.resumable = True
 
     def build(folder: Path) -> SoftLabelStore:
         start = time.perf_counter()
-        store = served_teacher_store(served, corpus.train, corpus.tokenizer, targets, str(folder), provenance)
+        store = served_teacher_store(
+            served, corpus.train, corpus.tokenizer, targets, str(folder), provenance, write
+        )
         stats = {"seconds": time.perf_counter() - start, "rows": store.num_rows, **served.report()}
         atomic_json(stats_path(folder), stats)
         return store
@@ -323,7 +327,7 @@ def served_teacher_artifact(
         build,
         _open(corpus, provenance),
         siblings=RESUMABLE,
-        size_hint=_size(corpus, targets.k, provenance=provenance),
+        size_hint=_size(corpus, targets.k, write=write),
     )
 
 

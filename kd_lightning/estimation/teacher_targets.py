@@ -29,6 +29,7 @@ from torch import nn
 
 from kd_lightning.data.cross_tokenizer import TeacherView
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for
+from kd_lightning.data.store_format import StoreWrite
 from kd_lightning.data.tokenized import TokenizedCorpus
 from kd_lightning.estimation.sharded import estimate_by_shard, packing_settings
 from kd_lightning.losses.sparsify import sampled_rows, topk_rows
@@ -105,14 +106,16 @@ class TeacherTargetBuilder:
         out: str,
         provenance: dict,
         view: TeacherView | None = None,
+        write: StoreWrite | None = None,
     ) -> SoftLabelStore:
         """Run the teacher over ``corpus`` and write its sparse targets at ``out`` (resumes a killed run).
 
         With ``view`` (a teacher of another tokenizer) it reads its own tokenization and each student
-        target row gets the aligned teacher row, or no entry and a tail of 1.
+        target row gets the aligned teacher row, or no entry and a tail of 1. ``write``: the store's format
+        (format 1 when absent).
         """
         if view is not None:
-            return self._estimate_aligned(teacher, corpus, out, provenance, view)
+            return self._estimate_aligned(teacher, corpus, out, provenance, view, write)
         return estimate_by_shard(
             teacher,
             corpus,
@@ -126,10 +129,17 @@ class TeacherTargetBuilder:
             lambda logits, seqs, generator: self.rows(logits, generator),
             self.packing,
             self.pack_length,
+            write=write,
         )
 
     def _estimate_aligned(
-        self, teacher: nn.Module, corpus: TokenizedCorpus, out: str, provenance: dict, view: TeacherView
+        self,
+        teacher: nn.Module,
+        corpus: TokenizedCorpus,
+        out: str,
+        provenance: dict,
+        view: TeacherView,
+        write: StoreWrite | None = None,
     ) -> SoftLabelStore:
         s_offsets = corpus.target_offsets()
 
@@ -161,6 +171,7 @@ class TeacherTargetBuilder:
             self.packing,
             self.pack_length,
             model_corpus=view.corpus,
+            write=write,
         )
 
 
@@ -171,6 +182,7 @@ def served_teacher_store(
     targets: TeacherTargetBuilder,
     out: str,
     provenance: dict,
+    write: StoreWrite | None = None,
 ) -> SoftLabelStore:
     """The top-k store of a teacher behind a server (``teacher=served``): the same rows as an in-process
     teacher's, read from its prompt log-probs, shard by shard (a killed run resumes)."""
@@ -204,7 +216,7 @@ def served_teacher_store(
 
     store = estimate_by_shard(
         None, corpus, 0, out, provenance, targets.shard_size, targets.batch_size, targets.seed,
-        f"served teacher top-{targets.k}", lambda rows, seqs, generator: rows, batches=batches,
+        f"served teacher top-{targets.k}", lambda rows, seqs, generator: rows, batches=batches, write=write,
     )  # fmt: skip
     log.info("served teacher: %s", served.report())
     return store

@@ -109,6 +109,7 @@ def posterior(ctx: StageContext, estimator: ProxyPosteriorEstimator | None = Non
         aligned_proxy=lambda: align(ctx),
         mapped=mapped_proxy(ctx),
         api_evidence=evidence,
+        fmt=ctx.store_format,
     )
 
 
