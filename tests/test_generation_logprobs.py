@@ -12,8 +12,9 @@ import torch
 from kd_lightning.data.records import Record, write_jsonl
 from kd_lightning.data.soft_labels import id_dtype_for
 from kd_lightning.data.tokenized import tokenize_records
-from kd_lightning.generation.logprobs import aligned_rows, build_logprob_store, ids_by_text
+from kd_lightning.generation.logprobs import aligned_rows, build_logprob_store
 from kd_lightning.models.loading import load_tokenizer
+from kd_lightning.models.vocabulary import token_text_ids
 from tests.helpers.cli import artifacts, kdl
 
 
@@ -27,7 +28,7 @@ def tokenizer(tiny_dir):
 
 
 def test_aligned_positions_carry_the_teacher_distribution(tokenizer):
-    table = ids_by_text(tokenizer)
+    table = token_text_ids(tokenizer, skip_special=True)
     ids = [table[c] for c in "ab c"]
     teacher = [  # the API's text starts with a space the corpus stripped
         entry(" ", 0.5, (" ", 0.5), ("x", 0.2)),
@@ -54,7 +55,7 @@ def test_aligned_positions_carry_the_teacher_distribution(tokenizer):
 def test_store_has_a_row_per_target_position_and_one_hot_where_no_evidence(tokenizer, tmp_path):
     records = [Record("count 2 from 1.", "12"), Record("say hi.", "hi")]
     corpus = tokenize_records(records, tokenizer, 64)
-    table = ids_by_text(tokenizer)
+    table = token_text_ids(tokenizer, skip_special=True)
     logprobs = {records[0].key: [entry("1", 0.8, ("1", 0.8), ("2", 0.1)), entry("2", 0.5, ("2", 0.5))]}
     store, stats = build_logprob_store(corpus, logprobs, tokenizer, tmp_path / "s", {"t": 1}, len(tokenizer))
     assert len(store.tail) == int(corpus.target_offsets()[-1])
@@ -69,7 +70,7 @@ def test_store_has_a_row_per_target_position_and_one_hot_where_no_evidence(token
 def test_distill_on_teacher_logprobs_from_the_cli(kdl_env, tiny_dir):
     records = [Record(f"say something about item {i}.", f"item {i} is nice") for i in range(24)]
     write_jsonl(records, kdl_env / "corpus.jsonl")
-    table = ids_by_text(load_tokenizer(tiny_dir))
+    table = token_text_ids(load_tokenizer(tiny_dir), skip_special=True)
     with (kdl_env / "logprobs.jsonl").open("w") as handle:
         for r in records[:12]:
             tokens = [entry(c, 0.7, (c, 0.7), ("e", 0.2)) for c in r.response]

@@ -387,3 +387,19 @@ def test_named_teacher_is_teacher_source_until_v0_3_0():
 
     with pytest.warns(FutureWarning, match=r"NamedTeacher is now .*TeacherSource; .*removed in v0\.3\.0"):
         assert context.NamedTeacher is TeacherSource
+
+
+def test_ids_by_text_is_token_text_ids_without_specials_until_v0_3_0(tiny_dir):
+    """The API log-probs' token map and the served teacher's are one function (models.vocabulary); the old
+    name warns and answers as before (specials skipped)."""
+    from kd_lightning.generation.logprobs import ids_by_text
+    from kd_lightning.models.loading import load_tokenizer
+    from kd_lightning.models.vocabulary import token_text_ids
+
+    tokenizer = load_tokenizer(tiny_dir)
+    with pytest.warns(FutureWarning, match=r"ids_by_text is now .*token_text_ids.*removed in v0\.3\.0"):
+        old = ids_by_text(tokenizer)
+    assert old == token_text_ids(tokenizer, skip_special=True)
+    every, special_ids = token_text_ids(tokenizer), set(tokenizer.all_special_ids)
+    assert special_ids and special_ids <= set(every.values())  # the served teacher's map keeps them
+    assert not special_ids & set(old.values())  # the API log-probs' map never answers one

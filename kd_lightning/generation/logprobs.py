@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from kd_lightning.data.records import jsonl_objects
 from kd_lightning.data.soft_labels import SoftLabelStore, SparseRows, id_dtype_for, write_store
 from kd_lightning.data.tokenized import TokenizedCorpus
+from kd_lightning.models.vocabulary import token_text_ids
 
 
 def read_logprobs(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
@@ -41,14 +43,15 @@ def read_logprobs(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
 
 
 def ids_by_text(tokenizer) -> dict[str, int]:
-    """Each token's decoded text → its id (the first id when several decode alike; specials skipped)."""
-    special = set(tokenizer.all_special_ids)
-    table: dict[str, int] = {}
-    for token_id in range(len(tokenizer)):
-        if token_id in special:
-            continue
-        table.setdefault(tokenizer.decode([token_id]), token_id)
-    return table
+    """Deprecated: :func:`kd_lightning.models.vocabulary.token_text_ids` with ``skip_special=True``."""
+    warnings.warn(
+        "kd_lightning.generation.logprobs.ids_by_text is now "
+        "kd_lightning.models.vocabulary.token_text_ids(tokenizer, skip_special=True); "
+        "the old name will be removed in v0.3.0",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return token_text_ids(tokenizer, skip_special=True)
 
 
 def aligned_rows(
@@ -108,7 +111,7 @@ def build_logprob_store(
             "this tokenized corpus has no record keys; delete its artifacts/corpus folder to rebuild it"
         )
     width = 1 + max((len(t.get("top") or []) for tokens in logprobs.values() for t in tokens), default=0)
-    text_to_id = ids_by_text(tokenizer)
+    text_to_id = token_text_ids(tokenizer, skip_special=True)
     id_dtype = id_dtype_for(vocab_size)
     parts, masks, with_evidence = [], [], 0
     for seq, key in enumerate(corpus.record_keys):

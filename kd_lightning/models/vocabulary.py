@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import TYPE_CHECKING
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: token_text_ids serves the served-teacher client, which loads no torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,21 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         "class": type(tokenizer).__name__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def token_text_ids(tokenizer: PreTrainedTokenizerBase, skip_special: bool = False) -> dict[str, int]:
+    """Each token's decoded text → its id (the first id when several decode alike).
+
+    A served teacher names the tokens of a prompt by this text, specials included (its prompts carry the chat
+    template); an API's log-probs name the tokens of an answer, which holds none (``skip_special=True``, so
+    that a special token's text cannot take an ordinary token's place).
+    """
+    special = set(tokenizer.all_special_ids) if skip_special else set()
+    found: dict[str, int] = {}
+    for token_id in range(len(tokenizer)):
+        if token_id not in special:
+            found.setdefault(tokenizer.decode([token_id], skip_special_tokens=False), token_id)
+    return found
 
 
 def vocab_size_of(model: nn.Module) -> int:

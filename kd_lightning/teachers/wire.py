@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kd_lightning.models.vocabulary import token_text_ids
 from kd_lightning.teachers.openai_client import MalformedReply
 
 
@@ -31,14 +32,6 @@ def first_choice(reply: Any) -> Any:
     if not choices:
         raise MalformedReply("the reply has no choices")
     return choices[0]
-
-
-def token_text_ids(tokenizer: Any) -> dict[str, int]:
-    """Token text → the student's id (the first id of a text that several ids decode to)."""
-    found: dict[str, int] = {}
-    for i in range(len(tokenizer)):
-        found.setdefault(tokenizer.decode([i], skip_special_tokens=False), i)
-    return found
 
 
 def text_of(tokenizer: Any):
