@@ -102,6 +102,39 @@ def test_kdl_distill_trains_under_lightning_ddp_from_the_command_line(kdl_env):
     assert [len(build_events(student, e)) for e in ("build", "train")] == [1, 1]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["gad", "minillm"])
+def test_kdl_distill_runs_the_on_policy_recipes_under_two_process_ddp(kdl_env, recipe):
+    """GAD (two models taking turns: kdl's trainer=ddp finds the unused parameters for it) and MiniLLM
+    (several PPO backward passes per step) train under Lightning's DDP launcher from the command line; rank 0
+    saves and evaluates the student. (Their steps against one process: the GAD worker test above, GKD's.)"""
+    from tests.helpers.cli import artifacts, kdl_process
+
+    args = [
+        "experiment=tiny",
+        f"recipe={recipe}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    ]
+    args += ["data.keep_duplicate_heldout=true", "trainer.max_steps=4", "module.max_new_tokens=8"]
+    if recipe == "gad":
+        args += ["module.warmup_steps=1", "module.group_size=2", "trainer.limit_val_batches=0"]
+    else:
+        args += ["teacher=local", f"teacher.path={os.environ['KDL_TINY']}", "module.eval_generation_limit=2"]
+        args += [
+            "module.eval_max_new_tokens=8",
+            "trainer.limit_val_batches=1",
+            "trainer.val_check_interval=2",
+        ]
+    done = kdl_process("distill", *args, env_dir=kdl_env)
+    assert "training process 1 of" in done.stderr + done.stdout  # rank 1 trained along, then left
+    assert "Traceback" not in done.stderr and "[ERROR]" not in done.stderr
+    (student,) = artifacts(kdl_env, "distill")
+    result = json.loads((student / "result.json").read_text())
+    assert result["nll"] > 0 and (student / "student" / "config.json").is_file()
+
+
 def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):
     from tests.helpers.cli import kdl
 
@@ -163,3 +196,84 @@ def test_gkd_under_two_process_ddp_samples_per_rank_and_matches_one_process_on_t
         assert ranks[1]["steps"][s]["loss"] == ddp_loss  # the logged loss is the global batch's
         assert abs(ddp_loss - one_loss) <= 1e-5 * abs(one_loss), f"step {s}: loss {ddp_loss} vs {one_loss}"
         before = [after[0], after[1], flat(one["steps"][s]["student"])]
+
+
+GAD_WORKER = Path(__file__).parent / "scripts" / "ddp_gad_worker.py"
+
+
+@pytest.mark.slow
+def test_gad_under_two_process_ddp_keeps_both_models_in_step_and_matches_one_process_on_the_same_rollouts(
+    tiny_dir, tmp_path
+):
+    """GAD, 2 ranks × 2 prompts × G = 2 answers, one warm-up step then adversarial ones: each rank samples
+    its own answers, both models stay identical across the ranks after every step, and one process trained on
+    the union of the ranks' rollouts takes the same steps (the policy's token mean weighs every answer token
+    alike across ranks of unequal token counts; D's pairs likewise)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, *mode) -> None:
+        command = [sys.executable, str(GAD_WORKER), str(tiny_dir), str(out), *map(str, mode)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    run(tmp_path / "ddp", "ddp")
+    ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    run(tmp_path / "one", "replay", tmp_path / "ddp.rank0.pt", tmp_path / "ddp.rank1.pt")
+    one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
+    assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
+    steps = len(one["steps"])
+    assert steps == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 4
+    tokens = [[int(r["steps"][s]["rollout"]["response_mask"].sum()) for r in ranks] for s in range(1, steps)]
+    assert any(a != b for a, b in tokens), f"adversarial steps should see unequal token counts: {tokens}"
+    assert all(ranks[0]["steps"][s]["seed"] != ranks[1]["steps"][s]["seed"] for s in range(steps))
+
+    def flat(state: dict[str, torch.Tensor], model: str) -> torch.Tensor:
+        return torch.cat([state[k].double().flatten() for k in sorted(state) if k.startswith(model)])
+
+    for model, tolerance in (("student.", 1e-4), ("discriminator.", 2e-3)):
+        before = [flat(r["initial"], model) for r in (*ranks, one)]
+        assert torch.equal(before[0], before[1]) and torch.equal(before[0], before[2])
+        for s in range(steps):
+            after = [flat(r["steps"][s]["state"], model) for r in (*ranks, one)]
+            assert torch.equal(after[0], after[1]), f"step {s}: the ranks' {model} differ"
+            ddp_update, one_update = after[0] - before[0], after[2] - before[2]
+            if model == "student." and s == 0:  # the warm-up step trains D only
+                assert float(one_update.norm()) == 0.0 and float(ddp_update.norm()) == 0.0
+            else:
+                assert float(one_update.norm()) > 0
+                cosine = float(torch.nn.functional.cosine_similarity(ddp_update, one_update, dim=0))
+                assert cosine > 0.99999, f"step {s}: {model} update cosine {cosine}"
+                relative = float((ddp_update - one_update).norm() / one_update.norm())
+                assert relative < tolerance, f"step {s}: {model} update differs by {relative:.2e}"
+            before = after
+
+
+def test_gad_under_ddp_without_unused_parameter_detection_is_one_line_and_kdl_sets_it(tiny_dir, tmp_path):
+    """GAD's backward passes each reach one of its two models, which DDP refuses by default deep inside its
+    reducer; the module says so before training, and kdl's trainer=ddp asks for the detection itself."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from kd_lightning.cli.trainer import trainer_factory
+    from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+    from kd_lightning.modules.gad import GADModule
+    from tests.helpers.configs import compose_cfg
+
+    module = GADModule(
+        load_causal_lm(tiny_dir), optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        tokenizer=load_tokenizer(tiny_dir), eval_generation_limit=0,
+    )  # fmt: skip
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match=r"GADModule under DDP needs find_unused_parameters.*"
+                       r"strategy='ddp_find_unused_parameters_true'"):  # fmt: skip
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), world_size=2)
+    module.setup("fit")  # accepted
+    cfg = compose_cfg(["trainer=ddp", "trainer.accelerator=cpu", "logger=[]"], stage="distill")
+    build = trainer_factory(cfg)
+    trainer = build(tmp_path, "gad", overrides=dict(GADModule.trainer_overrides))
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+    plain = build(tmp_path, "sft", overrides={})
+    assert not plain.strategy._ddp_kwargs.get("find_unused_parameters")

@@ -80,3 +80,25 @@ def test_a_teacher_kind_of_ones_own_trains_a_word_level_module_and_is_refused_by
     refused = kdl("distill", "experiment=tiny", "recipe=minillm", teacher, env_dir=kdl_env, check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "MiniLLMModule needs the teacher model in process" in refused.stderr
+
+
+def test_telling_a_teacher_kind_from_a_model_builder_logs_nothing(caplog, tiny_dir):
+    """Every run with a teacher asks whether its ``_target_`` is a TeacherSource subclass; for a function
+    (``load_causal_lm``) the answer is no, without an ERROR line in the user's log (as hydra's get_class
+    would write)."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from kd_lightning.cli.build import source_class, teacher_source
+
+    with caplog.at_level(logging.DEBUG):
+        assert not source_class("kd_lightning.models.loading.load_causal_lm")
+        assert not source_class("no_such_package.Thing") and not source_class("kd_lightning.nothing_here")
+        assert source_class("kd_lightning.teachers.source.TeacherSource")
+        node = OmegaConf.create(
+            {"_target_": "kd_lightning.models.loading.load_causal_lm", "path": str(tiny_dir)}
+        )
+        source = teacher_source(node)
+    assert source is not None and source.path is not None and not source.is_served
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

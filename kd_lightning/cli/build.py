@@ -7,10 +7,11 @@ config: every config group the student is built from, whole, except what cannot 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.artifacts import Workspace
@@ -121,10 +122,11 @@ def source_class(target: Any) -> bool:
     a model builder."""
     if not isinstance(target, str):
         return False
-    try:
-        found = get_class(target)
+    module, _, name = target.rpartition(".")
+    try:  # (not hydra's get_class: it logs an ERROR for every function, e.g. load_causal_lm)
+        found = getattr(importlib.import_module(module), name)
     except (ImportError, ValueError, AttributeError):
-        return False  # a function (load_causal_lm) or a path instantiate reports on itself
+        return False  # a path instantiate reports on itself
     return isinstance(found, type) and issubclass(found, TeacherSource)
 
 

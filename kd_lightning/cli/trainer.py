@@ -77,6 +77,8 @@ def checked_precision(accelerator: str, precision: Any, has_bf16_units: bool | N
 
 
 _WARNED: set[Any] = set()
+MODULE_SETTINGS = ("compile", "ddp_find_unused_parameters")
+"""Keys of a module's ``trainer_overrides`` that are ours, not Trainer arguments."""
 
 
 def launches_processes(cfg: DictConfig) -> bool:
@@ -135,7 +137,10 @@ def trainer_factory(cfg: DictConfig):
             settings_override["limit_val_batches"] = 0
         if not loggers:
             settings_override["log_every_n_steps"] = 1
-        settings_override.update({k: v for k, v in (overrides or {}).items() if k != "compile"})
+        settings_override.update({k: v for k, v in (overrides or {}).items() if k not in MODULE_SETTINGS})
+        strategy = settings_override.get("strategy", cfg.trainer.get("strategy"))
+        if (overrides or {}).get("ddp_find_unused_parameters") and strategy == "ddp":
+            settings_override["strategy"] = "ddp_find_unused_parameters_true"
         precision = settings_override.get("precision", cfg.trainer.get("precision"))
         accelerator = str(settings_override.get("accelerator", cfg.trainer.get("accelerator", "auto")))
         if precision is not None and checked_precision(accelerator, precision) != precision:

@@ -68,7 +68,9 @@ class StudentModule(LightningModule):
     restores_best_checkpoint: ClassVar[bool] = False
     """After fit, the best checkpoint of the monitored metric is loaded back (MiniLLM: ``val/rouge_l``)."""
     trainer_overrides: ClassVar[Mapping[str, Any]] = {}
-    """Trainer settings this module needs (MiniLLM clips its own updates: ``gradient_clip_val=None``)."""
+    """Trainer settings this module needs (MiniLLM clips its own updates: ``gradient_clip_val=None``), and
+    ``ddp_find_unused_parameters: True`` for a module whose backward passes each reach only some of its
+    parameters (GAD): kdl's trainer then runs ``strategy=ddp`` as ``ddp_find_unused_parameters_true``."""
     teacher_shares_vocabulary: ClassVar[bool] = True
     """False for a teacher of another tokenizer: the stage gives the module ``teacher_tokenizer`` and the
     DataModule the teacher's view of the corpus; the vocabularies are not required to match."""
@@ -148,6 +150,17 @@ class StudentModule(LightningModule):
                 f"{type(self).__name__} does not train under trainer=fsdp: its step runs several backward passes, "
                 "and FSDP allows one per forward; use trainer=gpu or trainer=ddp"
             )
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None) or {}
+        if (
+            strategy == "DDPStrategy"
+            and self.trainer_overrides.get("ddp_find_unused_parameters")
+            and not ddp_kwargs.get("find_unused_parameters")
+        ):
+            raise ValueError(
+                f"{type(self).__name__} under DDP needs find_unused_parameters: its models take turns, so each "
+                "backward pass reaches only one of them; use strategy='ddp_find_unused_parameters_true' "
+                "(kdl's trainer=ddp sets it for this module)"
+            )
 
     def on_fit_start(self) -> None:
         self.student.train()  # HF from_pretrained returns eval mode; Lightning no longer flips it
@@ -179,6 +192,17 @@ class StudentModule(LightningModule):
             return self.shard_teacher
         name = type(self.trainer.strategy).__name__
         return name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+    def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
+        """Weight of this rank's mean over its ``tokens`` (target tokens, pairs) so that the mean over ranks
+        (DDP's gradient average, ``sync_dist``) is the mean over every rank's: ``W · n_r / Σ n`` (1 on a single
+        process). DistillModule weights its logged figures by it (its gradient: :meth:`token_sum`); GAD its
+        losses, whose several backward passes per step DDP averages one by one."""
+        world = self.trainer_world_size()
+        if world == 1:
+            return 1.0
+        total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
+        return tokens.detach() * world / total
 
     def trainer_world_size(self) -> int:
         trainer = self._trainer

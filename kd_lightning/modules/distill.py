@@ -254,13 +254,3 @@ class DistillModule(StudentModule):
         return self.kd_weight_schedule.factor(
             int(self.global_step), int(self.trainer.estimated_stepping_batches)
         )
-
-    def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
-        """Weight of this rank's token-mean values in the logged figures, so that their mean over ranks
-        (``sync_dist``) is the mean over all ranks' tokens: ``W · n_r / Σ n`` (1 on a single process). The
-        gradient's own weighting is :meth:`~kd_lightning.modules.base.StudentModule.token_sum`'s."""
-        world = self.trainer_world_size()
-        if world == 1:
-            return 1.0
-        total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
-        return tokens.detach() * world / total

@@ -54,7 +54,10 @@ class GADModule(StudentModule):
 
     takes_loss_terms = False  # its own objective: the stage refuses loss terms other than hard_ce
     runs_under_fsdp = False  # two optimizers and several backward passes per step
-    trainer_overrides: ClassVar[Mapping[str, Any]] = {"gradient_clip_val": None}  # clipped here
+    trainer_overrides: ClassVar[Mapping[str, Any]] = {
+        "gradient_clip_val": None,  # clipped here
+        "ddp_find_unused_parameters": True,  # the policy's backward never reaches D, D's never the student
+    }
 
     def __init__(
         self,
@@ -177,13 +180,19 @@ class GADModule(StudentModule):
         with self.timed("update_seconds", len(batch)):
             if adversarial:
                 advantages = group_advantages(rewards).flatten().detach()
+                # under DDP each rank's means weigh by its share of the tokens (pairs), so the ranks' average
+                # is the global batch's mean: exact with answers of unequal length
+                token_share = self.rank_token_scale(rollout.response_mask.sum().float())
                 for _ in range(self.ppo_epochs):
                     losses = self.policy_loss(rollout, advantages)
-                    self._step(generator_optimizer, losses["policy"])
+                    self._step(generator_optimizer, losses["policy"] * token_share)
             teacher_scores = self.discriminator(batch.input_ids, batch.attention_mask)
             student_scores = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
             discriminator_loss = bradley_terry_loss(teacher_scores, student_scores)
-            self._step(discriminator_optimizer, discriminator_loss)
+            pair_share = self.rank_token_scale(
+                torch.tensor(float(student_scores.numel()), device=self.device)
+            )
+            self._step(discriminator_optimizer, discriminator_loss * pair_share)
         logs = {
             "train/discriminator_loss": discriminator_loss.detach(),
             "train/pair_accuracy": pair_accuracy(teacher_scores.detach(), student_scores.detach()),

@@ -1,0 +1,155 @@
+"""A few GAD steps (one warm-up, then adversarial) on tiny models: under 2-process DDP, or one process
+replaying the ranks' rollouts.
+
+Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-executes it per rank):
+
+    python tests/scripts/ddp_gad_worker.py TINY_DIR OUT ddp            # writes OUT.rank0.pt, OUT.rank1.pt
+    python tests/scripts/ddp_gad_worker.py TINY_DIR OUT replay RANK0.pt RANK1.pt
+
+``ddp`` records, per rank and step, the rollout seed, the sampled rollout, the step's logged losses and both
+models' parameters after the step (and before the first). ``replay`` trains one process on the global batch
+whose step-``s`` rollout is the union of both ranks' (prompts left-padded, answers right-padded to one width,
+rank 0's rows first as the global batch has them), sampling nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from lightning import Callback, Trainer
+
+from kd_lightning.data.datamodule import TeacherTextDataModule
+from kd_lightning.data.records import read_jsonl
+from kd_lightning.data.tokenized import tokenize_records
+from kd_lightning.models.loading import load_causal_lm, load_tokenizer
+from kd_lightning.modules.gad import GADModule
+from kd_lightning.rollout import Rollout
+
+STEPS = 4
+LOGGED = ("train/discriminator_loss", "train/policy_loss", "train/reward", "train/pair_accuracy")
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        self.steps.append(
+            {
+                "seed": pl_module.last_rollout_seed,
+                "rollout": pl_module.last_rollout,
+                "logged": {k: float(metrics[k]) for k in LOGGED if k in metrics},
+                "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            }
+        )
+
+
+class RecordingGAD(GADModule):
+    """Keeps the step's rollout (or, replaying, returns the union of the ranks' rollouts of that step)."""
+
+    replayed: list[Rollout] | None = None
+
+    def sample(self, batch, batch_idx: int, group: int) -> Rollout:
+        rank = int(self.trainer.global_rank)
+        self.last_rollout_seed = self.step_seed("rollout") + 7_919 * rank
+        sampled = (
+            self.replayed[self.gad_steps]
+            if self.replayed is not None
+            else super().sample(batch, batch_idx, group)
+        )
+        self.last_rollout = {
+            f.name: getattr(sampled, f.name) for f in fields(Rollout) if getattr(sampled, f.name) is not None
+        }
+        return sampled
+
+
+def union(parts: list[dict], pad_id: int) -> Rollout:
+    """The ranks' rollouts as one: each prompt left-padded to the widest, each answer right-padded."""
+    prompt = max(p["prompt_width"] for p in parts)
+    answer = max(p["input_ids"].shape[1] - p["prompt_width"] for p in parts)
+
+    def widen(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
+        pad = (width - t.shape[1], 0) if left else (0, width - t.shape[1])
+        return torch.nn.functional.pad(t, pad, value=value)
+
+    def joined(name: str, value) -> torch.Tensor:
+        rows = []
+        for p in parts:
+            t, w = p[name], p["prompt_width"]
+            rows.append(
+                torch.cat([widen(t[:, :w], prompt, True, value), widen(t[:, w:], answer, False, value)], 1)
+            )
+        return torch.cat(rows)
+
+    def answers(name: str, value) -> torch.Tensor:
+        return torch.cat([widen(p[name], answer, False, value) for p in parts])
+
+    return Rollout(
+        input_ids=joined("input_ids", pad_id),
+        attention_mask=joined("attention_mask", 0),
+        prompt_width=prompt,
+        response_mask=answers("response_mask", False),
+        student_logprobs=answers("student_logprobs", 0.0),
+        sampling_logprobs=answers("sampling_logprobs", 0.0),
+    )
+
+
+def main() -> None:
+    tiny_dir, out, mode = sys.argv[1:4]
+    torch.use_deterministic_algorithms(True)
+    tok = load_tokenizer(tiny_dir)
+    corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:16], tok, 96)
+    torch.manual_seed(0)
+    module = RecordingGAD(
+        load_causal_lm(tiny_dir),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        tokenizer=tok,
+        discriminator_lr=0.1,
+        group_size=2,
+        max_new_tokens=24,
+        warmup_steps=1,
+        eval_generation_limit=0,
+        seed=3,
+    )
+    devices, strategy, batch_size = (
+        (2, "ddp_find_unused_parameters_true", 2) if mode == "ddp" else (1, "auto", 4)
+    )
+    if mode == "replay":
+        ranks = [torch.load(path, weights_only=True) for path in sys.argv[4:6]]
+        module.replayed = [
+            union([r["steps"][s]["rollout"] for r in ranks], tok.pad_token_id) for s in range(STEPS)
+        ]
+    data = TeacherTextDataModule(batch_size=batch_size, shuffle_seed=0).connect(tok.pad_token_id, corpus)
+    record = Record()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=1 + 2 * (STEPS - 1),  # updates: a warm-up step updates D, an adversarial step both
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, datamodule=data)
+    record.steps = record.steps[:STEPS]
+    torch.save(
+        {"initial": record.initial, "steps": record.steps, "world": trainer.world_size},
+        f"{out}.rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
