@@ -33,19 +33,23 @@ from kd_lightning.losses import HardCrossEntropy
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.models.forward import TRAINING_DECODER, compile_for_training
 from kd_lightning.models.loading import set_attention
+from kd_lightning.modules.compiled import compile_loss_terms
 from kd_lightning.modules.distill import DistillModule
 
 JSON_KEYS = (
     "bench", "device", "student", "batch", "tokens_per_step", "cpu_has_bf16_units", "threads", "fp32_seconds",
     "bf16_seconds", "compiled_fp32_seconds", "compiled_bf16_seconds", "bf16_fused_adamw_seconds",
     "compiled_bf16_fused_adamw_seconds", "bf16_eager_attention_seconds",
-    "compiled_bf16_fused_adamw_eager_attention_seconds", "fp32_tokens_per_s", "bf16_tokens_per_s",
+    "compiled_bf16_fused_adamw_eager_attention_seconds", "compiled_bf16_fused_adamw_eager_attention_loss_seconds",
+    "fp32_tokens_per_s", "bf16_tokens_per_s",
     "compiled_bf16_tokens_per_s", "bf16_speedup", "compiled_fp32_speedup_vs_fp32", "compiled_bf16_speedup_vs_bf16",
     "compiled_bf16_speedup_vs_fp32", "fused_adamw_speedup", "compiled_fused_speedup_vs_bf16",
     "compiled_fused_speedup_vs_bf16_fused", "compiled_fused_speedup_vs_fp32", "eager_attention_speedup_vs_bf16",
-    "compiled_fused_eager_attention_speedup_vs_bf16", "compile_seconds_fp32", "compile_seconds_bf16",
+    "compiled_fused_eager_attention_speedup_vs_bf16", "compiled_fused_eager_attention_loss_speedup_vs_bf16",
+    "compiled_fused_eager_attention_loss_speedup_vs_fp32", "compile_seconds_fp32", "compile_seconds_bf16",
     "first_loss_fp32", "first_loss_bf16", "first_loss_compiled_fp32", "first_loss_compiled_bf16",
-    "first_loss_compiled_bf16_eager_attention", "compiled_fp32_grad_max_rel_diff", "compiled_fp32_grad_cosine",
+    "first_loss_compiled_bf16_eager_attention", "first_loss_compiled_bf16_eager_attention_loss",
+    "compiled_fp32_grad_max_rel_diff", "compiled_fp32_grad_cosine",
 )  # fmt: skip
 
 
@@ -107,6 +111,9 @@ def main() -> None:
         True: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True),
     }
     compiled = compile_for_training(student)  # the library's trainer.compile=true, switched per variant below
+    (term,) = module.loss_terms.values()
+    compile_loss_terms(module)  # trainer.compile=true compiles hard CE too (its code declares it can)
+    compiled_term = term._compiled_call_impl
 
     def switch_to_eager() -> (
         None
@@ -120,9 +127,15 @@ def main() -> None:
     own_attention = student.config._attn_implementation
 
     def step(
-        dtype: torch.dtype | None, compile_: bool, fused: bool, attention: str | None, keep: bool = False
+        dtype: torch.dtype | None,
+        compile_: bool,
+        fused: bool,
+        attention: str | None,
+        compile_loss: bool = False,
+        keep: bool = False,
     ) -> tuple[float, float, dict]:
         set_attention(student, attention or own_attention)  # student_attn_implementation
+        term._compiled_call_impl = compiled_term if compile_loss else None
         if compile_:
             object.__setattr__(student, TRAINING_DECODER, compiled)
         start = time.perf_counter()
@@ -144,7 +157,8 @@ def main() -> None:
         switch_to_eager()
         return seconds, value, grads
 
-    variants = {  # name: (autocast dtype, compiled, fused AdamW, attention kernel; None: the model's own)
+    variants = {  # name: (autocast dtype, compiled decoder, fused AdamW, attention kernel (None: the model's
+        # own), compiled loss term: what trainer.compile=true compiles since the loss joined it)
         "fp32": (None, False, False, None),
         "bf16": (torch.bfloat16, False, False, None),
         "compiled_fp32": (None, True, False, None),
@@ -153,6 +167,7 @@ def main() -> None:
         "compiled_bf16_fused_adamw": (torch.bfloat16, True, True, None),
         "bf16_eager_attention": (torch.bfloat16, False, False, "eager"),
         "compiled_bf16_fused_adamw_eager_attention": (torch.bfloat16, True, True, "eager"),
+        "compiled_bf16_fused_adamw_eager_attention_loss": (torch.bfloat16, True, True, "eager", True),
     }
     first: dict[str, tuple[float, float, dict]] = {}
     for label, settings in variants.items():  # the same start for every first step
@@ -178,7 +193,9 @@ def main() -> None:
         f" bf16, compiled fp32 {median['fp32'] / median['compiled_fp32']:.2f}x fp32; compiling took "
         f"{first['compiled_fp32'][0] - median['compiled_fp32']:.0f} s (fp32), "
         f"{first['compiled_bf16'][0] - median['compiled_bf16']:.0f} s (bf16); compiled bf16 + fused AdamW + eager "
-        f"attention {median['bf16'] / median['compiled_bf16_fused_adamw_eager_attention']:.2f}x bf16; "
+        f"attention {median['bf16'] / median['compiled_bf16_fused_adamw_eager_attention']:.2f}x bf16, and with the "
+        f"loss compiled {median['bf16'] / median['compiled_bf16_fused_adamw_eager_attention_loss']:.2f}x bf16, "
+        f"{median['fp32'] / median['compiled_bf16_fused_adamw_eager_attention_loss']:.2f}x fp32; "
         f"bf16 units: {cpu_has_bf16_units()}"
     )
     print(
@@ -213,6 +230,12 @@ def main() -> None:
                 "compiled_fused_eager_attention_speedup_vs_bf16": round(
                     median["bf16"] / median["compiled_bf16_fused_adamw_eager_attention"], 3
                 ),
+                "compiled_fused_eager_attention_loss_speedup_vs_bf16": round(
+                    median["bf16"] / median["compiled_bf16_fused_adamw_eager_attention_loss"], 3
+                ),
+                "compiled_fused_eager_attention_loss_speedup_vs_fp32": round(
+                    median["fp32"] / median["compiled_bf16_fused_adamw_eager_attention_loss"], 3
+                ),
                 "compile_seconds_fp32": round(first["compiled_fp32"][0] - median["compiled_fp32"], 1),
                 "compile_seconds_bf16": round(first["compiled_bf16"][0] - median["compiled_bf16"], 1),
                 "first_loss_fp32": round(first["fp32"][1], 6),
@@ -221,6 +244,9 @@ def main() -> None:
                 "first_loss_compiled_bf16": round(first["compiled_bf16"][1], 6),
                 "first_loss_compiled_bf16_eager_attention": round(
                     first["compiled_bf16_fused_adamw_eager_attention"][1], 6
+                ),
+                "first_loss_compiled_bf16_eager_attention_loss": round(
+                    first["compiled_bf16_fused_adamw_eager_attention_loss"][1], 6
                 ),
                 "compiled_fp32_grad_max_rel_diff": float(f"{rel_diff:.3g}"),
                 "compiled_fp32_grad_cosine": round(cosine, 9),

@@ -62,6 +62,36 @@ def test_a_compiled_training_step_equals_the_eager_one_and_stays_out_of_the_stat
     assert TRAINING_DECODER not in student.__dict__
 
 
+def test_trainer_compile_compiles_the_hard_ce_term_too_with_the_eager_steps_values(tiny_dir):
+    """The loss term's forward over the (N, V) logits joins the compiled step where its code declares it
+    (HardCrossEntropy): loss and gradients equal the eager step's; released after fit."""
+    from types import SimpleNamespace
+
+    tok = load_tokenizer(tiny_dir)
+    corpus = tokenize_records(read_jsonl(tiny_dir / "corpus.jsonl")[:8], tok, 96)
+    batch = next(
+        iter(TeacherTextDataModule(batch_size=4).connect(tok.pad_token_id, corpus).train_dataloader())
+    )
+    torch.manual_seed(0)
+    student = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    module = DistillModule(
+        student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.SGD(params)
+    )
+    module.on_fit_start()
+    eager_loss, eager_grads = step(module, batch)
+    callback = compiled_module.CompileStudent()
+    callback.on_fit_start(SimpleNamespace(), module)
+    term = module.loss_terms["hard_ce"]
+    assert term._compiled_call_impl is not None and TRAINING_DECODER in student.__dict__
+    compiled_loss, compiled_grads = step(module, batch)
+    assert compiled_loss == pytest.approx(eager_loss, rel=COMPILED_TOLERANCE)
+    for name, grad in eager_grads.items():
+        scale = float(grad.abs().max().clamp_min(1e-12))
+        assert float((compiled_grads[name] - grad).abs().max()) <= COMPILED_TOLERANCE * scale, name
+    callback.on_fit_end(SimpleNamespace(), module)
+    assert term._compiled_call_impl is None and TRAINING_DECODER not in student.__dict__
+
+
 def test_kdl_distill_with_compile_trains_records_the_compile_cost_and_keys_the_student_apart(kdl_env):
     eager = kdl("distill", "experiment=tiny", "loss=[hard_ce]", "trainer.max_steps=4", env_dir=kdl_env)
     compiled = kdl(

@@ -116,6 +116,13 @@ def test_fast_path_flags_are_declared_by_the_code_not_inherited_past_an_override
     assert ScaledForwardKL("prior").fused_kind() is None and not ScaledForwardKL("prior").can_chunk()
     assert PerPositionOnly("prior").fused_kind() is None and PerPositionOnly("prior").can_chunk()
     assert RedeclaredForwardKL("prior").fused_kind() == "forward_kl"
+    assert HardCrossEntropy().can_compile() and not ForwardKL("prior").can_compile()
+
+    class ScaledCE(HardCrossEntropy):  # a user's override: run as written, never compiled behind its back
+        def forward(self, student_logits, batch):
+            return 2.0 * super().forward(student_logits, batch)
+
+    assert not ScaledCE().can_compile() and not ScaledCE().can_chunk()
     batch = sparse_batch()
     assert not fusable(ScaledForwardKL("prior"), position_batch(batch), V)
     with pytest.raises(ValueError, match="do not declare a fused form"):

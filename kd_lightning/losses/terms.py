@@ -73,17 +73,21 @@ def declared_capability(cls: type, flag: str, guards: tuple[str, ...]) -> Any:
 class LossTerm(nn.Module):
     """Base class: ``forward(student_logits, batch) -> scalar``; ``soft_labels`` names the stores it reads.
 
-    Two class attributes opt a term into fast paths; both are read through :func:`declared_capability`, so
+    Three class attributes opt a term into fast paths; all are read through :func:`declared_capability`, so
     a subclass that overrides ``forward`` (or ``per_position``) is run as written until it re-declares them:
 
     * ``chunkable``: the value is a token-weighted mean of independent per-position values, so computing it
       over chunks of rows and re-weighting is exact (``loss_chunk_size``).
     * ``fused_sparse_kind``: ``"hard_ce"`` or ``"forward_kl"`` — the term equals that closed form, so the
       one-pass sparse computation (:mod:`kd_lightning.losses.fused_sparse`) may stand in for it.
+    * ``compilable``: ``forward`` is plain tensor code over the logits and the batch's tensors, so
+      ``trainer.compile=true`` compiles it too (inductor fuses the float cast, the log-softmax and its
+      backward into a pass or two over the (N, V) logits instead of one per op).
     """
 
     chunkable: ClassVar[bool] = False
     fused_sparse_kind: ClassVar[str | None] = None
+    compilable: ClassVar[bool] = False
     soft_labels: tuple[str, ...] = ()
     reads_logits: bool = True
     """False for terms that read only other batch fields (e.g. hidden states); the fused path runs them whole."""
@@ -120,6 +124,10 @@ class LossTerm(nn.Module):
         """Whether this term's code declares the chunked path exact (see the class docstring)."""
         return bool(declared_capability(type(self), "chunkable", ("forward",)))
 
+    def can_compile(self) -> bool:
+        """Whether this term's code declares itself safe to ``torch.compile`` (see the class docstring)."""
+        return bool(declared_capability(type(self), "compilable", ("forward",)))
+
     def fused_kind(self) -> str | None:
         """``"hard_ce"``, ``"forward_kl"`` or None: the closed form this term's code declares it equals."""
         return declared_capability(type(self), "fused_sparse_kind", ("forward", "per_position"))
@@ -135,6 +143,7 @@ class HardCrossEntropy(LossTerm):
 
     chunkable = True
     fused_sparse_kind = "hard_ce"
+    compilable = True
 
     def forward(self, student_logits: torch.Tensor, batch: PositionBatch) -> torch.Tensor:
         return LF.hard_cross_entropy(student_logits, batch.target_ids)
