@@ -69,7 +69,14 @@ def test_the_validation_split_is_outside_training_and_held_out(tiny_dir, tmp_pat
         CorpusSpec(validation_size=-1)
 
 
-def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds(kdl_env):
+def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds(kdl_env, monkeypatch):
+    from kd_lightning.modules import training
+
+    scored: list[str] = []
+    score = training.heldout_nll
+    monkeypatch.setattr(
+        training, "heldout_nll", lambda *a, desc="", **k: scored.append(desc) or score(*a, **k)
+    )
     (kdl_env / "conf" / "experiment").mkdir(parents=True)
     (kdl_env / "conf" / "experiment" / "tiny_search.yaml").write_text(SEARCH)
     args = ("pipeline", "experiment=tiny_search", f"hydra.searchpath=[file://{kdl_env / 'conf'}]")
@@ -93,6 +100,9 @@ def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds
     assert all("val_nll" in r for r in results)
     unselected = [r for name, r in trials.items() if not any(v in name for v in best.values())]
     assert unselected and all("nll" not in r for r in unselected)
+    # each student scores the validation split once: a trial promoted to a final adds its held-out split only
+    validated = [d for d in scored if d.startswith("validate")]
+    assert len(validated) == len(results), f"{len(results)} students, validation scored {validated}"
     assert len(artifacts(kdl_env, "prior")) == 2  # the n-gram prior and the unigram smoothing
     counts = build_counts(kdl_env)
     kdl(*args, env_dir=kdl_env)  # a rerun trains nothing again

@@ -120,7 +120,10 @@ def train_student(
     def load(folder: Path) -> dict[str, Any]:
         result = json.loads((folder / "result.json").read_text())
         if measure_heldout and "nll" not in result:  # a search trial's student, now wanted in full
-            metrics = student_metrics(load_causal_lm(folder / "student"), corpus, name)
+            # (its validation figures are already in the result: only the held-out split is scored)
+            metrics = student_metrics(
+                load_causal_lm(folder / "student"), corpus, name, measure_validation="val_nll" not in result
+            )
             result = {**result, **metrics}
             atomic_json(folder / "result.json", result)
         return result
@@ -164,14 +167,18 @@ def finish_student(
 
 
 def student_metrics(
-    student: nn.Module, corpus: Corpus, name: str, measure_heldout: bool = True
+    student: nn.Module,
+    corpus: Corpus,
+    name: str,
+    measure_heldout: bool = True,
+    measure_validation: bool = True,
 ) -> dict[str, Any]:
     """``nll``/``ppl``/``tokens`` on the held-out split (if asked) and ``val_*`` on the validation split (if
-    the corpus has one); a non-finite one is refused, so a diverged student is never cached."""
+    asked and the corpus has one); a non-finite one is refused, so a diverged student is never cached."""
     metrics: dict[str, Any] = {}
     if measure_heldout:
         metrics.update(heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}"))
-    if corpus.validation is not None:
+    if measure_validation and corpus.validation is not None:
         found = heldout_nll(student, corpus.validation, corpus.pad_id, desc=f"validate {name}")
         metrics.update({f"val_{key}": value for key, value in found.items()})
     for key in ("nll", "val_nll"):
