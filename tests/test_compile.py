@@ -32,7 +32,8 @@ def step(module: DistillModule, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss), {n: p.grad.clone() for n, p in module.student.named_parameters()}
 
 
-def test_a_compiled_training_step_equals_the_eager_one_and_stays_out_of_the_state(tiny_dir):
+def hard_ce_module(tiny_dir) -> tuple[DistillModule, object]:
+    """A 2-layer student under hard CE, fit-started, and one padded batch of the tiny corpus."""
     tok = load_tokenizer(tiny_dir)
     corpus = tokenize_records(read_jsonl(tiny_dir / "corpus.jsonl")[:8], tok, 96)
     batch = next(
@@ -44,6 +45,12 @@ def test_a_compiled_training_step_equals_the_eager_one_and_stays_out_of_the_stat
         student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.SGD(params)
     )
     module.on_fit_start()
+    return module, batch
+
+
+def test_a_compiled_training_step_equals_the_eager_one_and_stays_out_of_the_state(tiny_dir):
+    module, batch = hard_ce_module(tiny_dir)
+    student = module.student
     eager_loss, eager_grads = step(module, batch)
     keys = set(student.state_dict())
     compile_for_training(student)
@@ -67,17 +74,8 @@ def test_trainer_compile_compiles_the_hard_ce_term_too_with_the_eager_steps_valu
     (HardCrossEntropy): loss and gradients equal the eager step's; released after fit."""
     from types import SimpleNamespace
 
-    tok = load_tokenizer(tiny_dir)
-    corpus = tokenize_records(read_jsonl(tiny_dir / "corpus.jsonl")[:8], tok, 96)
-    batch = next(
-        iter(TeacherTextDataModule(batch_size=4).connect(tok.pad_token_id, corpus).train_dataloader())
-    )
-    torch.manual_seed(0)
-    student = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    module = DistillModule(
-        student, {"hard_ce": HardCrossEntropy()}, optimizer=lambda params: torch.optim.SGD(params)
-    )
-    module.on_fit_start()
+    module, batch = hard_ce_module(tiny_dir)
+    student = module.student
     eager_loss, eager_grads = step(module, batch)
     callback = compiled_module.CompileStudent()
     callback.on_fit_start(SimpleNamespace(), module)
