@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,9 +160,38 @@ def test_a_discriminator_scores_left_and_right_padded_sequences_alike(tiny_dir):
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_a_saved_discriminator_scores_as_it_did_and_a_run_starting_beside_it_continues_it(tiny_dir, tmp_path):
+    warm, data = tiny_gad(tiny_dir, warmup_steps=100)
+    fit(warm, data, 4)  # D trained: its head is no longer zero
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    before = warm.discriminator(ids, torch.ones_like(ids))
+    student_folder = tmp_path / "student"
+    warm.save_companions(student_folder)
+    loaded = SequenceScorer.load(student_folder / "discriminator")
+    torch.testing.assert_close(loaded(ids, torch.ones_like(ids)), before)
+    assert float(before.detach().abs()) > 0
+
+    continued, _ = tiny_gad(tiny_dir, warmup_steps=0)
+    continued.load_companions(student_folder)  # a pipeline variant's init_from
+    torch.testing.assert_close(continued.discriminator(ids, torch.ones_like(ids)), before)
+    named, _ = tiny_gad(tiny_dir, warmup_steps=0, discriminator_from=str(student_folder / "discriminator"))
+    torch.testing.assert_close(named.discriminator(ids, torch.ones_like(ids)), before)
+    own, _ = tiny_gad(
+        tiny_dir, warmup_steps=0, discriminator=SequenceScorer.copy_of(load_causal_lm(tiny_dir))
+    )
+    own.load_companions(student_folder)  # a named D is kept
+    assert float(own.discriminator(ids, torch.ones_like(ids)).abs()) == 0.0
+    with pytest.raises(ValueError, match="keep one"):
+        tiny_gad(tiny_dir, discriminator=own.discriminator, discriminator_from=str(student_folder))
+    with pytest.raises(FileNotFoundError, match=r"score_head\.safetensors is missing"):
+        SequenceScorer.load(tiny_dir)
+
+
 def test_a_pipeline_compares_gad_from_its_sft_student_with_sft_as_blackbox_compare_does(kdl_env):
-    """experiment=blackbox_compare's shape on the tiny models: GAD as a variant that composes its module preset,
-    starts from the SFT variant's student, and turns packing off for itself alone; paired with SFT."""
+    """experiment=blackbox_compare's shape on the tiny models: the GAD variants compose their module preset and
+    turn packing off for themselves alone; the discriminator's warm-up is a variant of its own (from the SFT
+    student, not scored), trained once and continued by two adversarial variants; each paired with SFT."""
+    gad = "++variants.{}.module.{}"
     done = kdl(
         "pipeline",
         "experiment=tiny",
@@ -173,23 +203,52 @@ def test_a_pipeline_compares_gad_from_its_sft_student_with_sft_as_blackbox_compa
         "evaluation.question_sets=[]",
         "compare_to=sft",
         "+variants.sft=[hard_ce]",
-        "+module@variants.gad.module=gad",
-        "++variants.gad.loss=[hard_ce]",
-        "++variants.gad.init_from=sft",
-        "++variants.gad.module.group_size=2",
-        "++variants.gad.module.max_new_tokens=8",
-        "++variants.gad.module.warmup_steps=1",
-        "++variants.gad.module.eval_generation_limit=0",
-        "++variants.gad.overrides={datamodule.packing:false}",
-        "++variants.gad.trainer={max_steps:3,limit_val_batches:0,log_every_n_steps:1}",
+        *(
+            entry
+            for name in ("gad_warmup", "gad", "gad_kl")
+            for entry in (
+                f"+module@variants.{name}.module=gad",
+                f"++variants.{name}.loss=[hard_ce]",
+                gad.format(name, "group_size=2"),
+                gad.format(name, "max_new_tokens=8"),
+                gad.format(name, "eval_generation_limit=0"),
+                f"++variants.{name}.overrides={{datamodule.packing:false}}",
+            )
+        ),
+        "++variants.gad_warmup.init_from=sft",
+        "++variants.gad_warmup.report=false",
+        "++variants.gad_warmup.module.warmup_steps=2",
+        "++variants.gad_warmup.trainer={max_steps:2,limit_val_batches:2,val_check_interval:2,"
+        "check_val_every_n_epoch:null}",
+        *(f"++variants.{name}.init_from=gad_warmup" for name in ("gad", "gad_kl")),
+        *(f"++variants.{name}.module.warmup_steps=0" for name in ("gad", "gad_kl")),
+        "++variants.gad_kl.module.kl_weight=0.1",
+        *(
+            f"++variants.{name}.trainer={{max_steps:2,limit_val_batches:0,log_every_n_steps:1}}"
+            for name in ("gad", "gad_kl")
+        ),
         env_dir=kdl_env,
     )
     assert done.returncode == 0
     result = json.loads(next((kdl_env / "outputs").rglob("pipeline_result.json")).read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["sft", "gad"] and rows["gad"]["module"] == "GADModule"
+    assert list(rows) == ["sft", "gad", "gad_kl"] and rows["gad"]["module"] == "GADModule"  # no warm-up row
     assert rows["gad"]["nll"] > 0 and 0.0 <= rows["gad"]["rouge_l"] <= 1.0
     assert rows["gad"]["nll"] != rows["sft"]["nll"]  # it trained on from the SFT student
+    warmups = [
+        json.loads(r.read_text())
+        for r in (kdl_env / "artifacts" / "distill").glob("*/result.json")
+        if json.loads(r.read_text())["name"].endswith("gad_warmup")
+    ]
+    assert len(warmups) == 1  # trained once, shared by both adversarial variants
+    assert "nll" not in warmups[0]  # not scored on the held-out set
+    assert 0.0 <= warmups[0]["last_validation"]["val/pair_accuracy"] <= 1.0
+    warm_d = Path(warmups[0]["folder"]) / "student" / "discriminator"
+    assert (warm_d / "score_head.safetensors").is_file()
+    log = next((kdl_env / "outputs").rglob("main.log")).read_text()
+    assert log.count(f"the discriminator continues from {warm_d}") == 2
+    for name in ("gad", "gad_kl"):  # each saved its own discriminator beside its student
+        assert (Path(rows[name]["folder"]) / "student" / "discriminator" / "config.json").is_file()
     gad_metrics = [
         p for p in (kdl_env / "outputs").rglob("metrics.csv") if p.parent.parent.name.endswith("gad")
     ]

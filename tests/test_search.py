@@ -5,6 +5,7 @@ the prior's smoothing, the learning rate) reach the student's key and its stores
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,8 @@ from kd_lightning.artifacts import Workspace
 from kd_lightning.data.corpus import CorpusSpec, build_corpus
 from kd_lightning.evaluation.mixture import implied_mixture, nominal_lambda
 from kd_lightning.losses import ForwardKL, HardCrossEntropy
-from kd_lightning.stages.search import SearchSpec
+from kd_lightning.stages.compare import Variant
+from kd_lightning.stages.search import SearchSpec, with_starting_points
 from tests.helpers.cli import artifacts, build_counts, kdl
 
 SEARCH = """# @package _global_
@@ -44,6 +46,7 @@ variants:
   coupled_low: {family: coupled, loss: [hard_ce, prior_kl], overrides: {prior_kl_weight: 0.05}}
   coupled_high: {family: coupled, loss: [hard_ce, prior_kl], overrides: {prior_kl_weight: 1.0}}
   unigram: {family: smoothing, loss: [hard_ce, prior_kl], overrides: {estimator.prior.smoothing: unigram}}
+  sft_on: {family: sft_on, loss: [hard_ce], init_from: sft_fast}
   decoupled:
     family: decoupled
     loss: [hard_ce, prior_kl]
@@ -71,11 +74,17 @@ def test_the_validation_split_is_outside_training_and_held_out(tiny_dir, tmp_pat
 
 def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds(kdl_env, monkeypatch):
     from kd_lightning.modules import training
+    from kd_lightning.stages import train
 
     scored: list[str] = []
     score = training.heldout_nll
     monkeypatch.setattr(
         training, "heldout_nll", lambda *a, desc="", **k: scored.append(desc) or score(*a, **k)
+    )
+    started: list[str] = []
+    load = train.load_causal_lm
+    monkeypatch.setattr(
+        train, "load_causal_lm", lambda path, *a, **k: started.append(str(path)) or load(path)
     )
     (kdl_env / "conf" / "experiment").mkdir(parents=True)
     (kdl_env / "conf" / "experiment" / "tiny_search.yaml").write_text(SEARCH)
@@ -84,12 +93,19 @@ def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds
     out = sorted((kdl_env / "outputs").rglob("search.csv"))[-1].parent
     result = json.loads((out / "pipeline_result.json").read_text())
     rows = {row["variant"]: row for row in result["search"]["rows"]}
-    assert set(rows) == {"sft", "sft_fast", "coupled_low", "coupled_high", "unigram", "decoupled"}
+    assert set(rows) == {"sft", "sft_fast", "coupled_low", "coupled_high", "unigram", "decoupled", "sft_on"}
+    # a candidate that starts from another trains on from that one's student
+    folders = {
+        json.loads(r.read_text())["name"]: json.loads(r.read_text())["folder"]
+        for r in (kdl_env / "artifacts" / "distill").glob("*/result.json")
+    }
+    assert started == [str(Path(folders["student sft_fast"]) / "student")], (started, list(folders))
     best = result["search"]["best"]
     assert set(best) == {"sft", "coupled", "decoupled"}
     assert best["coupled"] == min(["coupled_low", "coupled_high"], key=lambda v: rows[v]["val_nll"])
     assert rows["coupled_high"]["lambda"] == pytest.approx(1.0 / (2.0 * 2.0))  # w/(γ(1+w)), γ=2, w=1
     assert rows["unigram"]["smoothing"] == "unigram" and not rows["unigram"]["selected"]  # in no group
+    assert not rows["sft_on"]["selected"]
     assert rows["decoupled"]["decoupled"] and not rows["decoupled"]["caps_observed"]
     finals = {(row["variant"], row.get("seed")) for row in result["rows"] if "variant" in row}
     assert finals == {(v, s) for v in best.values() for s in (0, 1)}
@@ -107,6 +123,17 @@ def test_a_search_selects_on_validation_and_compares_each_groups_best_over_seeds
     counts = build_counts(kdl_env)
     kdl(*args, env_dir=kdl_env)  # a rerun trains nothing again
     assert build_counts(kdl_env) == counts
+
+
+def test_a_final_that_starts_from_another_brings_its_starting_point_along():
+    candidates = [
+        Variant("sft", None, None),
+        Variant("warm", None, "sft", report=False),
+        Variant("gad", None, "warm"),
+        Variant("coupled", None, None),
+    ]
+    assert with_starting_points(["coupled", "gad"], candidates) == ["coupled", "sft", "warm", "gad"]
+    assert with_starting_points(["sft", "gad"], candidates) == ["sft", "warm", "gad"]
 
 
 def test_variant_overrides_name_real_settings(kdl_env):

@@ -158,7 +158,10 @@ STAGE_PAGES: dict[str, StagePage] = {
         "the teacher text, the proxy, the student",
         "every artifact above, and outputs/pipeline/<time>/pipeline_result.json",
         (
-            ("variants", "students to train: name → loss terms (or {loss, module, init_from, trainer})"),
+            (
+                "variants",
+                "students to train: name → loss terms (or {loss, module, init_from, trainer, report, ...})",
+            ),
             ("data", "teacher text"),
             ("student", "the student model"),
             ("estimator.prior.ngram_order", "n of the prior"),

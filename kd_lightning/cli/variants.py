@@ -14,7 +14,7 @@ from kd_lightning.stages.registry import ARTIFACTS
 
 VARIANT_KEYS = (
     "loss", "module", "init_from", "trainer", "optimizer", "overrides", "proxy", "alignment", "store_format",
-    "teacher_targets", "seeds", "family",
+    "teacher_targets", "seeds", "family", "report",
 )  # fmt: skip
 VARIANT_STORE_SETTINGS = {
     "estimator.prior": "prior_estimator",
@@ -99,7 +99,7 @@ def with_seeds(cfg: DictConfig, seeds: list[int], names: list[str] | None = None
 
 def variants(cfg: DictConfig) -> list[Variant]:
     """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
-    optimizer, overrides, proxy, alignment, store_format, teacher_targets, seeds, family}``, once per seed of
+    optimizer, overrides, proxy, alignment, store_format, teacher_targets, seeds, family, report}``, once per seed of
     ``cfg.seeds`` (seed-major: every variant of the first seed first).
 
     ``module`` is a module config node (an experiment composes one with a defaults entry such as
@@ -112,7 +112,8 @@ def variants(cfg: DictConfig) -> list[Variant]:
     ``optimizer`` sets optimizer settings for this variant (``{lr: 1.0e-5}``); ``overrides`` sets any other
     setting for it (``{prior_kl_weight: 0.1, estimator.prior.gamma: 10, loss.prior_kl.decoupled: true}``),
     its stores included (:func:`variant_config`); ``family`` names the group a search selects the best
-    member of (``kdl pipeline`` with ``search:``). A null entry is dropped.
+    member of (``kdl pipeline`` with ``search:``); ``report: false`` trains a variant only for others to start
+    from (GAD's discriminator warm-up), unscored and out of the tables. A null entry is dropped.
     """
     listed = cfg.get("variants")
     node = "variants" if listed is not None else "default_variants"
@@ -173,6 +174,7 @@ def variants(cfg: DictConfig) -> list[Variant]:
                     alignment,
                     variant_stores(seeded, local),
                     family=spec.get("family"),
+                    report=bool(spec.get("report", True)),
                 )
             )
     return found

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kd_lightning.models.loading import load_causal_lm
+
+HEAD_FILE = "score_head.safetensors"
+"""Beside the backbone's HF files in a saved discriminator's folder: the scalar head's weight and bias."""
 
 
 class SequenceScorer(nn.Module):
@@ -37,6 +42,27 @@ class SequenceScorer(nn.Module):
     def from_path(cls, path: str) -> SequenceScorer:
         """A discriminator on another model (a model slot's path: ``smollm2``, a folder or a hub id)."""
         return cls(load_causal_lm(path))
+
+    def save(self, folder: str | Path) -> None:
+        """Write the discriminator to ``folder``: the backbone as an HF model, the head as ``score_head.safetensors``
+        (read back by :meth:`load`; GAD saves its discriminator beside the student it trained)."""
+        folder = Path(folder)
+        self.backbone.save_pretrained(folder)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(folder / HEAD_FILE))  # fmt: skip
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SequenceScorer:
+        """A discriminator written by :meth:`save` (e.g. ``<a GAD student's folder>/discriminator``)."""
+        folder = Path(folder)
+        if not (folder / HEAD_FILE).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no saved discriminator ({HEAD_FILE} is missing): give the `discriminator` "
+                "folder a GAD run saved beside its student, e.g. <artifacts>/distill/<key>/student/discriminator"
+            )
+        scorer = cls(load_causal_lm(folder))
+        scorer.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+        return scorer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) scores of (B, L) sequences."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -142,6 +143,15 @@ class StudentModule(LightningModule):
         if tok is None or tok.eos_token_id is None or tok.pad_token_id is None:
             raise ValueError(f"{why} needs a tokenizer with eos_token_id and pad_token_id")
         self.eos_token_id, self.pad_token_id = int(tok.eos_token_id), int(tok.pad_token_id)
+
+    # ---------------------------------------------------------------- models trained beside the student
+    def save_companions(self, folder: Path) -> None:
+        """Save the models this module trains beside the student (GAD's discriminator) into the student's
+        folder as it is written. Most modules train the student alone: nothing to save."""
+
+    def load_companions(self, folder: Path) -> None:
+        """Take up the companions an earlier run saved beside the student this run starts from (a pipeline
+        variant's ``init_from``), so a run continues that run's discriminator instead of making a new one."""
 
     def setup(self, stage: str) -> None:
         strategy = type(self.trainer.strategy).__name__

@@ -9,7 +9,11 @@ with an optional KL to the student it started from. D is updated on the same ste
 
 The paper's two warm-up stages: the generator starts from SFT on the teacher's text (in ``kdl pipeline``, a
 variant with ``init_from`` the SFT student), and for ``warmup_steps`` steps only D trains, on teacher
-answers against the warm generator's samples, before the adversarial stage begins. Logged per step:
+answers against the warm generator's samples, before the adversarial stage begins. Every run saves D beside
+its student (``<student>/discriminator``); a run that starts from such a student (``init_from``) continues its
+D. So the D warm-up is an artifact of its own when it is a variant of its own (``warmup_steps`` = its
+``trainer.max_steps``: the student is not updated), cached and shared by every adversarial variant that
+starts from it (``warmup_steps: 0``), as ``experiment=blackbox_compare`` does. Logged per step:
 ``train/reward`` (mean) and ``train/reward_std``, ``train/pair_accuracy`` (D's, on the step's pairs),
 ``train/answer_tokens`` (length hacking shows here), ``train/kl_to_start``; at validation
 ``val/pair_accuracy`` on held-out prompts.
@@ -18,7 +22,9 @@ answers against the warm generator's samples, before the adversarial stage begin
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +39,11 @@ from kd_lightning.models.loading import freeze
 from kd_lightning.modules.base import StudentModule
 from kd_lightning.rollout import Rollout, prompts_from_batch, response_logits, sample_rollouts
 
+log = logging.getLogger(__name__)
+
+DISCRIMINATOR_FOLDER = "discriminator"
+"""Where a GAD run saves D inside its student's folder (HF backbone + ``score_head.safetensors``)."""
+
 
 class GADModule(StudentModule):
     """The student as GAD's generator, and its discriminator (see the module docstring).
@@ -42,7 +53,10 @@ class GADModule(StudentModule):
             see :class:`~kd_lightning.modules.base.StudentModule` (no teacher model: GAD reads the teacher's
             text only).
         discriminator: D; None builds it from a copy of the student's weights when the module is built
-            (the paper's choice: the warm generator).
+            (the paper's choice: the warm generator), unless ``discriminator_from`` names a saved one or the run
+            starts from a GAD student's folder, whose D it continues (:meth:`load_companions`).
+        discriminator_from: a folder holding a D saved by an earlier GAD run (``<its student>/discriminator``),
+            e.g. a warm-up run's; excludes ``discriminator``.
         discriminator_lr: AdamW's learning rate for D.
         group_size: G, answers sampled per prompt (≥ 2: advantages are relative to the group).
         max_new_tokens, generation_temperature: of the sampled answers.
@@ -67,6 +81,7 @@ class GADModule(StudentModule):
         teacher: nn.Module | None = None,
         tokenizer: Any = None,
         discriminator: nn.Module | None = None,
+        discriminator_from: str | None = None,
         discriminator_lr: float = 1.0e-5,
         group_size: int = 4,
         max_new_tokens: int = 128,
@@ -104,7 +119,16 @@ class GADModule(StudentModule):
                 raise ValueError(f"module.{name} must be > 0, got {value}")
         if warmup_steps < 0 or kl_weight < 0:
             raise ValueError("module.warmup_steps and module.kl_weight must be >= 0")
+        if discriminator is not None and discriminator_from:
+            raise ValueError(
+                "module.discriminator and module.discriminator_from both name a discriminator; keep one"
+            )
         self.automatic_optimization = False
+        self.discriminator_given = discriminator is not None or bool(discriminator_from)
+        """D was named (a model or a saved folder): a run's ``init_from`` does not replace it."""
+        if discriminator_from:
+            discriminator = SequenceScorer.load(discriminator_from)
+            log.info("GAD: the discriminator continues from %s", discriminator_from)
         self.discriminator = discriminator if discriminator is not None else SequenceScorer.copy_of(student)
         self.discriminator_lr = float(discriminator_lr)
         self.group_size = int(group_size)
@@ -215,6 +239,18 @@ class GADModule(StudentModule):
                 name, value, batch_size=prompts, prog_bar=name in ("train/reward", "train/pair_accuracy")
             )
         self.gad_steps += 1
+
+    def save_companions(self, folder: Path) -> None:
+        """D beside the student (a later run that starts from this student continues it)."""
+        self.discriminator.save(Path(folder) / DISCRIMINATOR_FOLDER)
+
+    def load_companions(self, folder: Path) -> None:
+        """The D saved beside the student this run starts from (a warm-up run's), unless D was named."""
+        saved = Path(folder) / DISCRIMINATOR_FOLDER
+        if self.discriminator_given or not saved.is_dir():
+            return
+        self.discriminator = SequenceScorer.load(saved)
+        log.info("GAD: the discriminator continues from %s (saved by the run this student comes from)", saved)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gad_steps"] = self.gad_steps

@@ -94,12 +94,14 @@ def train_student(
             **({"teachers": provenance["teachers"]} if "teachers" in provenance else {}),
             **({"best_checkpoint": best} if best else {}),
             **timing_summary(module),
+            **last_validation(trainer),
         }
         # the student and what its result needs from training land in one rename
         with atomic_folder(folder / "student", lambda: fault_point("distill:before-student-rename")) as tmp:
             if hasattr(trained.student, "save_pretrained"):
                 trained.student.save_pretrained(tmp)
                 corpus.tokenizer.save_pretrained(tmp)
+            trained.save_companions(tmp)  # models trained beside the student (GAD's discriminator)
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
         result = finish_student(folder, corpus, name, trained.student, trainer, measure_heldout)
@@ -262,6 +264,17 @@ def timing_summary(module: StudentModule) -> dict[str, float]:
     if module.compile_seconds is not None:
         summary["compile_seconds"] = module.compile_seconds
     return summary
+
+
+def last_validation(trainer: Trainer) -> dict[str, dict[str, float]]:
+    """The last validation's figures (``val/nll``, GAD's ``val/pair_accuracy`` ...), kept in the training
+    record: a run whose student is not scored on the held-out sets (a warm-up) still reports them."""
+    figures = {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1
+    }
+    return {"last_validation": figures} if figures else {}
 
 
 def last_checkpoint(folder: Path) -> str | None:

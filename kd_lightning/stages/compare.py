@@ -48,6 +48,9 @@ class Variant:
     ``store_format``, ``teacher_targets``) and the code fingerprints of the stages they change."""
     family: str | None = None
     """The group of a search this variant belongs to (the best of each family is selected on validation)."""
+    report: bool = True
+    """False for a variant trained only for others to start from (GAD's discriminator warm-up): cached like
+    every student, neither scored on the held-out sets nor tabulated."""
 
     def context(self, ctx: StageContext) -> StageContext:
         """The stage context this variant's stores come from (its proxy, alignment and store settings)."""
@@ -127,18 +130,17 @@ def run_pipeline(
     trained: dict[tuple[str, int | None], str] = {}
     scores: list[StudentScores] = []
     for variant in training_order(variants):
-        run, context = variant.run, variant.context(ctx)
-        if variant.init_from:
-            source = trained.get((variant.init_from, variant.seed))
-            if source is None:
-                raise KeyError(
-                    f"variant {variant.name!r} (seed {variant.seed}) starts from {variant.init_from!r}, which "
-                    "has no student of that seed; give both variants the same seeds"
-                )
-            run = replace(run, init_from=source)
-        row = run_distill(context, run)
+        run = started_run(variant, trained)
+        if not variant.report:  # trained for others to start from
+            run = replace(run, measure_heldout=False)
+        row = run_distill(variant.context(ctx), run)
         folder = Path(row["folder"]) / "student"
         trained[(variant.name, variant.seed)] = str(folder)
+        if not variant.report:
+            log.info(
+                "%s: trained for the variants that start from it (not scored: report=false)", row["name"]
+            )
+            continue
         if spec is not None:  # cached per student, held-out set and spec
             for set_name, corpus in sets.items():
                 result = evaluation_result(
@@ -175,6 +177,20 @@ def run_pipeline(
             comparison_plot(comparison, out_dir / "comparison.png")
             atomic_csv(out_dir / "per_prompt.csv", per_prompt_rows(scores))
     return result
+
+
+def started_run(variant: Variant, trained: Mapping[tuple[str, int | None], str]) -> StudentRun:
+    """The variant's run, starting from the student folder of the variant it names in ``init_from`` (same
+    seed; ``trained`` maps (variant, seed) to the folders trained so far)."""
+    if not variant.init_from:
+        return variant.run
+    source = trained.get((variant.init_from, variant.seed))
+    if source is None:
+        raise KeyError(
+            f"variant {variant.name!r} (seed {variant.seed}) starts from {variant.init_from!r}, which "
+            "has no student of that seed; give both variants the same seeds"
+        )
+    return replace(variant.run, init_from=source)
 
 
 def proxy_table(ctx: StageContext, variants: Sequence[Variant]) -> list[dict[str, Any]]:

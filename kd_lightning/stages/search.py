@@ -22,7 +22,7 @@ from kd_lightning.atomic import atomic_csv, atomic_write_text
 from kd_lightning.data.corpus import CorpusSpec
 from kd_lightning.evaluation.evaluate import EvaluationSpec
 from kd_lightning.evaluation.mixture import implied_mixture, nominal_lambda
-from kd_lightning.stages.compare import Variant, run_pipeline, training_order
+from kd_lightning.stages.compare import Variant, run_pipeline, started_run, training_order
 from kd_lightning.stages.context import StageContext
 from kd_lightning.stages.train import run_distill
 
@@ -113,8 +113,13 @@ def run_search(
             f"search.finals names {unknown}, which are not variants ({sorted(v.name for v in candidates)})"
         )
     rows = []
+    trained: dict[tuple[str, int | None], str] = {}
     for variant in training_order(candidates):
-        result = run_distill(variant.context(ctx), replace(variant.run, measure_heldout=False))
+        run = replace(started_run(variant, trained), measure_heldout=False)
+        result = run_distill(variant.context(ctx), run)
+        trained[(variant.name, variant.seed)] = str(Path(result["folder"]) / "student")
+        if not variant.report:
+            continue
         rows.append(candidate_row(ctx, variant, result))
         log.info(
             "search: %s (%s) %s=%.4f",
@@ -136,7 +141,9 @@ def run_search(
     print(
         f"\nSearch on the validation split ({len(ctx.corpus().validation)} records):\n{table}\n", flush=True
     )
-    chosen = list(dict.fromkeys([*search.finals, *(r["variant"] for r in best.values())]))
+    chosen = with_starting_points(
+        list(dict.fromkeys([*search.finals, *(r["variant"] for r in best.values())])), candidates
+    )
     if compare_to in best:  # a group: compare with what it selected
         compare_to = best[compare_to]["variant"]
     result = run_pipeline(ctx, finals(chosen), spec, evaluation_sets, compare_to, out_dir)
@@ -194,3 +201,20 @@ def validation_curve(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def with_starting_points(names: list[str], candidates: Sequence[Variant]) -> list[str]:
+    """``names`` and, before each, the variants it starts from (``init_from``, transitively): a final that
+    starts from another is trained from that one's student of the same final seed."""
+    starts = {v.name: v.init_from for v in candidates}
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        if starts.get(name):
+            add(str(starts[name]))
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return ordered

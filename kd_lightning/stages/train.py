@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,7 +124,10 @@ def build_student_module(
         if plan.shares_vocabulary:
             refuse_another_vocabulary(plan, tokenizer)
         keywords["teacher"] = plan.source.online(tokenizer, probe_ids)
-    return run.module(**keywords)
+    module = run.module(**keywords)
+    if run.init_from:
+        module.load_companions(Path(run.init_from))
+    return module
 
 
 def run_distill(ctx: StageContext, run: StudentRun) -> dict[str, Any]:
