@@ -10,6 +10,7 @@ their semantic similarity (a sentence encoder) and their length. Per-record figu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.evaluation.similarity import semantic_similarity
 from kd_lightning.models.forward import target_position_logits
 
+TEACHER_FORCED_ECE_BINS = 15
+"""Calibration bins of a teacher-forced pass when none are asked for (``EvaluationSpec.ece_bins``'s default)."""
+
 
 @dataclass
 class EvaluationSpec:
@@ -37,7 +41,7 @@ class EvaluationSpec:
     """Greedy generation length cap."""
     batch_size: int = 8
     """Sequences per forward / generate call."""
-    ece_bins: int = 15
+    ece_bins: int = TEACHER_FORCED_ECE_BINS
     """Equal-width confidence bins of the calibration error."""
     question_sets: list[str] = field(default_factory=list)
     """Q/A and multiple-choice sets: names from ``EVALS_SETS`` (OpenAI evals) or JSONL paths."""
@@ -66,13 +70,26 @@ class EvaluationSpec:
             raise ValueError("evaluation: answer_max_new_tokens and question_limit must be >= 1")
 
 
+def teacher_forced_setting(
+    batch_size: int, ece_bins: int, model: nn.Module, corpus: TokenizedCorpus
+) -> dict[str, Any]:
+    """What a teacher-forced pass's figures depend on besides the model's weights: two passes with equal
+    settings over the same records give the same figures, so one can stand for the other."""
+    return {
+        "batch_size": int(batch_size),
+        "ece_bins": int(ece_bins),
+        "device": str(next(model.parameters()).device),
+        "records": corpus.fingerprint,
+    }
+
+
 @torch.inference_mode()
 def teacher_forced_metrics(
     model: nn.Module,
     corpus: TokenizedCorpus,
     pad_id: int,
     batch_size: int = 8,
-    ece_bins: int = 15,
+    ece_bins: int = TEACHER_FORCED_ECE_BINS,
     desc: str = "eval",
 ) -> dict[str, float]:
     """Token-weighted NLL, perplexity, top-1 accuracy and ECE of next-token predictions on the responses.
@@ -140,17 +157,24 @@ def evaluate_model(
     heldout: TokenizedCorpus,
     spec: EvaluationSpec,
     teacher: nn.Module | None = None,
+    teacher_forced: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Every metric of :class:`EvaluationSpec` for one model (put in eval mode, restored afterwards).
 
-    ``teacher`` is needed only for ``spec.reverse_kl_limit > 0``.
+    ``teacher`` is needed only for ``spec.reverse_kl_limit > 0``. ``teacher_forced``: a pass over the same
+    records by the same weights, kept when the student was scored after training
+    (:func:`~kd_lightning.evaluation.nll.heldout_nll`); it stands for this one's when its settings are equal.
     """
     was_training = model.training
     model.eval()
     try:
-        metrics: dict[str, Any] = teacher_forced_metrics(
-            model, heldout, int(tokenizer.pad_token_id), spec.batch_size, spec.ece_bins
-        )
+        setting = teacher_forced_setting(spec.batch_size, spec.ece_bins, model, heldout)
+        if teacher_forced is not None and all(teacher_forced.get(k) == v for k, v in setting.items()):
+            metrics: dict[str, Any] = {k: v for k, v in teacher_forced.items() if k not in setting}
+        else:
+            metrics = teacher_forced_metrics(
+                model, heldout, int(tokenizer.pad_token_id), spec.batch_size, spec.ece_bins
+            )
         per_record: dict[str, list[Any]] = {"nll": metrics.pop("record_nll")}
         if spec.generation_limit:
             predictions, references = greedy_generations(

@@ -7,7 +7,7 @@ corpus, the evaluation settings and the code, so re-scoring an unchanged model i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,11 @@ def evaluation_result(
     spec: EvaluationSpec,
     teacher_path: str | None = None,
     code: str | None = None,
+    teacher_forced: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Held-out metrics of one model (NLL, ppl, token accuracy, ECE, ROUGE-L, ...), cached per model and spec."""
+    """Held-out metrics of one model (NLL, ppl, token accuracy, ECE, ROUGE-L, ...), cached per model and spec.
+    ``teacher_forced``: the model's teacher-forced pass over these records, kept from scoring it after
+    training; reused when its settings equal the spec's (the figures are the same)."""
     provenance = {
         "model": model_identity(str(model_path)),
         "heldout": corpus.heldout.fingerprint,
@@ -62,7 +65,9 @@ def evaluation_result(
         if spec.reverse_kl_limit:
             teacher = freeze(load_causal_lm(teacher_path))
             corpus.check_model_vocabulary(teacher, str(teacher_path), "teacher")
-        metrics = evaluate_model(model, corpus.tokenizer, corpus.heldout, spec, teacher=teacher)
+        metrics = evaluate_model(
+            model, corpus.tokenizer, corpus.heldout, spec, teacher=teacher, teacher_forced=teacher_forced
+        )
         result = {"name": name, "model": str(model_path), **metrics}
         require_finite(result, f"model {model_path}", "not cached; check the model's weights")
         return result

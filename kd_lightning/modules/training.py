@@ -104,7 +104,11 @@ def train_student(
             trained.save_companions(tmp)  # models trained beside the student (GAD's discriminator)
             atomic_json(tmp / TRAINING_RECORD, training)
         fault_point("distill:student-saved")
-        result = finish_student(folder, corpus, name, trained.student, trainer, measure_heldout)
+        scored = trained.student
+        if hasattr(scored, "save_pretrained"):  # scored as saved, as anyone who loads it sees it (an
+            # attention kernel switched for training is not saved): so an evaluation can reuse the pass
+            scored = load_causal_lm(folder / "student").to(next(scored.parameters()).device)
+        result = finish_student(folder, corpus, name, scored, trainer, measure_heldout)
         # the checkpoints only resume an unfinished training (1.6 GB for SmolLM2 with AdamW's state): a
         # finished student keeps student/ and result.json
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -178,8 +182,10 @@ def student_metrics(
     """``nll``/``ppl``/``tokens`` on the held-out split (if asked) and ``val_*`` on the validation split (if
     asked and the corpus has one); a non-finite one is refused, so a diverged student is never cached."""
     metrics: dict[str, Any] = {}
-    if measure_heldout:
-        metrics.update(heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}"))
+    if measure_heldout:  # the whole pass is kept: an evaluation of the student on these records reuses it
+        metrics.update(
+            heldout_nll(student, corpus.heldout, corpus.pad_id, desc=f"eval {name}", keep_pass=True)
+        )
     if measure_validation and corpus.validation is not None:
         found = heldout_nll(student, corpus.validation, corpus.pad_id, desc=f"validate {name}")
         metrics.update({f"val_{key}": value for key, value in found.items()})

@@ -133,7 +133,8 @@ def run_pipeline(
         run = started_run(variant, trained)
         if not variant.report:  # trained for others to start from
             run = replace(run, measure_heldout=False)
-        row = run_distill(variant.context(ctx), run)
+        row = dict(run_distill(variant.context(ctx), run))
+        scored = row.pop("teacher_forced", None)  # its held-out pass after training: the evaluation reuses it
         folder = Path(row["folder"]) / "student"
         trained[(variant.name, variant.seed)] = str(folder)
         if not variant.report:
@@ -144,7 +145,14 @@ def run_pipeline(
         if spec is not None:  # cached per student, held-out set and spec
             for set_name, corpus in sets.items():
                 result = evaluation_result(
-                    ctx.workspace, corpus, row["name"], folder, spec, ctx.teacher_path, ctx.code.get("eval")
+                    ctx.workspace,
+                    corpus,
+                    row["name"],
+                    folder,
+                    spec,
+                    ctx.teacher_path,
+                    ctx.code.get("eval"),
+                    teacher_forced=scored if set_name == OWN_HELDOUT else None,
                 )
                 figures = {k: v for k, v in result.items() if k not in ("name", "model", "per_record")}
                 if set_name == OWN_HELDOUT:
