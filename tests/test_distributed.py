@@ -198,21 +198,23 @@ def test_gkd_under_two_process_ddp_samples_per_rank_and_matches_one_process_on_t
         before = [after[0], after[1], flat(one["steps"][s]["student"])]
 
 
-GAD_WORKER = Path(__file__).parent / "scripts" / "ddp_gad_worker.py"
+ROLLOUT_WORKER = Path(__file__).parent / "scripts" / "ddp_rollout_worker.py"
 
 
 @pytest.mark.slow
-def test_gad_under_two_process_ddp_keeps_both_models_in_step_and_matches_one_process_on_the_same_rollouts(
-    tiny_dir, tmp_path
+@pytest.mark.parametrize("kind", ["gad", "minillm"])
+def test_a_rollout_module_under_two_process_ddp_keeps_its_models_in_step_and_matches_one_process_on_the_same_rollouts(
+    kind, tiny_dir, tmp_path
 ):
-    """GAD, 2 ranks × 2 prompts × G = 2 answers, one warm-up step then adversarial ones: each rank samples
-    its own answers, both models stay identical across the ranks after every step, and one process trained on
-    the union of the ranks' rollouts takes the same steps (the policy's token mean weighs every answer token
-    alike across ranks of unequal token counts; D's pairs likewise)."""
+    """GAD (2 ranks × 2 prompts × G = 2 answers, one warm-up step then adversarial ones) and MiniLLM (2 ranks × 2
+    prompts, whitened advantages, the pre-training term on): each rank samples its own answers, the models stay
+    identical across the ranks after every step, and one process trained on the union of the ranks' rollouts
+    takes the same steps (token means weigh every answer token, text token and pair alike across ranks of
+    unequal counts; MiniLLM whitens by the global batch's statistics)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
     def run(out: Path, *mode) -> None:
-        command = [sys.executable, str(GAD_WORKER), str(tiny_dir), str(out), *map(str, mode)]
+        command = [sys.executable, str(ROLLOUT_WORKER), kind, str(tiny_dir), str(out), *map(str, mode)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-4000:]
 
@@ -223,21 +225,25 @@ def test_gad_under_two_process_ddp_keeps_both_models_in_step_and_matches_one_pro
     assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
     steps = len(one["steps"])
     assert steps == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 4
-    tokens = [[int(r["steps"][s]["rollout"]["response_mask"].sum()) for r in ranks] for s in range(1, steps)]
-    assert any(a != b for a, b in tokens), f"adversarial steps should see unequal token counts: {tokens}"
+    first = 1 if kind == "gad" else 0  # GAD's first step is its discriminator's warm-up
+    tokens = [
+        [int(r["steps"][s]["rollout"]["response_mask"].sum()) for r in ranks] for s in range(first, steps)
+    ]
+    assert any(a != b for a, b in tokens), f"the steps should see unequal token counts: {tokens}"
     assert all(ranks[0]["steps"][s]["seed"] != ranks[1]["steps"][s]["seed"] for s in range(steps))
 
     def flat(state: dict[str, torch.Tensor], model: str) -> torch.Tensor:
         return torch.cat([state[k].double().flatten() for k in sorted(state) if k.startswith(model)])
 
-    for model, tolerance in (("student.", 1e-4), ("discriminator.", 2e-3)):
+    models = (("student.", 1e-4), ("discriminator.", 2e-3)) if kind == "gad" else (("student.", 1e-4),)
+    for model, tolerance in models:
         before = [flat(r["initial"], model) for r in (*ranks, one)]
         assert torch.equal(before[0], before[1]) and torch.equal(before[0], before[2])
         for s in range(steps):
             after = [flat(r["steps"][s]["state"], model) for r in (*ranks, one)]
             assert torch.equal(after[0], after[1]), f"step {s}: the ranks' {model} differ"
             ddp_update, one_update = after[0] - before[0], after[2] - before[2]
-            if model == "student." and s == 0:  # the warm-up step trains D only
+            if kind == "gad" and model == "student." and s == 0:  # the warm-up step trains D only
                 assert float(one_update.norm()) == 0.0 and float(ddp_update.norm()) == 0.0
             else:
                 assert float(one_update.norm()) > 0

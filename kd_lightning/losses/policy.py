@@ -19,6 +19,7 @@ Sampling from p̃ instead of q is corrected per token by ``w_t = q(y_t) / p̃(y_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -129,12 +130,21 @@ def future_returns(
     return returns * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero-mean, unit-variance over the masked entries (the reference code whitens advantages)."""
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Zero-mean, unit-variance over the masked entries (the reference code whitens advantages).
+
+    ``total`` sums a statistic over the ranks of a distributed run (None: this process's entries are all), so
+    that every rank whitens by the global batch's mean and variance, as one process would."""
+    total = total if total is not None else (lambda t: t)
     mask = mask.bool()
-    count = mask.sum().clamp_min(1)
-    mean = torch.where(mask, values, torch.zeros_like(values)).sum() / count
-    var = torch.where(mask, (values - mean) ** 2, torch.zeros_like(values)).sum() / count
+    zeros = torch.zeros_like(values)
+    count = total(mask.sum().to(values.dtype)).clamp_min(1)
+    mean = total(torch.where(mask, values, zeros).sum()) / count
+    var = total(torch.where(mask, (values - mean) ** 2, zeros).sum()) / count
     return torch.where(mask, (values - mean) * torch.rsqrt(var + 1e-8), torch.zeros_like(values))
 
 

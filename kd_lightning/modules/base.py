@@ -214,6 +214,13 @@ class StudentModule(LightningModule):
         total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
         return tokens.detach() * world / total
 
+    def rank_total(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks (itself on one process): a statistic of the global batch, e.g. the
+        mean and variance MiniLLM whitens its advantages by."""
+        if self.trainer_world_size() == 1:
+            return value
+        return self.all_gather(value.detach()).sum(0)
+
     def trainer_world_size(self) -> int:
         trainer = self._trainer
         return int(trainer.world_size) if trainer is not None else 1
@@ -313,6 +320,12 @@ class StudentModule(LightningModule):
         """The seed of random ``stream`` at this step: ``seed · 1_000_003 + step · m + c`` (see SEED_STREAMS)."""
         multiplier, offset = SEED_STREAMS[stream]
         return self.seed * 1_000_003 + int(self.global_step) * multiplier + offset
+
+    def rank_seed(self, stream: str) -> int:
+        """The step's seed of ``stream`` on this rank: ranks sample for different prompts, so their draws must
+        differ; rank 0's is the step's own (one process draws as it always did)."""
+        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
+        return self.step_seed(stream) + 7_919 * rank
 
     @contextmanager
     def timed(self, phase: str, batch_size: int) -> Iterator[None]:

@@ -163,8 +163,7 @@ class GADModule(StudentModule):
             raise ValueError(
                 "recipe=gad compares whole teacher answers with the student's: set datamodule.packing=false"
             )
-        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
-        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("rollout") + 7_919 * rank)
+        generator = torch.Generator(device=self.device).manual_seed(self.rank_seed("rollout"))
         prompts = [prompt for prompt in prompts_from_batch(batch) for _ in range(group)]
         return sample_rollouts(
             self.student,

@@ -168,8 +168,9 @@ class MiniLLMModule(StudentModule):
         ]
 
     def rollout(self, batch: TextBatch, keep_teacher_logits: bool = True) -> Rollout:
-        """Sample one response per prompt from the teacher-mixed policy (seeded by the step: resumable)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.step_seed("rollout"))
+        """Sample one response per prompt from the teacher-mixed policy (seeded by the step and the rank:
+        resumable, and each rank draws its own)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.rank_seed("rollout"))
         return sample_rollouts(
             self.student,
             prompts_from_batch(batch),
@@ -192,8 +193,8 @@ class MiniLLMModule(StudentModule):
         returns = P.future_returns(
             rewards, mask, self.discount, self.length_normalize, include_current=self.include_current_reward
         )
-        if self.whiten_advantages:
-            returns = P.whiten(returns, mask)
+        if self.whiten_advantages:  # by the global batch's statistics under DDP
+            returns = P.whiten(returns, mask, self.rank_total)
         weights = P.importance_weights(
             rollout.student_logprobs, rollout.sampling_logprobs, mask, self.importance_weight_max
         )
@@ -238,7 +239,15 @@ class MiniLLMModule(StudentModule):
             )
 
     def policy_updates(self, batch: TextBatch, rollout: Rollout, scored, optimizer, scheduler):
-        """``ppo_epochs`` optimizer updates on one scored rollout; the last update's losses."""
+        """``ppo_epochs`` optimizer updates on one scored rollout; the last update's losses.
+
+        Under DDP each rank's token means weigh by its share of the tokens (answer tokens for the policy
+        terms, text tokens for the pre-training term), so the ranks' average gradient is the global batch's
+        (exact with answers of unequal length)."""
+        answer_share = self.rank_token_scale(rollout.response_mask.sum().float())
+        text_share = (
+            self.rank_token_scale(batch.target_mask.sum().float()) if self.pt_loss_weight > 0 else 1.0
+        )
         for _ in range(self.ppo_epochs):
             losses = self.policy_losses(rollout, scored)
             pt = (
@@ -252,7 +261,14 @@ class MiniLLMModule(StudentModule):
                 + self.pt_loss_weight * pt
             )
             optimizer.zero_grad()
-            self.manual_backward(total)
+            self.manual_backward(
+                (
+                    self.single_step_weight * losses["single_step"]
+                    + self.long_term_weight * losses["long_term"]
+                )
+                * answer_share
+                + self.pt_loss_weight * pt * text_share
+            )
             if self.max_grad_norm is not None:
                 self.clip_gradients(
                     optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"

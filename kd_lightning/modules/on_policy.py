@@ -187,9 +187,8 @@ class OnPolicyDistillModule(OnlineTeacherDistillModule):
         """The seed of this micro-batch's rollouts: the step's, distinct per rank and per accumulated
         micro-batch (their prompts differ, and so must their draws); the step's own on one process."""
         trainer = self._trainer
-        rank = int(trainer.global_rank) if trainer is not None else 0
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
-        return self.step_seed("student_samples") + 7_919 * rank + 104_729 * (batch_idx % accumulate)
+        return self.rank_seed("student_samples") + 104_729 * (batch_idx % accumulate)
 
     def student_samples(self, batch: TextBatch, batch_idx: int = 0) -> TextBatch:
         """Fresh student responses to the batch's prompts, as a batch (and pushed to the replay buffer)."""
