@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 from kd_lightning.atomic import atomic_json
 from kd_lightning.distributed import ProcessGroup, process_group
 from kd_lightning.environment import env_setting
+from kd_lightning.memory import release_freed_memory
 from kd_lightning.models.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class Workspace:
         self, kind: str, path: Path, build: Callable[[Path], T], size_hint: Callable[[], float] | None
     ) -> T:
         record_build_event(path, "build", kind=kind)
+        started = time.perf_counter()
         try:
             return build(path)
         except OSError as err:
@@ -197,7 +199,14 @@ class Workspace:
                 f"failed{needs}{free}; free space there or point KDL_ARTIFACTS at a folder on a disk with "
                 "room, then rerun the same command (finished artifacts and shards are kept)"
             ) from None
+        finally:
+            if time.perf_counter() - started > RELEASE_AFTER_SECONDS:
+                release_freed_memory()  # what the build held (a model, its optimizer) goes back to the system
 
+
+RELEASE_AFTER_SECONDS = 2.0
+"""A build that ran longer than this may have held large tensors: its freed heap is handed back after it
+(:func:`~kd_lightning.memory.release_freed_memory`); quicker builds (a result file) skip the collection."""
 
 _LOCKS: dict[str, FileLock] = {}  # one instance per path, so a process can re-enter its own lock
 
