@@ -33,6 +33,7 @@ LAYERS = {
     "distributed": 2,
     "environment": 1,
     "atomic": 1,
+    "memory": 1,
     "assets": 5,
 }
 """Top-level part of kd_lightning → layer. A module imports its own layer or lower, never higher."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: token_text_ids serves the served-teacher client, which loads no torch
     from torch import nn
@@ -74,3 +74,11 @@ def token_text_ids(tokenizer: PreTrainedTokenizerBase, skip_special: bool = Fals
 def vocab_size_of(model: nn.Module) -> int:
     """The number of logits the model emits (``config.vocab_size``, not ``len(tokenizer)``)."""
     return int(model.config.vocab_size)
+
+
+def trim_teacher_padding(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> None:
+    """Trim a teacher's padded vocabulary rows to the student's width when both cover the tokenizer's ids."""
+    s_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
+    t_vocab = int(getattr(getattr(teacher, "config", None), "vocab_size", 0) or 0)
+    if tokenizer is not None and t_vocab > s_vocab >= len(tokenizer) > 0:
+        trim_padded_vocabulary(teacher, s_vocab)

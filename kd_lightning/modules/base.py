@@ -35,7 +35,8 @@ from kd_lightning.evaluation.reverse_kl import sampled_reverse_kl
 from kd_lightning.losses.functional import IGNORE_INDEX, token_cross_entropy
 from kd_lightning.models.forward import shard_frozen_model, target_position_logits
 from kd_lightning.models.loading import freeze
-from kd_lightning.models.vocabulary import check_same_vocabulary, trim_padded_vocabulary
+from kd_lightning.models.vocabulary import check_same_vocabulary, trim_teacher_padding
+from kd_lightning.modules.ranks import RankShares
 from kd_lightning.rollout import prompts_from_batch
 from kd_lightning.teachers.rows import gives_rows
 
@@ -49,7 +50,7 @@ SEED_STREAMS: dict[str, tuple[int, int]] = {
 streams of the releases whose figures the README reports."""
 
 
-class StudentModule(LightningModule):
+class StudentModule(RankShares, LightningModule):
     """Base of every student-training module.
 
     Args:
@@ -203,28 +204,6 @@ class StudentModule(LightningModule):
         name = type(self.trainer.strategy).__name__
         return name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
-    def rank_token_scale(self, tokens: torch.Tensor) -> torch.Tensor | float:
-        """Weight of this rank's mean over its ``tokens`` (target tokens, pairs) so that the mean over ranks
-        (DDP's gradient average, ``sync_dist``) is the mean over every rank's: ``W · n_r / Σ n`` (1 on a single
-        process). DistillModule weights its logged figures by it (its gradient: :meth:`token_sum`); GAD its
-        losses, whose several backward passes per step DDP averages one by one."""
-        world = self.trainer_world_size()
-        if world == 1:
-            return 1.0
-        total = self.all_gather(tokens.detach()).sum().clamp_min(1.0)
-        return tokens.detach() * world / total
-
-    def rank_total(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` summed over the ranks (itself on one process): a statistic of the global batch, e.g. the
-        mean and variance MiniLLM whitens its advantages by."""
-        if self.trainer_world_size() == 1:
-            return value
-        return self.all_gather(value.detach()).sum(0)
-
-    def trainer_world_size(self) -> int:
-        trainer = self._trainer
-        return int(trainer.world_size) if trainer is not None else 1
-
     def clip_gradients(
         self,
         optimizer: torch.optim.Optimizer,
@@ -321,12 +300,6 @@ class StudentModule(LightningModule):
         multiplier, offset = SEED_STREAMS[stream]
         return self.seed * 1_000_003 + int(self.global_step) * multiplier + offset
 
-    def rank_seed(self, stream: str) -> int:
-        """The step's seed of ``stream`` on this rank: ranks sample for different prompts, so their draws must
-        differ; rank 0's is the step's own (one process draws as it always did)."""
-        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
-        return self.step_seed(stream) + 7_919 * rank
-
     @contextmanager
     def timed(self, phase: str, batch_size: int) -> Iterator[None]:
         """Time a phase of the training step: kept in ``step_seconds`` and logged as ``time/<phase>``."""
@@ -395,14 +368,6 @@ class StudentModule(LightningModule):
             self.log(
                 "val/reverse_kl", sum(kl * n for kl, n in self._val_rkl) / max(tokens, 1.0), prog_bar=True
             )
-
-
-def trim_teacher_padding(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> None:
-    """Trim a teacher's padded vocabulary rows to the student's width when both cover the tokenizer's ids."""
-    s_vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
-    t_vocab = int(getattr(getattr(teacher, "config", None), "vocab_size", 0) or 0)
-    if tokenizer is not None and t_vocab > s_vocab >= len(tokenizer) > 0:
-        trim_padded_vocabulary(teacher, s_vocab)
 
 
 def module_class(factory: Callable[..., Any]) -> type[StudentModule]:
