@@ -13,7 +13,7 @@ from kd_lightning.artifacts import Workspace
 from kd_lightning.data.corpus import CorpusSpec, build_corpus
 from kd_lightning.evaluation.mixture import implied_mixture, nominal_lambda
 from kd_lightning.losses import ForwardKL, HardCrossEntropy
-from kd_lightning.stages.compare import Variant
+from kd_lightning.stages.compare import Variant, run_pipeline
 from kd_lightning.stages.search import SearchSpec, with_starting_points
 from tests.helpers.cli import artifacts, build_counts, kdl
 
@@ -134,6 +134,18 @@ def test_a_final_that_starts_from_another_brings_its_starting_point_along():
     ]
     assert with_starting_points(["coupled", "gad"], candidates) == ["coupled", "sft", "warm", "gad"]
     assert with_starting_points(["sft", "gad"], candidates) == ["sft", "warm", "gad"]
+
+
+def test_report_must_be_a_boolean_and_compare_to_a_reported_variant(kdl_env):
+    done = kdl(
+        "pipeline", "experiment=tiny", "+variants.x.loss=[hard_ce]", "+variants.x.report=no",
+        env_dir=kdl_env, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "variants.x.report must be true or false, got 'no'" in done.stderr
+    assert "Traceback" not in done.stderr and not artifacts(kdl_env, "distill")  # refused before training
+    warm_only = [Variant("sft", None, None), Variant("warm", None, "sft", report=False)]
+    with pytest.raises(ValueError, match="compare_to='warm' names a variant with report: false"):
+        run_pipeline(None, warm_only, compare_to="warm")
 
 
 def test_variant_overrides_name_real_settings(kdl_env):

@@ -97,6 +97,16 @@ def with_seeds(cfg: DictConfig, seeds: list[int], names: list[str] | None = None
     return copy
 
 
+def report_flag(name: str, value: Any) -> bool:
+    """A variant's ``report``: a boolean (a string such as "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"variants.{name}.report must be true or false, got {value!r}: "
+            "report: false trains the variant only for others to start from"
+        )
+    return value
+
+
 def variants(cfg: DictConfig) -> list[Variant]:
     """``cfg.variants`` as Variants: each a list of loss terms, or ``{loss, module, init_from, trainer,
     optimizer, overrides, proxy, alignment, store_format, teacher_targets, seeds, family, report}``, once per seed of
@@ -174,7 +184,7 @@ def variants(cfg: DictConfig) -> list[Variant]:
                     alignment,
                     variant_stores(seeded, local),
                     family=spec.get("family"),
-                    report=bool(spec.get("report", True)),
+                    report=report_flag(name, spec.get("report", True)),
                 )
             )
     return found

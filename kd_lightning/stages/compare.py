@@ -118,6 +118,11 @@ def run_pipeline(
     names = {v.name for v in variants}
     if compare_to is not None and compare_to not in names:
         raise KeyError(f"compare_to={compare_to!r} is not one of the variants ({sorted(names)})")
+    if compare_to is not None and not any(v.report for v in variants if v.name == compare_to):
+        raise ValueError(
+            f"compare_to={compare_to!r} names a variant with report: false (trained only for others to start "
+            "from, never scored): compare to a reported variant"
+        )
     if (evaluation_sets or compare_to) and spec is None:
         raise ValueError("evaluation_sets and compare_to score students: add evaluate_students=true")
     rows = proxy_table(ctx, variants)
