@@ -16,25 +16,16 @@ from kd_lightning.data.datamodule import EpochBatchSampler
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 
 
-def run_worker(tiny_dir, out, strategy, devices, batch_size, *extra):
+def run_script(script: Path, *arguments) -> None:
+    """A worker script in its own process (one thread per rank); its stderr's tail on failure."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(WORKER),
-            str(tiny_dir),
-            str(out),
-            strategy,
-            str(devices),
-            str(batch_size),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    command = [sys.executable, str(script), *map(str, arguments)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def run_worker(tiny_dir, out, strategy, devices, batch_size, *extra):
+    run_script(WORKER, tiny_dir, out, strategy, devices, batch_size, *extra)
     return torch.load(out, weights_only=True)
 
 
@@ -151,15 +142,9 @@ def test_pipeline_under_a_multi_process_trainer_is_refused(kdl_env):
 GKD_WORKER = Path(__file__).parent / "scripts" / "ddp_gkd_worker.py"
 
 
-def run_gkd_worker(tiny_dir, out, *mode):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(GKD_WORKER), str(tiny_dir), str(out), *map(str, mode)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
-def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([state[k].double().flatten() for k in sorted(state)])
+def flat(state: dict[str, torch.Tensor], model: str = "student.") -> torch.Tensor:
+    """One float64 vector of the parameters (and buffers) under ``model``."""
+    return torch.cat([state[k].double().flatten() for k in sorted(state) if k.startswith(model)])
 
 
 @pytest.mark.slow
@@ -169,9 +154,11 @@ def test_gkd_under_two_process_ddp_samples_per_rank_and_matches_one_process_on_t
     """Fully on-policy GKD, 2 ranks × 2 prompts: each rank samples its own rollouts (its own seed), the
     ranks' students stay identical after every step, and one process trained on the union of the ranks'
     rollouts (every generated token weighted alike, answers of unequal length) takes the same steps."""
-    run_gkd_worker(tiny_dir, tmp_path / "ddp", "ddp")
+    run_script(GKD_WORKER, tiny_dir, tmp_path / "ddp", "ddp")
     ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=True) for r in (0, 1)]
-    run_gkd_worker(tiny_dir, tmp_path / "one", "replay", tmp_path / "ddp.rank0.pt", tmp_path / "ddp.rank1.pt")
+    run_script(
+        GKD_WORKER, tiny_dir, tmp_path / "one", "replay", tmp_path / "ddp.rank0.pt", tmp_path / "ddp.rank1.pt"
+    )
     one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
     assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
     steps = len(one["steps"])
@@ -185,17 +172,19 @@ def test_gkd_under_two_process_ddp_samples_per_rank_and_matches_one_process_on_t
     before = [flat(r["initial"]) for r in ranks] + [flat(one["initial"])]
     assert torch.equal(before[0], before[1]) and torch.equal(before[0], before[2])
     for s in range(steps):
-        after = [flat(r["steps"][s]["student"]) for r in ranks]
+        after = [flat(r["steps"][s]["state"]) for r in ranks]
         assert torch.equal(after[0], after[1]), f"step {s}: the ranks' students differ"
-        ddp_update, one_update = after[0] - before[0], flat(one["steps"][s]["student"]) - before[2]
+        ddp_update, one_update = after[0] - before[0], flat(one["steps"][s]["state"]) - before[2]
         assert float(one_update.norm()) > 0
         cosine = torch.nn.functional.cosine_similarity(ddp_update, one_update, dim=0)
         assert float(cosine) > 0.99999, f"step {s}: update cosine {float(cosine)}"
         assert float((ddp_update - one_update).norm() / one_update.norm()) < 1e-4
-        ddp_loss, one_loss = ranks[0]["steps"][s]["loss"], one["steps"][s]["loss"]
-        assert ranks[1]["steps"][s]["loss"] == ddp_loss  # the logged loss is the global batch's
+        ddp_loss, one_loss = (r["steps"][s]["logged"]["train/loss"] for r in (ranks[0], one))
+        assert (
+            ranks[1]["steps"][s]["logged"]["train/loss"] == ddp_loss
+        )  # the logged loss is the global batch's
         assert abs(ddp_loss - one_loss) <= 1e-5 * abs(one_loss), f"step {s}: loss {ddp_loss} vs {one_loss}"
-        before = [after[0], after[1], flat(one["steps"][s]["student"])]
+        before = [after[0], after[1], flat(one["steps"][s]["state"])]
 
 
 ROLLOUT_WORKER = Path(__file__).parent / "scripts" / "ddp_rollout_worker.py"
@@ -211,16 +200,17 @@ def test_a_rollout_module_under_two_process_ddp_keeps_its_models_in_step_and_mat
     identical across the ranks after every step, and one process trained on the union of the ranks' rollouts
     takes the same steps (token means weigh every answer token, text token and pair alike across ranks of
     unequal counts; MiniLLM whitens by the global batch's statistics)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-    def run(out: Path, *mode) -> None:
-        command = [sys.executable, str(ROLLOUT_WORKER), kind, str(tiny_dir), str(out), *map(str, mode)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stderr[-4000:]
-
-    run(tmp_path / "ddp", "ddp")
+    run_script(ROLLOUT_WORKER, kind, tiny_dir, tmp_path / "ddp", "ddp")
     ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=True) for r in (0, 1)]
-    run(tmp_path / "one", "replay", tmp_path / "ddp.rank0.pt", tmp_path / "ddp.rank1.pt")
+    run_script(
+        ROLLOUT_WORKER,
+        kind,
+        tiny_dir,
+        tmp_path / "one",
+        "replay",
+        tmp_path / "ddp.rank0.pt",
+        tmp_path / "ddp.rank1.pt",
+    )
     one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
     assert [r["world"] for r in ranks] == [2, 2] and one["world"] == 1
     steps = len(one["steps"])
@@ -231,9 +221,6 @@ def test_a_rollout_module_under_two_process_ddp_keeps_its_models_in_step_and_mat
     ]
     assert any(a != b for a, b in tokens), f"the steps should see unequal token counts: {tokens}"
     assert all(ranks[0]["steps"][s]["seed"] != ranks[1]["steps"][s]["seed"] for s in range(steps))
-
-    def flat(state: dict[str, torch.Tensor], model: str) -> torch.Tensor:
-        return torch.cat([state[k].double().flatten() for k in sorted(state) if k.startswith(model)])
 
     models = (("student.", 1e-4), ("discriminator.", 2e-3)) if kind == "gad" else (("student.", 1e-4),)
     for model, tolerance in models:

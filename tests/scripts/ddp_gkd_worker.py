@@ -6,46 +6,24 @@ Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-ex
     python tests/scripts/ddp_gkd_worker.py TINY_DIR OUT replay RANK0.pt RANK1.pt
 
 ``ddp`` records, per rank and step, the rollout seed, the sampled batch, the step's (global) loss and the
-student's parameters after the step (and before the first). ``replay`` trains one process whose step ``s`` is the union of both
+module's state after the step (and before the first). ``replay`` trains one process whose step ``s`` is the union of both
 ranks' step-``s`` rollouts (right-padded into one batch, so every row keeps its positions), sampling nothing.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-from lightning import Callback, Trainer
+from worker_common import StepRecord, quiet_trainer, save_rank, tiny_corpus
 
 from kd_lightning.data.batch import IGNORE_INDEX, TextBatch
 from kd_lightning.data.datamodule import TeacherTextDataModule
-from kd_lightning.data.records import read_jsonl
-from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import GeneralizedJSD
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules.on_policy import FixedStudentData, OnPolicyDistillModule
 
 STEPS = 3
-
-
-class Record(Callback):
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-        self.initial: dict[str, torch.Tensor] = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.initial = {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append(
-            {
-                "seed": pl_module.last_rollout_seed,
-                "rollout": pl_module.last_rollout,
-                "loss": float(trainer.callback_metrics["train/loss"]),
-                "student": {k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
-            }
-        )
 
 
 class RecordingGKD(OnPolicyDistillModule):
@@ -84,7 +62,7 @@ def main() -> None:
     tiny_dir, out, mode = sys.argv[1:4]
     torch.use_deterministic_algorithms(True)
     tok = load_tokenizer(tiny_dir)
-    corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:16], tok, 96)
+    corpus = tiny_corpus(tiny_dir, tok, 16)
     # the teacher, perturbed: a student that ends its answers (EOS) after unequal lengths, unlike the teacher
     student = load_causal_lm(tiny_dir)
     noise = torch.Generator().manual_seed(1)
@@ -109,26 +87,10 @@ def main() -> None:
             for s in range(STEPS)
         ]
     data = TeacherTextDataModule(batch_size=batch_size, shuffle_seed=0).connect(tok.pad_token_id, corpus)
-    record = Record()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
+    record = StepRecord(["train/loss"])
+    trainer = quiet_trainer(devices=devices, strategy=strategy, max_steps=STEPS, callbacks=[record])
     trainer.fit(module, datamodule=data)
-    torch.save(
-        {"initial": record.initial, "steps": record.steps, "world": trainer.world_size},
-        f"{out}.rank{trainer.global_rank}.pt",
-    )
+    save_rank(trainer, out, record, STEPS)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 import torch
-from lightning import Callback, Trainer
+from worker_common import StepRecord, quiet_trainer, save_rank, tiny_corpus
 
 from kd_lightning.data.datamodule import TeacherTextDataModule
-from kd_lightning.data.records import read_jsonl
-from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
 from kd_lightning.modules import gad as gad_module
 from kd_lightning.modules import minillm as minillm_module
@@ -39,26 +36,6 @@ LOGGED = (
     "train/pair_accuracy",
     "train/loss",
 )
-
-
-class Record(Callback):
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-        self.initial: dict[str, torch.Tensor] = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = trainer.callback_metrics
-        self.steps.append(
-            {
-                "seed": pl_module.last_rollout_seed,
-                "rollout": pl_module.last_rollout,
-                "logged": {k: float(metrics[k]) for k in LOGGED if k in metrics},
-                "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-            }
-        )
 
 
 DRAWN: list[int] = []
@@ -171,7 +148,6 @@ def main() -> None:
     kind, tiny_dir, out, mode = sys.argv[1:5]
     torch.use_deterministic_algorithms(True)
     tok = load_tokenizer(tiny_dir)
-    corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:16], tok, 96)
     module, updates = build(kind, tiny_dir, tok)
     devices, strategy, batch_size = (
         (2, "ddp_find_unused_parameters_true", 2) if mode == "ddp" else (1, "auto", 4)
@@ -181,28 +157,13 @@ def main() -> None:
         module.replayed = [
             union([r["steps"][s]["rollout"] for r in ranks], tok.pad_token_id) for s in range(STEPS)
         ]
-    data = TeacherTextDataModule(batch_size=batch_size, shuffle_seed=0).connect(tok.pad_token_id, corpus)
-    record = Record()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=updates,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[record],
+    data = TeacherTextDataModule(batch_size=batch_size, shuffle_seed=0).connect(
+        tok.pad_token_id, tiny_corpus(tiny_dir, tok, 16)
     )
+    record = StepRecord(LOGGED)
+    trainer = quiet_trainer(devices=devices, strategy=strategy, max_steps=updates, callbacks=[record])
     trainer.fit(module, datamodule=data)
-    record.steps = record.steps[:STEPS]
-    torch.save(
-        {"initial": record.initial, "steps": record.steps, "world": trainer.world_size},
-        f"{out}.rank{trainer.global_rank}.pt",
-    )
+    save_rank(trainer, out, record, STEPS)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-ex
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback
+from worker_common import quiet_trainer, tiny_corpus
 
 from kd_lightning.data.datamodule import TeacherTextDataModule
-from kd_lightning.data.records import read_jsonl
-from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses import ForwardKL, HardCrossEntropy
 from kd_lightning.models.builders import tiny_llama
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
@@ -36,7 +34,7 @@ def main() -> None:
     accumulate = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     torch.use_deterministic_algorithms(True)
     tok = load_tokenizer(tiny_dir)
-    corpus = tokenize_records(read_jsonl(Path(tiny_dir) / "corpus.jsonl")[:22], tok, 96)
+    corpus = tiny_corpus(tiny_dir, tok, 22)
     student = tiny_llama(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
     module = OnlineTeacherDistillModule(
         student,
@@ -47,18 +45,12 @@ def main() -> None:
     )
     data = TeacherTextDataModule(batch_size=int(batch_size), shuffle_seed=0).connect(tok.pad_token_id, corpus)
     record = RecordLoss()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=int(devices),
         strategy=strategy,
         max_steps=3,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
         callbacks=[record],
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
