@@ -12,13 +12,15 @@ import pytest
 import torch
 from lightning import Callback, Trainer
 
+from kd_lightning.data.batch import IGNORE_INDEX, TextBatch
 from kd_lightning.data.datamodule import TeacherTextDataModule
 from kd_lightning.data.records import read_jsonl
 from kd_lightning.data.tokenized import tokenize_records
 from kd_lightning.losses.adversarial import bradley_terry_loss, group_advantages, k3_kl, pair_accuracy
 from kd_lightning.models.discriminator import SequenceScorer
 from kd_lightning.models.loading import load_causal_lm, load_tokenizer
-from kd_lightning.modules.gad import GADModule
+from kd_lightning.modules.gad import GADModule, teacher_answers_within
+from kd_lightning.rollout import prompts_from_batch
 from tests.helpers.cli import artifacts, kdl
 
 
@@ -85,6 +87,40 @@ def fit(module, data, steps: int, validate: bool = False) -> Metrics:
     trainer.fit(module, datamodule=data)
     module.final_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics
+
+
+def test_the_teachers_answers_are_cut_to_the_students_budget():
+    """Row 0: prompt of 3 (its last token is the first target position), answer of 5; row 1: prompt of 2,
+    answer of 2 (within the budget: kept whole, its end token too). Right-padded with 0."""
+    ids = torch.tensor([[5, 6, 7, 11, 12, 13, 14, 15], [8, 9, 21, 22, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]])
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[0, 2:7], targets[1, 1:3] = ids[0, 3:8], ids[1, 2:4]
+    kept_ids, kept_mask = teacher_answers_within(TextBatch(ids, mask, targets), 3)
+    assert kept_ids.tolist() == [[5, 6, 7, 11, 12, 13], [8, 9, 21, 22, 0, 0]]
+    assert kept_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    whole_ids, whole_mask = teacher_answers_within(TextBatch(ids, mask, targets), 5)
+    assert torch.equal(whole_ids, ids) and torch.equal(whole_mask, mask)
+
+
+def test_the_discriminator_compares_answers_within_one_budget(tiny_dir):
+    """The teacher's answers D scores in training and validation are no longer than the student's samples
+    (max_new_tokens), though the corpus's answers are: D cannot tell them apart by length alone."""
+    module, data = tiny_gad(tiny_dir, warmup_steps=100, max_new_tokens=4)
+    scored: list[int] = []
+    score = module.discriminator.forward
+
+    def recording(input_ids, attention_mask):
+        scored.append(int(attention_mask.sum(-1).max()))
+        return score(input_ids, attention_mask)
+
+    module.discriminator.forward = recording
+    data.setup("fit")
+    longest = max(int(b.attention_mask.sum(-1).max()) for b in data.train_dataloader())
+    fit(module, data, 2, validate=True)
+    assert scored and longest > max(scored)
+    prompt_widths = [len(p) for b in data.train_dataloader() for p in prompts_from_batch(b)]
+    assert max(scored) <= max(prompt_widths) + 4
 
 
 def test_the_discriminator_learns_the_teacher_from_the_student_during_warm_up(tiny_dir):

@@ -13,7 +13,12 @@ answers against the warm generator's samples, before the adversarial stage begin
 its student (``<student>/discriminator``); a run that starts from such a student (``init_from``) continues its
 D. So the D warm-up is an artifact of its own when it is a variant of its own (``warmup_steps`` = its
 ``trainer.max_steps``: the student is not updated), cached and shared by every adversarial variant that
-starts from it (``warmup_steps: 0``), as ``experiment=blackbox_compare`` does. Logged per step:
+starts from it (``warmup_steps: 0``), as ``experiment=blackbox_compare`` does.
+
+D compares like with like: the teacher's answer is cut to the student's budget (its first ``max_new_tokens``
+tokens, its end token kept only when it ends within them), as the student's samples are. Against the full
+answer, D would tell the two apart by length alone (a 400-token answer against a 96-token sample), and the
+student's reward would be for running to the budget, not for answering like the teacher. Logged per step:
 ``train/reward`` (mean) and ``train/reward_std``, ``train/pair_accuracy`` (D's, on the step's pairs),
 ``train/answer_tokens`` (length hacking shows here), ``train/kl_to_start``; at validation
 ``val/pair_accuracy`` on held-out prompts.
@@ -30,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kd_lightning.data.batch import TextBatch
+from kd_lightning.data.batch import IGNORE_INDEX, TextBatch
 from kd_lightning.losses import policy as P
 from kd_lightning.losses.adversarial import bradley_terry_loss, group_advantages, k3_kl, pair_accuracy
 from kd_lightning.losses.functional import masked_mean
@@ -43,6 +48,24 @@ log = logging.getLogger(__name__)
 
 DISCRIMINATOR_FOLDER = "discriminator"
 """Where a GAD run saves D inside its student's folder (HF backbone + ``score_head.safetensors``)."""
+
+
+def teacher_answers_within(batch: TextBatch, max_answer_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (right-padded) teacher rows of ``batch`` cut to ``max_answer_tokens`` answer tokens after each
+    prompt: ``(input_ids, attention_mask)``, (B, W) with W the longest kept row.
+
+    The prompt ends at a row's first target position (as :func:`~kd_lightning.rollout.prompts_from_batch`
+    reads it), so a kept row is its prompt and the first ``max_answer_tokens`` tokens of its answer: what the
+    student's sample of that prompt holds at most.
+    """
+    targets = batch.target_ids != IGNORE_INDEX
+    if not bool(targets.any(-1).all()):
+        raise ValueError("a batch row has no response tokens, so its answer cannot be located")
+    keep = targets.float().argmax(-1) + 1 + max_answer_tokens  # (B,) the prompt and the kept answer
+    columns = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    mask = batch.attention_mask.bool() & (columns[None] < keep[:, None])
+    width = int((mask.long() * (columns[None] + 1)).max())
+    return batch.input_ids[:, :width], mask[:, :width].to(batch.attention_mask.dtype)
 
 
 class GADModule(StudentModule):
@@ -59,7 +82,8 @@ class GADModule(StudentModule):
             e.g. a warm-up run's; excludes ``discriminator``.
         discriminator_lr: AdamW's learning rate for D.
         group_size: G, answers sampled per prompt (≥ 2: advantages are relative to the group).
-        max_new_tokens, generation_temperature: of the sampled answers.
+        max_new_tokens, generation_temperature: of the sampled answers; D sees the teacher's answers cut to
+            ``max_new_tokens`` too (:func:`teacher_answers_within`).
         warmup_steps: the first steps train D only (the paper's discriminator warm-up).
         ppo_epochs, ppo_clip: updates per batch of samples and PPO's ε.
         kl_weight: weight of the KL to the student the run started from (0: none).
@@ -209,7 +233,7 @@ class GADModule(StudentModule):
                 for _ in range(self.ppo_epochs):
                     losses = self.policy_loss(rollout, advantages)
                     self._step(generator_optimizer, losses["policy"] * token_share)
-            teacher_scores = self.discriminator(batch.input_ids, batch.attention_mask)
+            teacher_scores = self.discriminator(*teacher_answers_within(batch, self.max_new_tokens))
             student_scores = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
             discriminator_loss = bradley_terry_loss(teacher_scores, student_scores)
             pair_share = self.rank_token_scale(
@@ -273,7 +297,7 @@ class GADModule(StudentModule):
             return
         rollout = self.sample(batch, batch_idx, 1)
         accuracy = pair_accuracy(
-            self.discriminator(batch.input_ids, batch.attention_mask),
+            self.discriminator(*teacher_answers_within(batch, self.max_new_tokens)),
             self.discriminator(rollout.input_ids, rollout.attention_mask).view(len(batch), -1),
         )
         self.log("val/pair_accuracy", accuracy, batch_size=len(batch))
