@@ -91,7 +91,7 @@ def fit(module, data, steps: int, validate: bool = False) -> Metrics:
 
 def test_the_teachers_answers_are_cut_to_the_students_budget():
     """Row 0: prompt of 3 (its last token is the first target position), answer of 5; row 1: prompt of 2,
-    answer of 2 (within the budget: kept whole, its end token too). Right-padded with 0."""
+    answer of 2 (within the budget: kept whole). Right-padded with 0."""
     ids = torch.tensor([[5, 6, 7, 11, 12, 13, 14, 15], [8, 9, 21, 22, 0, 0, 0, 0]])
     mask = torch.tensor([[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]])
     targets = torch.full_like(ids, IGNORE_INDEX)
@@ -101,6 +101,13 @@ def test_the_teachers_answers_are_cut_to_the_students_budget():
     assert kept_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     whole_ids, whole_mask = teacher_answers_within(TextBatch(ids, mask, targets), 5)
     assert torch.equal(whole_ids, ids) and torch.equal(whole_mask, mask)
+    # with an end token (13 in row 0's answer, then a template newline 14 15): kept through it, as sampling
+    # stops there; an end token inside a prompt (row 1's 8) does not end the answer
+    ended_ids, ended_mask = teacher_answers_within(TextBatch(ids, mask, targets), 5, end_token_id=13)
+    assert ended_ids.tolist() == [[5, 6, 7, 11, 12, 13], [8, 9, 21, 22, 0, 0]]
+    assert ended_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    prompt_end = teacher_answers_within(TextBatch(ids, mask, targets), 5, end_token_id=8)[1]
+    assert torch.equal(prompt_end, mask)
 
 
 def test_the_discriminator_compares_answers_within_one_budget(tiny_dir):
@@ -121,6 +128,11 @@ def test_the_discriminator_compares_answers_within_one_budget(tiny_dir):
     assert scored and longest > max(scored)
     prompt_widths = [len(p) for b in data.train_dataloader() for p in prompts_from_batch(b)]
     assert max(scored) <= max(prompt_widths) + 4
+    # the module cuts at its sampling end token (SmolLM2's answers go on "<|im_end|>", "\n"; samples stop)
+    rows = next(iter(data.train_dataloader()))
+    start = len(prompts_from_batch(rows)[0])
+    rows.input_ids[0, start + 1] = module.eos_token_id
+    assert int(module.teacher_answers(rows)[1][0].sum()) == start + 2
 
 
 def test_the_discriminator_learns_the_teacher_from_the_student_during_warm_up(tiny_dir):

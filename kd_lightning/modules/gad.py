@@ -15,8 +15,8 @@ D. So the D warm-up is an artifact of its own when it is a variant of its own (`
 ``trainer.max_steps``: the student is not updated), cached and shared by every adversarial variant that
 starts from it (``warmup_steps: 0``), as ``experiment=blackbox_compare`` does.
 
-D compares like with like: the teacher's answer is cut to the student's budget (its first ``max_new_tokens``
-tokens, its end token kept only when it ends within them), as the student's samples are. Against the full
+D compares like with like: the teacher's answer is cut as the student's samples are (its first
+``max_new_tokens`` tokens, and nothing after its end token, where sampling stops). Against the full
 answer, D would tell the two apart by length alone (a 400-token answer against a 96-token sample), and the
 student's reward would be for running to the budget, not for answering like the teacher. Logged per step:
 ``train/reward`` (mean) and ``train/reward_std``, ``train/pair_accuracy`` (D's, on the step's pairs),
@@ -50,19 +50,27 @@ DISCRIMINATOR_FOLDER = "discriminator"
 """Where a GAD run saves D inside its student's folder (HF backbone + ``score_head.safetensors``)."""
 
 
-def teacher_answers_within(batch: TextBatch, max_answer_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (right-padded) teacher rows of ``batch`` cut to ``max_answer_tokens`` answer tokens after each
-    prompt: ``(input_ids, attention_mask)``, (B, W) with W the longest kept row.
+def teacher_answers_within(
+    batch: TextBatch, max_answer_tokens: int, end_token_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (right-padded) teacher rows of ``batch`` as the student's samples of their prompts would hold
+    them: ``(input_ids, attention_mask)``, (B, W) with W the longest kept row.
 
     The prompt ends at a row's first target position (as :func:`~kd_lightning.rollout.prompts_from_batch`
-    reads it), so a kept row is its prompt and the first ``max_answer_tokens`` tokens of its answer: what the
-    student's sample of that prompt holds at most.
+    reads it); the answer is kept to its first ``max_answer_tokens`` tokens and, with ``end_token_id``, up to
+    and including its first end token (a chat template's answer goes on after it, e.g. ``<|im_end|>`` then a
+    newline, where sampling stops).
     """
     targets = batch.target_ids != IGNORE_INDEX
     if not bool(targets.any(-1).all()):
         raise ValueError("a batch row has no response tokens, so its answer cannot be located")
-    keep = targets.float().argmax(-1) + 1 + max_answer_tokens  # (B,) the prompt and the kept answer
     columns = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    answer_start = targets.float().argmax(-1) + 1  # (B,)
+    keep = answer_start + max_answer_tokens  # (B,) the prompt and the kept answer
+    if end_token_id is not None:
+        ends = (batch.input_ids == end_token_id) & (columns[None] >= answer_start[:, None])
+        first_end = torch.where(ends, columns[None], batch.input_ids.shape[1]).min(-1).values
+        keep = torch.minimum(keep, first_end + 1)
     mask = batch.attention_mask.bool() & (columns[None] < keep[:, None])
     width = int((mask.long() * (columns[None] + 1)).max())
     return batch.input_ids[:, :width], mask[:, :width].to(batch.attention_mask.dtype)
@@ -199,6 +207,10 @@ class GADModule(StudentModule):
             generator=generator,
         )
 
+    def teacher_answers(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's teacher answers as D compares them with the student's samples (cut alike)."""
+        return teacher_answers_within(batch, self.max_new_tokens, self.eos_token_id)
+
     def policy_loss(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """PPO's clipped surrogate on the rollout (advantages (B,) per answer), and the KL to the start."""
         mask = rollout.response_mask
@@ -233,7 +245,7 @@ class GADModule(StudentModule):
                 for _ in range(self.ppo_epochs):
                     losses = self.policy_loss(rollout, advantages)
                     self._step(generator_optimizer, losses["policy"] * token_share)
-            teacher_scores = self.discriminator(*teacher_answers_within(batch, self.max_new_tokens))
+            teacher_scores = self.discriminator(*self.teacher_answers(batch))
             student_scores = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
             discriminator_loss = bradley_terry_loss(teacher_scores, student_scores)
             pair_share = self.rank_token_scale(
@@ -297,7 +309,7 @@ class GADModule(StudentModule):
             return
         rollout = self.sample(batch, batch_idx, 1)
         accuracy = pair_accuracy(
-            self.discriminator(*teacher_answers_within(batch, self.max_new_tokens)),
+            self.discriminator(*self.teacher_answers(batch)),
             self.discriminator(rollout.input_ids, rollout.attention_mask).view(len(batch), -1),
         )
         self.log("val/pair_accuracy", accuracy, batch_size=len(batch))
