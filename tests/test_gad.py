@@ -135,6 +135,31 @@ def test_the_discriminator_compares_answers_within_one_budget(tiny_dir):
     assert int(module.teacher_answers(rows)[1][0].sum()) == start + 2
 
 
+def test_passes_of_fewer_prompts_give_the_steps_of_the_whole_batch(tiny_dir):
+    """prompts_per_pass bounds memory only: one warm-up step and two adversarial steps, four prompts at once or
+    one prompt's group per pass (each weighed by its share of the tokens or pairs), take the same steps."""
+    states, logged = [], []
+    for per_pass in (None, 1):
+        module, data = tiny_gad(tiny_dir, warmup_steps=1, prompts_per_pass=per_pass, max_grad_norm=None)
+        module.configure_optimizers = (  # SGD, unclipped: an update is its gradient (Adam, a clip hide a scale)
+            lambda m=module: [torch.optim.SGD(m.student.parameters(), lr=0.5),
+                              torch.optim.SGD(m.discriminator.parameters(), lr=0.5)]
+        )  # fmt: skip
+        logged.append(fit(module, data, 1 + 2 * 2).rows)
+        states.append({k: v.detach().double() for k, v in module.state_dict().items()})
+    start, _ = tiny_gad(tiny_dir)
+    for key, value in start.state_dict().items():
+        if key.startswith("discriminator.head"):
+            continue  # zero at the start: a relative difference has no scale there
+        whole, parts = states[0][key] - value.double(), states[1][key] - value.double()
+        assert float(whole.norm()) > 0, key
+        assert float((whole - parts).norm() / whole.norm()) < 1e-4, key
+    for whole, parts in zip(*logged):
+        for name in ("train/discriminator_loss", "train/policy_loss", "train/pair_accuracy"):
+            if name in whole:
+                assert parts[name] == pytest.approx(whole[name], rel=1e-4, abs=1e-6), name
+
+
 def test_the_discriminator_learns_the_teacher_from_the_student_during_warm_up(tiny_dir):
     module, data = tiny_gad(tiny_dir, warmup_steps=100)
     metrics = fit(module, data, 12, validate=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,6 +77,34 @@ def teacher_answers_within(
     return batch.input_ids[:, :width], mask[:, :width].to(batch.attention_mask.dtype)
 
 
+def rollout_rows(rollout: Rollout, rows: slice) -> Rollout:
+    """The rollout's ``rows``, without the left-padding columns none of them uses (a prompt's G answers
+    share its length, so a pass over whole groups of one prompt carries no padding)."""
+    used = rollout.attention_mask[rows].bool().any(0)
+    first = min(int(used.long().argmax()), rollout.prompt_width)
+    return replace(
+        rollout,
+        input_ids=rollout.input_ids[rows, first:],
+        attention_mask=rollout.attention_mask[rows, first:],
+        prompt_width=rollout.prompt_width - first,
+        **{
+            f.name: getattr(rollout, f.name)[rows]
+            for f in fields(Rollout)
+            if f.name not in ("input_ids", "attention_mask", "prompt_width")
+            and getattr(rollout, f.name) is not None
+        },
+    )
+
+
+def trimmed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows without the leading and trailing columns that are padding in all of them."""
+    used = attention_mask.bool().any(0).nonzero().flatten()
+    if not len(used):
+        return input_ids, attention_mask
+    keep = slice(int(used[0]), int(used[-1]) + 1)
+    return input_ids[:, keep], attention_mask[:, keep]
+
+
 class GADModule(StudentModule):
     """The student as GAD's generator, and its discriminator (see the module docstring).
 
@@ -96,6 +125,10 @@ class GADModule(StudentModule):
         ppo_epochs, ppo_clip: updates per batch of samples and PPO's ε.
         kl_weight: weight of the KL to the student the run started from (0: none).
         max_grad_norm: the gradient norm each update is clipped to (None: off).
+        prompts_per_pass: prompts whose answers (G each) go through one forward/backward pass of the student and
+            of D (None: the whole step's at once). Memory, not the result: a step's gradients are the same
+            (each pass weighs by its share of the step's answer tokens or pairs), and activations kept for the
+            backward fall by the number of passes (16 SmolLM2 answers of 512 tokens at once: about 20 GB).
     """
 
     takes_loss_terms = False  # its own objective: the stage refuses loss terms other than hard_ce
@@ -123,6 +156,7 @@ class GADModule(StudentModule):
         ppo_clip: float = 0.2,
         kl_weight: float = 0.0,
         max_grad_norm: float | None = 1.0,
+        prompts_per_pass: int | None = None,
         eval_generation_limit: int = 16,
         eval_max_new_tokens: int = 64,
         seed: int = 0,
@@ -142,7 +176,8 @@ class GADModule(StudentModule):
             raise ValueError(
                 f"module.group_size must be >= 2 (advantages are relative to the group), got {group_size}"
             )
-        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs)):
+        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs),
+                            ("prompts_per_pass", 1 if prompts_per_pass is None else prompts_per_pass)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"module.{name} must be >= 1, got {value}")
         for name, value in (("discriminator_lr", discriminator_lr), ("ppo_clip", ppo_clip),
@@ -171,6 +206,7 @@ class GADModule(StudentModule):
         self.ppo_clip = float(ppo_clip)
         self.kl_weight = float(kl_weight)
         self.max_grad_norm = max_grad_norm
+        self.prompts_per_pass = None if prompts_per_pass is None else int(prompts_per_pass)
         self.gad_steps = 0
         """Training steps done (warm-up and adversarial); ``trainer.max_steps`` counts optimizer updates of
         both models instead (a warm-up step is one, an adversarial step ``ppo_epochs + 1``)."""
@@ -211,6 +247,56 @@ class GADModule(StudentModule):
         """The batch's teacher answers as D compares them with the student's samples (cut alike)."""
         return teacher_answers_within(batch, self.max_new_tokens, self.eos_token_id)
 
+    def passes(self, prompts: int) -> list[slice]:
+        """The prompts of a step, in the groups that go through one forward/backward pass each."""
+        size = self.prompts_per_pass or prompts
+        return [slice(start, min(start + size, prompts)) for start in range(0, prompts, size)]
+
+    def policy_update(
+        self, optimizer: torch.optim.Optimizer, rollout: Rollout, advantages: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One update of the student on the rollout (rows grouped by prompt, G per prompt), pass by pass;
+        returns the step's policy loss, KL to the start and clipped share (token means over the step)."""
+        optimizer.zero_grad()
+        tokens = rollout.response_mask.sum()
+        # under DDP each rank's means weigh by its share of the tokens, so the ranks' average is the global
+        # batch's mean: exact with answers of unequal length
+        token_share = self.rank_token_scale(tokens.float())
+        found = {"policy": 0.0, "kl": 0.0, "clip_share": 0.0}
+        for prompts in self.passes(len(rollout.input_ids) // self.group_size):
+            rows = slice(prompts.start * self.group_size, prompts.stop * self.group_size)
+            part = rollout_rows(rollout, rows)
+            share = part.response_mask.sum() / tokens.clamp_min(1)  # of the step's answer tokens
+            losses = self.policy_loss(part, advantages[rows])
+            self.manual_backward(losses["policy"] * share * token_share)
+            found = {name: found[name] + share * losses[name].detach() for name in found}
+        self._clip_and_step(optimizer)
+        return found
+
+    def discriminator_update(
+        self, optimizer: torch.optim.Optimizer, batch: TextBatch, rollout: Rollout, prompts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One update of D on the step's (teacher, student) pairs, pass by pass; returns the scores it gave
+        (teacher (P,), student (P, G)) and its Bradley–Terry loss over the step."""
+        optimizer.zero_grad()
+        teacher_ids, teacher_mask = self.teacher_answers(batch)
+        pair_share = self.rank_token_scale(torch.tensor(float(prompts * self.group_size), device=self.device))
+        teacher_scores, student_scores, loss = [], [], torch.zeros((), device=self.device)
+        for part in self.passes(prompts):
+            rows = slice(part.start * self.group_size, part.stop * self.group_size)
+            teacher = self.discriminator(*trimmed(teacher_ids[part], teacher_mask[part]))
+            student = self.discriminator(
+                *trimmed(rollout.input_ids[rows], rollout.attention_mask[rows])
+            ).view(-1, self.group_size)
+            share = (part.stop - part.start) / prompts  # of the step's pairs
+            part_loss = bradley_terry_loss(teacher, student)
+            self.manual_backward(part_loss * share * pair_share)
+            teacher_scores.append(teacher.detach())
+            student_scores.append(student.detach())
+            loss = loss + share * part_loss.detach()
+        self._clip_and_step(optimizer)
+        return torch.cat(teacher_scores), torch.cat(student_scores), loss
+
     def policy_loss(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """PPO's clipped surrogate on the rollout (advantages (B,) per answer), and the KL to the start."""
         mask = rollout.response_mask
@@ -239,22 +325,14 @@ class GADModule(StudentModule):
         with self.timed("update_seconds", len(batch)):
             if adversarial:
                 advantages = group_advantages(rewards).flatten().detach()
-                # under DDP each rank's means weigh by its share of the tokens (pairs), so the ranks' average
-                # is the global batch's mean: exact with answers of unequal length
-                token_share = self.rank_token_scale(rollout.response_mask.sum().float())
                 for _ in range(self.ppo_epochs):
-                    losses = self.policy_loss(rollout, advantages)
-                    self._step(generator_optimizer, losses["policy"] * token_share)
-            teacher_scores = self.discriminator(*self.teacher_answers(batch))
-            student_scores = self.discriminator(rollout.input_ids, rollout.attention_mask).view(prompts, -1)
-            discriminator_loss = bradley_terry_loss(teacher_scores, student_scores)
-            pair_share = self.rank_token_scale(
-                torch.tensor(float(student_scores.numel()), device=self.device)
+                    losses = self.policy_update(generator_optimizer, rollout, advantages)
+            teacher_scores, student_scores, discriminator_loss = self.discriminator_update(
+                discriminator_optimizer, batch, rollout, prompts
             )
-            self._step(discriminator_optimizer, discriminator_loss * pair_share)
         logs = {
             "train/discriminator_loss": discriminator_loss.detach(),
-            "train/pair_accuracy": pair_accuracy(teacher_scores.detach(), student_scores.detach()),
+            "train/pair_accuracy": pair_accuracy(teacher_scores, student_scores),
             "train/reward": rewards.mean(),
             "train/reward_std": rewards.std(unbiased=False),
             "train/answer_tokens": rollout.lengths.float().mean(),
@@ -293,9 +371,7 @@ class GADModule(StudentModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.gad_steps = int(checkpoint.get("gad_steps", 0))
 
-    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad()
-        self.manual_backward(loss)
+    def _clip_and_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"

@@ -1,5 +1,5 @@
-"""A few steps of a module that samples its own rollouts (GAD: one warm-up, then adversarial; MiniLLM) on tiny
-models: under 2-process DDP, or one process replaying the ranks' rollouts.
+"""A few steps of a module that samples its own rollouts (GAD: one warm-up, then adversarial, one prompt's
+answers per forward/backward pass; MiniLLM) on tiny models: under 2-process DDP, or one process replaying the ranks' rollouts.
 
 Run by ``tests/test_distributed.py`` as a script (Lightning's DDP launcher re-executes it per rank):
 
@@ -129,7 +129,7 @@ def build(kind: str, tiny_dir: str, tok):
     optimizer = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731
     if kind == "gad":
         module = RecordingGAD(
-            load_causal_lm(tiny_dir), optimizer=optimizer, tokenizer=tok, discriminator_lr=0.1, group_size=2,
+            load_causal_lm(tiny_dir), optimizer=optimizer, tokenizer=tok, discriminator_lr=0.1, group_size=2, prompts_per_pass=1,
             max_new_tokens=24, warmup_steps=1, eval_generation_limit=0, seed=3,
         )  # fmt: skip
         return module, 1 + 2 * (STEPS - 1)
