@@ -34,9 +34,9 @@ def test_a_value_that_cannot_be_used_is_one_line_naming_it(kdl_env, args, messag
     ("module", "args", "extra"),
     [
         ("peft", ["align", "experiment=tiny", "alignment=lora"], "kd_lightning[lora]"),
-        (
+        (  # data.path: a small folder of the test's own (the corpus key hashes the folder first)
             "datasets",
-            ["plan", "experiment=tiny", "data=hf_dataset", "data.path=/tmp"],
+            ["plan", "experiment=tiny", "data=hf_dataset", "data.path=mine"],
             "kd_lightning[datasets]",
         ),
     ],
@@ -48,6 +48,8 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(
     import sys
 
     monkeypatch.setitem(sys.modules, module, None)  # `import peft` now fails as if it were not installed
+    (kdl_env / "mine").mkdir()
+    (kdl_env / "mine" / "train.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
     done = kdl(*args, env_dir=kdl_env, check=False)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
